@@ -1,0 +1,568 @@
+//! The decoder-only transformer forward pass for llama, gemma3, qwen2 and qwen3.
+//!
+//! Weights stay quantized as in the GGUF file and are multiplied with candle's
+//! quantized kernels (activations quantized to the weight's dot-product type,
+//! as ggml does). Everything between the matrix products — norms, rotary
+//! embeddings, attention, activations — is plain Rust over `f32` slices, so
+//! the numerics are ours to control:
+//! - the KV cache holds `f16`, and attention rounds the query and the softmax
+//!   weights to `f16` before the two dot products, as llama.cpp's CPU path does
+//!   with its default `f16` cache, so our logits track its logits closely;
+//! - rotary angles are built by repeated multiplication in `f32`, like ggml.
+//!
+//! Architecture differences are switches in [`Config`]:
+//! - llama: interleaved RoPE (GGUF stores Q/K permuted for it), SiLU-gated FFN;
+//! - qwen2: NeoX RoPE, biases on Q/K/V;
+//! - qwen3: NeoX RoPE, RMS norms on each query/key head, explicit head size;
+//! - gemma3: NeoX RoPE, embeddings scaled by √hidden, Q/K norms, norms after
+//!   attention and FFN too, GELU(tanh)-gated FFN, five sliding-window layers
+//!   (window 512, RoPE base 10 000) for every global one (the model's base).
+//!
+//! Invariant: a [`SequenceCache`] holds exactly the positions fed so far; the
+//! next `forward` continues at `cache.len()`.
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use half::f16;
+
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Gemma3,
+    Qwen2,
+    Qwen3,
+}
+
+impl Architecture {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "llama" => Ok(Architecture::Llama),
+            "gemma3" => Ok(Architecture::Gemma3),
+            "qwen2" => Ok(Architecture::Qwen2),
+            "qwen3" => Ok(Architecture::Qwen3),
+            other => Err(EngineError::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RopeStyle {
+    /// Rotates pairs (2i, 2i+1).
+    Interleaved,
+    /// Rotates pairs (i, i + d/2).
+    Neox,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    Silu,
+    GeluTanh,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub architecture: Architecture,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rms_eps: f32,
+    rope_style: RopeStyle,
+    rope_dims: usize,
+    rope_base: f32,
+    rope_scale: f32,
+    rope_base_local: f32,
+    /// Sliding-window size of local layers, if the model has them.
+    pub sliding_window: Option<usize>,
+    /// Every `swa_period`-th layer (1-based) is global; the others are local.
+    swa_period: usize,
+    attn_scale: f32,
+    embed_scale: Option<f32>,
+    activation: Activation,
+}
+
+impl Config {
+    fn from_gguf(file: &GgufFile, arch: Architecture, arch_name: &str) -> Result<Config> {
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let hidden = file.get_usize(&key("embedding_length"))?;
+        let heads = file.get_usize(&key("attention.head_count"))?;
+        if heads == 0 {
+            return Err(EngineError::Metadata("attention.head_count is 0".into()));
+        }
+        let kv_heads = file.get_usize_or(&key("attention.head_count_kv"), heads)?;
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(EngineError::Metadata(format!(
+                "{heads} attention heads cannot be grouped over {kv_heads} key/value heads"
+            )));
+        }
+        let head_dim = file.get_usize_or(&key("attention.key_length"), hidden / heads)?;
+        let value_dim = file.get_usize_or(&key("attention.value_length"), head_dim)?;
+        if value_dim != head_dim || head_dim == 0 || head_dim % 2 != 0 {
+            return Err(EngineError::Metadata(format!(
+                "unsupported head sizes: key {head_dim}, value {value_dim}"
+            )));
+        }
+        let rope_dims = file.get_usize_or(&key("rope.dimension_count"), head_dim)?;
+        if rope_dims > head_dim || rope_dims % 2 != 0 {
+            return Err(EngineError::Metadata(format!(
+                "rope.dimension_count {rope_dims} does not fit head size {head_dim}"
+            )));
+        }
+        let vocab_size = match file.value("tokenizer.ggml.tokens") {
+            Some(candle_core::quantized::gguf_file::Value::Array(a)) => a.len(),
+            _ => file.get_usize(&key("vocab_size"))?,
+        };
+        let rope_scale = match file.get_f32_or(&key("rope.scaling.factor"), 1.0)? {
+            f if f > 0.0 => 1.0 / f,
+            _ => 1.0,
+        };
+        let gemma = arch == Architecture::Gemma3;
+        let sliding_window = if gemma {
+            Some(file.get_usize_or(&key("attention.sliding_window"), 512)?)
+        } else {
+            None
+        };
+        Ok(Config {
+            architecture: arch,
+            hidden,
+            layers: file.get_usize(&key("block_count"))?,
+            heads,
+            kv_heads,
+            head_dim,
+            ffn: file.get_usize(&key("feed_forward_length"))?,
+            vocab_size,
+            context_length: file.get_usize(&key("context_length"))?,
+            rms_eps: file.get_f32_or(&key("attention.layer_norm_rms_epsilon"), 1e-6)?,
+            rope_style: if arch == Architecture::Llama {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Neox
+            },
+            rope_dims,
+            rope_base: file.get_f32_or(&key("rope.freq_base"), 10_000.0)?,
+            rope_scale,
+            rope_base_local: 10_000.0,
+            sliding_window,
+            swa_period: 6,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            embed_scale: gemma.then(|| (hidden as f32).sqrt()),
+            activation: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+        })
+    }
+
+    fn is_local_layer(&self, layer: usize) -> bool {
+        self.sliding_window.is_some() && (layer + 1) % self.swa_period != 0
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+pub struct Transformer {
+    config: Config,
+    embeddings: QTensor,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    output: QMatMul,
+}
+
+/// Keys and values of one sequence, per layer, as `f16`:
+/// `[position][kv_head][head_dim]` flattened.
+pub struct SequenceCache {
+    keys: Vec<Vec<f16>>,
+    values: Vec<Vec<f16>>,
+    len: usize,
+}
+
+impl SequenceCache {
+    /// Positions stored so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn vector(file: &mut GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = file.tensor_shaped(name, &[len])?;
+    Ok(t.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
+}
+
+fn optional_vector(file: &mut GgufFile, name: &str, len: usize) -> Result<Option<Vec<f32>>> {
+    if file.has_tensor(name) {
+        vector(file, name, len).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn matrix(file: &mut GgufFile, name: &str, rows: usize, cols: usize) -> Result<QMatMul> {
+    let t = file.tensor_shaped(name, &[rows, cols])?;
+    Ok(QMatMul::from_qtensor(t)?)
+}
+
+impl Transformer {
+    pub fn load(file: &mut GgufFile, arch_name: &str) -> Result<Transformer> {
+        let arch = Architecture::parse(arch_name)?;
+        let c = Config::from_gguf(file, arch, arch_name)?;
+        let q_dim = c.heads * c.head_dim;
+        let kv_dim = c.kv_heads * c.head_dim;
+        let embeddings = file.tensor_shaped("token_embd.weight", &[c.vocab_size, c.hidden])?;
+        let mut layers = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let needs_qk_norm = matches!(arch, Architecture::Qwen3 | Architecture::Gemma3);
+            let needs_bias = arch == Architecture::Qwen2;
+            let layer = Layer {
+                attn_norm: vector(file, &n("attn_norm.weight"), c.hidden)?,
+                wq: matrix(file, &n("attn_q.weight"), q_dim, c.hidden)?,
+                wk: matrix(file, &n("attn_k.weight"), kv_dim, c.hidden)?,
+                wv: matrix(file, &n("attn_v.weight"), kv_dim, c.hidden)?,
+                wo: matrix(file, &n("attn_output.weight"), c.hidden, q_dim)?,
+                bq: if needs_bias { Some(vector(file, &n("attn_q.bias"), q_dim)?) } else { optional_vector(file, &n("attn_q.bias"), q_dim)? },
+                bk: if needs_bias { Some(vector(file, &n("attn_k.bias"), kv_dim)?) } else { optional_vector(file, &n("attn_k.bias"), kv_dim)? },
+                bv: if needs_bias { Some(vector(file, &n("attn_v.bias"), kv_dim)?) } else { optional_vector(file, &n("attn_v.bias"), kv_dim)? },
+                q_norm: if needs_qk_norm { Some(vector(file, &n("attn_q_norm.weight"), c.head_dim)?) } else { None },
+                k_norm: if needs_qk_norm { Some(vector(file, &n("attn_k_norm.weight"), c.head_dim)?) } else { None },
+                post_attn_norm: if arch == Architecture::Gemma3 { Some(vector(file, &n("post_attention_norm.weight"), c.hidden)?) } else { None },
+                ffn_norm: vector(file, &n("ffn_norm.weight"), c.hidden)?,
+                w_gate: matrix(file, &n("ffn_gate.weight"), c.ffn, c.hidden)?,
+                w_up: matrix(file, &n("ffn_up.weight"), c.ffn, c.hidden)?,
+                w_down: matrix(file, &n("ffn_down.weight"), c.hidden, c.ffn)?,
+                post_ffn_norm: if arch == Architecture::Gemma3 { Some(vector(file, &n("post_ffw_norm.weight"), c.hidden)?) } else { None },
+            };
+            layers.push(layer);
+        }
+        let output_norm = vector(file, "output_norm.weight", c.hidden)?;
+        let output = if file.has_tensor("output.weight") {
+            matrix(file, "output.weight", c.vocab_size, c.hidden)?
+        } else {
+            // Tied embeddings: the embedding table doubles as the output layer.
+            QMatMul::from_qtensor(file.tensor("token_embd.weight")?)?
+        };
+        Ok(Transformer {
+            config: c,
+            embeddings,
+            layers,
+            output_norm,
+            output,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn new_cache(&self) -> SequenceCache {
+        SequenceCache {
+            keys: vec![Vec::new(); self.config.layers],
+            values: vec![Vec::new(); self.config.layers],
+            len: 0,
+        }
+    }
+
+    /// Runs `tokens` at positions `cache.len()..` and returns the logits of the last token.
+    pub fn forward(&self, tokens: &[u32], cache: &mut SequenceCache) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(EngineError::InvalidRequest("no tokens to run".into()));
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is out of range (vocabulary of {})",
+                c.vocab_size
+            )));
+        }
+        let start = cache.len;
+        if start + n > c.context_length {
+            return Err(EngineError::ContextOverflow {
+                prompt_tokens: start + n,
+                context_length: c.context_length,
+            });
+        }
+        let ids = Tensor::from_slice(tokens, n, &Device::Cpu)?;
+        let mut x = self.embeddings.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(s) = c.embed_scale {
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+        let rope_global = RopeTable::new(c, c.rope_base, c.rope_scale, start, n);
+        let rope_local = c
+            .sliding_window
+            .map(|_| RopeTable::new(c, c.rope_base_local, 1.0, start, n));
+        for (li, layer) in self.layers.iter().enumerate() {
+            let local = c.is_local_layer(li);
+            let rope = match (&rope_local, local) {
+                (Some(r), true) => r,
+                _ => &rope_global,
+            };
+            let window = if local { c.sliding_window } else { None };
+            let h = rms_norm_rows(&x, &layer.attn_norm, c.rms_eps);
+            let attn = self.attention(layer, &h, n, start, rope, window, li, cache)?;
+            let mut attn = matmul(&layer.wo, &attn, n, c.heads * c.head_dim)?;
+            if let Some(w) = &layer.post_attn_norm {
+                attn = rms_norm_rows(&attn, w, c.rms_eps);
+            }
+            add_in_place(&mut x, &attn);
+            let h = rms_norm_rows(&x, &layer.ffn_norm, c.rms_eps);
+            let mut gate = matmul(&layer.w_gate, &h, n, c.hidden)?;
+            let up = matmul(&layer.w_up, &h, n, c.hidden)?;
+            match c.activation {
+                Activation::Silu => gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u),
+                Activation::GeluTanh => gate.iter_mut().zip(&up).for_each(|(g, u)| *g = gelu_tanh(*g) * u),
+            }
+            let mut down = matmul(&layer.w_down, &gate, n, c.ffn)?;
+            if let Some(w) = &layer.post_ffn_norm {
+                down = rms_norm_rows(&down, w, c.rms_eps);
+            }
+            add_in_place(&mut x, &down);
+        }
+        cache.len = start + n;
+        let last = &x[(n - 1) * c.hidden..];
+        let normed = rms_norm_rows(last, &self.output_norm, c.rms_eps);
+        matmul(&self.output, &normed, 1, c.hidden)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        h: &[f32],
+        n: usize,
+        start: usize,
+        rope: &RopeTable,
+        window: Option<usize>,
+        li: usize,
+        cache: &mut SequenceCache,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let q_dim = c.heads * hd;
+        let kv_dim = c.kv_heads * hd;
+        let mut q = matmul(&layer.wq, h, n, c.hidden)?;
+        let mut k = matmul(&layer.wk, h, n, c.hidden)?;
+        let mut v = matmul(&layer.wv, h, n, c.hidden)?;
+        for (t, b) in [(&mut q, &layer.bq), (&mut k, &layer.bk), (&mut v, &layer.bv)] {
+            if let Some(b) = b {
+                for row in t.chunks_exact_mut(b.len()) {
+                    add_in_place(row, b);
+                }
+            }
+        }
+        if let Some(w) = &layer.q_norm {
+            q = rms_norm_rows(&q, w, c.rms_eps);
+        }
+        if let Some(w) = &layer.k_norm {
+            k = rms_norm_rows(&k, w, c.rms_eps);
+        }
+        for i in 0..n {
+            for head in q[i * q_dim..(i + 1) * q_dim].chunks_exact_mut(hd) {
+                rope.apply(head, i);
+            }
+            for head in k[i * kv_dim..(i + 1) * kv_dim].chunks_exact_mut(hd) {
+                rope.apply(head, i);
+            }
+        }
+        let keys = &mut cache.keys[li];
+        let values = &mut cache.values[li];
+        keys.truncate(start * kv_dim);
+        values.truncate(start * kv_dim);
+        keys.extend(k.iter().map(|&x| f16::from_f32(x)));
+        values.extend(v.iter().map(|&x| f16::from_f32(x)));
+
+        let group = c.heads / c.kv_heads;
+        let mut out = vec![0f32; n * q_dim];
+        let mut scores = Vec::new();
+        let mut qh = vec![0f32; hd];
+        for i in 0..n {
+            let pos = start + i;
+            let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            for head in 0..c.heads {
+                let kvh = head / group;
+                let qrow = &q[i * q_dim + head * hd..i * q_dim + (head + 1) * hd];
+                // Gemma scales the query before the product, the others scale
+                // the scores after it (llama.cpp's order, which matters after rounding).
+                let (pre, post) = if c.architecture == Architecture::Gemma3 {
+                    (c.attn_scale, 1.0)
+                } else {
+                    (1.0, c.attn_scale)
+                };
+                for (d, &s) in qh.iter_mut().zip(qrow) {
+                    *d = f16::from_f32(s * pre).to_f32();
+                }
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for p in lo..=pos {
+                    let kr = &keys[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
+                    let s = dot_f16(&qh, kr) * post;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                let o = &mut out[i * q_dim + head * hd..i * q_dim + (head + 1) * hd];
+                for (j, p) in (lo..=pos).enumerate() {
+                    let w = f16::from_f32(scores[j] * inv).to_f32();
+                    let vr = &values[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
+                    for (a, &b) in o.iter_mut().zip(vr) {
+                        *a += w * b.to_f32();
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// cos/sin of the rotary angles for `n` consecutive positions.
+struct RopeTable {
+    style: RopeStyle,
+    dims: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    fn new(c: &Config, base: f32, scale: f32, start: usize, n: usize) -> RopeTable {
+        let half = c.rope_dims / 2;
+        let theta_scale = base.powf(-2.0 / c.rope_dims as f32);
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for i in 0..n {
+            let mut theta = (start + i) as f32;
+            for _ in 0..half {
+                let t = theta * scale;
+                cos.push(t.cos());
+                sin.push(t.sin());
+                theta *= theta_scale;
+            }
+        }
+        RopeTable {
+            style: c.rope_style,
+            dims: c.rope_dims,
+            cos,
+            sin,
+        }
+    }
+
+    fn apply(&self, head: &mut [f32], row: usize) {
+        let half = self.dims / 2;
+        let cos = &self.cos[row * half..(row + 1) * half];
+        let sin = &self.sin[row * half..(row + 1) * half];
+        for i in 0..half {
+            let (a, b) = match self.style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Neox => (i, i + half),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos[i] - x1 * sin[i];
+            head[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}
+
+fn matmul(w: &QMatMul, x: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
+    let t = Tensor::from_slice(x, (rows, cols), &Device::Cpu)?;
+    Ok(w.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// RMS-normalises each `w.len()`-wide row of `x` and scales it by `w`.
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(d) {
+        let ss: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(&v, &g)| v * scale * g));
+    }
+    out
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+fn dot_f16(q: &[f32], k: &[f16]) -> f32 {
+    q.iter().zip(k).map(|(&a, &b)| a * b.to_f32()).sum()
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn gelu_tanh_exact(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+/// GELU (tanh form) through a table indexed by the input rounded to `f16`,
+/// holding `f16` results — llama.cpp's CPU definition, which our logits track.
+fn gelu_tanh(x: f32) -> f32 {
+    static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let table = TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| f16::from_f32(gelu_tanh_exact(f16::from_bits(bits).to_f32())))
+            .collect()
+    });
+    table[f16::from_f32(x).to_bits() as usize].to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_of_constant_row_is_weight() {
+        let out = rms_norm_rows(&[2.0, 2.0, 2.0, 2.0], &[1.0, 2.0, 3.0, 4.0], 0.0);
+        for (o, e) in out.iter().zip([1.0, 2.0, 3.0, 4.0]) {
+            assert!((o - e).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn gelu_and_silu_known_values() {
+        assert!((gelu_tanh_exact(1.0) - 0.841_192).abs() < 1e-5);
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-3);
+        assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
+        assert_eq!(gelu_tanh(0.0), 0.0);
+    }
+}
