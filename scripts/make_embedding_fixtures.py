@@ -78,6 +78,64 @@ def long_sentence(tokenizer, limit):
     return text
 
 
+# Character pools for generated tokenizer cases: every class the BERT
+# normalizer and pre-tokenizer treat specially, plus unassigned code points.
+CHAR_RANGES = [
+    (0x20, 0x7E),  # ASCII
+    (0x00, 0x1F),  # C0 controls (tab, newline, CR are whitespace)
+    (0x7F, 0x9F),  # DEL and C1 controls
+    (0xA0, 0x24F),  # Latin-1 and Latin Extended, NBSP, soft hyphen
+    (0x300, 0x36F),  # combining marks
+    (0x370, 0x52F),  # Greek (with unassigned points), Cyrillic
+    (0x590, 0x6FF),  # Hebrew, Arabic
+    (0x900, 0x97F),  # Devanagari
+    (0xE00, 0xE7F),  # Thai
+    (0x1100, 0x11FF),  # Hangul Jamo
+    (0x1E00, 0x1EFF),  # Latin Extended Additional
+    (0x2000, 0x206F),  # general punctuation, spaces, zero-width and format chars
+    (0x2100, 0x218F),  # letterlike symbols (Kelvin sign, ...)
+    (0x3000, 0x30FF),  # CJK punctuation, ideographic space, Hiragana, Katakana
+    (0x3400, 0x4DBF),  # CJK Extension A
+    (0x4E00, 0x9FFF),  # CJK Unified Ideographs
+    (0xAC00, 0xD7A3),  # Hangul syllables
+    (0xE000, 0xE0FF),  # private use
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0xFB00, 0xFB4F),  # ligatures (ﬁ) and presentation forms
+    (0xFE00, 0xFE6F),  # variation selectors, small forms
+    (0xFF00, 0xFFEF),  # full-width forms
+    (0xFFF0, 0xFFFF),  # specials, U+FFFD
+    (0x1D400, 0x1D7FF),  # mathematical alphanumerics
+    (0x1F300, 0x1FAFF),  # emoji
+    (0x20000, 0x2A6DF),  # CJK Extension B
+    (0xE0000, 0xE007F),  # tag characters (format)
+]
+FRAGMENTS = ["[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]", "[sep]", "[CLS", "##", "  ", "\r\n", "x" * 101]
+
+
+def generated_texts(tokenizer, count):
+    """Deterministic random texts mixing vocabulary words and odd characters."""
+    import random
+
+    rng = random.Random(20240601)
+    vocab = sorted(tokenizer.get_vocab())
+    texts = []
+    for _ in range(count):
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            roll = rng.random()
+            if roll < 0.4:
+                word = rng.choice(vocab).removeprefix("##")
+                parts.append(word.upper() if rng.random() < 0.2 else word)
+            elif roll < 0.9:
+                lo, hi = rng.choice(CHAR_RANGES)
+                parts.append("".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 6))))
+            else:
+                parts.append(rng.choice(FRAGMENTS))
+            parts.append(rng.choice(["", " ", " ", "\t", "\u3000"]))
+        texts.append("".join(parts))
+    return texts
+
+
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,12 +148,12 @@ def main():
     home = Path(os.environ.get("KILN_TEST_HOME", Path.home() / ".cache/kiln/home"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", type=Path, default=home / "models/all-minilm-l6-v2")
+    fixtures = Path(__file__).resolve().parent.parent / "tests/fixtures/embeddings"
+    parser.add_argument("--out", type=Path, default=fixtures / "all-minilm-l6-v2.json")
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path(__file__).resolve().parent.parent
-        / "tests/fixtures/embeddings/all-minilm-l6-v2.json",
+        "--tokenizer-out", type=Path, default=fixtures / "all-minilm-l6-v2-tokenizer.json"
     )
+    parser.add_argument("--generated", type=int, default=2000, help="generated tokenizer cases")
     args = parser.parse_args()
 
     import numpy as np
@@ -136,6 +194,18 @@ def main():
             }
         )
 
+    generator = {
+        "command": "python3 scripts/make_embedding_fixtures.py"
+        + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:]),
+        "install": f"pip install sentence-transformers=={sentence_transformers.__version__}"
+        " (torch from PyPI, CPU run)",
+        "python": platform.python_version(),
+        "sentence_transformers": sentence_transformers.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
     fixture = {
         "model": "all-minilm-l6-v2",
         "model_safetensors_sha256": sha256(args.model_dir / "model.safetensors"),
@@ -144,17 +214,8 @@ def main():
             getattr(model, "get_embedding_dimension", None)
             or model.get_sentence_embedding_dimension
         )(),
-        "generator": {
-            "command": "python3 scripts/make_embedding_fixtures.py"
-            + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:]),
-            "reference": "sentence-transformers SentenceTransformer.encode, CPU, float32, batch_size=1",
-            "python": platform.python_version(),
-            "sentence_transformers": sentence_transformers.__version__,
-            "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-        },
+        "reference": "sentence-transformers SentenceTransformer.encode, CPU, float32, batch_size=1",
+        "generator": generator,
         "sentences": cases,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +223,26 @@ def main():
         json.dump(fixture, f, ensure_ascii=False, indent=1)
         f.write("\n")
     print(f"wrote {len(cases)} sentences to {args.out}")
+
+    # Tokenizer-only cases: random text through the same HF tokenizer.
+    tokenizer_cases = [
+        {"text": text, "token_ids": tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"]}
+        for text in generated_texts(tokenizer, args.generated)
+    ]
+    with open(args.tokenizer_out, "w", encoding="utf-8") as f:
+        json.dump(
+            {
+                "model": "all-minilm-l6-v2",
+                "reference": "the sentence-transformers model's HF tokenizer, no truncation",
+                "generator": generator,
+                "cases": tokenizer_cases,
+            },
+            f,
+            ensure_ascii=True,
+            separators=(",", ":"),
+        )
+        f.write("\n")
+    print(f"wrote {len(tokenizer_cases)} tokenizer cases to {args.tokenizer_out}")
 
 
 if __name__ == "__main__":

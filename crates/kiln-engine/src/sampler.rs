@@ -382,8 +382,10 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let mut p = SamplingParams::default();
-        p.top_p = 0.0;
+        let mut p = SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::default()
+        };
         let err = p.validate().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("top_p"), "{err}");
         p.top_p = 1.0;

@@ -65,22 +65,32 @@ fn embedder() -> &'static BertEmbedder {
 fn fixture() -> anyhow::Result<Fixture> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/embeddings/all-minilm-l6-v2.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let fixture: Fixture = serde_json::from_str(&text)?;
-    ensure!(fixture.sentences.len() >= 12, "fixture has too few sentences");
+    ensure!(
+        fixture.sentences.len() >= 12,
+        "fixture has too few sentences"
+    );
     Ok(fixture)
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -132,6 +142,52 @@ fn token_ids_match_huggingface() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Deserialize)]
+struct TokenizerFixture {
+    cases: Vec<TokenizerCase>,
+}
+
+#[derive(Deserialize)]
+struct TokenizerCase {
+    text: String,
+    token_ids: Vec<u32>,
+}
+
+/// Generated text over many Unicode classes (controls, format characters,
+/// combining marks, CJK, unassigned points, special-token literals, ...).
+#[test]
+fn token_ids_match_huggingface_on_generated_text() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/embeddings/all-minilm-l6-v2-tokenizer.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let fixture: TokenizerFixture = serde_json::from_str(&text)?;
+    ensure!(fixture.cases.len() >= 1000, "too few generated cases");
+    let e = embedder();
+    let mismatches: Vec<String> = fixture
+        .cases
+        .iter()
+        .filter(|case| e.tokenize(&case.text) != case.token_ids)
+        .map(|case| {
+            format!(
+                "{:?}\n  kiln: {:?}\n  hf:   {:?}",
+                case.text,
+                e.tokenize(&case.text),
+                case.token_ids
+            )
+        })
+        .collect();
+    if !mismatches.is_empty() {
+        bail!(
+            "{} of {} generated texts tokenize differently:\n{}",
+            mismatches.len(),
+            fixture.cases.len(),
+            mismatches.join("\n")
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn embeddings_match_sentence_transformers_singly_and_batched() -> anyhow::Result<()> {
     let fixture = fixture()?;
@@ -157,7 +213,11 @@ fn embeddings_match_sentence_transformers_singly_and_batched() -> anyhow::Result
             bail!("one input gave {} vectors", single.len());
         };
         assert_eq!(single.len(), fixture.dimensions);
-        let norm: f64 = single.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = single
+            .iter()
+            .map(|x| f64::from(*x).powi(2))
+            .sum::<f64>()
+            .sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "{:?}: norm {norm}", case.text);
 
         let cos_single = cosine(single, &case.embedding);
@@ -171,10 +231,22 @@ fn embeddings_match_sentence_transformers_singly_and_batched() -> anyhow::Result
             1.0 - cos_pair,
             case.text.chars().take(40).collect::<String>()
         );
-        assert!(cos_single >= MIN_COSINE, "{:?}: cosine {cos_single}", case.text);
-        assert!(cos_batched >= MIN_COSINE, "{:?}: cosine {cos_batched}", case.text);
+        assert!(
+            cos_single >= MIN_COSINE,
+            "{:?}: cosine {cos_single}",
+            case.text
+        );
+        assert!(
+            cos_batched >= MIN_COSINE,
+            "{:?}: cosine {cos_batched}",
+            case.text
+        );
         // Padding must not change a vector beyond float rounding.
-        assert!(cos_pair >= 1.0 - 1e-5, "{:?}: batch vs single {cos_pair}", case.text);
+        assert!(
+            cos_pair >= 1.0 - 1e-5,
+            "{:?}: batch vs single {cos_pair}",
+            case.text
+        );
         assert!(max_abs_diff(single, from_batch) < 1e-4, "{:?}", case.text);
         worst_single = worst_single.min(cos_single);
         worst_batched = worst_batched.min(cos_batched);
@@ -194,7 +266,11 @@ fn embeddings_match_sentence_transformers_singly_and_batched() -> anyhow::Result
 #[test]
 fn similar_sentences_are_closer() -> anyhow::Result<()> {
     let e = embedder();
-    let texts = ["A man is eating food.", "A man is eating a piece of bread.", "The new movie is awful."];
+    let texts = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The new movie is awful.",
+    ];
     let v = e.embed(&texts.map(|t| e.tokenize(t)))?;
     assert!(cosine(&v[0], &v[1]) > cosine(&v[0], &v[2]) + 0.2);
     Ok(())
@@ -203,7 +279,10 @@ fn similar_sentences_are_closer() -> anyhow::Result<()> {
 fn expect_invalid(result: kiln_engine::Result<Vec<Vec<f32>>>, needle: &str) {
     match result {
         Err(EngineError::InvalidRequest(message)) => {
-            assert!(message.contains(needle), "`{message}` should mention `{needle}`")
+            assert!(
+                message.contains(needle),
+                "`{message}` should mention `{needle}`"
+            )
         }
         Err(other) => panic!("expected InvalidRequest, got {other:?}"),
         Ok(_) => panic!("expected InvalidRequest mentioning `{needle}`, got vectors"),
@@ -216,7 +295,11 @@ fn too_many_tokens_are_refused() -> anyhow::Result<()> {
     let mut ids = vec![101u32];
     ids.resize(256, 1996);
     ids[255] = 102;
-    assert_eq!(e.embed(std::slice::from_ref(&ids))?.len(), 1, "256 tokens fit");
+    assert_eq!(
+        e.embed(std::slice::from_ref(&ids))?.len(),
+        1,
+        "256 tokens fit"
+    );
     ids.insert(1, 1996);
     assert_eq!(ids.len(), 257);
     expect_invalid(e.embed(&[vec![101, 102], ids]), "256");
@@ -228,7 +311,10 @@ fn token_ids_outside_the_vocabulary_are_refused() {
     let e = embedder();
     let vocab = e.vocab_size() as u32;
     expect_invalid(e.embed(&[vec![101, vocab, 102]]), "30521");
-    expect_invalid(e.embed(&[vec![101, u32::MAX, 102]]), &vocab.saturating_sub(1).to_string());
+    expect_invalid(
+        e.embed(&[vec![101, u32::MAX, 102]]),
+        &vocab.saturating_sub(1).to_string(),
+    );
     assert!(e.embed(&[vec![101, vocab - 1, 102]]).is_ok());
 }
 
@@ -281,8 +367,15 @@ fn broken_copy(replace: &str, contents: Option<&[u8]>) -> anyhow::Result<tempfil
 fn expect_bad_file(dir: &Path, file: &str, needle: &str) {
     match BertEmbedder::load(dir) {
         Err(EngineError::BadModelFile { path, reason }) => {
-            assert!(path.ends_with(file), "error names {} not {file}", path.display());
-            assert!(reason.contains(needle), "`{reason}` should mention `{needle}`");
+            assert!(
+                path.ends_with(file),
+                "error names {} not {file}",
+                path.display()
+            );
+            assert!(
+                reason.contains(needle),
+                "`{reason}` should mention `{needle}`"
+            );
         }
         Err(other) => panic!("expected BadModelFile for {file}, got {other:?}"),
         Ok(_) => panic!("loaded a model with a broken {file}"),
@@ -299,15 +392,26 @@ fn missing_or_corrupt_files_are_bad_model_files() -> anyhow::Result<()> {
     expect_bad_file(dir.path(), "model.safetensors", "safetensors");
     let dir = broken_copy("config.json", Some(b"{\"hidden_size\": 384}"))?;
     expect_bad_file(dir.path(), "config.json", "vocab_size");
-    let dir = broken_copy("1_Pooling/config.json", Some(br#"{"word_embedding_dimension": 384, "pooling_mode_max_tokens": true}"#))?;
+    let dir = broken_copy(
+        "1_Pooling/config.json",
+        Some(br#"{"word_embedding_dimension": 384, "pooling_mode_max_tokens": true}"#),
+    )?;
     expect_bad_file(dir.path(), "config.json", "pooling");
-    let dir = broken_copy("sentence_bert_config.json", Some(br#"{"max_seq_length": 4096}"#))?;
-    expect_bad_file(dir.path(), "sentence_bert_config.json", "max_position_embeddings");
+    let dir = broken_copy(
+        "sentence_bert_config.json",
+        Some(br#"{"max_seq_length": 4096}"#),
+    )?;
+    expect_bad_file(
+        dir.path(),
+        "sentence_bert_config.json",
+        "max_position_embeddings",
+    );
     Ok(())
 }
 
 /// Reports throughput for a batch of 32 short sentences (no assertion: it
-/// depends on the machine). Run with `--nocapture` to see it.
+/// depends on the machine). For a meaningful figure run it alone:
+/// `cargo test -p kiln-engine --test embeddings_reference throughput -- --nocapture`.
 #[test]
 fn throughput_of_short_sentences() -> anyhow::Result<()> {
     let e = embedder();

@@ -90,14 +90,17 @@ impl BertConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be positive"));
         }
-        if config.hidden_size % config.num_attention_heads != 0 {
+        if config.head_dim() * config.num_attention_heads != config.hidden_size {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 config.hidden_size, config.num_attention_heads
             ));
         }
         if config.vocab_size > u32::MAX as usize {
-            return bad(format!("vocab_size {} does not fit u32 ids", config.vocab_size));
+            return bad(format!(
+                "vocab_size {} does not fit u32 ids",
+                config.vocab_size
+            ));
         }
         if !(config.layer_norm_eps.is_finite() && config.layer_norm_eps > 0.0) {
             return bad(format!(

@@ -45,7 +45,9 @@ impl LayerNorm {
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        Ok(normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
     }
 }
 
@@ -174,10 +176,7 @@ impl BertEncoder {
             });
         }
         Ok(BertEncoder {
-            word_embeddings: w.get(
-                "embeddings.word_embeddings.weight",
-                &[config.vocab_size, h],
-            )?,
+            word_embeddings: w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
             position_embeddings: w.get(
                 "embeddings.position_embeddings.weight",
                 &[config.max_position_embeddings, h],
@@ -214,12 +213,8 @@ impl BertEncoder {
 
         let mut x = self.embeddings(&ids, batch, seq)?;
         // Additive bias per key: 0 for tokens, f32::MIN for padding.
-        let bias = ((mask.ones_like()? - &mask)? * f64::from(f32::MIN))?.reshape((
-            batch,
-            1,
-            1,
-            seq,
-        ))?;
+        let bias =
+            ((mask.ones_like()? - &mask)? * f64::from(f32::MIN))?.reshape((batch, 1, 1, seq))?;
         for layer in &self.layers {
             x = self.layer(layer, &x, &bias, batch, seq)?;
         }

@@ -6,7 +6,7 @@
 //! `sentence_bert_config.json` and `1_Pooling/config.json`. It computes what
 //! `SentenceTransformer.encode(..., normalize_embeddings)` computes for such a
 //! model: WordPiece tokens ([`wordpiece`]), the BERT encoder with a padding
-//! mask, mean (or CLS) pooling and L2 normalisation ([`encoder`]).
+//! mask, mean (or CLS) pooling and L2 normalisation (`encoder`).
 //!
 //! Unlike sentence-transformers, nothing is silently truncated: an input over
 //! [`BertEmbedder::max_tokens`] is refused with
@@ -73,8 +73,7 @@ impl BertEmbedder {
     /// and what is wrong with it.
     pub fn load(dir: &Path) -> Result<Self> {
         let config = BertConfig::load(&dir.join("config.json"))?;
-        let max_tokens =
-            config::load_max_tokens(&dir.join("sentence_bert_config.json"), &config)?;
+        let max_tokens = config::load_max_tokens(&dir.join("sentence_bert_config.json"), &config)?;
         let pooling = config::load_pooling(&dir.join("1_Pooling").join("config.json"), &config)?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = WordPieceTokenizer::from_file(&tokenizer_path)?;

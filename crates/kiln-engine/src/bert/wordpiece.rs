@@ -143,7 +143,9 @@ impl WordPieceTokenizer {
     fn build(file: TokenizerFile) -> std::result::Result<WordPieceTokenizer, String> {
         let model = file.model;
         if let Some(kind) = model.kind.as_deref().filter(|k| *k != "WordPiece") {
-            return Err(format!("model type `{kind}` is not supported (only WordPiece)"));
+            return Err(format!(
+                "model type `{kind}` is not supported (only WordPiece)"
+            ));
         }
         let unk_id = *model
             .vocab
@@ -185,8 +187,8 @@ impl WordPieceTokenizer {
             }
         }
         // Longest first, so the first match at a position is the longest one.
-        raw_added.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        normalized_added.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        raw_added.sort_by_key(|(content, _)| std::cmp::Reverse(content.len()));
+        normalized_added.sort_by_key(|(content, _)| std::cmp::Reverse(content.len()));
         let (template_prefix, template_suffix) = match file.post_processor {
             Some(p) => parse_post_processor(&p)?,
             None => (Vec::new(), Vec::new()),
@@ -271,7 +273,10 @@ impl WordPieceTokenizer {
                     break;
                 }
                 // Step back one character (end stays on a char boundary).
-                end = word[..end].char_indices().next_back().map_or(start, |(i, _)| i);
+                end = word[..end]
+                    .char_indices()
+                    .next_back()
+                    .map_or(start, |(i, _)| i);
             }
             match found {
                 Some(id) => out.push(id),
@@ -376,7 +381,9 @@ fn parse_post_processor(p: &Value) -> std::result::Result<(Vec<u32>, Vec<u32>), 
                     .get("SpecialToken")
                     .and_then(|s| s.get("id"))
                     .and_then(Value::as_str)
-                    .ok_or("the single template has a piece that is neither Sequence nor SpecialToken")?;
+                    .ok_or(
+                        "the single template has a piece that is neither Sequence nor SpecialToken",
+                    )?;
                 let ids = specials
                     .and_then(|s| s.get(name))
                     .and_then(|s| s.get("ids"))
@@ -554,7 +561,10 @@ mod tests {
     #[test]
     fn empty_and_blank_text_is_just_cls_sep() {
         assert_eq!(tokenizer_with(100).encode(""), vec![2, 3]);
-        assert_eq!(tokenizer_with(100).encode(" \t\n\u{a0}\u{3000} "), vec![2, 3]);
+        assert_eq!(
+            tokenizer_with(100).encode(" \t\n\u{a0}\u{3000} "),
+            vec![2, 3]
+        );
     }
 
     #[test]
@@ -587,7 +597,10 @@ mod tests {
         let t = tokenizer_with(5);
         assert_eq!(pieces(&t, "xxxxx"), ["x", "##x", "##x", "##x", "##x"]);
         assert_eq!(pieces(&t, "xxxxxx"), ["[UNK]"]);
-        assert_eq!(pieces(&t, "xxx, xxxxxxxxxx"), ["x", "##x", "##x", ",", "[UNK]"]);
+        assert_eq!(
+            pieces(&t, "xxx, xxxxxxxxxx"),
+            ["x", "##x", "##x", ",", "[UNK]"]
+        );
     }
 
     #[test]
@@ -604,7 +617,10 @@ mod tests {
         check("hel\u{fffd}lo", &["hello"]);
         check("hel\u{200b}lo", &["hello"]); // zero-width space is Cf, removed
         check("hel\u{e000}lo", &["hello"]); // private use
-        check("hello\u{a0}world\tx\ny\r", &["hello", "world", "x", "[UNK]"]);
+        check(
+            "hello\u{a0}world\tx\ny\r",
+            &["hello", "world", "x", "[UNK]"],
+        );
     }
 
     #[test]
@@ -625,7 +641,11 @@ mod tests {
 
     #[test]
     fn split_added_is_leftmost_longest() {
-        let tokens = vec![("abc".to_string(), 1), ("ab".to_string(), 2), ("bc".to_string(), 3)];
+        let tokens = vec![
+            ("abc".to_string(), 1),
+            ("ab".to_string(), 2),
+            ("bc".to_string(), 3),
+        ];
         assert_eq!(
             split_added("xabcbc", &tokens),
             vec![("x", None), ("abc", Some(1)), ("bc", Some(3))]
@@ -639,17 +659,26 @@ mod tests {
             Ok(_) => panic!("accepted {json}"),
             Err(e) => assert!(e.to_string().contains(needle), "{e} lacks {needle}"),
         };
-        let model = r#""model": {"type": "WordPiece", "unk_token": "[UNK]", "vocab": {"[UNK]": 0}}"#;
+        let model =
+            r#""model": {"type": "WordPiece", "unk_token": "[UNK]", "vocab": {"[UNK]": 0}}"#;
         bad(
             r#"{"pre_tokenizer": {"type": "BertPreTokenizer"}, "model": {"type": "WordPiece", "unk_token": "[UNK]", "vocab": {"a": 0}}}"#,
             "unk_token",
         );
         bad(
-            &format!(r#"{{"normalizer": {{"type": "NFC"}}, "pre_tokenizer": {{"type": "BertPreTokenizer"}}, {model}}}"#),
+            &format!(
+                r#"{{"normalizer": {{"type": "NFC"}}, "pre_tokenizer": {{"type": "BertPreTokenizer"}}, {model}}}"#
+            ),
             "normalizer",
         );
-        bad(&format!(r#"{{"pre_tokenizer": {{"type": "Whitespace"}}, {model}}}"#), "pre_tokenizer");
-        bad(&format!(r#"{{"pre_tokenizer": null, {model}}}"#), "pre_tokenizer");
+        bad(
+            &format!(r#"{{"pre_tokenizer": {{"type": "Whitespace"}}, {model}}}"#),
+            "pre_tokenizer",
+        );
+        bad(
+            &format!(r#"{{"pre_tokenizer": null, {model}}}"#),
+            "pre_tokenizer",
+        );
         bad("{not json", "not valid");
     }
 }

@@ -162,7 +162,7 @@ impl Config {
     }
 
     fn is_local_layer(&self, layer: usize) -> bool {
-        self.sliding_window.is_some() && (layer + 1) % self.swa_period != 0
+        self.sliding_window.is_some() && !(layer + 1).is_multiple_of(self.swa_period)
     }
 }
 
@@ -427,12 +427,12 @@ impl Transformer {
                     max = max.max(s);
                     scores.push(s);
                 }
-                let mut sum = 0f32;
+                let mut sum = 0f64;
                 for s in scores.iter_mut() {
                     *s = (*s - max).exp();
-                    sum += *s;
+                    sum += f64::from(*s);
                 }
-                let inv = 1.0 / sum;
+                let inv = (1.0 / sum) as f32;
                 let o = &mut out[i * q_dim + head * hd..i * q_dim + (head + 1) * hd];
                 for (j, p) in (lo..=pos).enumerate() {
                     let w = f16::from_f32(scores[j] * inv).to_f32();
@@ -504,7 +504,8 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let d = w.len();
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks_exact(d) {
-        let ss: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        // Squares in f32, summed in f64, as ggml does.
+        let ss: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
         let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
         out.extend(row.iter().zip(w).map(|(&v, &g)| v * scale * g));
     }
