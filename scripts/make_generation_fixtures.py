@@ -264,8 +264,12 @@ class Reference:
         p.n_ubatch = N_BATCH
         p.n_threads = N_THREADS
         p.n_threads_batch = N_THREADS
-        # type_k / type_v / flash_attn_type / swa_full stay at the library
-        # defaults; settings() records what they are and what they resolved to.
+        # Flash attention off, as llama-cpp-python's `Llama` class sets it by
+        # default: the plain attention path (f16 K/V cache, f16-rounded query
+        # and softmax weights, f32 accumulation) is the one Kiln's forward pass
+        # mirrors. type_k / type_v / swa_full stay at the library defaults;
+        # settings() records what they are and what they resolved to.
+        p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         return p
 
     def settings(self) -> dict:

@@ -21,12 +21,12 @@
 //! Invariant: a [`SequenceCache`] holds exactly the positions fed so far; the
 //! next `forward` continues at `cache.len()`.
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::Device;
 use half::f16;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use crate::kernels::QMatrix;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -168,10 +168,10 @@ impl Config {
 
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
     bq: Option<Vec<f32>>,
     bk: Option<Vec<f32>>,
     bv: Option<Vec<f32>>,
@@ -179,18 +179,18 @@ struct Layer {
     k_norm: Option<Vec<f32>>,
     post_attn_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: QMatrix,
+    w_up: QMatrix,
+    w_down: QMatrix,
     post_ffn_norm: Option<Vec<f32>>,
 }
 
 pub struct Transformer {
     config: Config,
-    embeddings: QTensor,
+    embeddings: QMatrix,
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
-    output: QMatMul,
+    output: QMatrix,
 }
 
 /// Keys and values of one sequence, per layer, as `f16`:
@@ -225,9 +225,9 @@ fn optional_vector(file: &mut GgufFile, name: &str, len: usize) -> Result<Option
     }
 }
 
-fn matrix(file: &mut GgufFile, name: &str, rows: usize, cols: usize) -> Result<QMatMul> {
+fn matrix(file: &mut GgufFile, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
     let t = file.tensor_shaped(name, &[rows, cols])?;
-    Ok(QMatMul::from_qtensor(t)?)
+    QMatrix::from_qtensor(&t)
 }
 
 impl Transformer {
@@ -236,7 +236,7 @@ impl Transformer {
         let c = Config::from_gguf(file, arch, arch_name)?;
         let q_dim = c.heads * c.head_dim;
         let kv_dim = c.kv_heads * c.head_dim;
-        let embeddings = file.tensor_shaped("token_embd.weight", &[c.vocab_size, c.hidden])?;
+        let embeddings = matrix(file, "token_embd.weight", c.vocab_size, c.hidden)?;
         let mut layers = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
             let n = |s: &str| format!("blk.{i}.{s}");
@@ -267,7 +267,7 @@ impl Transformer {
             matrix(file, "output.weight", c.vocab_size, c.hidden)?
         } else {
             // Tied embeddings: the embedding table doubles as the output layer.
-            QMatMul::from_qtensor(file.tensor("token_embd.weight")?)?
+            QMatrix::from_qtensor(&file.tensor("token_embd.weight")?)?
         };
         Ok(Transformer {
             config: c,
@@ -310,8 +310,10 @@ impl Transformer {
                 context_length: c.context_length,
             });
         }
-        let ids = Tensor::from_slice(tokens, n, &Device::Cpu)?;
-        let mut x = self.embeddings.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut x = vec![0f32; n * c.hidden];
+        for (row, &t) in x.chunks_exact_mut(c.hidden).zip(tokens) {
+            self.embeddings.dequantize_row(t as usize, row)?;
+        }
         if let Some(s) = c.embed_scale {
             x.iter_mut().for_each(|v| *v *= s);
         }
@@ -494,9 +496,8 @@ impl RopeTable {
     }
 }
 
-fn matmul(w: &QMatMul, x: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
-    let t = Tensor::from_slice(x, (rows, cols), &Device::Cpu)?;
-    Ok(w.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
+fn matmul(w: &QMatrix, x: &[f32], rows: usize, _cols: usize) -> Result<Vec<f32>> {
+    w.matmul(x, rows)
 }
 
 /// RMS-normalises each `w.len()`-wide row of `x` and scales it by `w`.
