@@ -12,12 +12,16 @@
 //! - Q6_K (210 B / 256): 128 B low nibbles, 64 B high 2-bit pairs, 16 × i8
 //!   scales (one per 16 values), f16 d; x = d·sc·(q − 32).
 //!
-//! Dot products follow ggml's integer formulation: exact i32 sums per block
-//! (per sub-block for K-quants), scaled in f32.
+//! Dot products follow ggml's integer formulation — exact i32 sums per block
+//! (per sub-block for K-quants), scaled in f32 — and its float order: the
+//! integer sums are split over the lanes of ggml's 8-lane registers, fused
+//! into 8 lane accumulators block by block, and folded at the end as ggml
+//! folds them (see [`super::lanes`]).
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
+use super::lanes;
 use super::quantize::{quantize_q8, quantize_q8k, Q8KRow, Q8Row, QK, QK_K};
 
 #[inline]
@@ -39,6 +43,9 @@ impl Activations {
             GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => Activations::Q8(quantize_q8(x, false)),
             GgmlDType::Q4_1 => Activations::Q8(quantize_q8(x, true)),
             GgmlDType::Q4K | GgmlDType::Q6K => Activations::Q8K(quantize_q8k(x)),
+            // tinyBLAS takes f32 activations as they are when rows are a
+            // multiple of 16 long; otherwise ggml rounds them to f16.
+            GgmlDType::F16 if x.len() % 16 == 0 => Activations::Float(x.to_vec()),
             GgmlDType::F16 => Activations::Float(x.iter().map(|&v| f16::from_f32(v).to_f32()).collect()),
             _ => Activations::Float(x.to_vec()),
         }
@@ -54,77 +61,93 @@ pub fn dot_row(dtype: GgmlDType, w: &[u8], a: &Activations) -> f32 {
         (GgmlDType::Q8_0, Activations::Q8(y)) => dot_q8_0(w, y),
         (GgmlDType::Q4K, Activations::Q8K(y)) => dot_q4_k(w, y),
         (GgmlDType::Q6K, Activations::Q8K(y)) => dot_q6_k(w, y),
-        (GgmlDType::F16, Activations::Float(x)) => w
-            .chunks_exact(2)
-            .zip(x)
-            .map(|(b, v)| f16::from_le_bytes([b[0], b[1]]).to_f32() * v)
-            .sum(),
-        (_, Activations::Float(x)) => w
-            .chunks_exact(4)
-            .zip(x)
-            .map(|(b, v)| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * v)
-            .sum(),
+        (GgmlDType::F16, Activations::Float(x)) => dot_float(w, x, |b| f16::from_le_bytes([b[0], b[1]]).to_f32(), 2),
+        (_, Activations::Float(x)) => dot_float(w, x, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]), 4),
         // Activations are always made for the weight's own type (see
         // `Activations::quantize`), so no other pairing occurs.
         _ => 0.0,
     }
 }
 
+/// Integer partial sums of a 32-value block as ggml's 256-bit registers hold
+/// them: lane `l` sums the products of values `4l..4l+4`.
 #[inline]
-fn isum(a: impl Iterator<Item = i32>) -> i32 {
-    a.sum()
+fn lane_sums(w: &[i32; 32], q: &[i8]) -> [i32; 8] {
+    let mut s = [0i32; 8];
+    for (l, lane) in s.iter_mut().enumerate() {
+        let b = 4 * l;
+        *lane = w[b] * q[b] as i32 + w[b + 1] * q[b + 1] as i32 + w[b + 2] * q[b + 2] as i32 + w[b + 3] * q[b + 3] as i32;
+    }
+    s
+}
+
+/// One block's contribution to ggml's 8-lane accumulator:
+/// `acc = fma(d, float(lane sums), acc)`.
+#[inline]
+fn fma_lanes(acc: &mut [f32; 8], d: f32, s: &[i32; 8]) {
+    for (a, &v) in acc.iter_mut().zip(s) {
+        *a = d.mul_add(v as f32, *a);
+    }
+}
+
+/// Q4_0 / Q5_0 / Q8_0 against Q8_0 activations: `ggml_vec_dot_*_q8_0` on
+/// AVX2 and tinyBLAS_Q0_AVX compute the same thing — per block an 8-lane
+/// integer sum, scaled by `d_w · d_y` and fused into an 8-lane accumulator,
+/// folded by `hsum_float_8` at the end.
+fn dot_q0(w: &[u8], block_bytes: usize, y: &Q8Row, values: impl Fn(&[u8], &mut [i32; 32])) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut vals = [0i32; 32];
+    for (i, b) in w.chunks_exact(block_bytes).enumerate() {
+        values(b, &mut vals);
+        let s = lane_sums(&vals, &y.qs[i * QK..(i + 1) * QK]);
+        fma_lanes(&mut acc, f16_at(b, 0) * y.d[i], &s);
+    }
+    lanes::hsum8(&acc)
 }
 
 fn dot_q4_0(w: &[u8], y: &Q8Row) -> f32 {
-    let mut sumf = 0f32;
-    for (i, b) in w.chunks_exact(18).enumerate() {
-        let q = &y.qs[i * QK..(i + 1) * QK];
-        let qs = &b[2..18];
-        let s = isum((0..16).map(|j| {
-            ((qs[j] & 0xF) as i32 - 8) * q[j] as i32 + ((qs[j] >> 4) as i32 - 8) * q[j + 16] as i32
-        }));
-        sumf += s as f32 * (f16_at(b, 0) * y.d[i]);
-    }
-    sumf
-}
-
-fn dot_q4_1(w: &[u8], y: &Q8Row) -> f32 {
-    let mut sumf = 0f32;
-    let mut summs = 0f32;
-    for (i, b) in w.chunks_exact(20).enumerate() {
-        let q = &y.qs[i * QK..(i + 1) * QK];
-        let qs = &b[4..20];
-        let s = isum((0..16).map(|j| (qs[j] & 0xF) as i32 * q[j] as i32 + (qs[j] >> 4) as i32 * q[j + 16] as i32));
-        summs += f16_at(b, 2) * y.s[i];
-        sumf += s as f32 * (f16_at(b, 0) * y.d[i]);
-    }
-    sumf + summs
+    dot_q0(w, 18, y, |b, v| {
+        for j in 0..16 {
+            v[j] = (b[2 + j] & 0xF) as i32 - 8;
+            v[j + 16] = (b[2 + j] >> 4) as i32 - 8;
+        }
+    })
 }
 
 fn dot_q5_0(w: &[u8], y: &Q8Row) -> f32 {
-    let mut sumf = 0f32;
-    for (i, b) in w.chunks_exact(22).enumerate() {
-        let q = &y.qs[i * QK..(i + 1) * QK];
+    dot_q0(w, 22, y, |b, v| {
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let qs = &b[6..22];
-        let s = isum((0..16).map(|j| {
-            let lo = ((qs[j] & 0xF) as u32 | ((qh >> j) & 1) << 4) as i32 - 16;
-            let hi = ((qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i32 - 16;
-            lo * q[j] as i32 + hi * q[j + 16] as i32
-        }));
-        sumf += s as f32 * (f16_at(b, 0) * y.d[i]);
-    }
-    sumf
+        for j in 0..16 {
+            v[j] = ((b[6 + j] & 0xF) as u32 | ((qh >> j) & 1) << 4) as i32 - 16;
+            v[j + 16] = ((b[6 + j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i32 - 16;
+        }
+    })
 }
 
 fn dot_q8_0(w: &[u8], y: &Q8Row) -> f32 {
-    let mut sumf = 0f32;
-    for (i, b) in w.chunks_exact(34).enumerate() {
-        let q = &y.qs[i * QK..(i + 1) * QK];
-        let s = isum(b[2..34].iter().zip(q).map(|(&x, &v)| x as i8 as i32 * v as i32));
-        sumf += s as f32 * (f16_at(b, 0) * y.d[i]);
+    dot_q0(w, 34, y, |b, v| {
+        for (o, &x) in v.iter_mut().zip(&b[2..34]) {
+            *o = x as i8 as i32;
+        }
+    })
+}
+
+/// `ggml_vec_dot_q4_1_q8_1` (AVX2): the 8-lane accumulator as for Q8_0, the
+/// `m · s` terms summed apart in f32 and added after the fold.
+fn dot_q4_1(w: &[u8], y: &Q8Row) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    let mut vals = [0i32; 32];
+    for (i, b) in w.chunks_exact(20).enumerate() {
+        for j in 0..16 {
+            vals[j] = (b[4 + j] & 0xF) as i32;
+            vals[j + 16] = (b[4 + j] >> 4) as i32;
+        }
+        summs += f16_at(b, 2) * y.s[i];
+        let s = lane_sums(&vals, &y.qs[i * QK..(i + 1) * QK]);
+        fma_lanes(&mut acc, f16_at(b, 0) * y.d[i], &s);
     }
-    sumf
+    lanes::hsum8(&acc) + summs
 }
 
 /// Scales and mins of the 8 sub-blocks of a Q4_K block.
@@ -143,28 +166,34 @@ fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, m)
 }
 
+/// Q4_K as llama.cpp runs it on x86: its weights are repacked eight rows at
+/// a time (`block_q4_Kx8`) and multiplied by `ggml_gemv_q4_K_8x8_q8_K` /
+/// `ggml_gemm_q4_K_8x8_q8_K`, where each output row owns one lane. Per block
+/// the integer sums are exact — `Σ scale · (q4 · q8)` and `Σ min · bsum` —
+/// and each goes into its own accumulator, `fma(float(sum), d_w · d_y, acc)`;
+/// the result is `acc − acc_min`.
 fn dot_q4_k(w: &[u8], y: &Q8KRow) -> f32 {
-    let mut sumf = 0f32;
+    let mut acc = 0f32;
+    let mut acc_min = 0f32;
     for (i, b) in w.chunks_exact(144).enumerate() {
         let q8 = &y.qs[i * QK_K..(i + 1) * QK_K];
         let (sc, m) = q4k_scales(&b[4..16]);
         let qs = &b[16..144];
-        let mut total = 0i32;
+        let mut sum = 0i32;
         for chunk in 0..4 {
             let bytes = &qs[chunk * 32..(chunk + 1) * 32];
             let lo = &q8[chunk * 64..chunk * 64 + 32];
             let hi = &q8[chunk * 64 + 32..chunk * 64 + 64];
-            let s_lo = isum(bytes.iter().zip(lo).map(|(&x, &v)| (x & 0xF) as i32 * v as i32));
-            let s_hi = isum(bytes.iter().zip(hi).map(|(&x, &v)| (x >> 4) as i32 * v as i32));
-            total += sc[2 * chunk] as i32 * s_lo + sc[2 * chunk + 1] as i32 * s_hi;
+            let s_lo: i32 = bytes.iter().zip(lo).map(|(&x, &v)| (x & 0xF) as i32 * v as i32).sum();
+            let s_hi: i32 = bytes.iter().zip(hi).map(|(&x, &v)| (x >> 4) as i32 * v as i32).sum();
+            sum += sc[2 * chunk] as i32 * s_lo + sc[2 * chunk + 1] as i32 * s_hi;
         }
         let bs = &y.bsums[i * 16..(i + 1) * 16];
-        let mins = isum((0..16).map(|j| bs[j] * m[j / 2] as i32));
-        let d = f16_at(b, 0) * y.d[i];
-        let dmin = f16_at(b, 2) * y.d[i];
-        sumf += d * total as f32 - dmin * mins as f32;
+        let mins: i32 = (0..8).map(|j| m[j] as i32 * (bs[2 * j] + bs[2 * j + 1])).sum();
+        acc = (sum as f32).mul_add(f16_at(b, 0) * y.d[i], acc);
+        acc_min = (mins as f32).mul_add(f16_at(b, 2) * y.d[i], acc_min);
     }
-    sumf
+    acc - acc_min
 }
 
 /// The 256 signed 6-bit values of a Q6_K block, in order.
@@ -184,21 +213,45 @@ fn q6k_values(b: &[u8], out: &mut [i8; 256]) {
     }
 }
 
+/// `ggml_vec_dot_q6_K_q8_K` (AVX2): lane `l` sums, over the eight 32-value
+/// chunks, `scale · Σ` of values `4l..4l+4` (a chunk's first 16 values take
+/// one scale, the next 16 the next).
 fn dot_q6_k(w: &[u8], y: &Q8KRow) -> f32 {
-    let mut sumf = 0f32;
+    let mut acc = [0f32; 8];
     let mut vals = [0i8; 256];
     for (i, b) in w.chunks_exact(210).enumerate() {
         let q8 = &y.qs[i * QK_K..(i + 1) * QK_K];
         q6k_values(b, &mut vals);
         let scales = &b[192..208];
-        let mut total = 0i32;
-        for g in 0..16 {
-            let s = isum(vals[g * 16..(g + 1) * 16].iter().zip(&q8[g * 16..]).map(|(&x, &v)| x as i32 * v as i32));
-            total += scales[g] as i8 as i32 * s;
+        let mut sumi = [0i32; 8];
+        for (l, t) in sumi.iter_mut().enumerate() {
+            for chunk in 0..8 {
+                let at = chunk * 32 + 4 * l;
+                let sc = scales[at / 16] as i8 as i32;
+                let s: i32 = (at..at + 4).map(|k| vals[k] as i32 * q8[k] as i32).sum();
+                *t += sc * s;
+            }
         }
-        sumf += f16_at(b, 208) * y.d[i] * total as f32;
+        fma_lanes(&mut acc, y.d[i] * f16_at(b, 208), &sumi);
     }
-    sumf
+    lanes::hsum8(&acc)
+}
+
+/// tinyBLAS on AVX-512 for F32 and F16 weights with f32 activations: 16
+/// lanes, lane `l` fusing every 16th product, folded by `hsum16`. Rows whose
+/// length is not a multiple of 16 are summed in order.
+fn dot_float(w: &[u8], x: &[f32], value: impl Fn(&[u8]) -> f32, width: usize) -> f32 {
+    let n = x.len();
+    if n % 16 != 0 {
+        return w.chunks_exact(width).zip(x).map(|(b, v)| value(b) * v).sum();
+    }
+    let mut acc = [0f32; 16];
+    for (wc, xc) in w.chunks_exact(16 * width).zip(x.chunks_exact(16)) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a = value(&wc[l * width..]).mul_add(xc[l], *a);
+        }
+    }
+    lanes::hsum16(&acc)
 }
 
 /// Dequantizes one row of raw blocks into `out`.

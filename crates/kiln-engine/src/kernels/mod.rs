@@ -14,6 +14,7 @@
 //! loops index without further checks failing.
 
 pub mod dot;
+pub mod lanes;
 pub mod quantize;
 
 use candle_core::quantized::{GgmlDType, QTensor};

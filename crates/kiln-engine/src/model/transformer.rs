@@ -8,7 +8,12 @@
 //! - the KV cache holds `f16`, and attention rounds the query and the softmax
 //!   weights to `f16` before the two dot products, as llama.cpp's CPU path does
 //!   with its default `f16` cache, so our logits track its logits closely;
-//! - rotary angles are built by repeated multiplication in `f32`, like ggml.
+//! - rotary angles are built by repeated multiplication in `f32`, like ggml,
+//!   and applied with the fused multiply-adds GCC makes of ggml's rotation;
+//! - the attention dot products, the softmax (ggml's vector `expf`) and SiLU
+//!   replay ggml's AVX-512 lane orders ([`crate::kernels::lanes`]), so on the
+//!   reference models our logits are llama.cpp's bit for bit where the same
+//!   kernels run (see `kernels::dot` for the one known exception, Q6_K).
 //!
 //! Architecture differences are switches in [`Config`]:
 //! - llama: interleaved RoPE (GGUF stores Q/K permuted for it), SiLU-gated FFN;
@@ -26,7 +31,7 @@ use half::f16;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use crate::kernels::QMatrix;
+use crate::kernels::{lanes, QMatrix};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -405,6 +410,7 @@ impl Transformer {
         let mut out = vec![0f32; n * q_dim];
         let mut scores = Vec::new();
         let mut qh = vec![0f32; hd];
+        let mut vp_acc = vec![[[0f32; 16]; 4]; hd];
         for i in 0..n {
             let pos = start + i;
             let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -425,23 +431,42 @@ impl Transformer {
                 let mut max = f32::NEG_INFINITY;
                 for p in lo..=pos {
                     let kr = &keys[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-                    let s = dot_f16(&qh, kr) * post;
+                    let s = lanes::dot_f16(&qh, kr) * post;
                     max = max.max(s);
                     scores.push(s);
                 }
+                // ggml_vec_soft_max_f32: exp in 16-wide chunks of cache
+                // cells (cell = position here), each chunk folded in f32 and
+                // added in f64; masked cells are exact zeros.
                 let mut sum = 0f64;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += f64::from(*s);
+                let mut chunk = [0f32; 16];
+                let mut current = lo / 16;
+                for (j, p) in (lo..=pos).enumerate() {
+                    if p / 16 != current {
+                        sum += f64::from(lanes::hsum16(&chunk));
+                        chunk = [0f32; 16];
+                        current = p / 16;
+                    }
+                    scores[j] = lanes::expf(scores[j] - max);
+                    chunk[p % 16] = scores[j];
                 }
+                sum += f64::from(lanes::hsum16(&chunk));
                 let inv = (1.0 / sum) as f32;
+                // V·P as ggml_vec_dot_f16 over the cache cells (cell =
+                // position here) with the weights rounded to f16: four
+                // 16-lane accumulators taking 64 cells per step.
                 let o = &mut out[i * q_dim + head * hd..i * q_dim + (head + 1) * hd];
+                vp_acc.iter_mut().for_each(|a| *a = [[0f32; 16]; 4]);
                 for (j, p) in (lo..=pos).enumerate() {
                     let w = f16::from_f32(scores[j] * inv).to_f32();
+                    let (reg, lane) = ((p % 64) / 16, p % 16);
                     let vr = &values[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-                    for (a, &b) in o.iter_mut().zip(vr) {
-                        *a += w * b.to_f32();
+                    for (a, &b) in vp_acc.iter_mut().zip(vr) {
+                        a[reg][lane] = b.to_f32().mul_add(w, a[reg][lane]);
                     }
+                }
+                for (dst, a) in o.iter_mut().zip(&vp_acc) {
+                    *dst = lanes::fold_f16_accumulators(a);
                 }
             }
         }
@@ -490,8 +515,10 @@ impl RopeTable {
                 RopeStyle::Neox => (i, i + half),
             };
             let (x0, x1) = (head[a], head[b]);
-            head[a] = x0 * cos[i] - x1 * sin[i];
-            head[b] = x0 * sin[i] + x1 * cos[i];
+            // ggml's rotate_pairs as GCC contracts it (-ffp-contract=fast):
+            // the first product of each line fused with the rounded second.
+            head[a] = x0.mul_add(cos[i], -(x1 * sin[i]));
+            head[b] = x0.mul_add(sin[i], x1 * cos[i]);
         }
     }
 }
@@ -517,12 +544,9 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
 }
 
-fn dot_f16(q: &[f32], k: &[f16]) -> f32 {
-    q.iter().zip(k).map(|(&a, &b)| a * b.to_f32()).sum()
-}
-
+/// SiLU as ggml's SwiGLU computes it (`ggml_v_silu`).
 fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    lanes::silu(x)
 }
 
 fn gelu_tanh_exact(x: f32) -> f32 {

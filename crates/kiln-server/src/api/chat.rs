@@ -1,0 +1,298 @@
+//! `POST /v1/chat/completions`, streamed or not.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use kiln_engine::engine::{Completion, GenerateRequest, TokenLogprob};
+use kiln_engine::template::ChatMessage;
+use kiln_types::openai::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessageIn, TokenLogprobOut, TopLogprobOut,
+};
+use serde_json::Value;
+
+use super::calls::CallContext;
+use super::generate::{self, ChunkWriter};
+use super::{finish_call, unix_now, RequestId, SharedState};
+use crate::error::ApiError;
+use crate::extract::ApiJson;
+
+const ENDPOINT: &str = "/v1/chat/completions";
+
+pub async fn chat_completions(
+    State(state): State<SharedState>,
+    Extension(request_id): Extension<RequestId>,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Response {
+    let call = CallContext {
+        state,
+        request_id: request_id.0,
+        endpoint: ENDPOINT,
+        model: req.model.clone(),
+        received: Instant::now(),
+    };
+    let result = run(&call, req).await;
+    finish_call(&call, result)
+}
+
+async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response, ApiError> {
+    let engine = call.state.text_model(&req.model)?.clone();
+    generate::check_n(req.n)?;
+    let messages = chat_messages(&req.messages)?;
+    let sampling = generate::sampling_params(&req.sampling)?;
+    let stop = generate::stop_strings(&req.stop)?;
+    let top_logprobs = generate::top_logprobs(req.top_logprobs, "top_logprobs")?;
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (true, _) => Some(top_logprobs),
+        (false, Some(n)) if n > 0 => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            ))
+        }
+        (false, _) => None,
+    };
+    let (given, param) = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(n), _) => (Some(n), "max_completion_tokens"),
+        (None, n) => (n, "max_tokens"),
+    };
+    let prompt = generate::tokenize_blocking(&engine, move |e| {
+        e.chat_prompt(&messages).map_err(ApiError::from)
+    })
+    .await?;
+    let ctx = engine.model().info().context_length;
+    let max_tokens = generate::max_tokens(given, param, prompt.len(), ctx)?;
+    let stream = engine.submit(GenerateRequest {
+        prompt,
+        sampling,
+        max_tokens,
+        stop,
+        logprobs,
+        ignore_eos: req.ignore_eos.unwrap_or(false),
+    })?;
+    let id = format!("chatcmpl-{}", call.request_id);
+    let created = unix_now();
+    if req.stream.unwrap_or(false) {
+        let writer = ChatChunks {
+            id,
+            created,
+            model: req.model.clone(),
+            logprobs: logprobs.is_some(),
+            include_usage: req
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        };
+        return Ok(generate::sse_response(call.clone(), stream, writer));
+    }
+    let done = generate::collect(call, stream).await?;
+    let body = ChatCompletion {
+        id,
+        object: "chat.completion".into(),
+        created,
+        model: req.model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant".into(),
+                content: done.text,
+            },
+            logprobs: logprobs.map(|_| ChatLogprobs {
+                content: done.logprobs.into_iter().map(logprob_out).collect(),
+            }),
+            finish_reason: done.completion.finish_reason.as_str().into(),
+        }],
+        usage: generate::usage(&done.completion),
+    };
+    Ok(Json(body).into_response())
+}
+
+/// Wire messages to the engine's: roles checked, content parts joined.
+fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must contain at least one message",
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!(
+                            "message {i} has role `{other}`; the roles supported are system, user and assistant"
+                        ),
+                    ))
+                }
+            };
+            Ok(ChatMessage::new(role, content_text(i, &m.content)?))
+        })
+        .collect()
+}
+
+fn content_text(i: usize, content: &Option<Value>) -> Result<String, ApiError> {
+    let bad = |what: String| ApiError::invalid("messages", format!("message {i}: {what}"));
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (j, part) in parts.iter().enumerate() {
+                let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+                if kind != "text" {
+                    return Err(bad(format!(
+                        "content part {j} has type `{kind}`; only `text` parts are supported"
+                    )));
+                }
+                let Some(t) = part.get("text").and_then(Value::as_str) else {
+                    return Err(bad(format!("content part {j} needs a string `text`")));
+                };
+                text.push_str(t);
+            }
+            Ok(text)
+        }
+        Some(_) => Err(bad(
+            "`content` must be a string or an array of text parts".to_string()
+        )),
+    }
+}
+
+fn logprob_out(lp: TokenLogprob) -> TokenLogprobOut {
+    TokenLogprobOut {
+        token: lp.token,
+        logprob: lp.logprob,
+        bytes: lp.bytes,
+        top_logprobs: lp
+            .top
+            .into_iter()
+            .map(|(token, bytes, logprob)| TopLogprobOut {
+                token,
+                logprob,
+                bytes,
+            })
+            .collect(),
+    }
+}
+
+struct ChatChunks {
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+    include_usage: bool,
+}
+
+impl ChatChunks {
+    fn chunk(
+        &self,
+        choices: Vec<ChatChunkChoice>,
+        usage: Option<kiln_types::openai::Usage>,
+    ) -> String {
+        let chunk = ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        };
+        serde_json::to_string(&chunk).unwrap_or_default()
+    }
+}
+
+impl ChunkWriter for ChatChunks {
+    fn start(&mut self) -> Vec<String> {
+        vec![self.chunk(
+            vec![ChatChunkChoice {
+                index: 0,
+                delta: ChatDelta {
+                    role: Some("assistant".into()),
+                    content: Some(String::new()),
+                },
+                logprobs: None,
+                finish_reason: None,
+            }],
+            None,
+        )]
+    }
+
+    fn token(&mut self, text: String, logprob: Option<TokenLogprob>) -> Vec<String> {
+        if text.is_empty() && !(self.logprobs && logprob.is_some()) {
+            return Vec::new();
+        }
+        let logprobs = if self.logprobs {
+            logprob.map(|lp| ChatLogprobs {
+                content: vec![logprob_out(lp)],
+            })
+        } else {
+            None
+        };
+        vec![self.chunk(
+            vec![ChatChunkChoice {
+                index: 0,
+                delta: ChatDelta {
+                    role: None,
+                    content: Some(text),
+                },
+                logprobs,
+                finish_reason: None,
+            }],
+            None,
+        )]
+    }
+
+    fn finish(&mut self, c: &Completion) -> Vec<String> {
+        let mut out = vec![self.chunk(
+            vec![ChatChunkChoice {
+                index: 0,
+                delta: ChatDelta::default(),
+                logprobs: None,
+                finish_reason: Some(c.finish_reason.as_str().into()),
+            }],
+            None,
+        )];
+        if self.include_usage {
+            out.push(self.chunk(Vec::new(), Some(generate::usage(c))));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn msgs(v: Value) -> Vec<ChatMessageIn> {
+        serde_json::from_value(v).unwrap_or_default()
+    }
+
+    #[test]
+    fn text_parts_are_joined_and_other_parts_refused() {
+        let ok = chat_messages(&msgs(json!([{"role": "user", "content": [
+            {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])));
+        assert_eq!(
+            ok.ok().map(|m| m[0].content.clone()),
+            Some("ab".to_string())
+        );
+        let image = chat_messages(&msgs(json!([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}])));
+        assert!(image.is_err_and(|e| e.message.contains("image_url")));
+    }
+
+    #[test]
+    fn empty_messages_and_unknown_roles_are_refused() {
+        assert!(chat_messages(&[]).is_err());
+        assert!(chat_messages(&msgs(json!([{"role": "tool", "content": "x"}]))).is_err());
+    }
+}

@@ -1,0 +1,94 @@
+//! Read-only endpoints: `/v1/models`, `/healthz`, `/metrics`.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kiln_types::openai::{ModelCard, ModelList};
+use serde_json::json;
+
+use super::SharedState;
+use crate::error::ApiError;
+
+fn cards(state: &SharedState) -> Vec<ModelCard> {
+    let mut cards: Vec<ModelCard> = state
+        .models
+        .text
+        .iter()
+        .map(|(name, engine)| {
+            let info = engine.model().info();
+            ModelCard {
+                id: name.clone(),
+                object: "model".into(),
+                created: state.started,
+                owned_by: "kiln".into(),
+                kind: "chat".into(),
+                context_length: Some(info.context_length),
+                architecture: Some(info.architecture.clone()),
+                quantization: Some(info.quantization.clone()),
+            }
+        })
+        .collect();
+    if let Some(m) = &state.models.embedding {
+        cards.push(ModelCard {
+            id: m.name.clone(),
+            object: "model".into(),
+            created: state.started,
+            owned_by: "kiln".into(),
+            kind: "embedding".into(),
+            context_length: Some(m.embedder.max_tokens()),
+            architecture: Some("bert".into()),
+            quantization: None,
+        });
+    }
+    cards
+}
+
+pub async fn list_models(State(state): State<SharedState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: cards(&state),
+    })
+}
+
+pub async fn get_model(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
+    cards(&state)
+        .into_iter()
+        .find(|c| c.id == id)
+        .map(Json)
+        .ok_or_else(|| ApiError::model_not_found(&id, ""))
+}
+
+pub async fn healthz(State(state): State<SharedState>) -> Response {
+    let models: Vec<String> = cards(&state).into_iter().map(|c| c.id).collect();
+    Json(json!({"status": "ok", "models": models})).into_response()
+}
+
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    for (name, engine) in &state.models.text {
+        let m = &state.metrics;
+        m.queue_depth
+            .with_label_values(&[name])
+            .set(engine.waiting() as i64);
+        m.running
+            .with_label_values(&[name])
+            .set(engine.running() as i64);
+    }
+    match state.metrics.render() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "rendering metrics failed");
+            ApiError::internal().into_response()
+        }
+    }
+}

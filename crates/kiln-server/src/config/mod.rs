@@ -1,0 +1,345 @@
+//! The server's configuration: one typed struct ([`ServeConfig`]) built in
+//! layers — defaults, then a TOML file (`--config PATH`, else
+//! `$KILN_HOME/kiln.toml` when present), then `KILN_*` environment variables
+//! ([`env`]), then command-line flags — and validated before anything starts.
+//!
+//! Every layer is a [`ConfigLayer`] (all fields optional); a later layer's
+//! set fields win. A bad value in any layer is a [`ConfigError`] naming
+//! where it came from and what is allowed; nothing here panics.
+
+pub mod env;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default request body limit: 8 MiB, so a 10 MB body is refused with 413.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+pub const DEFAULT_PORT: u16 = 8080;
+pub const DEFAULT_QUEUE_CAPACITY: usize = 16;
+pub const DEFAULT_EMBEDDING_CONCURRENCY: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("environment variable {var}: {reason}")]
+    Env { var: &'static str, reason: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// One layer of settings; `None` means "not set here".
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigLayer {
+    pub home: Option<PathBuf>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub models: Option<Vec<String>>,
+    pub embedding_model: Option<String>,
+    pub queue_capacity: Option<usize>,
+    pub max_body_bytes: Option<usize>,
+    pub threads: Option<usize>,
+    pub log: Option<String>,
+    pub embedding_concurrency: Option<usize>,
+    pub database: Option<PathBuf>,
+}
+
+impl ConfigLayer {
+    /// Fields set in `over` replace those here.
+    fn merge(&mut self, over: ConfigLayer) {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
+        }
+        take!(
+            home,
+            host,
+            port,
+            models,
+            embedding_model,
+            queue_capacity,
+            max_body_bytes,
+            threads,
+            log,
+            embedding_concurrency,
+            database
+        );
+    }
+
+    /// Reads the `KILN_*` variables through `lookup` (the process environment
+    /// in production, a map in tests).
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        fn parse<T: std::str::FromStr>(
+            var: &'static str,
+            raw: Option<String>,
+            what: &str,
+        ) -> Result<Option<T>, ConfigError> {
+            match raw {
+                None => Ok(None),
+                Some(s) => s.trim().parse().map(Some).map_err(|_| ConfigError::Env {
+                    var,
+                    reason: format!("`{s}` is not {what}"),
+                }),
+            }
+        }
+        let nonempty = |v: &str| lookup(v).filter(|s| !s.trim().is_empty());
+        Ok(ConfigLayer {
+            home: nonempty(env::KILN_HOME).map(PathBuf::from),
+            host: nonempty(env::KILN_HOST),
+            port: parse(
+                env::KILN_PORT,
+                nonempty(env::KILN_PORT),
+                "a port number (0-65535)",
+            )?,
+            models: nonempty(env::KILN_MODELS).map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }),
+            embedding_model: nonempty(env::KILN_EMBEDDING_MODEL),
+            queue_capacity: parse(
+                env::KILN_QUEUE_CAPACITY,
+                nonempty(env::KILN_QUEUE_CAPACITY),
+                "a whole number",
+            )?,
+            max_body_bytes: parse(
+                env::KILN_MAX_BODY_BYTES,
+                nonempty(env::KILN_MAX_BODY_BYTES),
+                "a number of bytes",
+            )?,
+            threads: parse(
+                env::KILN_THREADS,
+                nonempty(env::KILN_THREADS),
+                "a whole number",
+            )?,
+            log: nonempty(env::KILN_LOG),
+            embedding_concurrency: parse(
+                env::KILN_EMBEDDING_CONCURRENCY,
+                nonempty(env::KILN_EMBEDDING_CONCURRENCY),
+                "a whole number",
+            )?,
+            database: nonempty(env::KILN_DATABASE).map(PathBuf::from),
+        })
+    }
+
+    pub fn from_toml(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The validated settings `kiln serve` runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    pub home: PathBuf,
+    pub host: IpAddr,
+    pub port: u16,
+    /// Text models as given (`NAME`, `PATH` or `ALIAS=PATH`); empty means
+    /// every installed one.
+    pub models: Vec<String>,
+    pub embedding_model: Option<String>,
+    pub queue_capacity: usize,
+    pub max_body_bytes: usize,
+    pub threads: Option<usize>,
+    pub log: String,
+    pub embedding_concurrency: usize,
+    /// The SQLite request log.
+    pub database: PathBuf,
+    /// The TOML file that was read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+impl ServeConfig {
+    pub fn models_dir(&self) -> PathBuf {
+        self.home.join("models")
+    }
+}
+
+/// `~/.kiln`, or `.kiln` in the working directory when there is no home.
+pub fn default_home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".kiln")
+}
+
+/// Builds the configuration from all layers. `config_path` is `--config`;
+/// `cli` holds the flags given on the command line.
+pub fn load(
+    config_path: Option<&Path>,
+    env_layer: ConfigLayer,
+    cli: ConfigLayer,
+) -> Result<ServeConfig, ConfigError> {
+    // The home directory locates the default config file, so settle it first
+    // from the layers that cannot come from that file.
+    let home_before_file = cli
+        .home
+        .clone()
+        .or_else(|| env_layer.home.clone())
+        .unwrap_or_else(default_home);
+    let (file_layer, config_file) = match config_path {
+        Some(p) => (ConfigLayer::from_toml(p)?, Some(p.to_path_buf())),
+        None => {
+            let p = home_before_file.join("kiln.toml");
+            if p.is_file() {
+                (ConfigLayer::from_toml(&p)?, Some(p))
+            } else {
+                (ConfigLayer::default(), None)
+            }
+        }
+    };
+    let mut merged = ConfigLayer::default();
+    merged.merge(file_layer);
+    merged.merge(env_layer);
+    merged.merge(cli);
+    validate(merged, config_file)
+}
+
+fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeConfig, ConfigError> {
+    let invalid = |s: String| Err(ConfigError::Invalid(s));
+    let host_text = layer.host.unwrap_or_else(|| "127.0.0.1".to_string());
+    let host = match host_text.trim() {
+        "localhost" => IpAddr::from([127, 0, 0, 1]),
+        h => match h.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => return invalid(format!("host `{host_text}` is not an IP address")),
+        },
+    };
+    let queue_capacity = layer.queue_capacity.unwrap_or(DEFAULT_QUEUE_CAPACITY);
+    if !(1..=100_000).contains(&queue_capacity) {
+        return invalid(format!(
+            "queue_capacity is {queue_capacity}; it must be between 1 and 100000"
+        ));
+    }
+    let max_body_bytes = layer.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    if !(1024..=1 << 30).contains(&max_body_bytes) {
+        return invalid(format!(
+            "max_body_bytes is {max_body_bytes}; it must be between 1024 and 1073741824"
+        ));
+    }
+    if let Some(t) = layer.threads {
+        if !(1..=1024).contains(&t) {
+            return invalid(format!("threads is {t}; it must be between 1 and 1024"));
+        }
+    }
+    let embedding_concurrency = layer
+        .embedding_concurrency
+        .unwrap_or(DEFAULT_EMBEDDING_CONCURRENCY);
+    if !(1..=64).contains(&embedding_concurrency) {
+        return invalid(format!(
+            "embedding_concurrency is {embedding_concurrency}; it must be between 1 and 64"
+        ));
+    }
+    let log = layer.log.unwrap_or_else(|| "info".to_string());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
+        return invalid(format!("log filter `{log}` is not valid: {e}"));
+    }
+    let models = layer.models.unwrap_or_default();
+    for m in &models {
+        if m.trim().is_empty() {
+            return invalid("a model name is empty".to_string());
+        }
+        if let Some((alias, path)) = m.split_once('=') {
+            if alias.trim().is_empty() || path.trim().is_empty() {
+                return invalid(format!("model `{m}` must be NAME, PATH or ALIAS=PATH"));
+            }
+        }
+    }
+    let home = layer.home.unwrap_or_else(default_home);
+    Ok(ServeConfig {
+        database: layer
+            .database
+            .unwrap_or_else(|| kiln_store::default_db_path(&home)),
+        home,
+        host,
+        port: layer.port.unwrap_or(DEFAULT_PORT),
+        models,
+        embedding_model: layer.embedding_model.filter(|s| !s.trim().is_empty()),
+        queue_capacity,
+        max_body_bytes,
+        threads: layer.threads,
+        log,
+        embedding_concurrency,
+        config_file,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn layers_override_in_order() -> Result<(), ConfigError> {
+        let dir = tempfile::tempdir().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let file = dir.path().join("kiln.toml");
+        std::fs::write(&file, "port = 1000\nqueue_capacity = 3\nthreads = 2\n")
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let env = ConfigLayer::from_env(env_of(&[("KILN_PORT", "2000"), ("KILN_THREADS", "4")]))?;
+        let cli = ConfigLayer {
+            port: Some(3000),
+            ..ConfigLayer::default()
+        };
+        let cfg = load(Some(&file), env, cli)?;
+        assert_eq!(cfg.port, 3000);
+        assert_eq!(cfg.threads, Some(4));
+        assert_eq!(cfg.queue_capacity, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn home_kiln_toml_is_read_when_present() -> Result<(), ConfigError> {
+        let dir = tempfile::tempdir().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        std::fs::write(dir.path().join("kiln.toml"), "port = 1234\n")
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let env = ConfigLayer::from_env(env_of(&[(
+            "KILN_HOME",
+            dir.path().to_str().unwrap_or_default(),
+        )]))?;
+        let cfg = load(None, env, ConfigLayer::default())?;
+        assert_eq!(cfg.port, 1234);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_are_errors_not_panics() {
+        assert!(ConfigLayer::from_env(env_of(&[("KILN_PORT", "http")])).is_err());
+        let zero_queue = ConfigLayer {
+            queue_capacity: Some(0),
+            ..ConfigLayer::default()
+        };
+        assert!(validate(zero_queue, None).is_err());
+        let bad_host = ConfigLayer {
+            host: Some("not a host".into()),
+            ..ConfigLayer::default()
+        };
+        assert!(validate(bad_host, None).is_err());
+    }
+
+    #[test]
+    fn unknown_toml_keys_are_refused() -> Result<(), ConfigError> {
+        let dir = tempfile::tempdir().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let file = dir.path().join("k.toml");
+        std::fs::write(&file, "prot = 1\n").map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        assert!(ConfigLayer::from_toml(&file).is_err());
+        Ok(())
+    }
+}

