@@ -27,7 +27,11 @@ then decode greedily one token per llama_decode call for N steps. EOS/EOG is
 not special: the argmax is fed back whatever it is. At every step the file
 keeps the chosen id, the top 10 (id, raw logit) pairs and the gap between the
 two largest logits (small gaps are where a correct implementation may
-legitimately pick the other token).
+legitimately pick the other token). Each prompt is run twice: `steps` with
+the prompt in one llama_decode call (llama.cpp's default), and
+`token_by_token_steps` with the prompt fed one token per call, where llama.cpp
+uses its single-row kernels for every position. The two differ by llama.cpp's
+own summation order alone; Kiln's batch-invariant kernels follow the second.
 
 Usage (from the repository root; needs `pip install llama-cpp-python`, and
 cargo for the tiny models):
@@ -312,6 +316,10 @@ class Reference:
             "EOS/EOG tokens are fed back like any other token",
             "prompt_eval": "the whole prompt in one llama_decode call (one ubatch), logits of the last position only",
             "decode": "one token per llama_decode call",
+            "token_by_token_steps": "the same greedy run with the prompt evaluated one token per "
+            "llama_decode call: llama.cpp's single-row arithmetic everywhere (its batched prompt "
+            "kernels sum in a different order, which moves its own logits by up to ~1.5 on the "
+            "real models; see scripts/dev/llamacpp_self_consistency.py)",
         }
 
     def tokenize(self, text: str) -> list[int]:
@@ -339,7 +347,10 @@ class Reference:
         ptr = L.llama_get_logits_ith(ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
 
-    def greedy(self, prompt_tokens: list[int], steps: int) -> list[dict]:
+    def greedy(self, prompt_tokens: list[int], steps: int, token_by_token: bool = False) -> list[dict]:
+        """Greedy steps after the prompt, evaluated in one llama_decode call
+        or, with `token_by_token`, one call per prompt token (llama.cpp then
+        runs its one-row kernels throughout, as in decode)."""
         if len(prompt_tokens) > N_BATCH:
             raise RuntimeError(f"prompt of {len(prompt_tokens)} tokens exceeds n_batch {N_BATCH}")
         if len(prompt_tokens) + steps > self.n_ctx:
@@ -348,7 +359,11 @@ class Reference:
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context:\n{_log_text()[-4000:]}")
         try:
-            logits = self._decode(ctx, prompt_tokens)
+            if token_by_token:
+                for t in prompt_tokens:
+                    logits = self._decode(ctx, [t])
+            else:
+                logits = self._decode(ctx, prompt_tokens)
             out = []
             for _ in range(steps):
                 # Sort by (-logit, id): deterministic order among equal logits.
@@ -393,6 +408,7 @@ def run_prompts(ref: Reference, prompts, steps: int) -> list[dict]:
     for name, text, ids in prompts:
         tokens = list(ids) if ids is not None else ref.tokenize(text)
         t_steps = ref.greedy(tokens, steps)
+        tbt_steps = ref.greedy(tokens, steps, token_by_token=True)
         generated = [s["token"] for s in t_steps]
         gaps = [s["gap"] for s in t_steps]
         cases.append(
@@ -406,6 +422,7 @@ def run_prompts(ref: Reference, prompts, steps: int) -> list[dict]:
                 "min_gap": min(gaps),
                 "min_gap_step": gaps.index(min(gaps)),
                 "steps": t_steps,
+                "token_by_token_steps": tbt_steps,
             }
         )
         print(
@@ -589,6 +606,7 @@ def to_json(fixture: dict) -> str:
             "prompt_tokens": stash(c["prompt_tokens"]),
             "generated_tokens": stash(c["generated_tokens"]),
             "steps": [stash(s) for s in c["steps"]],
+            "token_by_token_steps": [stash(s) for s in c["token_by_token_steps"]],
         }
         for c in fixture["prompts"]
     ]

@@ -79,9 +79,10 @@ pub struct TokenLogprob {
 
 #[derive(Debug, Clone)]
 pub enum GenerateEvent {
-    /// One generated token. `text` is the text released with it (possibly
-    /// empty while bytes of an incomplete character or a possible stop string
-    /// are held back, possibly longer when held text is released).
+    /// One generated token (exactly one event per token). `text` is the text
+    /// released with it: possibly empty while bytes of an incomplete character
+    /// or a possible stop string are held back, possibly longer when held text
+    /// is released.
     Token {
         id: u32,
         text: String,
@@ -285,10 +286,16 @@ fn run_job(model: &TextModel, job: &Job, queued: Duration) -> Result<()> {
                 .map(|&(t, lp)| (token_text(model, t), tokenizer.token_bytes(t).to_vec(), lp))
                 .collect(),
         });
+        let out_of_room = generated >= req.max_tokens || req.prompt.len() + generated >= ctx;
         let (released, stopped) = if is_eog {
             (text.finish(), true)
         } else {
-            text.push(tokenizer.token_bytes(picked.id))
+            let (mut released, stopped) = text.push(tokenizer.token_bytes(picked.id));
+            if out_of_room && !stopped {
+                // Last token: held-back text turned out not to be a stop string.
+                released.push_str(&text.finish());
+            }
+            (released, stopped)
         };
         let _ = job.events.send(Ok(GenerateEvent::Token {
             id: picked.id,
@@ -298,16 +305,7 @@ fn run_job(model: &TextModel, job: &Job, queued: Duration) -> Result<()> {
         if stopped {
             break FinishReason::Stop;
         }
-        if generated >= req.max_tokens || req.prompt.len() + generated >= ctx {
-            let rest = text.finish();
-            if !rest.is_empty() {
-                // Held-back text that turned out not to be a stop string.
-                let _ = job.events.send(Ok(GenerateEvent::Token {
-                    id: picked.id,
-                    text: rest,
-                    logprob: None,
-                }));
-            }
+        if out_of_room {
             break FinishReason::Length;
         }
         logits = model.forward(&[picked.id], &mut seq)?;

@@ -26,21 +26,19 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-        let size = file
-            .metadata()
-            .map_err(|e| EngineError::io(path, e))?
-            .len();
+        let size = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| {
-            EngineError::bad_file(path, format!("not a readable GGUF file: {e}"))
-        })?;
+        let content = Content::read(&mut reader)
+            .map_err(|e| EngineError::bad_file(path, format!("not a readable GGUF file: {e}")))?;
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
             let block = info.ggml_dtype.block_size();
             if block == 0 || elems % block != 0 {
                 return Err(EngineError::bad_file(
                     path,
-                    format!("tensor `{name}` has {elems} elements, not a multiple of its block size"),
+                    format!(
+                        "tensor `{name}` has {elems} elements, not a multiple of its block size"
+                    ),
                 ));
             }
             let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
@@ -212,7 +210,10 @@ mod tests {
         if let Ok(mut f) = File::create(&p) {
             let _ = f.write_all(b"this is not a gguf file at all");
         }
-        assert!(matches!(GgufFile::open(&p), Err(EngineError::BadModelFile { .. })));
+        assert!(matches!(
+            GgufFile::open(&p),
+            Err(EngineError::BadModelFile { .. })
+        ));
     }
 
     #[test]

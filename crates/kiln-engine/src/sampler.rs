@@ -71,8 +71,7 @@ impl SamplingParams {
         if !self.presence_penalty.is_finite() || !(-2.0..=2.0).contains(&self.presence_penalty) {
             return bad("`presence_penalty` must be between -2 and 2");
         }
-        if !self.frequency_penalty.is_finite() || !(-2.0..=2.0).contains(&self.frequency_penalty)
-        {
+        if !self.frequency_penalty.is_finite() || !(-2.0..=2.0).contains(&self.frequency_penalty) {
             return bad("`frequency_penalty` must be between -2 and 2");
         }
         if !self.repetition_penalty.is_finite()
@@ -149,7 +148,12 @@ impl Sampler {
     /// Picks the next token from `logits` (modified in place by penalties).
     /// `banned` tokens (e.g. end-of-generation when the caller ignores it)
     /// are never chosen. `top_logprobs` alternatives are reported.
-    pub fn sample(&mut self, logits: &mut [f32], banned: &[u32], top_logprobs: usize) -> SampledToken {
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        banned: &[u32],
+        top_logprobs: usize,
+    ) -> SampledToken {
         if self.params.has_penalties() {
             self.apply_penalties(logits);
         }
@@ -164,7 +168,9 @@ impl Sampler {
             self.draw(logits)
         };
         let log_norm = log_sum_exp(logits);
-        let logprob = logits.get(id as usize).map_or(f32::NEG_INFINITY, |l| l - log_norm);
+        let logprob = logits
+            .get(id as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - log_norm);
         let top = if top_logprobs > 0 {
             top_n(logits, top_logprobs)
                 .into_iter()
@@ -208,7 +214,11 @@ impl Sampler {
             return argmax(logits);
         }
         // Sort descending; ties broken by id so the order is deterministic.
-        let k = if p.top_k > 0 { p.top_k.min(cand.len()) } else { cand.len() };
+        let k = if p.top_k > 0 {
+            p.top_k.min(cand.len())
+        } else {
+            cand.len()
+        };
         if k < cand.len() {
             cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             cand.truncate(k);
@@ -365,7 +375,11 @@ mod tests {
         p.frequency_penalty = 1.0;
         let mut s = Sampler::new(p, &[0, 0, 0]);
         let mut logits = vec![2.0, 1.5];
-        assert_eq!(s.sample(&mut logits, &[], 0).id, 0, "prompt tokens are not penalised");
+        assert_eq!(
+            s.sample(&mut logits, &[], 0).id,
+            0,
+            "prompt tokens are not penalised"
+        );
         s.accept(0);
         let mut logits = vec![2.0, 1.5];
         assert_eq!(s.sample(&mut logits, &[], 0).id, 1);
@@ -386,7 +400,11 @@ mod tests {
             top_p: 0.0,
             ..SamplingParams::default()
         };
-        let err = p.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        let err = p
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("top_p"), "{err}");
         p.top_p = 1.0;
         p.temperature = f32::NAN;

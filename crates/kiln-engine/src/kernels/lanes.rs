@@ -44,13 +44,16 @@ pub fn expf(x: f32) -> f32 {
     let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // 0x1.715476p+0
     let n = z - r;
     let b = (-n).mul_add(
-        f32::from_bits(0x35bf_be8e), // 0x1.7f7d1cp-20
+        f32::from_bits(0x35bf_be8e),                  // 0x1.7f7d1cp-20
         (-n).mul_add(f32::from_bits(0x3f31_7200), x), // 0x1.62e4p-1
     );
     let u = b * b;
     let j = f32::from_bits(0x3c07_2010) // 0x1.0e4020p-7
         .mul_add(b, f32::from_bits(0x3d2b_9f17)) // 0x1.573e2ep-5
-        .mul_add(u, f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb))) // 0x1.555e66p-3, 0x1.fffdb6p-2
+        .mul_add(
+            u,
+            f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)),
+        ) // 0x1.555e66p-3, 0x1.fffdb6p-2
         .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0)); // 0x1.ffffecp-1
     if n.abs() > 192.0 {
         // NaN compares false here and falls through, as in the vector code.
@@ -112,7 +115,10 @@ mod tests {
             let x = i as f32 * 0.11;
             let e = x.exp();
             let got = expf(x);
-            assert!((got - e).abs() <= 4e-7 * e.max(f32::MIN_POSITIVE), "{x}: {got} vs {e}");
+            assert!(
+                (got - e).abs() <= 4e-7 * e.max(f32::MIN_POSITIVE),
+                "{x}: {got} vs {e}"
+            );
         }
         assert_eq!(expf(f32::NEG_INFINITY), 0.0);
         assert_eq!(expf(0.0), 1.0);

@@ -1,74 +1,195 @@
-//! Quantizing activations to the 8-bit formats the weight dot products take,
-//! following ggml's x86 CPU backend number for number:
-//! - Q8_0 / Q8_1 (blocks of 32): `d = max|x| / 127` stored as f16, values
-//!   `x · (127 / max|x|)` rounded half to even (the SIMD path's rounding);
-//!   Q8_1 also stores `s = f16(d · Σq)` with the f32 `d`.
-//! - Q8_K (blocks of 256): ggml's reference quantizer: scale from the signed
-//!   value of largest magnitude, `q = min(127, round_even(-127/max · x))`,
-//!   `d = 1/iscale` kept in f32, plus sums of every 16 values.
+//! Activations in the form each weight type's dot product takes them,
+//! quantized number for number as ggml's x86 CPU backend does:
+//! - Q8_0 / Q8_1 (blocks of 32, `quantize_row_q8_0/1` AVX2): `d = max|x| /
+//!   127` stored as f16; values `x · (127 / max|x|)` rounded half to even
+//!   (`_mm256_round_ps`), converted and saturated to i8 as `cvtps_epi32` and
+//!   the `packs` instructions do; Q8_1 adds `s = f16(d · Σq)` with the f32 `d`.
+//! - Q8_K (blocks of 256, `quantize_row_q8_K_ref`, which x86 uses): the scale
+//!   comes from the *signed* value of largest magnitude (first one wins),
+//!   `q = min(127, nearest_int(-127/max · x))`, `d = 1/iscale` kept in f32,
+//!   and the sums of each 16 values.
+//! - F16 weights take activations rounded to f16; F32 weights take them as is.
+//!
+//! A batch is stored structure-of-arrays (scales apart from quants) so the
+//! kernels read each stream contiguously.
 
 use half::f16;
 
-pub const QK: usize = 32;
-pub const QK_K: usize = 256;
+pub(crate) const QK: usize = 32;
+pub(crate) const QK_K: usize = 256;
 
-/// Round half to even, as `_mm256_round_ps(.., _MM_ROUND_NEAREST)` and ggml's
-/// `nearest_int` do.
-#[inline]
-fn round_even(v: f32) -> i32 {
-    v.round_ties_even() as i32
+/// The activation format a weight type's dot product consumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ActKind {
+    F32,
+    F16,
+    Q8_0,
+    Q8_1,
+    Q8K,
 }
 
-/// A row of activations in Q8_0 or Q8_1 blocks.
-pub struct Q8Row {
-    /// Per block: f16-rounded scale as f32.
-    pub d: Vec<f32>,
-    /// Per block (Q8_1 only): f16-rounded `d · Σq` as f32.
-    pub s: Vec<f32>,
-    pub qs: Vec<i8>,
+/// `n` activation rows of `cols` values, quantized for one weight type.
+pub(crate) struct Activations {
+    cols: usize,
+    /// F32 / F16: the values (F16: rounded to f16).
+    values: Vec<f32>,
+    /// Q8_*: per-block scale, as f32.
+    d: Vec<f32>,
+    /// Q8_1: per-block `d · Σq`, f16-rounded, as f32.
+    s: Vec<f32>,
+    qs: Vec<i8>,
+    /// Q8_K: 16 sums of 16 quants per block.
+    bsums: Vec<i16>,
 }
 
-pub fn quantize_q8(x: &[f32], with_sum: bool) -> Q8Row {
-    let nb = x.len() / QK;
-    let mut row = Q8Row {
-        d: Vec::with_capacity(nb),
-        s: Vec::with_capacity(if with_sum { nb } else { 0 }),
-        qs: Vec::with_capacity(nb * QK),
-    };
-    for block in x.chunks_exact(QK) {
-        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = max / 127.0;
-        let id = if max != 0.0 { 127.0 / max } else { 0.0 };
-        row.d.push(f16::from_f32(d).to_f32());
-        let mut sum = 0i32;
-        for &v in block {
-            let q = round_even(v * id).clamp(-128, 127);
-            sum += q;
-            row.qs.push(q as i8);
+/// One row of Q8_0 / Q8_1 activations.
+#[derive(Clone, Copy)]
+pub(crate) struct Q8Row<'a> {
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+    pub qs: &'a [i8],
+}
+
+/// One row of Q8_K activations.
+#[derive(Clone, Copy)]
+pub(crate) struct Q8KRow<'a> {
+    pub d: &'a [f32],
+    pub qs: &'a [i8],
+    pub bsums: &'a [i16],
+}
+
+impl Activations {
+    /// Quantizes `x` (`n × cols`, row-major; `cols` a multiple of the block
+    /// length, checked by the caller).
+    pub(crate) fn quantize(kind: ActKind, x: &[f32], cols: usize) -> Activations {
+        let n = x.len().checked_div(cols).unwrap_or(0);
+        let mut a = Activations {
+            cols,
+            values: Vec::new(),
+            d: Vec::new(),
+            s: Vec::new(),
+            qs: Vec::new(),
+            bsums: Vec::new(),
+        };
+        match kind {
+            ActKind::F32 => a.values = x.to_vec(),
+            ActKind::F16 => a.values = x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            ActKind::Q8_0 | ActKind::Q8_1 => {
+                let nb = cols / QK;
+                a.d = vec![0.0; n * nb];
+                a.qs = vec![0; n * cols];
+                if kind == ActKind::Q8_1 {
+                    a.s = vec![0.0; n * nb];
+                }
+                for (i, row) in x.chunks_exact(cols.max(1)).enumerate() {
+                    let d = &mut a.d[i * nb..(i + 1) * nb];
+                    let qs = &mut a.qs[i * cols..(i + 1) * cols];
+                    let s = if kind == ActKind::Q8_1 {
+                        Some(&mut a.s[i * nb..(i + 1) * nb])
+                    } else {
+                        None
+                    };
+                    quantize_q8_row(row, d, s, qs);
+                }
+            }
+            ActKind::Q8K => {
+                let nb = cols / QK_K;
+                a.d = vec![0.0; n * nb];
+                a.qs = vec![0; n * cols];
+                a.bsums = vec![0; n * nb * 16];
+                for (i, row) in x.chunks_exact(cols.max(1)).enumerate() {
+                    quantize_q8k_row(
+                        row,
+                        &mut a.d[i * nb..(i + 1) * nb],
+                        &mut a.qs[i * cols..(i + 1) * cols],
+                        &mut a.bsums[i * nb * 16..(i + 1) * nb * 16],
+                    );
+                }
+            }
         }
-        if with_sum {
-            row.s.push(f16::from_f32(d * sum as f32).to_f32());
+        a
+    }
+
+    /// Row `i` of F32 / F16 activations.
+    pub(crate) fn float_row(&self, i: usize) -> &[f32] {
+        &self.values[i * self.cols..(i + 1) * self.cols]
+    }
+
+    /// Row `i` of Q8_0 / Q8_1 activations.
+    pub(crate) fn q8_row(&self, i: usize) -> Q8Row<'_> {
+        let nb = self.cols / QK;
+        Q8Row {
+            d: &self.d[i * nb..(i + 1) * nb],
+            s: if self.s.is_empty() {
+                &[]
+            } else {
+                &self.s[i * nb..(i + 1) * nb]
+            },
+            qs: &self.qs[i * self.cols..(i + 1) * self.cols],
         }
     }
-    row
+
+    /// Row `i` of Q8_K activations.
+    pub(crate) fn q8k_row(&self, i: usize) -> Q8KRow<'_> {
+        let nb = self.cols / QK_K;
+        Q8KRow {
+            d: &self.d[i * nb..(i + 1) * nb],
+            qs: &self.qs[i * self.cols..(i + 1) * self.cols],
+            bsums: &self.bsums[i * nb * 16..(i + 1) * nb * 16],
+        }
+    }
 }
 
-/// A row of activations in Q8_K blocks.
-pub struct Q8KRow {
-    pub d: Vec<f32>,
-    pub qs: Vec<i8>,
-    /// Per block, 16 sums of 16 consecutive values.
-    pub bsums: Vec<i32>,
+/// `_mm256_round_ps(v, _MM_ROUND_NEAREST)` then `_mm256_cvtps_epi32`: half to
+/// even; NaN and values out of i32 range give `i32::MIN` as the instruction
+/// does.
+#[inline]
+fn round_cvt(v: f32) -> i32 {
+    // Adding 1.5·2^23 rounds to an integer (half to even) for |v| < 2^22.
+    const MAGIC: f32 = 12_582_912.0;
+    if v.abs() < 4_194_304.0 {
+        ((v + MAGIC) - MAGIC) as i32
+    } else if v.abs() < 2_147_483_648.0 {
+        v as i32 // already an integer
+    } else {
+        i32::MIN // NaN, ±inf, out of range
+    }
 }
 
-pub fn quantize_q8k(x: &[f32]) -> Q8KRow {
-    let nb = x.len() / QK_K;
-    let mut row = Q8KRow {
-        d: Vec::with_capacity(nb),
-        qs: Vec::with_capacity(nb * QK_K),
-        bsums: Vec::with_capacity(nb * 16),
-    };
-    for block in x.chunks_exact(QK_K) {
+/// ggml's `nearest_int`: the magic-number rounding (half to even for
+/// |v| < 2^22), bit for bit — including what it returns outside that range.
+#[inline]
+fn nearest_int(v: f32) -> i32 {
+    let bits = (v + 12_582_912.0).to_bits();
+    (bits & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// One row into Q8_0 (or Q8_1 when `s` is given) blocks.
+pub(crate) fn quantize_q8_row(x: &[f32], d: &mut [f32], mut s: Option<&mut [f32]>, qs: &mut [i8]) {
+    for (b, (block, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
+        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = max / 127.0;
+        let id = if max != 0.0 { 127.0 / max } else { 0.0 };
+        d[b] = f16::from_f32(scale).to_f32();
+        let mut sum = 0i32;
+        for (o, &v) in q.iter_mut().zip(block) {
+            let i = round_cvt(v * id);
+            sum = sum.wrapping_add(i);
+            *o = i.clamp(-128, 127) as i8;
+        }
+        if let Some(s) = s.as_deref_mut() {
+            s[b] = f16::from_f32(scale * sum as f32).to_f32();
+        }
+    }
+}
+
+/// One row into Q8_K blocks (`quantize_row_q8_K_ref`).
+pub(crate) fn quantize_q8k_row(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
+    for (b, (block, q)) in x
+        .chunks_exact(QK_K)
+        .zip(qs.chunks_exact_mut(QK_K))
+        .enumerate()
+    {
         let mut amax = 0f32;
         let mut max = 0f32;
         for &v in block {
@@ -77,25 +198,23 @@ pub fn quantize_q8k(x: &[f32]) -> Q8KRow {
                 max = v;
             }
         }
+        let sums = &mut bsums[b * 16..(b + 1) * 16];
         if amax == 0.0 {
-            row.d.push(0.0);
-            row.qs.extend(std::iter::repeat_n(0i8, QK_K));
-            row.bsums.extend(std::iter::repeat_n(0i32, 16));
+            d[b] = 0.0;
+            q.fill(0);
+            sums.fill(0);
             continue;
         }
         let iscale = -127.0 / max;
-        for group in block.chunks_exact(16) {
-            let mut sum = 0i32;
-            for &v in group {
-                let q = round_even(iscale * v).min(127);
-                sum += q;
-                row.qs.push(q as i8);
-            }
-            row.bsums.push(sum);
+        for (o, &v) in q.iter_mut().zip(block) {
+            // C's int -> int8_t conversion keeps the low byte.
+            *o = nearest_int(iscale * v).min(127) as i8;
         }
-        row.d.push(1.0 / iscale);
+        for (sum, group) in sums.iter_mut().zip(q.chunks_exact(16)) {
+            *sum = group.iter().map(|&v| i32::from(v)).sum::<i32>() as i16;
+        }
+        d[b] = 1.0 / iscale;
     }
-    row
 }
 
 #[cfg(test)]
@@ -104,35 +223,52 @@ mod tests {
 
     #[test]
     fn q8_rounds_half_to_even_and_keeps_sum() {
-        // max 127 → id 1: 0.5 → 0, 1.5 → 2, 2.5 → 2.
+        // max 127 → id 1: 0.5 → 0, 1.5 → 2, 2.5 → 2, -2.5 → -2.
         let mut x = vec![0f32; 32];
         x[0] = 127.0;
         x[1] = 0.5;
         x[2] = 1.5;
         x[3] = 2.5;
-        let r = quantize_q8(&x, true);
-        assert_eq!(&r.qs[..4], &[127, 0, 2, 2]);
+        x[4] = -2.5;
+        let a = Activations::quantize(ActKind::Q8_1, &x, 32);
+        let r = a.q8_row(0);
+        assert_eq!(&r.qs[..5], &[127, 0, 2, 2, -2]);
         assert_eq!(r.d[0], 1.0);
-        assert_eq!(r.s[0], 131.0);
+        assert_eq!(r.s[0], 129.0);
     }
 
     #[test]
     fn q8k_uses_signed_max() {
         let mut x = vec![0.25f32; 256];
         x[7] = -2.0;
-        let r = quantize_q8k(&x);
+        let a = Activations::quantize(ActKind::Q8K, &x, 256);
+        let r = a.q8k_row(0);
         // The value of largest magnitude maps to -127 whatever its sign.
         assert_eq!(r.qs[7], -127);
-        assert!((r.d[0] - 2.0 / 127.0).abs() < 1e-9);
         assert_eq!(r.qs[0], 16, "0.25 · 63.5 = 15.875 rounds to 16");
+        assert!((r.d[0] - 2.0 / 127.0).abs() < 1e-9);
         assert_eq!(r.bsums.len(), 16);
+        assert_eq!(r.bsums[0], -127 + 16 * 15);
+        // A positive largest value maps to -127 too.
+        let a = Activations::quantize(ActKind::Q8K, &x.iter().map(|v| -v).collect::<Vec<_>>(), 256);
+        assert_eq!(a.q8k_row(0).qs[7], -127);
+        assert_eq!(a.q8k_row(0).qs[0], 16);
     }
 
     #[test]
-    fn zero_blocks_are_zero() {
-        let r = quantize_q8k(&[0.0; 256]);
-        assert!(r.qs.iter().all(|&q| q == 0) && r.d[0] == 0.0);
-        let r = quantize_q8(&[0.0; 32], true);
-        assert!(r.qs.iter().all(|&q| q == 0) && r.s[0] == 0.0);
+    fn zero_and_non_finite_blocks_do_not_panic() {
+        let a = Activations::quantize(ActKind::Q8K, &[0.0; 256], 256);
+        assert!(a.q8k_row(0).qs.iter().all(|&q| q == 0) && a.q8k_row(0).d[0] == 0.0);
+        let a = Activations::quantize(ActKind::Q8_1, &[0.0; 32], 32);
+        assert!(a.q8_row(0).qs.iter().all(|&q| q == 0) && a.q8_row(0).s[0] == 0.0);
+        let mut x = vec![1.0f32; 256];
+        x[3] = f32::INFINITY;
+        x[4] = f32::NAN;
+        let _ = Activations::quantize(ActKind::Q8_1, &x, 256);
+        let _ = Activations::quantize(ActKind::Q8K, &x, 256);
+        assert_eq!(round_cvt(f32::NAN), i32::MIN);
+        assert_eq!(round_cvt(-3.5), -4);
+        assert_eq!(nearest_int(-3.5), -4);
+        assert_eq!(nearest_int(2.5), 2);
     }
 }

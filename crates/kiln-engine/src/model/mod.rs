@@ -42,7 +42,10 @@ impl TextModel {
         let architecture = file.architecture()?;
         let tokenizer = Tokenizer::from_gguf(file.content())?;
         let transformer = Transformer::load(&mut file, &architecture)?;
-        let piece = |id: Option<u32>| id.map(|t| tokenizer.token_str(t).to_string()).unwrap_or_default();
+        let piece = |id: Option<u32>| {
+            id.map(|t| tokenizer.token_str(t).to_string())
+                .unwrap_or_default()
+        };
         let template_source = match file.value("tokenizer.chat_template") {
             Some(_) => Some(file.get_string("tokenizer.chat_template")?),
             None => None,
@@ -58,7 +61,8 @@ impl TextModel {
         for t in file.content().tensor_infos.values() {
             let elems = t.shape.elem_count() as u64;
             parameters += elems;
-            let bytes = elems / t.ggml_dtype.block_size().max(1) as u64 * t.ggml_dtype.type_size() as u64;
+            let bytes =
+                elems / t.ggml_dtype.block_size().max(1) as u64 * t.ggml_dtype.type_size() as u64;
             *by_type.entry(dtype_name(t.ggml_dtype)).or_default() += bytes;
         }
         let quantization = by_type
@@ -109,13 +113,20 @@ impl TextModel {
     /// Renders and tokenizes a chat, ending with the assistant's turn opener.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         if messages.is_empty() {
-            return Err(EngineError::InvalidRequest("`messages` must not be empty".into()));
+            return Err(EngineError::InvalidRequest(
+                "`messages` must not be empty".into(),
+            ));
         }
         let pieces = self.template.render(messages, true)?;
         // A template that writes the BOS token itself must not get a second one.
-        let bos_text = self.tokenizer.bos().map(|b| self.tokenizer.token_str(b).to_string());
+        let bos_text = self
+            .tokenizer
+            .bos()
+            .map(|b| self.tokenizer.token_str(b).to_string());
         let starts_with_bos = match (pieces.first(), &bos_text) {
-            (Some(RenderedPiece::Template(s)), Some(b)) => !b.is_empty() && s.starts_with(b.as_str()),
+            (Some(RenderedPiece::Template(s)), Some(b)) => {
+                !b.is_empty() && s.starts_with(b.as_str())
+            }
             _ => false,
         };
         let segments: Vec<Segment<'_>> = pieces
@@ -129,9 +140,21 @@ impl TextModel {
         Ok(self.tokenizer.encode_segments(&segments, add_bos))
     }
 
-    /// Tokenizes a raw completion prompt the way llama.cpp does (BOS per the model's default).
+    /// Tokenizes a raw completion prompt as llama-server and vLLM do: special
+    /// tokens written in the text (`<start_of_turn>`, `<|im_end|>`) are parsed
+    /// as the tokens they name, and BOS is added per the model's default
+    /// unless the prompt already starts with one.
     pub fn text_prompt(&self, text: &str) -> Vec<u32> {
-        self.tokenizer.encode(text, self.tokenizer.add_bos_by_default())
+        let mut ids = self
+            .tokenizer
+            .encode_segments(&[Segment::Template(text)], false);
+        let bos = self.tokenizer.bos();
+        if self.tokenizer.add_bos_by_default() && ids.first().copied() != bos {
+            if let Some(bos) = bos {
+                ids.insert(0, bos);
+            }
+        }
+        ids
     }
 
     pub fn new_sequence(&self) -> SequenceCache {

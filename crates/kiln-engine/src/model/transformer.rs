@@ -253,17 +253,45 @@ impl Transformer {
                 wk: matrix(file, &n("attn_k.weight"), kv_dim, c.hidden)?,
                 wv: matrix(file, &n("attn_v.weight"), kv_dim, c.hidden)?,
                 wo: matrix(file, &n("attn_output.weight"), c.hidden, q_dim)?,
-                bq: if needs_bias { Some(vector(file, &n("attn_q.bias"), q_dim)?) } else { optional_vector(file, &n("attn_q.bias"), q_dim)? },
-                bk: if needs_bias { Some(vector(file, &n("attn_k.bias"), kv_dim)?) } else { optional_vector(file, &n("attn_k.bias"), kv_dim)? },
-                bv: if needs_bias { Some(vector(file, &n("attn_v.bias"), kv_dim)?) } else { optional_vector(file, &n("attn_v.bias"), kv_dim)? },
-                q_norm: if needs_qk_norm { Some(vector(file, &n("attn_q_norm.weight"), c.head_dim)?) } else { None },
-                k_norm: if needs_qk_norm { Some(vector(file, &n("attn_k_norm.weight"), c.head_dim)?) } else { None },
-                post_attn_norm: if arch == Architecture::Gemma3 { Some(vector(file, &n("post_attention_norm.weight"), c.hidden)?) } else { None },
+                bq: if needs_bias {
+                    Some(vector(file, &n("attn_q.bias"), q_dim)?)
+                } else {
+                    optional_vector(file, &n("attn_q.bias"), q_dim)?
+                },
+                bk: if needs_bias {
+                    Some(vector(file, &n("attn_k.bias"), kv_dim)?)
+                } else {
+                    optional_vector(file, &n("attn_k.bias"), kv_dim)?
+                },
+                bv: if needs_bias {
+                    Some(vector(file, &n("attn_v.bias"), kv_dim)?)
+                } else {
+                    optional_vector(file, &n("attn_v.bias"), kv_dim)?
+                },
+                q_norm: if needs_qk_norm {
+                    Some(vector(file, &n("attn_q_norm.weight"), c.head_dim)?)
+                } else {
+                    None
+                },
+                k_norm: if needs_qk_norm {
+                    Some(vector(file, &n("attn_k_norm.weight"), c.head_dim)?)
+                } else {
+                    None
+                },
+                post_attn_norm: if arch == Architecture::Gemma3 {
+                    Some(vector(file, &n("post_attention_norm.weight"), c.hidden)?)
+                } else {
+                    None
+                },
                 ffn_norm: vector(file, &n("ffn_norm.weight"), c.hidden)?,
                 w_gate: matrix(file, &n("ffn_gate.weight"), c.ffn, c.hidden)?,
                 w_up: matrix(file, &n("ffn_up.weight"), c.ffn, c.hidden)?,
                 w_down: matrix(file, &n("ffn_down.weight"), c.hidden, c.ffn)?,
-                post_ffn_norm: if arch == Architecture::Gemma3 { Some(vector(file, &n("post_ffw_norm.weight"), c.hidden)?) } else { None },
+                post_ffn_norm: if arch == Architecture::Gemma3 {
+                    Some(vector(file, &n("post_ffw_norm.weight"), c.hidden)?)
+                } else {
+                    None
+                },
             };
             layers.push(layer);
         }
@@ -344,8 +372,14 @@ impl Transformer {
             let mut gate = matmul(&layer.w_gate, &h, n, c.hidden)?;
             let up = matmul(&layer.w_up, &h, n, c.hidden)?;
             match c.activation {
-                Activation::Silu => gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u),
-                Activation::GeluTanh => gate.iter_mut().zip(&up).for_each(|(g, u)| *g = gelu_tanh(*g) * u),
+                Activation::Silu => gate
+                    .iter_mut()
+                    .zip(&up)
+                    .for_each(|(g, u)| *g = silu(*g) * u),
+                Activation::GeluTanh => gate
+                    .iter_mut()
+                    .zip(&up)
+                    .for_each(|(g, u)| *g = gelu_tanh(*g) * u),
             }
             let mut down = matmul(&layer.w_down, &gate, n, c.ffn)?;
             if let Some(w) = &layer.post_ffn_norm {
@@ -378,7 +412,11 @@ impl Transformer {
         let mut q = matmul(&layer.wq, h, n, c.hidden)?;
         let mut k = matmul(&layer.wk, h, n, c.hidden)?;
         let mut v = matmul(&layer.wv, h, n, c.hidden)?;
-        for (t, b) in [(&mut q, &layer.bq), (&mut k, &layer.bk), (&mut v, &layer.bv)] {
+        for (t, b) in [
+            (&mut q, &layer.bq),
+            (&mut k, &layer.bk),
+            (&mut v, &layer.bv),
+        ] {
             if let Some(b) = b {
                 for row in t.chunks_exact_mut(b.len()) {
                     add_in_place(row, b);

@@ -51,7 +51,11 @@ pub struct FixturePrompt {
     pub text: Option<String>,
     pub prompt_tokens: Vec<u32>,
     pub generated_tokens: Vec<u32>,
+    /// llama.cpp's default run: the prompt in one llama_decode call.
     pub steps: Vec<FixtureStep>,
+    /// The same run with the prompt fed one token per llama_decode call, so
+    /// llama.cpp uses its single-row kernels at every position.
+    pub token_by_token_steps: Vec<FixtureStep>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,539 @@
+//! AVX2 + FMA + F16C kernels: the [`super::scalar`] kernels' arithmetic with
+//! 256-bit registers. Integer sums are exact, so any instruction sequence
+//! that forms them is fine; every float operation (conversion of a sum,
+//! scale product, fused multiply-add, lane fold) is the scalar code's, on the
+//! same values in the same order, so results are bit-identical.
+//!
+//! Weights whose ggml kernel keeps one accumulator per output row (the
+//! repacked Q4_0 / Q4_K) are done eight rows at a time, each row's integer
+//! block sum landing in its own lane of one accumulator, as in ggml.
+//!
+//! Only [`compute_rows`] is called from outside; every function here needs
+//! AVX2, FMA and F16C, which the caller checks at run time.
+
+use std::arch::x86_64::*;
+
+use super::quantize::{Activations, Q8KRow, Q8Row, QK, QK_K};
+use super::scalar::{self, q4k_scales};
+use super::DotKind;
+
+/// Runs `$body` (an output value for weight row `$row`, input `$i`) over
+/// every row and input; a macro rather than a closure so the body is
+/// compiled with this module's target features.
+macro_rules! each_row {
+    ($w:expr, $row_bytes:expr, $outs:expr, |$row:ident, $i:ident| $body:expr) => {
+        for (r, $row) in $w.chunks_exact($row_bytes).enumerate() {
+            for ($i, out) in $outs.iter_mut().enumerate() {
+                out[r] = $body;
+            }
+        }
+    };
+}
+
+/// Like `each_row!` for kernels that produce eight rows at once.
+macro_rules! each_8_rows {
+    ($w:expr, $row_bytes:expr, $outs:expr, |$rows:ident, $i:ident| $body:expr) => {
+        for (g, $rows) in $w.chunks_exact(8 * $row_bytes).enumerate() {
+            for ($i, out) in $outs.iter_mut().enumerate() {
+                let v: [f32; 8] = $body;
+                out[8 * g..8 * g + 8].copy_from_slice(&v);
+            }
+        }
+    };
+}
+
+/// The AVX2 version of `super::compute_rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn compute_rows(
+    kind: DotKind,
+    w: &[u8],
+    row_bytes: usize,
+    acts: &Activations,
+    outs: &mut [&mut [f32]],
+) {
+    match kind {
+        DotKind::F32 => each_row!(w, row_bytes, outs, |row, i| dot_f32(row, acts.float_row(i))),
+        DotKind::F16 => each_row!(w, row_bytes, outs, |row, i| dot_f16(row, acts.float_row(i))),
+        DotKind::Q4_0 => each_row!(w, row_bytes, outs, |row, i| dot_q4_0(row, acts.q8_row(i))),
+        DotKind::Q4_1 => each_row!(w, row_bytes, outs, |row, i| dot_q4_1(row, acts.q8_row(i))),
+        DotKind::Q5_0 => each_row!(w, row_bytes, outs, |row, i| dot_q5_0(row, acts.q8_row(i))),
+        DotKind::Q8_0 => each_row!(w, row_bytes, outs, |row, i| dot_q8_0(row, acts.q8_row(i))),
+        DotKind::Q4K => each_row!(w, row_bytes, outs, |row, i| dot_q4_k(row, acts.q8k_row(i))),
+        DotKind::Q6K => each_row!(w, row_bytes, outs, |row, i| dot_q6_k(row, acts.q8k_row(i))),
+        DotKind::Q4_0Repacked => {
+            each_8_rows!(w, row_bytes, outs, |rows, i| dot8_q4_0_repacked(
+                rows,
+                row_bytes,
+                acts.q8_row(i)
+            ))
+        }
+        DotKind::Q4KRepacked => {
+            each_8_rows!(w, row_bytes, outs, |rows, i| dot8_q4_k_repacked(
+                rows,
+                row_bytes,
+                acts.q8k_row(i)
+            ))
+        }
+    }
+}
+
+// ---- loads: bounds-checked slices, unaligned loads -------------------------
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_u8x32(s: &[u8]) -> __m256i {
+    let s = &s[..32];
+    // SAFETY: `s` is 32 readable bytes; the load has no alignment requirement.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_i8x32(s: &[i8]) -> __m256i {
+    let s = &s[..32];
+    // SAFETY: as in `load_u8x32`.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_i16x16(s: &[i16]) -> __m256i {
+    let s = &s[..16];
+    // SAFETY: as in `load_u8x32` (16 × 2 bytes).
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_u8x16(s: &[u8]) -> __m128i {
+    let s = &s[..16];
+    // SAFETY: as in `load_u8x32` (16 bytes).
+    unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_f32x8(s: &[f32]) -> __m256 {
+    let s = &s[..8];
+    // SAFETY: as in `load_u8x32` (8 × 4 bytes).
+    unsafe { _mm256_loadu_ps(s.as_ptr()) }
+}
+
+/// Eight little-endian f16 values (16 bytes) as f32.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn load_f16x8(s: &[u8]) -> __m256 {
+    _mm256_cvtph_ps(load_u8x16(s))
+}
+
+/// The f16 at `b[at..at + 2]` as f32 (exact).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    let h = u16::from_le_bytes([b[at], b[at + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
+}
+
+// ---- integer helpers --------------------------------------------------------
+
+/// Unsigned bytes `a` times signed bytes `b`, products of 4 consecutive
+/// bytes summed into each i32 lane (exact for |a| ≤ 128, |b| ≤ 127).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+}
+
+/// Signed bytes times signed bytes, as [`dot_u8_i8`]: the sign of `a` moves
+/// onto `b` so `maddubs` sees |a|.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn dot_i8_i8(a: __m256i, b: __m256i) -> __m256i {
+    dot_u8_i8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+}
+
+/// Eight vectors' lane sums as one vector: lane `k` = Σ lanes of `v[k]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose_sum(v: &[__m256i; 8]) -> __m256i {
+    let a = _mm256_hadd_epi32(v[0], v[1]);
+    let b = _mm256_hadd_epi32(v[2], v[3]);
+    let c = _mm256_hadd_epi32(v[4], v[5]);
+    let d = _mm256_hadd_epi32(v[6], v[7]);
+    // ab: per 128-bit half, [s0 s1 s2 s3] partial sums of rows 0..4.
+    let ab = _mm256_hadd_epi32(a, b);
+    let cd = _mm256_hadd_epi32(c, d);
+    let lo = _mm256_permute2x128_si256::<0x20>(ab, cd);
+    let hi = _mm256_permute2x128_si256::<0x31>(ab, cd);
+    _mm256_add_epi32(lo, hi)
+}
+
+/// 16 nibbles (low nibbles first, then high nibbles) as 32 bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn nibbles(s: &[u8]) -> __m256i {
+    let raw = load_u8x16(s);
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw);
+    _mm256_and_si256(both, _mm256_set1_epi8(0xF))
+}
+
+/// The 32 bits of `qh` as 32 bytes, 0xFF where the bit is set.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn bits_to_bytes(qh: u32) -> __m256i {
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(qh as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
+}
+
+// ---- float helpers ----------------------------------------------------------
+
+/// `hsum_float_8`: halves added, then (0+2) + (1+3).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum8(v: __m256) -> f32 {
+    let r = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+    let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    _mm_cvtss_f32(r)
+}
+
+// ---- Q4_0 / Q5_0 / Q8_0 / Q4_1 ----------------------------------------------
+
+/// The shared 8-lane loop of `scalar::dot_q0`: `values` turns a block into
+/// 32 signed bytes.
+macro_rules! dot_q0 {
+    ($w:expr, $y:expr, $block_bytes:expr, |$b:ident| $values:expr) => {{
+        let mut acc = _mm256_setzero_ps();
+        for (($b, q), &dy) in $w
+            .chunks_exact($block_bytes)
+            .zip($y.qs.chunks_exact(QK))
+            .zip($y.d)
+        {
+            let sums = dot_i8_i8($values, load_i8x32(q));
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(f16_at($b, 0) * dy),
+                _mm256_cvtepi32_ps(sums),
+                acc,
+            );
+        }
+        hsum8(acc)
+    }};
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q8_0(w: &[u8], y: Q8Row<'_>) -> f32 {
+    dot_q0!(w, y, 34, |b| load_u8x32(&b[2..34]))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_0(w: &[u8], y: Q8Row<'_>) -> f32 {
+    dot_q0!(w, y, 18, |b| _mm256_sub_epi8(
+        nibbles(&b[2..18]),
+        _mm256_set1_epi8(8)
+    ))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q5_0(w: &[u8], y: Q8Row<'_>) -> f32 {
+    dot_q0!(w, y, 22, |b| {
+        let high = bits_to_bytes(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
+        // (q | bit·16) − 16 = q − 16 where the bit is clear: OR in 0xF0 there.
+        _mm256_or_si256(
+            nibbles(&b[6..22]),
+            _mm256_andnot_si256(high, _mm256_set1_epi8(0xF0u8 as i8)),
+        )
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_1(w: &[u8], y: Q8Row<'_>) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (((b, q), &dy), &sy) in w
+        .chunks_exact(20)
+        .zip(y.qs.chunks_exact(QK))
+        .zip(y.d)
+        .zip(y.s)
+    {
+        summs = f16_at(b, 2).mul_add(sy, summs);
+        let sums = dot_u8_i8(nibbles(&b[4..20]), load_i8x32(q));
+        acc = _mm256_fmadd_ps(
+            _mm256_set1_ps(f16_at(b, 0) * dy),
+            _mm256_cvtepi32_ps(sums),
+            acc,
+        );
+    }
+    hsum8(acc) + summs
+}
+
+/// Eight rows of repacked Q4_0 (`scalar::dot_q4_0_repacked`), row `k`'s
+/// block sums fused into lane `k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot8_q4_0_repacked(rows: &[u8], row_bytes: usize, y: Q8Row<'_>) -> [f32; 8] {
+    let mut acc = _mm256_setzero_ps();
+    for (blk, (q, &dy)) in y.qs.chunks_exact(QK).zip(y.d).enumerate() {
+        let qy = load_i8x32(q);
+        let mut sums = [_mm256_setzero_si256(); 8];
+        let mut d = [0f32; 8];
+        for (k, (s, dk)) in sums.iter_mut().zip(&mut d).enumerate() {
+            let b = &rows[k * row_bytes + blk * 18..k * row_bytes + blk * 18 + 18];
+            *s = dot_i8_i8(_mm256_sub_epi8(nibbles(&b[2..18]), _mm256_set1_epi8(8)), qy);
+            *dk = f16_at(b, 0);
+        }
+        let dw = _mm256_setr_ps(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]);
+        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dy));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(transpose_sum(&sums)), scale, acc);
+    }
+    let mut out = [0f32; 8];
+    // SAFETY: `out` is 8 writable f32s; the store has no alignment requirement.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), acc) };
+    out
+}
+
+// ---- Q4_K ---------------------------------------------------------------------
+
+/// Per 32-value sub-block pair `c` of a Q4_K block: the low-nibble and
+/// high-nibble dot products, each scaled by its sub-block scale, in 8 lanes
+/// (lane `l`: values `4l..4l+4` of each sub-block).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q4k_chunk(qs: &[u8], q8: &[i8], sc_lo: u8, sc_hi: u8) -> __m256i {
+    let bits = load_u8x32(qs);
+    let lo = _mm256_and_si256(bits, _mm256_set1_epi8(0xF));
+    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), _mm256_set1_epi8(0xF));
+    let p_lo = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(lo, load_i8x32(&q8[..32])),
+        _mm256_set1_epi16(i16::from(sc_lo)),
+    );
+    let p_hi = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(hi, load_i8x32(&q8[32..64])),
+        _mm256_set1_epi16(i16::from(sc_hi)),
+    );
+    _mm256_add_epi32(p_lo, p_hi)
+}
+
+/// `Σ_j sc_j · Σ(q4 · q8)` of one block in 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q4k_block_lanes(b: &[u8], sc: &[u8; 8], q8: &[i8]) -> __m256i {
+    let mut sumi = _mm256_setzero_si256();
+    for c in 0..4 {
+        let part = q4k_chunk(
+            &b[16 + 32 * c..48 + 32 * c],
+            &q8[64 * c..64 * c + 64],
+            sc[2 * c],
+            sc[2 * c + 1],
+        );
+        sumi = _mm256_add_epi32(sumi, part);
+    }
+    sumi
+}
+
+/// `Σ_j m_j · (bsum_2j + bsum_2j+1)`.
+#[inline]
+fn q4k_mins(m: &[u8; 8], bs: &[i16]) -> i32 {
+    (0..8)
+        .map(|j| i32::from(m[j]) * (i32::from(bs[2 * j]) + i32::from(bs[2 * j + 1])))
+        .sum()
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = [0f32; 4];
+    for (i, b) in w.chunks_exact(144).enumerate() {
+        let q8 = &y.qs[i * QK_K..(i + 1) * QK_K];
+        let bs = &y.bsums[i * 16..(i + 1) * 16];
+        let d = y.d[i] * f16_at(b, 0);
+        let dmin = -y.d[i] * f16_at(b, 2);
+        let (sc, m) = q4k_scales(&b[4..16]);
+        for (k, a) in acc_m.iter_mut().enumerate() {
+            let p = |j: usize| i32::from(m[j]) * (i32::from(bs[2 * j]) + i32::from(bs[2 * j + 1]));
+            *a = dmin.mul_add((p(2 * k) + p(2 * k + 1)) as f32, *a);
+        }
+        acc = _mm256_fmadd_ps(
+            _mm256_set1_ps(d),
+            _mm256_cvtepi32_ps(q4k_block_lanes(b, &sc, q8)),
+            acc,
+        );
+    }
+    let m = (acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]);
+    hsum8(acc) + m
+}
+
+/// Eight rows of repacked Q4_K (`scalar::dot_q4_k_repacked`).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot8_q4_k_repacked(rows: &[u8], row_bytes: usize, y: Q8KRow<'_>) -> [f32; 8] {
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_min = _mm256_setzero_ps();
+    for (blk, (q8, &dy)) in y.qs.chunks_exact(QK_K).zip(y.d).enumerate() {
+        let bs = &y.bsums[blk * 16..(blk + 1) * 16];
+        let mut sums = [_mm256_setzero_si256(); 8];
+        let mut mins = [0i32; 8];
+        let mut d = [0f32; 8];
+        let mut dmin = [0f32; 8];
+        for k in 0..8 {
+            let b = &rows[k * row_bytes + blk * 144..k * row_bytes + blk * 144 + 144];
+            let (sc, m) = q4k_scales(&b[4..16]);
+            sums[k] = q4k_block_lanes(b, &sc, q8);
+            mins[k] = q4k_mins(&m, bs);
+            d[k] = f16_at(b, 0);
+            dmin[k] = f16_at(b, 2);
+        }
+        let dyv = _mm256_set1_ps(dy);
+        let dw = load_f32x8(&d);
+        let dminw = load_f32x8(&dmin);
+        let mins = _mm256_setr_epi32(
+            mins[0], mins[1], mins[2], mins[3], mins[4], mins[5], mins[6], mins[7],
+        );
+        acc = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(transpose_sum(&sums)),
+            _mm256_mul_ps(dw, dyv),
+            acc,
+        );
+        acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_mul_ps(dminw, dyv), acc_min);
+    }
+    let mut out = [0f32; 8];
+    // SAFETY: `out` is 8 writable f32s; the store has no alignment requirement.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc, acc_min)) };
+    out
+}
+
+// ---- Q6_K ---------------------------------------------------------------------
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q6_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let m4 = _mm256_set1_epi8(0xF);
+    let m2 = _mm256_set1_epi8(3);
+    for (i, b) in w.chunks_exact(210).enumerate() {
+        let q8 = &y.qs[i * QK_K..(i + 1) * QK_K];
+        let scales = load_u8x16(&b[192..208]);
+        let scales16 = _mm256_cvtepi8_epi16(scales);
+        // 32 · (bsum_2l·sc_2l + bsum_2l+1·sc_2l+1) in lane l.
+        let offset =
+            _mm256_slli_epi32::<5>(_mm256_madd_epi16(load_i16x16(&y.bsums[i * 16..]), scales16));
+        let mut sumi = _mm256_setzero_si256();
+        for half in 0..2 {
+            let ql1 = load_u8x32(&b[64 * half..]);
+            let ql2 = load_u8x32(&b[64 * half + 32..]);
+            let qh = load_u8x32(&b[128 + 32 * half..]);
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql2, m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql2), m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2)),
+                ),
+            ];
+            for (k, &qk) in q.iter().enumerate() {
+                let chunk = 4 * half + k;
+                let p = _mm256_maddubs_epi16(qk, load_i8x32(&q8[32 * chunk..]));
+                // Lanes 0..4 take the first 16 values' scale, 4..8 the next.
+                let lo = i16::from(b[192 + 2 * chunk] as i8);
+                let hi = i16::from(b[193 + 2 * chunk] as i8);
+                let sc = _mm256_setr_epi16(
+                    lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi,
+                );
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc, p));
+            }
+        }
+        let sumi = _mm256_sub_epi32(sumi, offset);
+        acc = _mm256_fmadd_ps(
+            _mm256_set1_ps(y.d[i] * f16_at(b, 208)),
+            _mm256_cvtepi32_ps(sumi),
+            acc,
+        );
+    }
+    hsum8(acc)
+}
+
+// ---- F16 / F32 ----------------------------------------------------------------
+
+/// `scalar::dot_float` with each 16-lane accumulator as two 8-lane halves.
+macro_rules! dot_float {
+    ($w:expr, $x:expr, $width:expr, $load:ident) => {{
+        let n = $x.len();
+        let np = n & !63;
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (wc, xc) in $w.chunks_exact(64 * $width).zip($x[..np].chunks_exact(64)) {
+            for (h, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(load_f32x8(&xc[8 * h..]), $load(&wc[8 * h * $width..]), *a);
+            }
+        }
+        // Accumulator j's lanes 0..8 are acc[2j], lanes 8..16 acc[2j + 1].
+        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+        // `_mm512_reduce_add_ps`: 16 → 8 lanes, then as `hsum_float_8`.
+        (hsum8(_mm256_add_ps(hi, lo)), &$w[np * $width..], &$x[np..])
+    }};
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_f32_bytes(s: &[u8]) -> __m256 {
+    let s = &s[..32];
+    // SAFETY: `s` is 32 readable bytes (8 f32); unaligned load.
+    unsafe { _mm256_loadu_ps(s.as_ptr().cast()) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
+    let (head, w_tail, x_tail) = dot_float!(w, x, 2, load_f16x8);
+    scalar::f16_tail(head, w_tail, x_tail)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_f32(w: &[u8], x: &[f32]) -> f32 {
+    let (head, w_tail, x_tail) = dot_float!(w, x, 4, load_f32_bytes);
+    scalar::f32_tail(head, w_tail, x_tail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integer_helpers() {
+        if !super::super::KernelVariant::Avx2.is_available() {
+            return;
+        }
+        // SAFETY: AVX2 checked above.
+        unsafe { check_helpers() }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn check_helpers() {
+        let v: [__m256i; 8] =
+            std::array::from_fn(|k| _mm256_setr_epi32(k as i32, 1, 2, 3, 4, 5, 6, 100 * k as i32));
+        let mut got = [0i32; 8];
+        // SAFETY: `got` is 8 writable i32s.
+        unsafe { _mm256_storeu_si256(got.as_mut_ptr().cast(), transpose_sum(&v)) };
+        assert_eq!(got, std::array::from_fn(|k| 101 * k as i32 + 21));
+        let mut bytes = [0u8; 32];
+        // SAFETY: `bytes` is 32 writable bytes.
+        unsafe { _mm256_storeu_si256(bytes.as_mut_ptr().cast(), bits_to_bytes(0x8000_0005)) };
+        let want: [u8; 32] =
+            std::array::from_fn(|k| if [0, 2, 31].contains(&k) { 0xFF } else { 0 });
+        assert_eq!(bytes, want);
+    }
+}

@@ -1,0 +1,544 @@
+//! The SQLite store: one file (`<home>/kiln.db`) in WAL mode, so readers
+//! never block the writer, with a busy timeout so concurrent writers (other
+//! threads, or other processes on the same file) wait instead of failing.
+//!
+//! Invariant: a database is used only at exactly [`SCHEMA_VERSION`]; opening
+//! migrates an older one forward and refuses a newer one.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::calls::{new_call_id, CallLog, CallRecord, ModelUsage, Outcome, StoredCall};
+use crate::error::{Result, StoreError};
+
+/// How long a writer waits for another writer's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A numbered migration.
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// SQLite migrations, in order, numbered from 1 without gaps.
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "request_log",
+        sql: include_str!("../migrations/sqlite/0001_request_log.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "request_log_text_ids",
+        sql: include_str!("../migrations/sqlite/0002_request_log_text_ids.sql"),
+    },
+];
+
+/// The newest schema version this build understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
+/// Where `kiln serve` keeps its SQLite database inside its home directory.
+pub fn default_db_path(home: &Path) -> PathBuf {
+    home.join("kiln.db")
+}
+
+/// The SQLite store. One connection behind a mutex: SQLite serialises
+/// writers anyway, and WAL lets other processes read meanwhile.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, with its parent
+    /// directory, and brings the schema up to date.
+    pub fn open(path: &Path) -> Result<Store> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        // Setting journal_mode answers with the mode now in force.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::NoWal {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        // NORMAL is durable across application crashes in WAL mode; a power
+        // loss may drop the last few calls, never corrupt the file.
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .map_err(open_err)?;
+        Self::with_connection(conn, path)
+    }
+
+    /// A private in-memory database (tests, runs without a store file).
+    pub fn open_in_memory() -> Result<Store> {
+        let path = Path::new(":memory:");
+        let conn = Connection::open_in_memory().map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::with_connection(conn, path)
+    }
+
+    fn with_connection(mut conn: Connection, path: &Path) -> Result<Store> {
+        migrate(&mut conn, path)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<i64> {
+        current_version(&self.lock())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-applied write:
+        // every write is one statement or one transaction.
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn current_version(conn: &Connection) -> Result<i64> {
+    Ok(conn
+        .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })
+        .optional()?
+        .flatten()
+        .unwrap_or(0))
+}
+
+fn refuse_newer(current: i64, path: &Path) -> Result<()> {
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found: current,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Applies every migration newer than the database's version, each in an
+/// IMMEDIATE transaction (taking the write lock first), so two processes
+/// opening the same file at once do not both apply it.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    INTEGER PRIMARY KEY,
+             name       TEXT    NOT NULL,
+             applied_at INTEGER NOT NULL
+         )",
+    )?;
+    refuse_newer(current_version(conn)?, path)?;
+    for m in MIGRATIONS {
+        let err = |source| StoreError::Migration {
+            path: path.to_path_buf(),
+            version: m.version,
+            name: m.name,
+            source,
+        };
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let current = current_version(&tx)?;
+        refuse_newer(current, path)?;
+        if m.version <= current {
+            continue;
+        }
+        tx.execute_batch(m.sql).map_err(err)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
+            params![m.version, m.name, crate::now_ms()],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
+    }
+    Ok(())
+}
+
+impl CallLog for Store {
+    fn record_call(&self, call: &CallRecord) -> Result<()> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO request_log (id, created_at, request_id, endpoint, model, prompt_tokens,
+                 cached_tokens, completion_tokens, outcome, latency_ms, time_to_first_token_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                new_call_id(),
+                call.created_at_ms,
+                call.request_id,
+                call.endpoint,
+                call.model,
+                call.prompt_tokens,
+                call.cached_tokens,
+                call.completion_tokens,
+                call.outcome.as_db_text(),
+                call.latency_ms,
+                call.ttft_ms,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn recent_calls(&self, limit: usize) -> Result<Vec<StoredCall>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, created_at, request_id, endpoint, model, prompt_tokens, cached_tokens,
+                    completion_tokens, outcome, latency_ms, time_to_first_token_ms
+             FROM request_log ORDER BY created_at DESC, rowid DESC LIMIT ?1",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map([limit], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(8)?,
+                CallRecord {
+                    created_at_ms: r.get(1)?,
+                    request_id: r.get(2)?,
+                    endpoint: r.get(3)?,
+                    model: r.get(4)?,
+                    prompt_tokens: r.get(5)?,
+                    cached_tokens: r.get(6)?,
+                    completion_tokens: r.get(7)?,
+                    // Replaced below, once the text is checked.
+                    outcome: Outcome::Ok,
+                    latency_ms: r.get(9)?,
+                    ttft_ms: r.get(10)?,
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, outcome, mut record) = row?;
+            record.outcome = Outcome::from_db_text(&outcome).ok_or_else(|| StoreError::BadRow {
+                table: "request_log",
+                id: id.clone(),
+                reason: format!("unknown outcome `{outcome}`"),
+            })?;
+            out.push(StoredCall { id, record });
+        }
+        Ok(out)
+    }
+
+    fn usage_totals(&self) -> Result<Vec<ModelUsage>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT model, COUNT(*), SUM(outcome LIKE 'error:%'), SUM(prompt_tokens),
+                    SUM(cached_tokens), SUM(completion_tokens)
+             FROM request_log GROUP BY model ORDER BY model",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ModelUsage {
+                model: r.get(0)?,
+                calls: r.get(1)?,
+                errors: r.get(2)?,
+                prompt_tokens: r.get(3)?,
+                cached_tokens: r.get(4)?,
+                completion_tokens: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::endpoint;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    fn call(model: &str, outcome: Outcome, prompt: u64, completion: u64) -> CallRecord {
+        CallRecord {
+            created_at_ms: now(),
+            request_id: format!("req-{model}-{prompt}-{completion}"),
+            endpoint: endpoint::CHAT_COMPLETIONS.into(),
+            model: model.into(),
+            prompt_tokens: prompt,
+            cached_tokens: prompt / 2,
+            completion_tokens: completion,
+            outcome,
+            latency_ms: 120,
+            ttft_ms: Some(15),
+        }
+    }
+
+    fn now() -> i64 {
+        crate::now_ms()
+    }
+
+    fn count(store: &Store, sql: &str) -> rusqlite::Result<i64> {
+        store.lock().query_row(sql, [], |r| r.get(0))
+    }
+
+    #[test]
+    fn migrations_are_numbered_without_gaps() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i64 + 1, "{}", m.name);
+        }
+        assert_eq!(SCHEMA_VERSION, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn migrations_are_idempotent() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("nested/kiln.db");
+        let store = Store::open(&path)?;
+        assert_eq!(store.schema_version()?, SCHEMA_VERSION);
+        store.record_call(&call("m", Outcome::Stop, 3, 4))?;
+        drop(store);
+        for _ in 0..2 {
+            let store = Store::open(&path)?;
+            assert_eq!(store.schema_version()?, SCHEMA_VERSION);
+            assert_eq!(store.recent_calls(10)?.len(), 1);
+            let applied = count(&store, "SELECT COUNT(*) FROM schema_migrations")?;
+            assert_eq!(applied, MIGRATIONS.len() as i64);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_old_database_gets_only_the_new_migrations() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("kiln.db");
+        // A database as the first release left it: migration 1 and one row.
+        {
+            let conn = Connection::open(&path)?;
+            conn.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,
+                     name TEXT NOT NULL, applied_at INTEGER NOT NULL);
+                 INSERT INTO schema_migrations VALUES (1, 'request_log', 7);",
+            )?;
+            conn.execute_batch(MIGRATIONS[0].sql)?;
+            conn.execute(
+                "INSERT INTO request_log (created_at, request_id, endpoint, model, prompt_tokens,
+                     cached_tokens, completion_tokens, outcome, latency_ms, ttft_ms)
+                 VALUES (5, 'r1', '/v1/chat/completions', 'm', 10, 0, 3, 'error:busy', 9, NULL)",
+                [],
+            )?;
+        }
+        let store = Store::open(&path)?;
+        assert_eq!(store.schema_version()?, SCHEMA_VERSION);
+        // Migration 1 was not applied again: its applied_at is untouched.
+        let first = count(
+            &store,
+            "SELECT applied_at FROM schema_migrations WHERE version = 1",
+        )?;
+        assert_eq!(first, 7);
+        let calls = store.recent_calls(10)?;
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].id, "legacy-1");
+        assert_eq!(calls[0].record.outcome, Outcome::Error("busy".into()));
+        assert_eq!(calls[0].record.ttft_ms, None);
+        store.record_call(&call("m", Outcome::Ok, 1, 0))?;
+        assert_eq!(store.usage_totals()?[0].calls, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("kiln.db");
+        let store = Store::open(&path)?;
+        store.lock().execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, 'future', 0)",
+            [SCHEMA_VERSION + 1],
+        )?;
+        drop(store);
+        let err = Store::open(&path).err().ok_or("must refuse")?;
+        assert!(
+            matches!(err, StoreError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1)
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("newer Kiln") && text.contains("kiln.db"),
+            "{text}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn calls_round_trip_and_total() -> TestResult {
+        let store = Store::open_in_memory()?;
+        let a = call("smollm2-135m", Outcome::Stop, 10, 5);
+        let mut b = call("smollm2-135m", Outcome::Error("busy".into()), 7, 0);
+        b.ttft_ms = None;
+        let mut c = call("all-minilm-l6-v2", Outcome::Ok, 4, 0);
+        c.endpoint = endpoint::EMBEDDINGS.into();
+        c.ttft_ms = None;
+        let d = call("smollm2-135m", Outcome::Cancelled, 1, 1);
+        let e = call("smollm2-135m", Outcome::Length, 2, 9);
+        // Same millisecond for all: insertion order breaks the tie.
+        for r in [&a, &b, &c, &d, &e] {
+            let mut r = r.clone();
+            r.created_at_ms = 1_700_000_000_000;
+            store.record_call(&r)?;
+        }
+        let recent = store.recent_calls(3)?;
+        let got: Vec<_> = recent.iter().map(|s| s.record.model.clone()).collect();
+        assert_eq!(got, ["smollm2-135m", "smollm2-135m", "all-minilm-l6-v2"]);
+        assert_eq!(recent[0].record.outcome, Outcome::Length);
+        assert_eq!(recent[2].record.endpoint, "embeddings");
+        let mut expected = c.clone();
+        expected.created_at_ms = 1_700_000_000_000;
+        assert_eq!(recent[2].record, expected);
+        assert!(recent.iter().all(|s| s.id.starts_with("call-")));
+        assert_ne!(recent[0].id, recent[1].id);
+        assert!(store.recent_calls(0)?.is_empty());
+        // Recency is by time, not by insertion: an old call recorded late
+        // does not come first.
+        let mut old = call("x", Outcome::Stop, 1, 1);
+        old.created_at_ms = 1;
+        store.record_call(&old)?;
+        assert_eq!(store.recent_calls(1)?[0].record.outcome, Outcome::Length);
+
+        let totals = store.usage_totals()?;
+        assert_eq!(
+            totals,
+            vec![
+                ModelUsage {
+                    model: "all-minilm-l6-v2".into(),
+                    calls: 1,
+                    errors: 0,
+                    prompt_tokens: 4,
+                    cached_tokens: 2,
+                    completion_tokens: 0
+                },
+                ModelUsage {
+                    model: "smollm2-135m".into(),
+                    calls: 4,
+                    errors: 1,
+                    prompt_tokens: 20,
+                    cached_tokens: 9,
+                    completion_tokens: 15
+                },
+                ModelUsage {
+                    model: "x".into(),
+                    calls: 1,
+                    errors: 0,
+                    prompt_tokens: 1,
+                    cached_tokens: 0,
+                    completion_tokens: 1
+                },
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_schema_refuses_unknown_outcomes_and_reads_report_them() -> TestResult {
+        let store = Store::open_in_memory()?;
+        store.record_call(&call("m", Outcome::Stop, 1, 1))?;
+        let refused = store
+            .lock()
+            .execute("UPDATE request_log SET outcome = 'exploded'", []);
+        assert!(refused.is_err(), "the CHECK constraint refuses it");
+        let refused = store
+            .lock()
+            .execute("UPDATE request_log SET outcome = 'error:'", []);
+        assert!(refused.is_err(), "an error needs a code");
+        // A row that slipped past the constraint is an error naming the row.
+        store.lock().execute_batch(
+            "PRAGMA ignore_check_constraints = ON;
+             UPDATE request_log SET outcome = 'exploded';",
+        )?;
+        let err = store.recent_calls(1).err().ok_or("must fail")?;
+        assert!(matches!(err, StoreError::BadRow { .. }), "{err}");
+        assert!(err.to_string().contains("exploded"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_a_clear_error() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("kiln.db");
+        std::fs::write(
+            &path,
+            b"this is not an SQLite database, just some text padding it out",
+        )?;
+        let err = Store::open(&path).err().ok_or("must fail")?;
+        assert!(err.to_string().contains("kiln.db"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn files_use_wal_and_a_busy_timeout() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(&dir.path().join("kiln.db"))?;
+        let mode: String = store
+            .lock()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        assert_eq!(mode, "wal");
+        let timeout = count(&store, "PRAGMA busy_timeout")?;
+        assert_eq!(timeout, BUSY_TIMEOUT.as_millis() as i64);
+        Ok(())
+    }
+
+    #[test]
+    fn concurrent_writers_lose_nothing() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("kiln.db");
+        // Two stores on one file stand for two processes; four threads each.
+        let stores = [Arc::new(Store::open(&path)?), Arc::new(Store::open(&path)?)];
+        let per_thread = 50u64;
+        let mut handles = Vec::new();
+        for (s, store) in stores.iter().enumerate() {
+            for t in 0..4u64 {
+                let store = Arc::clone(store);
+                handles.push(std::thread::spawn(move || -> Result<()> {
+                    for i in 0..per_thread {
+                        let mut r = call("m", Outcome::Stop, 1, 1);
+                        r.request_id = format!("{s}-{t}-{i}");
+                        store.record_call(&r)?;
+                    }
+                    Ok(())
+                }));
+            }
+        }
+        for h in handles {
+            h.join().map_err(|_| "writer panicked")??;
+        }
+        let reader = Store::open(&path)?;
+        let totals = reader.usage_totals()?;
+        assert_eq!(totals.len(), 1);
+        assert_eq!(totals[0].calls, 2 * 4 * per_thread);
+        let distinct = count(
+            &reader,
+            "SELECT COUNT(DISTINCT request_id) FROM request_log",
+        )?;
+        assert_eq!(distinct as u64, 2 * 4 * per_thread);
+        Ok(())
+    }
+
+    #[test]
+    fn store_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Store>();
+        let _: Option<Arc<dyn CallLog>> = None;
+    }
+}
