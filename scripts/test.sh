@@ -5,12 +5,16 @@
 #
 #   KILN_TEST_HOME  where test models live (default ~/.cache/kiln/home)
 #   PIP_CACHE_DIR   pip's cache (default ~/.cache/kiln/pip)
+#   CARGO_TARGET_DIR  build output (default ~/.cache/kiln/target, outside the
+#                     clone, so a fresh clone reuses earlier builds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export KILN_TEST_HOME="${KILN_TEST_HOME:-$HOME/.cache/kiln/home}"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/kiln/pip}"
-mkdir -p "$KILN_TEST_HOME" "$PIP_CACHE_DIR"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kiln/target}"
+export KILN_BIN="$CARGO_TARGET_DIR/debug/kiln"
+mkdir -p "$KILN_TEST_HOME" "$PIP_CACHE_DIR" "$CARGO_TARGET_DIR"
 
 suite_start=$SECONDS
 timings=()
@@ -39,7 +43,7 @@ python_deps() {
 pull_models() {
     # Already installed with the right sha256 -> no-op.
     for model in smollm2-135m gemma3-270m all-minilm-l6-v2; do
-        KILN_HOME="$KILN_TEST_HOME" target/debug/kiln pull "$model"
+        KILN_HOME="$KILN_TEST_HOME" "$KILN_BIN" pull "$model"
     done
 }
 

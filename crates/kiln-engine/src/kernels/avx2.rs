@@ -14,7 +14,7 @@
 use std::arch::x86_64::*;
 
 use super::quantize::{Activations, Q8KRow, Q8Row, QK, QK_K};
-use super::scalar::{self, q4k_scales};
+use super::scalar::{self, add_q4k_mins, q4k_scales};
 use super::DotKind;
 
 /// Runs `$body` (an output value for weight row `$row`, input `$i`) over
@@ -356,10 +356,7 @@ fn dot_q4_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
         let d = y.d[i] * f16_at(b, 0);
         let dmin = -y.d[i] * f16_at(b, 2);
         let (sc, m) = q4k_scales(&b[4..16]);
-        for (k, a) in acc_m.iter_mut().enumerate() {
-            let p = |j: usize| i32::from(m[j]) * (i32::from(bs[2 * j]) + i32::from(bs[2 * j + 1]));
-            *a = dmin.mul_add((p(2 * k) + p(2 * k + 1)) as f32, *a);
-        }
+        add_q4k_mins(&mut acc_m, dmin, &m, bs);
         acc = _mm256_fmadd_ps(
             _mm256_set1_ps(d),
             _mm256_cvtepi32_ps(q4k_block_lanes(b, &sc, q8)),

@@ -14,10 +14,8 @@
 //! - [`dot_f16`]: `ggml_vec_dot_f16` (four 16-lane accumulators over steps of
 //!   64, folded pairwise, the tail added in `f64`).
 
-use half::f16;
-
 /// `hsum_float_8`: lanes i and i+4 first, then (0+2) + (1+3).
-#[inline]
+#[inline(always)]
 pub fn hsum8(x: &[f32; 8]) -> f32 {
     let a = [x[4] + x[0], x[5] + x[1], x[6] + x[2], x[7] + x[3]];
     (a[0] + a[2]) + (a[1] + a[3])
@@ -25,7 +23,7 @@ pub fn hsum8(x: &[f32; 8]) -> f32 {
 
 /// `_mm512_reduce_add_ps` (GCC): lanes i and i+8, then i and i+4, then
 /// (0+2) + (1+3).
-#[inline]
+#[inline(always)]
 pub fn hsum16(x: &[f32; 16]) -> f32 {
     let mut h = [0f32; 8];
     for i in 0..8 {
@@ -38,7 +36,7 @@ pub fn hsum16(x: &[f32; 16]) -> f32 {
 /// `ggml_v_expf` (AVX-512 form), one lane: a degree-5 polynomial on the
 /// reduced argument, scaled by 2^n exactly (`_mm512_scalef_ps`); |n| > 192
 /// gives 0 or +inf.
-#[inline]
+#[inline(always)]
 pub fn expf(x: f32) -> f32 {
     let r = f32::from_bits(0x4b40_0000); // 0x1.8p23
     let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // 0x1.715476p+0
@@ -59,18 +57,27 @@ pub fn expf(x: f32) -> f32 {
         // NaN compares false here and falls through, as in the vector code.
         return if n <= 0.0 { 0.0 } else { f32::INFINITY };
     }
-    // j · 2^n rounded once: the product is exact in f64 (|n| ≤ 192).
-    (f64::from(j) * 2f64.powi(n as i32)) as f32
+    // j · 2^n rounded once: the product is exact in f64 (|n| ≤ 192, so
+    // 2^n is a normal f64 built from its exponent bits).
+    let two_n = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+    (f64::from(j) * two_n) as f32
 }
 
 /// `ggml_v_silu`: `x / (1 + expf(0 - x))`.
-#[inline]
+#[inline(always)]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + expf(0.0 - x))
 }
 
-/// `ggml_vec_dot_f16` on AVX-512: `x` and `y` both f16 values (given as f32).
-pub fn dot_f16(x: &[f32], y: &[f16]) -> f32 {
+/// Whether the CPU has the FMA and F16C instructions the `_fma` variants of
+/// the float code are compiled for (checked once).
+pub fn fma_available() -> bool {
+    super::KernelVariant::selected() != super::KernelVariant::Scalar
+}
+
+/// `ggml_vec_dot_f16` on AVX-512: `x` and `y` both hold f16 values (as f32).
+#[inline(always)]
+pub fn dot_f16(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let np = n & !63;
     let mut acc = [[0f32; 16]; 4];
@@ -79,7 +86,7 @@ pub fn dot_f16(x: &[f32], y: &[f16]) -> f32 {
         for (j, lanes) in acc.iter_mut().enumerate() {
             let base = i + 16 * j;
             for (l, a) in lanes.iter_mut().enumerate() {
-                *a = x[base + l].mul_add(y[base + l].to_f32(), *a);
+                *a = x[base + l].mul_add(y[base + l], *a);
             }
         }
         i += 64;
@@ -89,14 +96,14 @@ pub fn dot_f16(x: &[f32], y: &[f16]) -> f32 {
         sum = f64::from(fold_f16_accumulators(&acc));
     }
     for k in np..n {
-        sum += f64::from(x[k] * y[k].to_f32());
+        sum += f64::from(x[k] * y[k]);
     }
     sum as f32
 }
 
 /// The end of `ggml_vec_dot_f16`'s vector loop: registers 0+2 and 1+3, their
 /// sum, then `hsum16`.
-#[inline]
+#[inline(always)]
 pub fn fold_f16_accumulators(acc: &[[f32; 16]; 4]) -> f32 {
     let mut s = [0f32; 16];
     for (l, v) in s.iter_mut().enumerate() {
@@ -136,7 +143,7 @@ mod tests {
         b.copy_from_slice(&v[..8]);
         assert_eq!(hsum8(&b), 28.0);
         let x: Vec<f32> = (0..70).map(|i| i as f32 * 0.5).collect();
-        let y: Vec<f16> = (0..70).map(|_| f16::from_f32(2.0)).collect();
+        let y: Vec<f32> = vec![2.0; 70];
         assert_eq!(dot_f16(&x, &y), (0..70).map(|i| i as f32).sum::<f32>());
     }
 }

@@ -29,6 +29,16 @@ pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+/// The min correction of one Q4_K block in ggml's AVX2 order: lane `k` of
+/// four takes sub-blocks 2k and 2k+1, fused with `dmin` (= −d_y · dmin_w).
+#[inline]
+pub(crate) fn add_q4k_mins(acc_m: &mut [f32; 4], dmin: f32, m: &[u8; 8], bs: &[i16]) {
+    let p = |j: usize| i32::from(m[j]) * (i32::from(bs[2 * j]) + i32::from(bs[2 * j + 1]));
+    for (k, a) in acc_m.iter_mut().enumerate() {
+        *a = dmin.mul_add((p(2 * k) + p(2 * k + 1)) as f32, *a);
+    }
+}
+
 /// The 8 scales and 8 mins of a Q4_K block from its 12 packed bytes
 /// (ggml's `get_scale_min_k4`).
 #[inline]
@@ -239,10 +249,7 @@ pub(crate) fn dot_q4_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
         let d = y.d[i] * f16_at(b, 0);
         let dmin = -y.d[i] * f16_at(b, 2);
         let (sc, m) = q4k_scales(&b[4..16]);
-        for (k, a) in acc_m.iter_mut().enumerate() {
-            let p = |j: usize| i32::from(m[j]) * (i32::from(bs[2 * j]) + i32::from(bs[2 * j + 1]));
-            *a = dmin.mul_add((p(2 * k) + p(2 * k + 1)) as f32, *a);
-        }
+        add_q4k_mins(&mut acc_m, dmin, &m, bs);
         let qs = &b[16..144];
         let mut sumi = [0i32; 8];
         for (l, s) in sumi.iter_mut().enumerate() {

@@ -28,6 +28,8 @@
 
 use candle_core::Device;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
@@ -371,16 +373,7 @@ impl Transformer {
             let h = rms_norm_rows(&x, &layer.ffn_norm, c.rms_eps);
             let mut gate = matmul(&layer.w_gate, &h, n, c.hidden)?;
             let up = matmul(&layer.w_up, &h, n, c.hidden)?;
-            match c.activation {
-                Activation::Silu => gate
-                    .iter_mut()
-                    .zip(&up)
-                    .for_each(|(g, u)| *g = silu(*g) * u),
-                Activation::GeluTanh => gate
-                    .iter_mut()
-                    .zip(&up)
-                    .for_each(|(g, u)| *g = gelu_tanh(*g) * u),
-            }
+            gated_activation(c.activation, &mut gate, &up);
             let mut down = matmul(&layer.w_down, &gate, n, c.ffn)?;
             if let Some(w) = &layer.post_ffn_norm {
                 down = rms_norm_rows(&down, w, c.rms_eps);
@@ -445,70 +438,134 @@ impl Transformer {
         values.extend(v.iter().map(|&x| f16::from_f32(x)));
 
         let group = c.heads / c.kv_heads;
+        // Gemma scales the query before the product, the others scale the
+        // scores after it (llama.cpp's order, which matters after rounding).
+        let (pre, post) = if c.architecture == Architecture::Gemma3 {
+            (c.attn_scale, 1.0)
+        } else {
+            (1.0, c.attn_scale)
+        };
+        let keys: &[f16] = keys;
+        let values: &[f16] = values;
+        let fast = lanes::fma_available();
         let mut out = vec![0f32; n * q_dim];
-        let mut scores = Vec::new();
-        let mut qh = vec![0f32; hd];
-        let mut vp_acc = vec![[[0f32; 16]; 4]; hd];
-        for i in 0..n {
+        // One task per (token, head): rows of `out` are disjoint.
+        out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
+            let (i, head) = (task / c.heads, task % c.heads);
             let pos = start + i;
-            let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            for head in 0..c.heads {
-                let kvh = head / group;
-                let qrow = &q[i * q_dim + head * hd..i * q_dim + (head + 1) * hd];
-                // Gemma scales the query before the product, the others scale
-                // the scores after it (llama.cpp's order, which matters after rounding).
-                let (pre, post) = if c.architecture == Architecture::Gemma3 {
-                    (c.attn_scale, 1.0)
-                } else {
-                    (1.0, c.attn_scale)
-                };
-                for (d, &s) in qh.iter_mut().zip(qrow) {
-                    *d = f16::from_f32(s * pre).to_f32();
+            let head_attn = HeadAttention {
+                q: &q[i * q_dim + head * hd..i * q_dim + (head + 1) * hd],
+                keys,
+                values,
+                kv_dim,
+                kv_offset: (head / group) * hd,
+                first: window.map_or(0, |w| (pos + 1).saturating_sub(w)),
+                pos,
+                pre,
+                post,
+            };
+            if fast {
+                // SAFETY: fma_available() checked the CPU features.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    head_attn.run_fma(o)
                 }
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for p in lo..=pos {
-                    let kr = &keys[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-                    let s = lanes::dot_f16(&qh, kr) * post;
-                    max = max.max(s);
-                    scores.push(s);
-                }
-                // ggml_vec_soft_max_f32: exp in 16-wide chunks of cache
-                // cells (cell = position here), each chunk folded in f32 and
-                // added in f64; masked cells are exact zeros.
-                let mut sum = 0f64;
-                let mut chunk = [0f32; 16];
-                let mut current = lo / 16;
-                for (j, p) in (lo..=pos).enumerate() {
-                    if p / 16 != current {
-                        sum += f64::from(lanes::hsum16(&chunk));
-                        chunk = [0f32; 16];
-                        current = p / 16;
-                    }
-                    scores[j] = lanes::expf(scores[j] - max);
-                    chunk[p % 16] = scores[j];
-                }
+                #[cfg(not(target_arch = "x86_64"))]
+                head_attn.run(o)
+            } else {
+                head_attn.run(o)
+            }
+        });
+        Ok(out)
+    }
+}
+
+/// One query row attending over cached positions `first..=pos` of one KV
+/// head, in llama.cpp's float order (attention without flash attention:
+/// f16 K/V cache, f16-rounded query and softmax weights).
+struct HeadAttention<'a> {
+    q: &'a [f32],
+    keys: &'a [f16],
+    values: &'a [f16],
+    kv_dim: usize,
+    /// Offset of this KV head within a cached row.
+    kv_offset: usize,
+    first: usize,
+    pos: usize,
+    /// Scale applied to the query before the product / to the scores after it.
+    pre: f32,
+    post: f32,
+}
+
+impl HeadAttention<'_> {
+    /// The same arithmetic compiled with FMA and F16C instructions (the
+    /// portable build calls libm's `fmaf` for every fused multiply-add);
+    /// results are identical bits.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_fma(&self, out: &mut [f32]) {
+        self.run(out)
+    }
+
+    #[inline(always)]
+    fn run(&self, out: &mut [f32]) {
+        let hd = self.q.len();
+        let row = |cache: &[f16], p: usize, buf: &mut [f32]| {
+            let at = p * self.kv_dim + self.kv_offset;
+            cache[at..at + hd].convert_to_f32_slice(buf);
+        };
+        let qh: Vec<f32> = self
+            .q
+            .iter()
+            .map(|&s| f16::from_f32(s * self.pre).to_f32())
+            .collect();
+        let mut buf = vec![0f32; hd];
+        let mut scores = Vec::with_capacity(self.pos + 1 - self.first);
+        let mut max = f32::NEG_INFINITY;
+        for p in self.first..=self.pos {
+            row(self.keys, p, &mut buf);
+            let s = lanes::dot_f16(&qh, &buf) * self.post;
+            max = max.max(s);
+            scores.push(s);
+        }
+        // ggml_vec_soft_max_f32: exp in 16-wide chunks of cache cells (cell =
+        // position here), each chunk folded in f32 and added in f64; masked
+        // cells are exact zeros.
+        let mut sum = 0f64;
+        let mut chunk = [0f32; 16];
+        let mut current = self.first / 16;
+        for (j, p) in (self.first..=self.pos).enumerate() {
+            if p / 16 != current {
                 sum += f64::from(lanes::hsum16(&chunk));
-                let inv = (1.0 / sum) as f32;
-                // V·P as ggml_vec_dot_f16 over the cache cells (cell =
-                // position here) with the weights rounded to f16: four
-                // 16-lane accumulators taking 64 cells per step.
-                let o = &mut out[i * q_dim + head * hd..i * q_dim + (head + 1) * hd];
-                vp_acc.iter_mut().for_each(|a| *a = [[0f32; 16]; 4]);
-                for (j, p) in (lo..=pos).enumerate() {
-                    let w = f16::from_f32(scores[j] * inv).to_f32();
-                    let (reg, lane) = ((p % 64) / 16, p % 16);
-                    let vr = &values[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-                    for (a, &b) in vp_acc.iter_mut().zip(vr) {
-                        a[reg][lane] = b.to_f32().mul_add(w, a[reg][lane]);
-                    }
-                }
-                for (dst, a) in o.iter_mut().zip(&vp_acc) {
-                    *dst = lanes::fold_f16_accumulators(a);
-                }
+                chunk = [0f32; 16];
+                current = p / 16;
+            }
+            scores[j] = lanes::expf(scores[j] - max);
+            chunk[p % 16] = scores[j];
+        }
+        sum += f64::from(lanes::hsum16(&chunk));
+        let inv = (1.0 / sum) as f32;
+        // V·P as ggml_vec_dot_f16 over the cache cells (cell = position
+        // here) with the weights rounded to f16: for each output dimension,
+        // four 16-lane accumulators taking 64 cells per step, so cell p adds
+        // into slot p % 64. Kept slot-major (`slots[p % 64][d]`) so that each
+        // cell is one contiguous multiply-add over the head's dimensions.
+        let mut slots = vec![0f32; 64 * hd];
+        for (j, p) in (self.first..=self.pos).enumerate() {
+            let w = f16::from_f32(scores[j] * inv).to_f32();
+            row(self.values, p, &mut buf);
+            let slot = &mut slots[(p % 64) * hd..(p % 64 + 1) * hd];
+            for (a, &v) in slot.iter_mut().zip(&buf) {
+                *a = v.mul_add(w, *a);
             }
         }
-        Ok(out)
+        for (d, dst) in out.iter_mut().enumerate() {
+            let mut acc = [[0f32; 16]; 4];
+            for (slot, a) in acc.iter_mut().flatten().enumerate() {
+                *a = slots[slot * hd + d];
+            }
+            *dst = lanes::fold_f16_accumulators(&acc);
+        }
     }
 }
 
@@ -582,7 +639,44 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
 }
 
+/// `gate ← act(gate) · up`, in parallel chunks.
+fn gated_activation(activation: Activation, gate: &mut [f32], up: &[f32]) {
+    const CHUNK: usize = 4096;
+    let fast = lanes::fma_available();
+    gate.par_chunks_mut(CHUNK)
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|(g, u)| match activation {
+            Activation::Silu if fast => {
+                // SAFETY: fma_available() checked the CPU features.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    swiglu_fma(g, u)
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                swiglu(g, u)
+            }
+            Activation::Silu => swiglu(g, u),
+            Activation::GeluTanh => g
+                .iter_mut()
+                .zip(u)
+                .for_each(|(g, u)| *g = gelu_tanh(*g) * u),
+        });
+}
+
+#[inline(always)]
+fn swiglu(gate: &mut [f32], up: &[f32]) {
+    gate.iter_mut().zip(up).for_each(|(g, u)| *g = silu(*g) * u);
+}
+
+/// [`swiglu`] compiled with FMA instructions (identical results).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_fma(gate: &mut [f32], up: &[f32]) {
+    swiglu(gate, up)
+}
+
 /// SiLU as ggml's SwiGLU computes it (`ggml_v_silu`).
+#[inline(always)]
 fn silu(x: f32) -> f32 {
     lanes::silu(x)
 }

@@ -76,8 +76,11 @@ fn row(m: &InstalledModel) -> Row {
         Ok(summary) => {
             r.architecture = summary.architecture;
             r.quantization = summary.file_type.unwrap_or(summary.quantization);
+            // The longest input Kiln accepts: the context length of a GGUF
+            // model, sentence-transformers' max_seq_length of an embedding model.
             r.context = summary
-                .context_length
+                .max_input_tokens
+                .or(summary.context_length)
                 .map_or_else(|| "-".to_string(), |c| c.to_string());
         }
         Err(e) => r.architecture = format!("unreadable: {e}"),
