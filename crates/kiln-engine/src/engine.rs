@@ -164,7 +164,10 @@ impl EngineHandle {
                     }
                     shared.running.fetch_add(1, Ordering::Relaxed);
                     let queued = job.enqueued.elapsed();
-                    let result = run_job(&model, &job, queued);
+                    // The whole job runs on a compute-pool thread, so the
+                    // hundreds of parallel matmuls per token fork and join
+                    // inside the pool instead of each crossing threads.
+                    let result = rayon::scope(|_| run_job(&model, &job, queued));
                     shared.running.fetch_sub(1, Ordering::Relaxed);
                     if let Err(e) = result {
                         tracing::error!(error = %e, "generation failed");
