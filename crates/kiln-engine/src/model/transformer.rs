@@ -681,13 +681,20 @@ fn silu(x: f32) -> f32 {
     lanes::silu(x)
 }
 
+/// `ggml_gelu_f32`, `0.5·x·(1 + tanh(√(2/π)·x·(1 + 0.044715·x²)))`, as GCC
+/// compiles it for llama.cpp's table (`-ffp-contract=fast` with FMA): the
+/// inner `1 + (0.044715·x)·x` becomes one fused multiply-add, the rest stays
+/// rounded product by product.
 fn gelu_tanh_exact(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (0.044_715 * x).mul_add(x, 1.0)).tanh())
 }
 
 /// GELU (tanh form) through a table indexed by the input rounded to `f16`,
 /// holding `f16` results — llama.cpp's CPU definition, which our logits track.
+/// The fused multiply-add in [`gelu_tanh_exact`] matters: without it one
+/// entry (x = -1.999) comes out one `f16` step away from llama.cpp's, enough
+/// to move a Gemma logit by 0.07 when a prompt hits it.
 fn gelu_tanh(x: f32) -> f32 {
     static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
     if x <= -10.0 {
