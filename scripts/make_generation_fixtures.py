@@ -403,6 +403,22 @@ def build_info() -> dict:
     }
 
 
+def served_text(ref: Reference, steps: list[dict]) -> dict:
+    """What a server answering `/v1/completions` greedily with the token-by-
+    token continuation returns: the text up to (not including) the first
+    end-of-generation token and the OpenAI finish reason."""
+    tokens = [s["token"] for s in steps]
+    eog = next((i for i, t in enumerate(tokens) if t in set(ref.eog)), None)
+    kept = tokens if eog is None else tokens[:eog]
+    return {
+        "token_by_token_completion": {
+            "text": b"".join(ref.piece(t) for t in kept).decode("utf-8", errors="replace"),
+            "completion_tokens": len(tokens) if eog is None else eog + 1,
+            "finish_reason": "length" if eog is None else "stop",
+        }
+    }
+
+
 def run_prompts(ref: Reference, prompts, steps: int) -> list[dict]:
     cases = []
     for name, text, ids in prompts:
@@ -419,6 +435,7 @@ def run_prompts(ref: Reference, prompts, steps: int) -> list[dict]:
                 "n_prompt_tokens": len(tokens),
                 "generated_tokens": generated,
                 "generated_text": b"".join(ref.piece(t) for t in generated).decode("utf-8", errors="replace"),
+                **served_text(ref, tbt_steps),
                 "min_gap": min(gaps),
                 "min_gap_step": gaps.index(min(gaps)),
                 "steps": t_steps,
