@@ -39,6 +39,8 @@ def kiln_url():
             "0",
             "--model",
             "smollm2-135m",
+            "--model",
+            "gemma3-270m",
             "--embedding-model",
             "all-minilm-l6-v2",
         ],
