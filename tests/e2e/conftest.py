@@ -1,4 +1,5 @@
-"""Starts the real `kiln serve` (debug build) once per session on port 0.
+"""Starts the real `kiln serve` (debug build) once per session on port 0,
+on a fresh database, and reads the platform admin key its first start prints.
 
 Models come from $KILN_TEST_HOME (default ~/.cache/kiln/home), pulled by
 scripts/test.sh. Set KILN_BIN to test another binary.
@@ -17,6 +18,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"kiln listening on (http://[^\s]+)")
+ADMIN_KEY = re.compile(r"created the platform admin API key \(shown only now, keep it safe\): (kiln-sk-\w+)")
 START_TIMEOUT_S = 180
 
 
@@ -25,11 +27,35 @@ def _test_home() -> pathlib.Path:
     return pathlib.Path(os.environ.get("KILN_TEST_HOME", default))
 
 
-@pytest.fixture(scope="session")
-def kiln_url():
+def kiln_binary() -> pathlib.Path:
     binary = pathlib.Path(os.environ.get("KILN_BIN", ROOT / "target" / "debug" / "kiln"))
     if not binary.exists():
         pytest.fail(f"{binary} not found: run `cargo build --workspace` first")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def database(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("kiln-db") / "kiln.db"
+
+
+def kiln_cli(database: pathlib.Path, *args: str) -> str:
+    """Runs `kiln ARGS --database DATABASE`; returns stdout."""
+    done = subprocess.run(
+        [str(kiln_binary()), *args, "--database", str(database)],
+        env=dict(os.environ, KILN_HOME=str(_test_home())),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"kiln {' '.join(args)} failed:\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def server(database):
+    """(url, admin key) of the running server."""
+    binary = kiln_binary()
     env = dict(os.environ, KILN_HOME=str(_test_home()))
     proc = subprocess.Popen(
         [
@@ -43,6 +69,8 @@ def kiln_url():
             "gemma3-270m",
             "--embedding-model",
             "all-minilm-l6-v2",
+            "--database",
+            str(database),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -61,6 +89,7 @@ def kiln_url():
 
     threading.Thread(target=pump, daemon=True).start()
     url = None
+    admin_key = None
     deadline = time.monotonic() + START_TIMEOUT_S
     while url is None and time.monotonic() < deadline:
         try:
@@ -70,15 +99,18 @@ def kiln_url():
         if line is None:
             break
         log.append(line)
+        k = ADMIN_KEY.search(line)
+        if k:
+            admin_key = k.group(1)
         m = LISTENING.search(line)
         if m:
             url = m.group(1).rstrip("/")
-    if url is None:
+    if url is None or admin_key is None:
         proc.kill()
         proc.wait()
-        pytest.fail("kiln serve did not report `kiln listening on`:\n" + "".join(log[-50:]))
+        pytest.fail("kiln serve did not print its admin key and `kiln listening on`:\n" + "".join(log[-50:]))
     try:
-        yield url
+        yield url, admin_key
     finally:
         proc.terminate()
         try:
@@ -89,5 +121,15 @@ def kiln_url():
 
 
 @pytest.fixture(scope="session")
-def client(kiln_url):
-    return openai.OpenAI(base_url=kiln_url + "/v1", api_key="kiln-e2e", max_retries=0, timeout=120)
+def kiln_url(server):
+    return server[0]
+
+
+@pytest.fixture(scope="session")
+def admin_key(server):
+    return server[1]
+
+
+@pytest.fixture(scope="session")
+def client(kiln_url, admin_key):
+    return openai.OpenAI(base_url=kiln_url + "/v1", api_key=admin_key, max_retries=0, timeout=120)

@@ -1,4 +1,5 @@
-//! The command line: `kiln serve | pull | models | chat`, as clap
+//! The command line: `kiln serve | pull | models | chat | tenants | keys |
+//! prices | usage`, as clap
 //! definitions, and dispatch to the commands.
 
 use std::path::PathBuf;
@@ -24,6 +25,14 @@ pub enum Command {
     Models(HomeArgs),
     /// Chat with a model in the terminal.
     Chat(ChatArgs),
+    /// Manage tenants: create, update, credit, budget.
+    Tenants(crate::commands::admin::TenantsArgs),
+    /// Manage API keys: create, list, revoke, rotate.
+    Keys(crate::commands::admin::KeysArgs),
+    /// Manage model prices per million tokens.
+    Prices(crate::commands::admin::PricesArgs),
+    /// Usage report from the ledger, as a table or CSV.
+    Usage(crate::commands::admin::UsageArgs),
 }
 
 #[derive(Debug, Args)]
@@ -58,9 +67,12 @@ pub struct ServeArgs {
     /// Log filter, e.g. `info` or `kiln_server=debug` [env: KILN_LOG].
     #[arg(long)]
     pub log: Option<String>,
-    /// SQLite file of the request log [env: KILN_DATABASE] (default $KILN_HOME/kiln.db).
+    /// SQLite file of the ledger, tenants and keys [env: KILN_DATABASE] (default $KILN_HOME/kiln.db).
     #[arg(long, value_name = "PATH")]
     pub database: Option<PathBuf>,
+    /// Accept /v1 requests without an API key, charged to the `local` tenant [env: KILN_NO_AUTH].
+    #[arg(long)]
+    pub no_auth: bool,
     /// Check the configuration and the models it names, then exit.
     #[arg(long)]
     pub validate_config: bool,
@@ -80,6 +92,8 @@ impl ServeArgs {
             log: self.log.clone(),
             embedding_concurrency: None,
             database: self.database.clone(),
+            no_auth: self.no_auth.then_some(true),
+            lease_seconds: None,
         }
     }
 }
@@ -142,6 +156,10 @@ pub fn run() -> anyhow::Result<()> {
         Command::Pull(args) => crate::commands::pull::run(&args),
         Command::Models(args) => crate::commands::models::run(&args),
         Command::Chat(args) => crate::commands::chat::run(&args),
+        Command::Tenants(args) => crate::commands::admin::tenants(&args),
+        Command::Keys(args) => crate::commands::admin::keys(&args),
+        Command::Prices(args) => crate::commands::admin::prices(&args),
+        Command::Usage(args) => crate::commands::admin::usage(&args),
     }
 }
 

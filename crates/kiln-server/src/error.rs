@@ -20,6 +20,8 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub param: Option<&'static str>,
+    /// Extra response headers (`Retry-After`, `x-ratelimit-*`).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -28,6 +30,7 @@ impl ApiError {
             code,
             message: message.into(),
             param: None,
+            headers: Vec::new(),
         }
     }
 
@@ -37,6 +40,7 @@ impl ApiError {
             code: ErrorCode::InvalidRequest,
             message: message.into(),
             param: Some(param),
+            headers: Vec::new(),
         }
     }
 
@@ -47,7 +51,13 @@ impl ApiError {
                 "the {kind} model `{model}` does not exist or is not served here; GET /v1/models lists the models served"
             ),
             param: Some("model"),
+            headers: Vec::new(),
         }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl ToString) -> Self {
+        self.headers.push((name, value.to_string()));
+        self
     }
 
     pub fn internal() -> Self {
@@ -68,9 +78,37 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        ErrorCode::ServerBusy => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::ServerBusy | ErrorCode::RateLimitExceeded | ErrorCode::InsufficientQuota => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
+        ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey => StatusCode::UNAUTHORIZED,
+        ErrorCode::PermissionDenied | ErrorCode::AccountDisabled => StatusCode::FORBIDDEN,
+        ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::UpstreamError => StatusCode::BAD_GATEWAY,
+        ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// A store failure as the client sees it: the caller's own mistakes
+/// (invalid values, a clash, a missing object) keep their message; anything
+/// else means the database cannot be used, logged in detail and answered 503.
+pub fn store_unavailable(e: kiln_store::StoreError) -> ApiError {
+    use kiln_store::StoreError;
+    match e {
+        StoreError::Invalid(m) => ApiError::new(ErrorCode::InvalidRequest, m),
+        StoreError::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
+        StoreError::NotFound(m) => ApiError::new(ErrorCode::NotFound, m),
+        e => {
+            tracing::error!(error = %e, "the store failed");
+            ApiError::new(
+                ErrorCode::LedgerUnavailable,
+                "the usage ledger cannot be written right now, so the request was not served; retry later",
+            )
+            .with_header("retry-after", RETRY_AFTER_SECS)
+        }
     }
 }
 
@@ -87,11 +125,13 @@ impl From<EngineError> for ApiError {
                     "the prompt is {prompt_tokens} tokens but the model's context length is {context_length} tokens; shorten the prompt (it is never truncated)"
                 ),
                 param: None,
+                headers: Vec::new(),
             },
             EngineError::Template(msg) => ApiError {
                 code: ErrorCode::InvalidRequest,
                 message: format!("the model's chat template refused these messages: {msg}"),
                 param: Some("messages"),
+                headers: Vec::new(),
             },
             EngineError::Busy => ApiError::new(
                 ErrorCode::ServerBusy,
@@ -125,6 +165,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        for (name, value) in self.headers {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, v);
+            }
         }
         // The metrics middleware counts errors by code.
         response.extensions_mut().insert(self.code);

@@ -7,11 +7,14 @@
 //! `kiln_engine::engine::EngineHandle`.
 
 pub mod api;
+pub mod auth;
+pub mod bootstrap;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod error;
 pub mod extract;
 pub mod metrics;
+pub mod ratelimit;
 pub mod registry;
 pub mod serve;

@@ -18,6 +18,10 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     pub prompt_tokens: IntCounterVec,
     pub completion_tokens: IntCounterVec,
+    /// Requests refused before running, by reason.
+    pub refusals: IntCounterVec,
+    /// Money charged, in nano-units of the platform currency.
+    pub cost_nanos: IntCounterVec,
     pub request_duration: HistogramVec,
     pub queue_wait: HistogramVec,
     pub time_to_first_token: HistogramVec,
@@ -77,6 +81,16 @@ impl Metrics {
             completion_tokens: counter(
                 "kiln_completion_tokens_total",
                 "Tokens generated.",
+                &["model"],
+            )?,
+            refusals: counter(
+                "kiln_refusals_total",
+                "Requests refused before running, by reason (rate_limit, insufficient_credit, monthly_limit, account_disabled).",
+                &["reason"],
+            )?,
+            cost_nanos: counter(
+                "kiln_cost_nanos_total",
+                "Money charged, in nano-units (1e-9) of the platform currency.",
                 &["model"],
             )?,
             request_duration,

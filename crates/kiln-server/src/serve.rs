@@ -6,7 +6,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use std::time::Duration;
+
+use kiln_store::Database;
+
+use crate::api::calls::Meter;
 use crate::api::{self, AppState};
+use crate::auth::Auth;
+use crate::bootstrap;
 use crate::config::ServeConfig;
 use crate::metrics::Metrics;
 use crate::registry;
@@ -42,13 +49,64 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
     let models = registry::load(&cfg)?;
     let metrics = Metrics::new().context("cannot register metrics")?;
     let store = kiln_store::Store::open(&cfg.database)
-        .with_context(|| format!("cannot open the request log {}", cfg.database.display()))?;
-    let state = Arc::new(AppState::new(models, metrics, Some(Arc::new(store))));
+        .with_context(|| format!("cannot open the database {}", cfg.database.display()))?;
+    let db: Arc<dyn Database> = Arc::new(store);
+    let (anonymous, admin_secret) =
+        bootstrap::run(&*db, cfg.no_auth).context("cannot prepare the database")?;
+    if let Some(secret) = admin_secret {
+        // Shown once: only its hash is stored.
+        eprintln!("created the platform admin API key (shown only now, keep it safe): {secret}");
+    }
+    if cfg.no_auth {
+        tracing::warn!(
+            "--no-auth: /v1 accepts requests without a key, charged to the `local` tenant"
+        );
+    }
+    let replica_id = format!("rep-{}", uuid::Uuid::new_v4().simple());
+    db.renew_lease(&replica_id, lease_until(cfg.lease))
+        .context("cannot register this replica in the database")?;
+    let auth = Arc::new(Auth::new(db.clone(), anonymous).context("cannot read keys")?);
+    let meter = Meter::new(db.clone(), replica_id).context("cannot read the platform currency")?;
+    let state = Arc::new(AppState::new(models, metrics, auth, meter));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(cfg, state))
+}
+
+fn lease_until(lease: Duration) -> i64 {
+    kiln_store::now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+/// Renews this replica's lease at a fifth of its length, settles the open
+/// reservations of replicas whose lease lapsed (this machine's previous run
+/// included), and retries settlements that failed.
+fn spawn_lease_keeper(state: Arc<AppState>, lease: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(lease / 5);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let s = state.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let m = &s.meter;
+                if let Err(e) = m.db.renew_lease(&m.replica_id, lease_until(lease)) {
+                    tracing::error!(error = %e, "cannot renew this replica's lease");
+                }
+                match m.db.recover_lapsed(kiln_store::now_ms()) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(
+                        reservations = n,
+                        "settled the open calls of a replica whose lease lapsed, as interrupted"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "cannot settle lapsed reservations"),
+                }
+                m.retry_pending();
+            })
+            .await;
+        }
+    });
 }
 
 /// `--validate-config`: the configuration parsed; check that every model it
@@ -84,7 +142,9 @@ async fn serve(cfg: ServeConfig, state: Arc<AppState>) -> anyhow::Result<()> {
     let bound = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    let app = api::router(state, cfg.max_body_bytes);
+    spawn_lease_keeper(state.clone(), cfg.lease);
+    state.auth.spawn_epoch_watch();
+    let app = api::router(state.clone(), cfg.max_body_bytes);
     // Tests and scripts read the port from this line.
     eprintln!("kiln listening on http://{bound}");
     tracing::info!(%bound, "serving");
@@ -92,6 +152,12 @@ async fn serve(cfg: ServeConfig, state: Arc<AppState>) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the server failed")?;
+    // Every connection has ended: settle what is left, then let go.
+    let m = &state.meter;
+    m.retry_pending();
+    if let Err(e) = m.db.drop_lease(&m.replica_id) {
+        tracing::warn!(error = %e, "cannot drop this replica's lease");
+    }
     tracing::info!("shut down cleanly");
     Ok(())
 }

@@ -403,10 +403,10 @@ fn api_end_to_end() {
 
     // Read while the server (and the directory holding its database) lives.
     let db = server.db_path();
-    c.run("model calls are in the request log", || {
+    c.run("model calls are in the usage ledger", || {
         use kiln_store::CallLog as _;
         let store = kiln_store::Store::open(&db)?;
-        let calls = store.recent_calls(1000)?;
+        let calls = store.recent_calls(None, 1000)?;
         let chats = calls
             .iter()
             .filter(|c| c.record.endpoint == "/v1/chat/completions" && c.record.model == CHAT_MODEL)

@@ -36,13 +36,13 @@ fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> Result<bool>)
 
 #[test]
 fn load_and_lifecycle() {
-    let mut server =
-        Server::start(&["--model", CHAT_MODEL, "--queue-capacity", "1"]).expect("server starts");
+    let mut server = Server::start(&["--model", CHAT_MODEL, "--queue-capacity", "1", "--no-auth"])
+        .expect("server starts");
     let port = server.port;
     let mut c = Checks::new();
 
     c.run("client disconnect mid-stream stops generation", || {
-        let stream = open_stream(port, "/v1/chat/completions", &long_chat(4000, true))?;
+        let stream = open_stream(port, "/v1/chat/completions", &long_chat(4000, true), None)?;
         wait_for("the request to run", Duration::from_secs(30), || {
             Ok(server.metric(RUNNING)? == 1.0)
         })?;

@@ -43,6 +43,15 @@ pub enum StoreError {
     },
     #[error("database query failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A value the caller gave is not allowed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The change clashes with what is stored (a duplicate name).
+    #[error("{0}")]
+    Conflict(String),
+    /// What the change refers to does not exist.
+    #[error("{0}")]
+    NotFound(String),
     #[error("row {id} of {table} is invalid: {reason}")]
     BadRow {
         table: &'static str,

@@ -1,8 +1,10 @@
 //! Kiln's persistent state.
 //!
-//! One storage concern so far: the request log of model calls. Each concern
-//! is a query trait ([`CallLog`]) with one implementation per database, so
-//! the server holds an `Arc<dyn CallLog>` and does not care which:
+//! Each concern is a query trait with one implementation per database —
+//! [`CallLog`] (the usage ledger), [`Accounts`] (tenants and API keys),
+//! [`Billing`] (prices, credits, budget reservations, replica leases) — and
+//! [`Database`] is all of them, so the server holds an `Arc<dyn Database>`
+//! and does not care which database is behind it:
 //! - [`Store`]: SQLite in WAL mode, the single-machine default;
 //! - PostgreSQL, shared by several `kiln serve` replicas, comes later
 //!   (its migrations will sit in `migrations/postgres/`).
@@ -13,10 +15,23 @@
 //! and refuses a database written by a newer Kiln rather than guessing at it.
 //! Migrations already released are never edited: a change is a new file.
 
+pub mod accounts;
+pub mod billing;
 mod calls;
 mod error;
+pub mod money;
 mod sqlite;
 
-pub use calls::{endpoint, now_ms, CallLog, CallRecord, ModelUsage, Outcome, StoredCall};
+pub use accounts::Accounts;
+pub use billing::Billing;
+pub use calls::{
+    endpoint, now_ms, CallLog, CallRecord, GroupBy, LedgerEntry, ModelUsage, Outcome, UsageQuery,
+    UsageRow,
+};
 pub use error::{Result, StoreError};
-pub use sqlite::{default_db_path, Store, SCHEMA_VERSION};
+pub use sqlite::{default_db_path, Store, INTERRUPTED, SCHEMA_VERSION};
+
+/// Everything a server needs from its database, as one object.
+pub trait Database: CallLog + Accounts + Billing {}
+
+impl<T: CallLog + Accounts + Billing> Database for T {}

@@ -27,6 +27,30 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// The model's queue is full; retry after a moment.
     ServerBusy,
+    /// No API key was sent.
+    MissingApiKey,
+    /// The API key is unknown, revoked or expired.
+    InvalidApiKey,
+    /// The key may not do this (a non-admin key on an admin route, a model
+    /// the key is not allowed).
+    PermissionDenied,
+    /// The key's tenant is disabled.
+    AccountDisabled,
+    /// A requests- or tokens-per-minute limit is reached; retry after
+    /// `Retry-After`.
+    RateLimitExceeded,
+    /// The credit balance or the monthly spending limit cannot cover the
+    /// request's worst case.
+    InsufficientQuota,
+    /// The change clashes with what exists (a duplicate name).
+    Conflict,
+    /// The usage ledger cannot be written (its database is locked, full or
+    /// gone); nothing is served unmetered.
+    LedgerUnavailable,
+    /// The upstream backend failed or answered with an error.
+    UpstreamError,
+    /// The upstream backend did not answer in time.
+    UpstreamTimeout,
     /// The model's worker has stopped.
     ServiceUnavailable,
     /// Something failed inside the server; details are in its log only.
@@ -46,6 +70,16 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::ServerBusy => "server_busy",
+            ErrorCode::MissingApiKey => "missing_api_key",
+            ErrorCode::InvalidApiKey => "invalid_api_key",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::AccountDisabled => "account_disabled",
+            ErrorCode::RateLimitExceeded => "rate_limit_exceeded",
+            ErrorCode::InsufficientQuota => "insufficient_quota",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::LedgerUnavailable => "ledger_unavailable",
+            ErrorCode::UpstreamError => "upstream_error",
+            ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::ServiceUnavailable => "service_unavailable",
             ErrorCode::InternalError => "internal_error",
         }
@@ -61,9 +95,17 @@ impl ErrorCode {
             | ErrorCode::NotFound
             | ErrorCode::MethodNotAllowed
             | ErrorCode::PayloadTooLarge
-            | ErrorCode::UnsupportedMediaType => "invalid_request_error",
-            ErrorCode::ServerBusy => "rate_limit_error",
-            ErrorCode::ServiceUnavailable | ErrorCode::InternalError => "server_error",
+            | ErrorCode::UnsupportedMediaType
+            | ErrorCode::Conflict => "invalid_request_error",
+            ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey => "authentication_error",
+            ErrorCode::PermissionDenied | ErrorCode::AccountDisabled => "permission_error",
+            ErrorCode::ServerBusy | ErrorCode::RateLimitExceeded => "rate_limit_error",
+            ErrorCode::InsufficientQuota => "insufficient_quota",
+            ErrorCode::ServiceUnavailable
+            | ErrorCode::InternalError
+            | ErrorCode::LedgerUnavailable
+            | ErrorCode::UpstreamError
+            | ErrorCode::UpstreamTimeout => "server_error",
         }
     }
 }

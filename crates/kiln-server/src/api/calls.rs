@@ -1,16 +1,97 @@
-//! Recording each model call in the request log ([`kiln_store::CallLog`]).
+//! Metering each model call: admission before the model runs (rate limits,
+//! then a budget reservation in the store), settlement into the usage ledger
+//! when it ends.
 //!
-//! A call is recorded once, when it ends: finished, failed (with its error
-//! code) or cancelled by the client. Writes run on the blocking pool and a
-//! failed write is logged, never returned to the client.
+//! The order is what makes the ledger trustworthy:
+//! - nothing runs before its reservation is committed, so no call is served
+//!   unmetered and no budget is overspent;
+//! - a response's last bytes (the JSON body, or a stream's final chunk) are
+//!   sent only after its settlement is committed, so a response a client
+//!   received in full is in the ledger even if the server is killed right
+//!   after;
+//! - a stream the client abandons is settled (in the background) as
+//!   `cancelled` with the tokens actually generated.
+//!
+//! Calls that fail before admission (a bad request, a refusal) are recorded
+//! at no cost, in the background.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use kiln_engine::engine::{Completion, FinishReason};
-use kiln_store::{CallLog, CallRecord, Outcome};
+use kiln_store::billing::{Refusal, ReservationRequest, Settlement};
+use kiln_store::money::TokenCounts;
+use kiln_store::{CallRecord, Database, Outcome};
+use kiln_types::error::ErrorCode;
 
 use super::SharedState;
+use crate::auth::Principal;
+use crate::error::{store_unavailable, ApiError};
+use crate::ratelimit::{Limit, RateLimiter, RateStatus};
+
+/// The backend name recorded for the embedded engine.
+pub const EMBEDDED_BACKEND: &str = "embedded";
+
+/// The server's metering: the store, this replica's identity, rate limits.
+pub struct Meter {
+    pub db: Arc<dyn Database>,
+    pub replica_id: String,
+    pub limiter: RateLimiter,
+    pub currency: String,
+    /// Settlements that failed to commit (the database was unavailable),
+    /// retried by the lease task so reservations are not held forever.
+    pending: Mutex<Vec<Settlement>>,
+}
+
+impl Meter {
+    pub fn new(db: Arc<dyn Database>, replica_id: String) -> Result<Meter, kiln_store::StoreError> {
+        let currency = db.currency()?;
+        Ok(Meter {
+            db,
+            replica_id,
+            limiter: RateLimiter::default(),
+            currency,
+            pending: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Retries settlements that failed earlier; keeps those that fail again.
+    pub fn retry_pending(&self) {
+        let batch =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut failed = Vec::new();
+        for s in batch {
+            if let Err(e) = self.db.settle(&s) {
+                tracing::warn!(error = %e, reservation = %s.reservation_id, "settlement retry failed");
+                failed.push(s);
+            }
+        }
+        if !failed.is_empty() {
+            self.pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(failed);
+        }
+    }
+
+    fn defer(&self, s: Settlement) {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(s);
+    }
+}
+
+/// An admitted call's handle on its reservation.
+#[derive(Debug, Clone)]
+struct Admission {
+    reservation_id: String,
+    limits: Vec<Limit>,
+    /// Tokens taken from the rate limits (prompt plus max_tokens).
+    tokens_taken: u64,
+    prompt_tokens: u64,
+}
 
 /// What is known about a call while it runs.
 #[derive(Clone)]
@@ -20,73 +101,311 @@ pub struct CallContext {
     pub endpoint: &'static str,
     pub model: String,
     pub received: Instant,
+    pub principal: Arc<Principal>,
+    admission: Arc<Mutex<Option<Admission>>>,
+    rate: Arc<Mutex<RateStatus>>,
+    /// Set once the call is settled or recorded, so it is never recorded twice.
+    ended: Arc<AtomicBool>,
+}
+
+/// Tokens a call used so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Used {
+    /// Whether the prompt was processed (a first token came out).
+    pub prompt_done: bool,
+    pub completion_tokens: usize,
 }
 
 impl CallContext {
-    pub fn finished(&self, c: &Completion, first_token: Option<Duration>) {
+    pub fn new(
+        state: SharedState,
+        request_id: String,
+        endpoint: &'static str,
+        model: String,
+        principal: Arc<Principal>,
+    ) -> CallContext {
+        CallContext {
+            state,
+            request_id,
+            endpoint,
+            model,
+            received: Instant::now(),
+            principal,
+            admission: Arc::new(Mutex::new(None)),
+            rate: Arc::new(Mutex::new(RateStatus::default())),
+            ended: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn limits(&self) -> Vec<Limit> {
+        let p = &self.principal;
+        let mut limits = vec![Limit {
+            subject: format!("tenant:{}", p.tenant.id),
+            requests_per_minute: p.tenant.limits.requests_per_minute,
+            tokens_per_minute: p.tenant.limits.tokens_per_minute,
+        }];
+        if let Some(k) = &p.key {
+            limits.push(Limit {
+                subject: format!("key:{}", k.id),
+                requests_per_minute: k.limits.requests_per_minute,
+                tokens_per_minute: k.limits.tokens_per_minute,
+            });
+        }
+        limits
+    }
+
+    /// The `x-ratelimit-*` headers for the response.
+    pub fn rate_headers(&self) -> Vec<(&'static str, String)> {
+        self.rate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .headers()
+    }
+
+    /// Admits the call: rate limits first, then the worst-case cost is
+    /// reserved against the tenant's and key's budgets.
+    pub async fn admit(&self, prompt_tokens: usize, max_tokens: usize) -> Result<(), ApiError> {
+        let meter = &self.state.meter;
+        let limits = self.limits();
+        let tokens = (prompt_tokens + max_tokens) as u64;
+        match meter.limiter.acquire(&limits, tokens) {
+            Ok(status) => *self.rate.lock().unwrap_or_else(PoisonError::into_inner) = status,
+            Err(refusal) => {
+                self.state
+                    .metrics
+                    .refusals
+                    .with_label_values(&["rate_limit"])
+                    .inc();
+                let mut e = ApiError::new(ErrorCode::RateLimitExceeded, refusal.message);
+                if let Some(wait) = refusal.retry_after {
+                    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                    e = e
+                        .with_header("retry-after", secs)
+                        .with_header("retry-after-ms", wait.as_millis().max(1));
+                }
+                e.headers.extend(refusal.status.headers());
+                return Err(e);
+            }
+        }
+        let req = ReservationRequest {
+            caller: self.principal.caller(),
+            request_id: self.request_id.clone(),
+            endpoint: self.endpoint.to_string(),
+            model: self.model.clone(),
+            backend: EMBEDDED_BACKEND.to_string(),
+            prompt_tokens: prompt_tokens as u64,
+            max_completion_tokens: max_tokens as u64,
+        };
+        let db = meter.db.clone();
+        let replica = meter.replica_id.clone();
+        let reserved = tokio::task::spawn_blocking(move || db.reserve(&replica, &req))
+            .await
+            .map_err(|_| ApiError::internal());
+        let refund_all = || {
+            meter.limiter.refund(&limits, tokens);
+        };
+        let reserved = match reserved {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                refund_all();
+                return Err(store_unavailable(e));
+            }
+            Err(e) => {
+                refund_all();
+                return Err(e);
+            }
+        };
+        match reserved {
+            Ok(res) => {
+                *self
+                    .admission
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(Admission {
+                    reservation_id: res.id,
+                    limits,
+                    tokens_taken: tokens,
+                    prompt_tokens: prompt_tokens as u64,
+                });
+                Ok(())
+            }
+            Err(refusal) => {
+                refund_all();
+                let reason = match refusal {
+                    Refusal::InsufficientCredit { .. } => "insufficient_credit",
+                    Refusal::MonthlyLimit { .. } => "monthly_limit",
+                    Refusal::AccountDisabled { .. } => "account_disabled",
+                };
+                self.state
+                    .metrics
+                    .refusals
+                    .with_label_values(&[reason])
+                    .inc();
+                let code = match refusal {
+                    Refusal::AccountDisabled { .. } => ErrorCode::AccountDisabled,
+                    _ => ErrorCode::InsufficientQuota,
+                };
+                Err(ApiError::new(code, refusal.message(&meter.currency)))
+            }
+        }
+    }
+
+    fn take_admission(&self) -> Option<Admission> {
+        self.ended.store(true, Ordering::Release);
+        self.admission
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn settlement(
+        &self,
+        a: &Admission,
+        outcome: Outcome,
+        used: Used,
+        ttft: Option<Duration>,
+    ) -> Settlement {
+        Settlement {
+            reservation_id: a.reservation_id.clone(),
+            outcome,
+            tokens: TokenCounts {
+                prompt: if used.prompt_done { a.prompt_tokens } else { 0 },
+                cached: 0,
+                completion: used.completion_tokens as u64,
+            },
+            latency_ms: millis(self.received.elapsed()),
+            ttft_ms: ttft.map(millis),
+        }
+    }
+
+    /// Commits a settlement; on failure the call is re-settled later as
+    /// failed (at no charge) and the client gets an error instead of its
+    /// response.
+    async fn settle(&self, a: Admission, s: Settlement) -> Result<(), ApiError> {
+        let meter = &self.state.meter;
+        let used = s.tokens.prompt + s.tokens.completion;
+        meter
+            .limiter
+            .refund(&a.limits, a.tokens_taken.saturating_sub(used));
+        let cost_model = self.model.clone();
+        let db = meter.db.clone();
+        let s2 = s.clone();
+        let result = tokio::task::spawn_blocking(move || db.settle(&s2)).await;
+        match result {
+            Ok(Ok(entry)) => {
+                if let Some(e) = entry {
+                    self.state
+                        .metrics
+                        .cost_nanos
+                        .with_label_values(&[&cost_model])
+                        .inc_by(e.record.cost.nanos().max(0) as u64);
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, request_id = %self.request_id, "settling the call failed");
+                meter.defer(Settlement {
+                    outcome: Outcome::Error(ErrorCode::LedgerUnavailable.as_str().into()),
+                    tokens: TokenCounts::default(),
+                    ..s
+                });
+                Err(store_unavailable(e))
+            }
+            Err(_) => Err(ApiError::internal()),
+        }
+    }
+
+    /// A generation finished; must be awaited before its last bytes go out.
+    pub async fn finished(
+        &self,
+        c: &Completion,
+        first_token: Option<Duration>,
+    ) -> Result<(), ApiError> {
         let outcome = match c.finish_reason {
             FinishReason::Stop => Outcome::Stop,
             FinishReason::Length => Outcome::Length,
         };
-        self.record(
+        let Some(a) = self.take_admission() else {
+            tracing::error!(request_id = %self.request_id, "a call finished without being admitted");
+            return Err(ApiError::internal());
+        };
+        let mut s = self.settlement(
+            &a,
             outcome,
-            c.prompt_tokens,
-            c.cached_tokens,
-            c.completion_tokens,
+            Used {
+                prompt_done: true,
+                completion_tokens: c.completion_tokens,
+            },
             first_token,
         );
+        s.tokens.prompt = c.prompt_tokens as u64;
+        s.tokens.cached = c.cached_tokens as u64;
+        self.settle(a, s).await
     }
 
-    pub fn failed(&self, code: &str) {
-        self.record(Outcome::Error(code.to_string()), 0, 0, 0, None);
+    /// Embeddings computed; must be awaited before the response goes out.
+    pub async fn embedded(&self, prompt_tokens: usize) -> Result<(), ApiError> {
+        let Some(a) = self.take_admission() else {
+            return Err(ApiError::internal());
+        };
+        let mut s = self.settlement(&a, Outcome::Ok, Used::default(), None);
+        s.tokens.prompt = prompt_tokens as u64;
+        self.settle(a, s).await
     }
 
-    pub fn cancelled(&self, first_token: Option<Duration>) {
-        self.record(Outcome::Cancelled, 0, 0, 0, first_token);
+    /// The call failed with `code` after using `used`.
+    pub fn failed(&self, code: &str, used: Used) {
+        let outcome = Outcome::Error(code.to_string());
+        self.end_in_background(outcome, used, None);
     }
 
-    pub fn embedded(&self, prompt_tokens: usize) {
-        self.record(Outcome::Stop, prompt_tokens, 0, 0, None);
+    /// The client went away after `used`.
+    pub fn cancelled(&self, used: Used, first_token: Option<Duration>) {
+        self.end_in_background(Outcome::Cancelled, used, first_token);
     }
 
-    fn record(
-        &self,
-        outcome: Outcome,
-        prompt_tokens: usize,
-        cached_tokens: usize,
-        completion_tokens: usize,
-        first_token: Option<Duration>,
-    ) {
-        let Some(log) = self.state.calls.clone() else {
+    fn end_in_background(&self, outcome: Outcome, used: Used, first_token: Option<Duration>) {
+        if self.ended.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let record = CallRecord {
-            created_at_ms: kiln_store::now_ms(),
-            request_id: self.request_id.clone(),
-            endpoint: self.endpoint.to_string(),
-            model: self.model.clone(),
-            prompt_tokens: prompt_tokens as u64,
-            cached_tokens: cached_tokens as u64,
-            completion_tokens: completion_tokens as u64,
-            outcome,
-            latency_ms: millis(self.received.elapsed()),
-            ttft_ms: first_token.map(millis),
-        };
-        write(log, record);
+        match self.take_admission() {
+            Some(a) => {
+                let s = self.settlement(&a, outcome, used, first_token);
+                let call = self.clone();
+                runtime.spawn(async move {
+                    let _ = call.settle(a, s).await;
+                });
+            }
+            None => {
+                let record = CallRecord {
+                    created_at_ms: kiln_store::now_ms(),
+                    request_id: self.request_id.clone(),
+                    endpoint: self.endpoint.to_string(),
+                    model: self.model.clone(),
+                    prompt_tokens: 0,
+                    cached_tokens: 0,
+                    completion_tokens: 0,
+                    outcome,
+                    latency_ms: millis(self.received.elapsed()),
+                    ttft_ms: None,
+                    caller: Some(self.principal.caller()),
+                    backend: EMBEDDED_BACKEND.to_string(),
+                    prices: None,
+                    cost: kiln_store::money::Money::ZERO,
+                };
+                let db = self.state.meter.db.clone();
+                runtime.spawn_blocking(move || {
+                    if let Err(e) = db.record_call(&record) {
+                        tracing::error!(error = %e, request_id = %record.request_id, "recording the call failed");
+                    }
+                });
+            }
+        }
     }
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn write(log: Arc<dyn CallLog>, record: CallRecord) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    runtime.spawn_blocking(move || {
-        if let Err(e) = log.record_call(&record) {
-            tracing::error!(error = %e, request_id = %record.request_id, "recording the call failed");
-        }
-    });
 }

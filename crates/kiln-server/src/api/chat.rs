@@ -1,6 +1,6 @@
 //! `POST /v1/chat/completions`, streamed or not.
 
-use std::time::Instant;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -16,6 +16,7 @@ use serde_json::Value;
 use super::calls::CallContext;
 use super::generate::{self, ChunkWriter};
 use super::{finish_call, unix_now, RequestId, SharedState};
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 
@@ -24,21 +25,17 @@ const ENDPOINT: &str = "/v1/chat/completions";
 pub async fn chat_completions(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
+    Extension(principal): Extension<Arc<Principal>>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Response {
-    let call = CallContext {
-        state,
-        request_id: request_id.0,
-        endpoint: ENDPOINT,
-        model: req.model.clone(),
-        received: Instant::now(),
-    };
+    let call = CallContext::new(state, request_id.0, ENDPOINT, req.model.clone(), principal);
     let result = run(&call, req).await;
     finish_call(&call, result)
 }
 
 async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response, ApiError> {
     let engine = call.state.text_model(&req.model)?.clone();
+    call.principal.check_model(&req.model)?;
     generate::check_n(req.n)?;
     let messages = chat_messages(&req.messages)?;
     let sampling = generate::sampling_params(&req.sampling)?;
@@ -64,6 +61,7 @@ async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response,
     .await?;
     let ctx = engine.model().info().context_length;
     let max_tokens = generate::max_tokens(given, param, prompt.len(), ctx)?;
+    call.admit(prompt.len(), max_tokens).await?;
     let stream = engine.submit(GenerateRequest {
         prompt,
         sampling,

@@ -1,6 +1,6 @@
 //! `POST /v1/completions`: raw-prompt text completion, streamed or not.
 
-use std::time::Instant;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::calls::CallContext;
 use super::generate::{self, ChunkWriter};
 use super::{finish_call, unix_now, RequestId, SharedState};
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 
@@ -20,15 +21,10 @@ const ENDPOINT: &str = "/v1/completions";
 pub async fn completions(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
+    Extension(principal): Extension<Arc<Principal>>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Response {
-    let call = CallContext {
-        state,
-        request_id: request_id.0,
-        endpoint: ENDPOINT,
-        model: req.model.clone(),
-        received: Instant::now(),
-    };
+    let call = CallContext::new(state, request_id.0, ENDPOINT, req.model.clone(), principal);
     let result = run(&call, req).await;
     finish_call(&call, result)
 }
@@ -71,6 +67,7 @@ fn parse_prompt(v: &Value) -> Result<Prompt, ApiError> {
 
 async fn run(call: &CallContext, req: CompletionRequest) -> Result<Response, ApiError> {
     let engine = call.state.text_model(&req.model)?.clone();
+    call.principal.check_model(&req.model)?;
     generate::check_n(req.n)?;
     if req.echo.unwrap_or(false) {
         return Err(ApiError::invalid("echo", "`echo` is not supported"));
@@ -91,6 +88,7 @@ async fn run(call: &CallContext, req: CompletionRequest) -> Result<Response, Api
     let ctx = engine.model().info().context_length;
     // OpenAI's legacy default is 16 tokens; Kiln's is what fits the context.
     let max_tokens = generate::max_tokens(req.max_tokens, "max_tokens", prompt.len(), ctx)?;
+    call.admit(prompt.len(), max_tokens).await?;
     let stream = engine.submit(GenerateRequest {
         prompt,
         sampling,

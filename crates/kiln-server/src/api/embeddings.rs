@@ -1,7 +1,7 @@
 //! `POST /v1/embeddings`: text or token arrays in, one vector per input out.
 //! Inputs longer than the model's limit are refused, never truncated.
 
-use std::time::Instant;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use super::calls::CallContext;
 use super::{finish_call, RequestId, SharedState};
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 
@@ -23,15 +24,16 @@ pub const MAX_INPUTS: usize = 2048;
 pub async fn embeddings(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
+    Extension(principal): Extension<Arc<Principal>>,
     ApiJson(req): ApiJson<EmbeddingRequest>,
 ) -> Response {
-    let call = CallContext {
+    let call = CallContext::new(
         state,
-        request_id: request_id.0,
-        endpoint: "/v1/embeddings",
-        model: req.model.clone(),
-        received: Instant::now(),
-    };
+        request_id.0,
+        "/v1/embeddings",
+        req.model.clone(),
+        principal,
+    );
     let result = run(&call, req).await;
     finish_call(&call, result)
 }
@@ -100,6 +102,7 @@ fn parse_input(v: &Value) -> Result<Vec<Input>, ApiError> {
 async fn run(call: &CallContext, req: EmbeddingRequest) -> Result<Response, ApiError> {
     let state = &call.state;
     let model = state.embedding_model(&req.model)?;
+    call.principal.check_model(&req.model)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -121,13 +124,7 @@ async fn run(call: &CallContext, req: EmbeddingRequest) -> Result<Response, ApiE
     }
     let inputs = parse_input(&req.input)?;
     let embedder = model.embedder.clone();
-    let _permit = model
-        .permits
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| ApiError::internal())?;
-    let vectors = tokio::task::spawn_blocking(move || {
+    let batch = tokio::task::spawn_blocking(move || {
         let max = embedder.max_tokens();
         let mut batch = Vec::with_capacity(inputs.len());
         for (i, input) in inputs.into_iter().enumerate() {
@@ -146,17 +143,29 @@ async fn run(call: &CallContext, req: EmbeddingRequest) -> Result<Response, ApiE
             }
             batch.push(ids);
         }
-        let tokens: usize = batch.iter().map(Vec::len).sum();
-        let vectors = embedder.embed(&batch)?;
-        Ok((vectors, tokens))
+        Ok(batch)
     })
     .await
     .map_err(|e| {
-        tracing::error!(error = %e, "embedding task failed");
+        tracing::error!(error = %e, "tokenizer task failed");
         ApiError::internal()
     })??;
-    let (vectors, tokens) = vectors;
-    call.embedded(tokens);
+    let tokens: usize = batch.iter().map(Vec::len).sum();
+    call.admit(tokens, 0).await?;
+    let _permit = model
+        .permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::internal())?;
+    let embedder = model.embedder.clone();
+    let vectors = tokio::task::spawn_blocking(move || embedder.embed(&batch))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "embedding task failed");
+            ApiError::internal()
+        })??;
+    call.embedded(tokens).await?;
     state
         .metrics
         .prompt_tokens

@@ -17,7 +17,7 @@ use kiln_types::error::{ErrorBody, ErrorCode};
 use kiln_types::openai::{PromptTokensDetails, SamplingFields, Usage};
 use serde_json::Value;
 
-use super::calls::CallContext;
+use super::calls::{CallContext, Used};
 use super::Streamed;
 use crate::error::ApiError;
 
@@ -123,6 +123,7 @@ pub fn max_tokens(
                 "the prompt is {prompt_tokens} tokens and `{param}` is {n}, but the model's context length is {context_length} tokens; at most {room} tokens can be generated for this prompt"
             ),
             param: Some(param),
+            headers: Vec::new(),
         }),
         Some(n) => Ok(n as usize),
     }
@@ -171,7 +172,8 @@ pub struct Generated {
     pub completion: Completion,
 }
 
-/// Runs a generation to its end, recording its metrics and the call.
+/// Runs a generation to its end, recording its metrics, and settles the
+/// call before returning.
 pub async fn collect(
     call: &CallContext,
     mut stream: GenerationStream,
@@ -180,33 +182,42 @@ pub async fn collect(
     let mut text = String::new();
     let mut logprobs = Vec::new();
     let mut first_token = None;
+    let mut used = Used::default();
     while let Some(event) = stream.next().await {
-        match event? {
-            GenerateEvent::Token {
+        match event {
+            Ok(GenerateEvent::Token {
                 text: piece,
                 logprob,
                 ..
-            } => {
+            }) => {
                 if first_token.is_none() {
                     let after = call.received.elapsed();
                     metrics.record_first_token(&call.model, after);
                     first_token = Some(after);
                 }
+                used.prompt_done = true;
+                used.completion_tokens += 1;
                 text.push_str(&piece);
                 logprobs.extend(logprob);
             }
-            GenerateEvent::Finished(completion) => {
+            Ok(GenerateEvent::Finished(completion)) => {
                 metrics.record_generation(&call.model, &completion);
-                call.finished(&completion, first_token);
+                call.finished(&completion, first_token).await?;
                 return Ok(Generated {
                     text,
                     logprobs,
                     completion,
                 });
             }
+            Err(e) => {
+                let e = ApiError::from(e);
+                call.failed(e.code.as_str(), used);
+                return Err(e);
+            }
         }
     }
     tracing::error!("generation ended without a summary");
+    call.failed(ErrorCode::InternalError.as_str(), used);
     Err(ApiError::internal())
 }
 
@@ -226,6 +237,7 @@ struct SseState<W> {
     pending: VecDeque<String>,
     call: CallContext,
     first_token: Option<Duration>,
+    used: Used,
     ended: bool,
 }
 
@@ -244,6 +256,7 @@ pub fn sse_response<W: ChunkWriter>(
         pending,
         call,
         first_token: None,
+        used: Used::default(),
         ended: false,
     };
     let body = Sse::new(events(sse)).keep_alive(KeepAlive::default());
@@ -271,31 +284,28 @@ fn events<W: ChunkWriter>(sse: SseState<W>) -> impl Stream<Item = Result<Event, 
                             .record_first_token(&s.call.model, after);
                         s.first_token = Some(after);
                     }
+                    s.used.prompt_done = true;
+                    s.used.completion_tokens += 1;
                     s.pending.extend(s.writer.token(text, logprob));
                 }
                 Some(Ok(GenerateEvent::Finished(c))) => {
                     s.call.state.metrics.record_generation(&s.call.model, &c);
-                    s.call.finished(&c, s.first_token);
-                    s.pending.extend(s.writer.finish(&c));
+                    // The final chunks go out only once the call is in the ledger.
+                    match s.call.finished(&c, s.first_token).await {
+                        Ok(()) => s.pending.extend(s.writer.finish(&c)),
+                        Err(e) => s.error_event(e),
+                    }
                     s.finish();
                 }
                 Some(Err(e)) => {
                     let e = ApiError::from(e);
-                    s.call
-                        .state
-                        .metrics
-                        .errors
-                        .with_label_values(&[e.code.as_str()])
-                        .inc();
-                    s.call.failed(e.code.as_str());
-                    let body = ErrorBody::new(e.code, e.message, e.param);
-                    s.pending
-                        .push_back(serde_json::to_string(&body).unwrap_or_default());
+                    s.call.failed(e.code.as_str(), s.used);
+                    s.error_event(e);
                     s.finish();
                 }
                 None => {
                     tracing::error!("generation ended without a summary");
-                    s.call.failed(ErrorCode::InternalError.as_str());
+                    s.call.failed(ErrorCode::InternalError.as_str(), s.used);
                     s.finish();
                 }
             }
@@ -304,6 +314,18 @@ fn events<W: ChunkWriter>(sse: SseState<W>) -> impl Stream<Item = Result<Event, 
 }
 
 impl<W> SseState<W> {
+    fn error_event(&mut self, e: ApiError) {
+        self.call
+            .state
+            .metrics
+            .errors
+            .with_label_values(&[e.code.as_str()])
+            .inc();
+        let body = ErrorBody::new(e.code, e.message, e.param);
+        self.pending
+            .push_back(serde_json::to_string(&body).unwrap_or_default());
+    }
+
     fn finish(&mut self) {
         self.pending.push_back("[DONE]".to_string());
         self.ended = true;
@@ -321,7 +343,7 @@ impl<W> Drop for SseState<W> {
     fn drop(&mut self) {
         if !self.ended {
             tracing::info!(request_id = %self.call.request_id, "client disconnected; generation cancelled");
-            self.call.cancelled(self.first_token);
+            self.call.cancelled(self.used, self.first_token);
         }
     }
 }

@@ -3,11 +3,14 @@
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use kiln_types::openai::{ModelCard, ModelList};
 use serde_json::json;
 
+use std::sync::Arc;
+
 use super::SharedState;
+use crate::auth::Principal;
 use crate::error::ApiError;
 
 fn cards(state: &SharedState) -> Vec<ModelCard> {
@@ -44,18 +47,30 @@ fn cards(state: &SharedState) -> Vec<ModelCard> {
     cards
 }
 
-pub async fn list_models(State(state): State<SharedState>) -> Json<ModelList> {
+/// The models the caller's key may use.
+fn visible_cards(state: &SharedState, p: &Principal) -> Vec<ModelCard> {
+    cards(state)
+        .into_iter()
+        .filter(|c| p.check_model(&c.id).is_ok())
+        .collect()
+}
+
+pub async fn list_models(
+    State(state): State<SharedState>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Json<ModelList> {
     Json(ModelList {
         object: "list".into(),
-        data: cards(&state),
+        data: visible_cards(&state, &p),
     })
 }
 
 pub async fn get_model(
     State(state): State<SharedState>,
+    Extension(p): Extension<Arc<Principal>>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
-    cards(&state)
+    visible_cards(&state, &p)
         .into_iter()
         .find(|c| c.id == id)
         .map(Json)

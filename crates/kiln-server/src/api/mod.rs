@@ -4,7 +4,8 @@
 //! Handlers live one endpoint family per module; they turn wire requests into
 //! engine calls and never contain model logic.
 
-mod calls;
+pub mod admin;
+pub mod calls;
 mod chat;
 mod completions;
 mod embeddings;
@@ -21,14 +22,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use kiln_engine::engine::EngineHandle;
-use kiln_store::CallLog;
+use kiln_store::Database;
 use kiln_types::error::ErrorCode;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument;
 
+use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::registry::{EmbeddingModel, ServedModels};
+use calls::Meter;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -37,20 +40,25 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Unix time the server started; `created` of every model card.
     pub started: u64,
-    /// The request log, when one is configured.
-    pub calls: Option<Arc<dyn CallLog>>,
+    pub auth: Arc<Auth>,
+    pub meter: Meter,
 }
 
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
-    pub fn new(models: ServedModels, metrics: Metrics, calls: Option<Arc<dyn CallLog>>) -> Self {
+    pub fn new(models: ServedModels, metrics: Metrics, auth: Arc<Auth>, meter: Meter) -> Self {
         AppState {
             models,
             metrics,
             started: unix_now(),
-            calls,
+            auth,
+            meter,
         }
+    }
+
+    pub fn db(&self) -> &Arc<dyn Database> {
+        &self.meter.db
     }
 
     fn is_served(&self, model: &str) -> bool {
@@ -98,12 +106,23 @@ pub struct Streamed;
 pub struct RequestId(pub String);
 
 pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
-    Router::new()
+    let model_api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(info::list_models))
         .route("/v1/models/{*id}", get(info::get_model))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate_model_api,
+        ));
+    let admin_api = admin::routes().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        authenticate_admin_api,
+    ));
+    Router::new()
+        .merge(model_api)
+        .merge(admin_api)
         .route("/healthz", get(info::healthz))
         .route("/metrics", get(info::metrics))
         .fallback(not_found)
@@ -112,6 +131,36 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// `/v1`: a valid key, or none under `--no-auth`.
+async fn authenticate_model_api(
+    State(state): State<SharedState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    match state.auth.for_model_api(req.headers()).await {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `/api`: always a valid key; each route checks the key's role.
+async fn authenticate_admin_api(
+    State(state): State<SharedState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    match state.auth.for_admin_api(req.headers()).await {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// A panic in a handler is a bug: log it, answer 500 in the API's shape.
@@ -213,11 +262,16 @@ async fn observe(State(state): State<SharedState>, mut req: Request, next: Next)
 fn finish_call(call: &calls::CallContext, result: Result<Response, ApiError>) -> Response {
     let served = call.state.is_served(&call.model);
     if let (Err(e), true) = (&result, served) {
-        call.failed(e.code.as_str());
+        call.failed(e.code.as_str(), calls::Used::default());
     }
     let model = if served { call.model.as_str() } else { "" };
     tracing::Span::current().record("model", model);
     let mut r = result.into_response();
+    for (name, value) in call.rate_headers() {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            r.headers_mut().insert(name, v);
+        }
+    }
     r.extensions_mut().insert(ModelLabel(model.to_string()));
     r
 }

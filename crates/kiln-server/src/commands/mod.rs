@@ -1,5 +1,6 @@
 //! The command-line commands other than `serve`.
 
+pub mod admin;
 pub mod chat;
 pub mod models;
 pub mod pull;

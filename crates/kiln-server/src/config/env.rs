@@ -24,10 +24,17 @@ pub const KILN_THREADS: &str = "KILN_THREADS";
 /// Log filter in `tracing` syntax, e.g. `info` or `kiln_server=debug`.
 /// Default `info`.
 pub const KILN_LOG: &str = "KILN_LOG";
-/// SQLite file of the request log. Default `$KILN_HOME/kiln.db`.
+/// SQLite file of the usage ledger, keys and tenants. Default
+/// `$KILN_HOME/kiln.db`.
 pub const KILN_DATABASE: &str = "KILN_DATABASE";
 /// Concurrent embedding batches. Default 2.
 pub const KILN_EMBEDDING_CONCURRENCY: &str = "KILN_EMBEDDING_CONCURRENCY";
+/// `1` or `true`: `/v1` accepts requests without an API key, charged to
+/// the `local` tenant. Default: a key is required.
+pub const KILN_NO_AUTH: &str = "KILN_NO_AUTH";
+/// Seconds a replica's lease lasts without renewal; after that its open
+/// reservations are settled as interrupted. Default 10.
+pub const KILN_LEASE_SECONDS: &str = "KILN_LEASE_SECONDS";
 
 /// Every variable above, for `--help` text and checks.
 pub const ALL: &[&str] = &[
@@ -42,4 +49,6 @@ pub const ALL: &[&str] = &[
     KILN_LOG,
     KILN_EMBEDDING_CONCURRENCY,
     KILN_DATABASE,
+    KILN_NO_AUTH,
+    KILN_LEASE_SECONDS,
 ];

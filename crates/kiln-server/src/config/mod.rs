@@ -19,6 +19,7 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_PORT: u16 = 8080;
 pub const DEFAULT_QUEUE_CAPACITY: usize = 16;
 pub const DEFAULT_EMBEDDING_CONCURRENCY: usize = 2;
+pub const DEFAULT_LEASE_SECONDS: u64 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -45,6 +46,8 @@ pub struct ConfigLayer {
     pub log: Option<String>,
     pub embedding_concurrency: Option<usize>,
     pub database: Option<PathBuf>,
+    pub no_auth: Option<bool>,
+    pub lease_seconds: Option<u64>,
 }
 
 impl ConfigLayer {
@@ -64,7 +67,9 @@ impl ConfigLayer {
             threads,
             log,
             embedding_concurrency,
-            database
+            database,
+            no_auth,
+            lease_seconds
         );
     }
 
@@ -123,6 +128,22 @@ impl ConfigLayer {
                 "a whole number",
             )?,
             database: nonempty(env::KILN_DATABASE).map(PathBuf::from),
+            no_auth: match nonempty(env::KILN_NO_AUTH).as_deref().map(str::trim) {
+                None => None,
+                Some("1" | "true" | "yes") => Some(true),
+                Some("0" | "false" | "no") => Some(false),
+                Some(other) => {
+                    return Err(ConfigError::Env {
+                        var: env::KILN_NO_AUTH,
+                        reason: format!("`{other}` is not true/false"),
+                    })
+                }
+            },
+            lease_seconds: parse(
+                env::KILN_LEASE_SECONDS,
+                nonempty(env::KILN_LEASE_SECONDS),
+                "a whole number of seconds",
+            )?,
         })
     }
 
@@ -153,8 +174,12 @@ pub struct ServeConfig {
     pub threads: Option<usize>,
     pub log: String,
     pub embedding_concurrency: usize,
-    /// The SQLite request log.
+    /// The SQLite database: ledger, tenants, keys, prices.
     pub database: PathBuf,
+    /// `/v1` without keys, charged to the `local` tenant.
+    pub no_auth: bool,
+    /// How long this replica's lease lasts without renewal.
+    pub lease: std::time::Duration,
     /// The TOML file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -255,8 +280,16 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
             }
         }
     }
+    let lease_seconds = layer.lease_seconds.unwrap_or(DEFAULT_LEASE_SECONDS);
+    if !(2..=3600).contains(&lease_seconds) {
+        return invalid(format!(
+            "lease_seconds is {lease_seconds}; it must be between 2 and 3600"
+        ));
+    }
     let home = layer.home.unwrap_or_else(default_home);
     Ok(ServeConfig {
+        no_auth: layer.no_auth.unwrap_or(false),
+        lease: std::time::Duration::from_secs(lease_seconds),
         database: layer
             .database
             .unwrap_or_else(|| kiln_store::default_db_path(&home)),

@@ -41,15 +41,26 @@ pub struct Server {
     pub port: u16,
     /// Everything the server wrote to stderr so far.
     pub log: Arc<Mutex<String>>,
-    /// Holds the server's request log (`kiln.db`).
+    /// Holds the server's database (`kiln.db`).
     pub data: tempfile::TempDir,
+    /// The platform admin key the first start printed; sent with every
+    /// request that sets no `Authorization` of its own.
+    pub admin_key: Option<String>,
 }
+
+/// The line `kiln serve` prints once with the first admin key.
+pub const ADMIN_KEY_LINE: &str =
+    "created the platform admin API key (shown only now, keep it safe): ";
 
 impl Server {
     /// Starts `kiln serve --port 0` with `extra` arguments and waits for its
     /// "listening" line.
     pub fn start(extra: &[&str]) -> Result<Server> {
-        let data = tempfile::tempdir()?;
+        Self::start_in(tempfile::tempdir()?, extra)
+    }
+
+    /// Starts on the database in `data` (a restart keeps its ledger).
+    pub fn start_in(data: tempfile::TempDir, extra: &[&str]) -> Result<Server> {
         let db = data.path().join("kiln.db");
         let mut child = kiln()
             .args(["serve", "--host", "127.0.0.1", "--port", "0", "--database"])
@@ -80,12 +91,21 @@ impl Server {
             }
         });
         match rx.recv_timeout(Duration::from_secs(180)) {
-            Ok(Some(port)) => Ok(Server {
-                child,
-                port,
-                log,
-                data,
-            }),
+            Ok(Some(port)) => {
+                let admin_key = log
+                    .lock()
+                    .unwrap()
+                    .lines()
+                    .find_map(|l| l.split(ADMIN_KEY_LINE).nth(1))
+                    .map(|k| k.trim().to_string());
+                Ok(Server {
+                    child,
+                    port,
+                    log,
+                    data,
+                    admin_key,
+                })
+            }
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -106,7 +126,32 @@ impl Server {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<Response> {
-        request(self.port, method, path, headers, body)
+        let auth = self.admin_key.as_ref().map(|k| format!("Bearer {k}"));
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        let has_auth = headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
+        if let (Some(a), false) = (&auth, has_auth) {
+            all.push(("Authorization", a));
+        }
+        request(self.port, method, path, &all, body)
+    }
+
+    /// A JSON request made with `key` (`None`: no key at all).
+    pub fn call_as(
+        &self,
+        key: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Response> {
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a));
+        }
+        let body = body.map(Value::to_string).unwrap_or_default();
+        request(self.port, method, path, &headers, body.as_bytes())
     }
 
     pub fn get(&self, path: &str) -> Result<Response> {
@@ -277,14 +322,20 @@ pub fn request(
 
 /// Opens a streaming request and returns the socket after the response
 /// headers and the first `data:` event have arrived.
-pub fn open_stream(port: u16, path: &str, body: &Value) -> Result<TcpStream> {
+/// `key` goes in `Authorization: Bearer`.
+pub fn open_stream(port: u16, path: &str, body: &Value, key: Option<&str>) -> Result<TcpStream> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a));
+    }
     write_request(
         &mut stream,
         "POST",
         path,
-        &[("Content-Type", "application/json")],
+        &headers,
         body.to_string().as_bytes(),
     )?;
     let mut seen = Vec::new();

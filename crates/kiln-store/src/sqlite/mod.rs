@@ -11,8 +11,13 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::calls::{new_call_id, CallLog, CallRecord, ModelUsage, Outcome, StoredCall};
 use crate::error::{Result, StoreError};
+
+mod accounts;
+mod billing;
+mod ledger;
+
+pub use billing::INTERRUPTED;
 
 /// How long a writer waits for another writer's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,12 +34,17 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "request_log",
-        sql: include_str!("../migrations/sqlite/0001_request_log.sql"),
+        sql: include_str!("../../migrations/sqlite/0001_request_log.sql"),
     },
     Migration {
         version: 2,
         name: "request_log_text_ids",
-        sql: include_str!("../migrations/sqlite/0002_request_log_text_ids.sql"),
+        sql: include_str!("../../migrations/sqlite/0002_request_log_text_ids.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "tenants_keys_billing",
+        sql: include_str!("../../migrations/sqlite/0003_tenants_keys_billing.sql"),
     },
 ];
 
@@ -179,97 +189,14 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     Ok(())
 }
 
-impl CallLog for Store {
-    fn record_call(&self, call: &CallRecord) -> Result<()> {
-        let conn = self.lock();
-        conn.execute(
-            "INSERT INTO request_log (id, created_at, request_id, endpoint, model, prompt_tokens,
-                 cached_tokens, completion_tokens, outcome, latency_ms, time_to_first_token_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                new_call_id(),
-                call.created_at_ms,
-                call.request_id,
-                call.endpoint,
-                call.model,
-                call.prompt_tokens,
-                call.cached_tokens,
-                call.completion_tokens,
-                call.outcome.as_db_text(),
-                call.latency_ms,
-                call.ttft_ms,
-            ],
-        )?;
-        Ok(())
-    }
-
-    fn recent_calls(&self, limit: usize) -> Result<Vec<StoredCall>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, created_at, request_id, endpoint, model, prompt_tokens, cached_tokens,
-                    completion_tokens, outcome, latency_ms, time_to_first_token_ms
-             FROM request_log ORDER BY created_at DESC, rowid DESC LIMIT ?1",
-        )?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt.query_map([limit], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(8)?,
-                CallRecord {
-                    created_at_ms: r.get(1)?,
-                    request_id: r.get(2)?,
-                    endpoint: r.get(3)?,
-                    model: r.get(4)?,
-                    prompt_tokens: r.get(5)?,
-                    cached_tokens: r.get(6)?,
-                    completion_tokens: r.get(7)?,
-                    // Replaced below, once the text is checked.
-                    outcome: Outcome::Ok,
-                    latency_ms: r.get(9)?,
-                    ttft_ms: r.get(10)?,
-                },
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, outcome, mut record) = row?;
-            record.outcome = Outcome::from_db_text(&outcome).ok_or_else(|| StoreError::BadRow {
-                table: "request_log",
-                id: id.clone(),
-                reason: format!("unknown outcome `{outcome}`"),
-            })?;
-            out.push(StoredCall { id, record });
-        }
-        Ok(out)
-    }
-
-    fn usage_totals(&self) -> Result<Vec<ModelUsage>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT model, COUNT(*), SUM(outcome LIKE 'error:%'), SUM(prompt_tokens),
-                    SUM(cached_tokens), SUM(completion_tokens)
-             FROM request_log GROUP BY model ORDER BY model",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(ModelUsage {
-                model: r.get(0)?,
-                calls: r.get(1)?,
-                errors: r.get(2)?,
-                prompt_tokens: r.get(3)?,
-                cached_tokens: r.get(4)?,
-                completion_tokens: r.get(5)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::calls::{CallLog, CallRecord, ModelUsage, Outcome};
     use crate::endpoint;
+    use crate::money::Money;
 
     type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
@@ -285,6 +212,10 @@ mod tests {
             outcome,
             latency_ms: 120,
             ttft_ms: Some(15),
+            caller: None,
+            backend: "embedded".into(),
+            prices: None,
+            cost: Money::ZERO,
         }
     }
 
@@ -315,7 +246,7 @@ mod tests {
         for _ in 0..2 {
             let store = Store::open(&path)?;
             assert_eq!(store.schema_version()?, SCHEMA_VERSION);
-            assert_eq!(store.recent_calls(10)?.len(), 1);
+            assert_eq!(store.recent_calls(None, 10)?.len(), 1);
             let applied = count(&store, "SELECT COUNT(*) FROM schema_migrations")?;
             assert_eq!(applied, MIGRATIONS.len() as i64);
         }
@@ -350,7 +281,7 @@ mod tests {
             "SELECT applied_at FROM schema_migrations WHERE version = 1",
         )?;
         assert_eq!(first, 7);
-        let calls = store.recent_calls(10)?;
+        let calls = store.recent_calls(None, 10)?;
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].id, "legacy-1");
         assert_eq!(calls[0].record.outcome, Outcome::Error("busy".into()));
@@ -399,7 +330,7 @@ mod tests {
             r.created_at_ms = 1_700_000_000_000;
             store.record_call(&r)?;
         }
-        let recent = store.recent_calls(3)?;
+        let recent = store.recent_calls(None, 3)?;
         let got: Vec<_> = recent.iter().map(|s| s.record.model.clone()).collect();
         assert_eq!(got, ["smollm2-135m", "smollm2-135m", "all-minilm-l6-v2"]);
         assert_eq!(recent[0].record.outcome, Outcome::Length);
@@ -409,13 +340,16 @@ mod tests {
         assert_eq!(recent[2].record, expected);
         assert!(recent.iter().all(|s| s.id.starts_with("call-")));
         assert_ne!(recent[0].id, recent[1].id);
-        assert!(store.recent_calls(0)?.is_empty());
+        assert!(store.recent_calls(None, 0)?.is_empty());
         // Recency is by time, not by insertion: an old call recorded late
         // does not come first.
         let mut old = call("x", Outcome::Stop, 1, 1);
         old.created_at_ms = 1;
         store.record_call(&old)?;
-        assert_eq!(store.recent_calls(1)?[0].record.outcome, Outcome::Length);
+        assert_eq!(
+            store.recent_calls(None, 1)?[0].record.outcome,
+            Outcome::Length
+        );
 
         let totals = store.usage_totals()?;
         assert_eq!(
@@ -456,18 +390,18 @@ mod tests {
         store.record_call(&call("m", Outcome::Stop, 1, 1))?;
         let refused = store
             .lock()
-            .execute("UPDATE request_log SET outcome = 'exploded'", []);
+            .execute("UPDATE usage_ledger SET outcome = 'exploded'", []);
         assert!(refused.is_err(), "the CHECK constraint refuses it");
         let refused = store
             .lock()
-            .execute("UPDATE request_log SET outcome = 'error:'", []);
+            .execute("UPDATE usage_ledger SET outcome = 'error:'", []);
         assert!(refused.is_err(), "an error needs a code");
         // A row that slipped past the constraint is an error naming the row.
         store.lock().execute_batch(
             "PRAGMA ignore_check_constraints = ON;
-             UPDATE request_log SET outcome = 'exploded';",
+             UPDATE usage_ledger SET outcome = 'exploded';",
         )?;
-        let err = store.recent_calls(1).err().ok_or("must fail")?;
+        let err = store.recent_calls(None, 1).err().ok_or("must fail")?;
         assert!(matches!(err, StoreError::BadRow { .. }), "{err}");
         assert!(err.to_string().contains("exploded"), "{err}");
         Ok(())
@@ -529,7 +463,7 @@ mod tests {
         assert_eq!(totals[0].calls, 2 * 4 * per_thread);
         let distinct = count(
             &reader,
-            "SELECT COUNT(DISTINCT request_id) FROM request_log",
+            "SELECT COUNT(DISTINCT request_id) FROM usage_ledger",
         )?;
         assert_eq!(distinct as u64, 2 * 4 * per_thread);
         Ok(())
@@ -539,6 +473,6 @@ mod tests {
     fn store_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Store>();
-        let _: Option<Arc<dyn CallLog>> = None;
+        let _: Option<Arc<dyn crate::Database>> = None;
     }
 }

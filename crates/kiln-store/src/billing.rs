@@ -1,0 +1,317 @@
+//! Prices, credits, budgets, and the reservation protocol that keeps them
+//! exact under concurrency ([`Billing`]).
+//!
+//! A call is admitted by *reserving* its worst-case cost (every prompt token
+//! uncached, `max_tokens` generated) against its tenant's and key's budgets,
+//! in one transaction that also checks them; no admitted set of calls can
+//! spend more than a budget holds. When the call ends it is *settled*, again
+//! in one transaction: the usage ledger row is written (its id is the
+//! reservation's, so a second settlement of the same call changes nothing),
+//! the reservation is dropped, and the actual cost is taken from the
+//! balances and added to the month's spend.
+//!
+//! Each reservation belongs to the replica that made it. A replica holds a
+//! lease in the store and renews it; reservations of a replica whose lease
+//! lapsed are settled by whichever replica notices first (including the same
+//! machine after a restart) under this rule: the call is recorded in the
+//! ledger as `error:interrupted` with no tokens and no cost, and its
+//! reservation is released. A client whose call was interrupted by a crash
+//! never received a whole response, so nothing is charged for it; a response
+//! that was delivered in full was settled before its last byte was sent. If a
+//! replica that was only paused (its lease lapsed while it was alive) later
+//! settles such a call, the settlement replaces the `interrupted` row and the
+//! cost is charged then.
+
+use serde::{Deserialize, Serialize};
+
+use crate::calls::{LedgerEntry, Outcome};
+use crate::error::Result;
+use crate::money::{Money, Prices, TokenCounts};
+
+/// Who a call is charged to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Caller {
+    pub tenant_id: String,
+    /// `None` for calls made without a key (`--no-auth`).
+    pub key_id: Option<String>,
+}
+
+/// A call asking to be admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationRequest {
+    pub caller: Caller,
+    pub request_id: String,
+    pub endpoint: String,
+    pub model: String,
+    /// `embedded`, or the name of an upstream backend.
+    pub backend: String,
+    pub prompt_tokens: u64,
+    pub max_completion_tokens: u64,
+}
+
+/// An admitted call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// `use-<32 hex digits>`; the ledger row's id once settled.
+    pub id: String,
+    pub replica_id: String,
+    pub created_at_ms: i64,
+    pub caller: Caller,
+    pub request_id: String,
+    pub endpoint: String,
+    pub model: String,
+    pub backend: String,
+    pub prompt_tokens: u64,
+    pub max_completion_tokens: u64,
+    /// The worst-case cost held.
+    pub amount: Money,
+    /// The model's prices when admitted; `None`: the model has no price.
+    pub prices: Option<Prices>,
+}
+
+/// Why a call was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Refusal {
+    /// The prepaid balance left (after other calls' reservations) is less
+    /// than the call's worst case.
+    InsufficientCredit {
+        /// `tenant` or `key`.
+        account: String,
+        available: Money,
+        needed: Money,
+    },
+    /// The month's spend plus reservations plus this call would pass the
+    /// monthly limit.
+    MonthlyLimit {
+        account: String,
+        limit: Money,
+        committed: Money,
+        needed: Money,
+    },
+    /// The tenant is disabled, or the key was revoked meanwhile.
+    AccountDisabled { account: String },
+}
+
+impl Refusal {
+    /// A message for the client.
+    pub fn message(&self, currency: &str) -> String {
+        match self {
+            Refusal::InsufficientCredit {
+                account,
+                available,
+                needed,
+            } => format!(
+                "the {account}'s credit balance cannot cover this request: it may cost up to {needed} {currency} (prompt plus max_tokens), and {available} {currency} is available; lower max_tokens or add credit"
+            ),
+            Refusal::MonthlyLimit {
+                account,
+                limit,
+                committed,
+                needed,
+            } => format!(
+                "this request would pass the {account}'s monthly spending limit of {limit} {currency}: {committed} {currency} is spent or reserved this month and the request may cost up to {needed} {currency}"
+            ),
+            Refusal::AccountDisabled { account } => {
+                format!("the {account} is disabled")
+            }
+        }
+    }
+}
+
+/// How an admitted call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub reservation_id: String,
+    pub outcome: Outcome,
+    pub tokens: TokenCounts,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+}
+
+/// One change to a balance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditEntry {
+    pub id: String,
+    pub created_at_ms: i64,
+    pub tenant_id: String,
+    /// `None`: the tenant's balance.
+    pub key_id: Option<String>,
+    pub kind: CreditKind,
+    pub amount: Money,
+    pub note: String,
+    pub created_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreditKind {
+    /// Credit the tenant paid for.
+    Prepaid,
+    /// Credit given (a trial, a compensation).
+    Grant,
+    /// A correction, positive or negative.
+    Adjustment,
+}
+
+impl CreditKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CreditKind::Prepaid => "prepaid",
+            CreditKind::Grant => "grant",
+            CreditKind::Adjustment => "adjustment",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<CreditKind> {
+        match text {
+            "prepaid" => Some(CreditKind::Prepaid),
+            "grant" => Some(CreditKind::Grant),
+            "adjustment" => Some(CreditKind::Adjustment),
+            _ => None,
+        }
+    }
+}
+
+/// A credit to add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewCredit {
+    pub tenant_id: String,
+    pub key_id: Option<String>,
+    pub kind: CreditKind,
+    pub amount: Money,
+    pub note: String,
+    pub created_by: Option<String>,
+}
+
+/// An account's budget as it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Budget {
+    pub balance: Option<Money>,
+    pub reserved: Money,
+    pub monthly_limit: Option<Money>,
+    /// Settled spend this UTC month.
+    pub spent_this_month: Money,
+    pub month: String,
+}
+
+/// Prices, credits, reservations and leases. Every method blocks.
+pub trait Billing: Send + Sync {
+    /// The platform currency every price and balance is in.
+    fn currency(&self) -> Result<String>;
+    fn set_price(&self, model: &str, prices: &Prices) -> Result<()>;
+    /// `false` when the model had no price.
+    fn delete_price(&self, model: &str) -> Result<bool>;
+    fn prices(&self) -> Result<Vec<(String, Prices)>>;
+    fn price(&self, model: &str) -> Result<Option<Prices>>;
+
+    /// Adds a credit entry and moves the balance it names (a balance that
+    /// was `None` starts at zero).
+    fn add_credit(&self, credit: &NewCredit) -> Result<CreditEntry>;
+    fn credits(&self, tenant_id: &str) -> Result<Vec<CreditEntry>>;
+    /// The tenant's budget, or a key's when `key_id` is given.
+    fn budget(&self, tenant_id: &str, key_id: Option<&str>) -> Result<Option<Budget>>;
+
+    /// Registers (or re-registers) a replica with a lease until `until_ms`.
+    fn renew_lease(&self, replica_id: &str, until_ms: i64) -> Result<()>;
+    /// Removes a replica's lease at a clean shutdown (after its calls ended).
+    fn drop_lease(&self, replica_id: &str) -> Result<()>;
+    /// Settles, under the rule in this module's docs, every reservation of
+    /// a replica whose lease ended before `now_ms`; returns how many.
+    fn recover_lapsed(&self, now_ms: i64) -> Result<usize>;
+
+    /// Admits a call or says why not.
+    fn reserve(
+        &self,
+        replica_id: &str,
+        req: &ReservationRequest,
+    ) -> Result<std::result::Result<Reservation, Refusal>>;
+    /// Settles a call; `None` when it was settled already (nothing changes).
+    fn settle(&self, s: &Settlement) -> Result<Option<LedgerEntry>>;
+    /// Reservations still open (all replicas).
+    fn open_reservations(&self) -> Result<Vec<Reservation>>;
+}
+
+/// A fresh reservation (and ledger) id.
+pub(crate) fn new_usage_id() -> String {
+    format!("use-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A fresh credit entry id.
+pub(crate) fn new_credit_id() -> String {
+    format!("crd-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// `YYYY-MM` of a unix-millisecond time, in UTC.
+pub fn utc_month(unix_ms: i64) -> String {
+    let (y, m, _) = civil_from_days(unix_ms.div_euclid(86_400_000));
+    format!("{y:04}-{m:02}")
+}
+
+/// `YYYY-MM-DD` of a unix-millisecond time, in UTC.
+pub fn utc_day(unix_ms: i64) -> String {
+    let (y, m, d) = civil_from_days(unix_ms.div_euclid(86_400_000));
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Unix milliseconds at the start of a UTC day given as `YYYY-MM-DD`.
+pub fn parse_utc_day(text: &str) -> Option<i64> {
+    let mut parts = text.split('-');
+    let y: i64 = parts.next()?.parse().ok()?;
+    let m: u32 = parts.next()?.parse().ok()?;
+    let d: u32 = parts.next()?.parse().ok()?;
+    if parts.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let days = days_from_civil(y, m, d);
+    // Reject 2025-02-30 and the like: it must print back the same.
+    (civil_from_days(days) == (y, m, d)).then_some(days * 86_400_000)
+}
+
+/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_day(0), "1970-01-01");
+        assert_eq!(utc_month(0), "1970-01");
+        // 2026-11-25T22:00:00Z
+        assert_eq!(utc_day(1_795_644_000_000), "2026-11-25");
+        assert_eq!(utc_day(951_782_400_000), "2000-02-29");
+        assert_eq!(utc_day(-1), "1969-12-31");
+        assert_eq!(parse_utc_day("2000-02-29"), Some(951_782_400_000));
+        assert_eq!(parse_utc_day("1970-01-01"), Some(0));
+        for bad in ["2025-02-30", "2025-13-01", "x", "2025-1", "2025-01-01-01"] {
+            assert_eq!(parse_utc_day(bad), None, "{bad}");
+        }
+        for day in [-800_000i64, -1, 0, 59, 10_957, 20_416, 2_932_896] {
+            let (y, m, d) = civil_from_days(day);
+            assert_eq!(days_from_civil(y, m, d), day);
+        }
+    }
+}

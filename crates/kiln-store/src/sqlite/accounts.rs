@@ -1,0 +1,388 @@
+//! Tenants and keys on SQLite.
+
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+
+use super::Store;
+use crate::accounts::{
+    new_key_id, new_secret, new_tenant_id, secret_hash, shown_prefix, validate_name, Accounts,
+    ApiKey, IssuedKey, KeyOwner, Limits, NewKey, NewTenant, Role, Tenant, TenantUpdate,
+};
+use crate::error::{Result, StoreError};
+use crate::money::Money;
+
+const TENANT_COLUMNS: &str = "id, name, created_at, disabled_at, balance_nanos,
+     monthly_limit_nanos, reserved_nanos, requests_per_minute, tokens_per_minute";
+
+const KEY_COLUMNS: &str = "id, tenant_id, name, prefix, role, models, created_at, expires_at,
+     revoked_at, rotated_at, balance_nanos, monthly_limit_nanos, reserved_nanos,
+     requests_per_minute, tokens_per_minute";
+
+fn tenant_from_row(r: &Row<'_>) -> rusqlite::Result<Tenant> {
+    Ok(Tenant {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        created_at_ms: r.get(2)?,
+        disabled_at_ms: r.get(3)?,
+        balance: r.get::<_, Option<i64>>(4)?.map(Money),
+        reserved: Money(r.get(6)?),
+        limits: Limits {
+            monthly_limit: r.get::<_, Option<i64>>(5)?.map(Money),
+            requests_per_minute: r.get(7)?,
+            tokens_per_minute: r.get(8)?,
+        },
+    })
+}
+
+/// A key row, with its role and model list still as text to be checked.
+struct RawKey {
+    key: ApiKey,
+    role: String,
+    models: Option<String>,
+}
+
+fn key_from_row(r: &Row<'_>) -> rusqlite::Result<RawKey> {
+    Ok(RawKey {
+        key: ApiKey {
+            id: r.get(0)?,
+            tenant_id: r.get(1)?,
+            name: r.get(2)?,
+            prefix: r.get(3)?,
+            role: Role::Member,
+            models: None,
+            created_at_ms: r.get(6)?,
+            expires_at_ms: r.get(7)?,
+            revoked_at_ms: r.get(8)?,
+            rotated_at_ms: r.get(9)?,
+            balance: r.get::<_, Option<i64>>(10)?.map(Money),
+            reserved: Money(r.get(12)?),
+            limits: Limits {
+                monthly_limit: r.get::<_, Option<i64>>(11)?.map(Money),
+                requests_per_minute: r.get(13)?,
+                tokens_per_minute: r.get(14)?,
+            },
+        },
+        role: r.get(4)?,
+        models: r.get(5)?,
+    })
+}
+
+impl RawKey {
+    fn checked(self) -> Result<ApiKey> {
+        let bad = |reason: String| StoreError::BadRow {
+            table: "api_keys",
+            id: self.key.id.clone(),
+            reason,
+        };
+        let role = Role::parse(&self.role).ok_or_else(|| bad(format!("role `{}`", self.role)))?;
+        let models = match &self.models {
+            None => None,
+            Some(text) => Some(
+                serde_json::from_str::<Vec<String>>(text)
+                    .map_err(|e| bad(format!("model list: {e}")))?,
+            ),
+        };
+        Ok(ApiKey {
+            role,
+            models,
+            ..self.key
+        })
+    }
+}
+
+fn bump_epoch(conn: &Connection) -> Result<()> {
+    conn.execute("UPDATE platform SET auth_epoch = auth_epoch + 1", [])?;
+    Ok(())
+}
+
+fn tenant_by(conn: &Connection, id_or_name: &str) -> Result<Option<Tenant>> {
+    let sql = format!(
+        "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = ?1
+         UNION ALL SELECT {TENANT_COLUMNS} FROM tenants WHERE name = ?1 LIMIT 1"
+    );
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([id_or_name], tenant_from_row)
+        .optional()?)
+}
+
+fn key_by(conn: &Connection, column: &str, value: &str) -> Result<Option<ApiKey>> {
+    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE {column} = ?1");
+    conn.prepare_cached(&sql)?
+        .query_row([value], key_from_row)
+        .optional()?
+        .map(RawKey::checked)
+        .transpose()
+}
+
+fn invalid(message: String) -> StoreError {
+    StoreError::Invalid(message)
+}
+
+fn check_limits(l: &Limits) -> Result<()> {
+    if let Some(m) = l.monthly_limit {
+        if m < Money::ZERO || !m.is_reasonable() {
+            return Err(invalid(format!(
+                "the monthly limit {m} must be between 0 and {}",
+                crate::money::MAX_AMOUNT
+            )));
+        }
+    }
+    for (what, v) in [
+        ("requests_per_minute", l.requests_per_minute),
+        ("tokens_per_minute", l.tokens_per_minute),
+    ] {
+        if v == Some(0) {
+            return Err(invalid(format!(
+                "{what} must be at least 1 (leave it out for no limit)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Accounts for Store {
+    fn create_tenant(&self, new: &NewTenant) -> Result<Tenant> {
+        validate_name("the tenant name", &new.name).map_err(invalid)?;
+        check_limits(&new.limits)?;
+        let conn = self.lock();
+        let tenant = Tenant {
+            id: new_tenant_id(),
+            name: new.name.clone(),
+            created_at_ms: crate::now_ms(),
+            disabled_at_ms: None,
+            balance: None,
+            reserved: Money::ZERO,
+            limits: new.limits.clone(),
+        };
+        let inserted = conn.execute(
+            "INSERT INTO tenants (id, name, created_at, monthly_limit_nanos, requests_per_minute,
+                 tokens_per_minute)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO NOTHING",
+            params![
+                tenant.id,
+                tenant.name,
+                tenant.created_at_ms,
+                tenant.limits.monthly_limit.map(Money::nanos),
+                tenant.limits.requests_per_minute,
+                tenant.limits.tokens_per_minute,
+            ],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!(
+                "a tenant named `{}` already exists",
+                new.name
+            )));
+        }
+        bump_epoch(&conn)?;
+        Ok(tenant)
+    }
+
+    fn tenants(&self) -> Result<Vec<Tenant>> {
+        let conn = self.lock();
+        let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants ORDER BY name");
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map([], tenant_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn tenant(&self, id_or_name: &str) -> Result<Option<Tenant>> {
+        tenant_by(&self.lock(), id_or_name)
+    }
+
+    fn update_tenant(&self, id: &str, u: &TenantUpdate) -> Result<Option<Tenant>> {
+        if let Some(name) = &u.name {
+            validate_name("the tenant name", name).map_err(invalid)?;
+        }
+        check_limits(&Limits {
+            monthly_limit: u.monthly_limit.flatten(),
+            requests_per_minute: u.requests_per_minute.flatten(),
+            tokens_per_minute: u.tokens_per_minute.flatten(),
+        })?;
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(current) = tenant_by(&tx, id)?.filter(|t| t.id == id) else {
+            return Ok(None);
+        };
+        let name = u.name.clone().unwrap_or(current.name.clone());
+        let disabled_at = match u.disabled {
+            None => current.disabled_at_ms,
+            Some(false) => None,
+            Some(true) => current.disabled_at_ms.or(Some(crate::now_ms())),
+        };
+        let monthly = u.monthly_limit.unwrap_or(current.limits.monthly_limit);
+        let rpm = u
+            .requests_per_minute
+            .unwrap_or(current.limits.requests_per_minute);
+        let tpm = u
+            .tokens_per_minute
+            .unwrap_or(current.limits.tokens_per_minute);
+        let changed = tx.execute(
+            "UPDATE tenants SET name = ?2, disabled_at = ?3, monthly_limit_nanos = ?4,
+                 requests_per_minute = ?5, tokens_per_minute = ?6
+             WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM tenants WHERE name = ?2 AND id <> ?1)",
+            params![id, name, disabled_at, monthly.map(Money::nanos), rpm, tpm],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::Conflict(format!(
+                "a tenant named `{name}` already exists"
+            )));
+        }
+        bump_epoch(&tx)?;
+        let updated = tenant_by(&tx, id)?;
+        tx.commit()?;
+        Ok(updated)
+    }
+
+    fn create_key(&self, new: &NewKey) -> Result<IssuedKey> {
+        validate_name("the key name", &new.name).map_err(invalid)?;
+        check_limits(&new.limits)?;
+        if let Some(models) = &new.models {
+            if models.iter().any(String::is_empty) {
+                return Err(invalid("a key's model names must not be empty".into()));
+            }
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(tenant) = tenant_by(&tx, &new.tenant_id)?.filter(|t| t.id == new.tenant_id) else {
+            return Err(StoreError::NotFound(format!(
+                "no tenant with id `{}`",
+                new.tenant_id
+            )));
+        };
+        let secret = new_secret();
+        let key = ApiKey {
+            id: new_key_id(),
+            tenant_id: tenant.id,
+            name: new.name.clone(),
+            prefix: shown_prefix(&secret),
+            role: new.role,
+            models: new.models.clone(),
+            created_at_ms: crate::now_ms(),
+            expires_at_ms: new.expires_at_ms,
+            revoked_at_ms: None,
+            rotated_at_ms: None,
+            balance: None,
+            reserved: Money::ZERO,
+            limits: new.limits.clone(),
+        };
+        let models = key
+            .models
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| invalid(format!("model list: {e}")))?;
+        tx.execute(
+            "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_sha256, role, models,
+                 created_at, expires_at, monthly_limit_nanos, requests_per_minute,
+                 tokens_per_minute)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                key.id,
+                key.tenant_id,
+                key.name,
+                key.prefix,
+                secret_hash(&secret),
+                key.role.as_str(),
+                models,
+                key.created_at_ms,
+                key.expires_at_ms,
+                key.limits.monthly_limit.map(Money::nanos),
+                key.limits.requests_per_minute,
+                key.limits.tokens_per_minute,
+            ],
+        )?;
+        bump_epoch(&tx)?;
+        tx.commit()?;
+        Ok(IssuedKey { key, secret })
+    }
+
+    fn keys(&self, tenant_id: Option<&str>) -> Result<Vec<ApiKey>> {
+        let conn = self.lock();
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE ?1 IS NULL OR tenant_id = ?1
+             ORDER BY created_at DESC, rowid DESC"
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map([tenant_id], key_from_row)?;
+        rows.map(|r| r?.checked()).collect()
+    }
+
+    fn key(&self, id: &str) -> Result<Option<ApiKey>> {
+        key_by(&self.lock(), "id", id)
+    }
+
+    fn revoke_key(&self, id: &str) -> Result<Option<ApiKey>> {
+        let conn = self.lock();
+        let changed = conn.execute(
+            "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+            params![id, crate::now_ms()],
+        )?;
+        if changed > 0 {
+            bump_epoch(&conn)?;
+        }
+        key_by(&conn, "id", id)
+    }
+
+    fn rotate_key(&self, id: &str) -> Result<Option<IssuedKey>> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let secret = new_secret();
+        let changed = tx.execute(
+            "UPDATE api_keys SET secret_sha256 = ?2, prefix = ?3, rotated_at = ?4
+             WHERE id = ?1 AND revoked_at IS NULL",
+            params![
+                id,
+                secret_hash(&secret),
+                shown_prefix(&secret),
+                crate::now_ms()
+            ],
+        )?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        bump_epoch(&tx)?;
+        let key = key_by(&tx, "id", id)?;
+        tx.commit()?;
+        Ok(key.map(|key| IssuedKey { key, secret }))
+    }
+
+    fn key_by_hash(&self, secret_sha256: &str) -> Result<Option<KeyOwner>> {
+        let conn = self.lock();
+        let Some(key) = key_by(&conn, "secret_sha256", secret_sha256)? else {
+            return Ok(None);
+        };
+        let tenant = tenant_by(&conn, &key.tenant_id)?.ok_or_else(|| StoreError::BadRow {
+            table: "api_keys",
+            id: key.id.clone(),
+            reason: format!("its tenant `{}` does not exist", key.tenant_id),
+        })?;
+        Ok(Some(KeyOwner { key, tenant }))
+    }
+
+    fn auth_epoch(&self) -> Result<i64> {
+        Ok(self
+            .lock()
+            .prepare_cached("SELECT auth_epoch FROM platform WHERE id = 1")?
+            .query_row([], |r| r.get(0))?)
+    }
+
+    fn update_key_limits(&self, id: &str, limits: &Limits) -> Result<Option<ApiKey>> {
+        check_limits(limits)?;
+        let conn = self.lock();
+        let changed = conn.execute(
+            "UPDATE api_keys SET monthly_limit_nanos = ?2, requests_per_minute = ?3,
+                 tokens_per_minute = ?4 WHERE id = ?1",
+            params![
+                id,
+                limits.monthly_limit.map(Money::nanos),
+                limits.requests_per_minute,
+                limits.tokens_per_minute
+            ],
+        )?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        bump_epoch(&conn)?;
+        key_by(&conn, "id", id)
+    }
+}

@@ -1,0 +1,52 @@
+//! The store suite on SQLite: an in-memory database per test, and a file
+//! shared by two `Store`s (two processes' worth of connections) for the race.
+
+mod suite;
+
+use std::sync::Arc;
+
+use kiln_store::{Database, Store};
+use suite::TestResult;
+
+fn fresh() -> Store {
+    Store::open_in_memory().unwrap_or_else(|e| panic!("in-memory store: {e}"))
+}
+
+#[test]
+fn tenants_and_keys() -> TestResult {
+    suite::tenants_and_keys(&fresh())
+}
+
+#[test]
+fn prices_are_checked() -> TestResult {
+    suite::prices_are_checked(&fresh())
+}
+
+#[test]
+fn reservations_settle_exactly() -> TestResult {
+    suite::reservations_settle_exactly(&fresh())
+}
+
+#[test]
+fn concurrent_reservations_never_overspend() -> TestResult {
+    suite::concurrent_reservations_never_overspend(&[Arc::new(fresh())])
+}
+
+#[test]
+fn concurrent_reservations_on_a_shared_file_never_overspend() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    let first: Arc<dyn Database> = Arc::new(Store::open(&path)?);
+    let second: Arc<dyn Database> = Arc::new(Store::open(&path)?);
+    suite::concurrent_reservations_never_overspend(&[first, second])
+}
+
+#[test]
+fn lapsed_leases_are_recovered() -> TestResult {
+    suite::lapsed_leases_are_recovered(&fresh())
+}
+
+#[test]
+fn usage_reports_group() -> TestResult {
+    suite::usage_reports_group(&fresh())
+}
