@@ -69,6 +69,13 @@ where
         .map_err(store_unavailable)
 }
 
+/// After a change to keys or tenants: this replica forgets its cached keys
+/// now (the others within one epoch poll).
+async fn refresh_auth(state: &SharedState) {
+    let auth = state.auth.clone();
+    let _ = tokio::task::spawn_blocking(move || auth.poll_epoch()).await;
+}
+
 fn denied(what: &str) -> ApiError {
     ApiError::new(
         ErrorCode::PermissionDenied,
@@ -215,10 +222,9 @@ async fn update_tenant(
         tokens_per_minute: body.limits.tokens_per_minute,
     };
     let tid = t.id.clone();
-    store(&state, move |db| db.update_tenant(&tid, &update))
-        .await?
-        .map(Json)
-        .ok_or_else(|| not_found("tenant", &id))
+    let updated = store(&state, move |db| db.update_tenant(&tid, &update)).await?;
+    refresh_auth(&state).await;
+    updated.map(Json).ok_or_else(|| not_found("tenant", &id))
 }
 
 #[derive(Debug, Deserialize)]
@@ -424,10 +430,9 @@ async fn update_key(
             .unwrap_or(k.limits.requests_per_minute),
         tokens_per_minute: body.tokens_per_minute.unwrap_or(k.limits.tokens_per_minute),
     };
-    store(&state, move |db| db.update_key_limits(&k.id, &limits))
-        .await?
-        .map(Json)
-        .ok_or_else(|| not_found("key", &id))
+    let updated = store(&state, move |db| db.update_key_limits(&k.id, &limits)).await?;
+    refresh_auth(&state).await;
+    updated.map(Json).ok_or_else(|| not_found("key", &id))
 }
 
 async fn revoke_key(
@@ -442,9 +447,7 @@ async fn revoke_key(
     let revoked = store(&state, move |db| db.revoke_key(&k.id))
         .await?
         .ok_or_else(|| not_found("key", &id))?;
-    // This replica forgets the key now; the others within one epoch poll.
-    let auth = state.auth.clone();
-    let _ = tokio::task::spawn_blocking(move || auth.poll_epoch()).await;
+    refresh_auth(&state).await;
     Ok(Json(revoked))
 }
 
@@ -465,8 +468,7 @@ async fn rotate_key(
                 format!("the key `{id}` is revoked and cannot be rotated"),
             )
         })?;
-    let auth = state.auth.clone();
-    let _ = tokio::task::spawn_blocking(move || auth.poll_epoch()).await;
+    refresh_auth(&state).await;
     Ok(Json(issued))
 }
 

@@ -41,8 +41,9 @@ pub struct Server {
     pub port: u16,
     /// Everything the server wrote to stderr so far.
     pub log: Arc<Mutex<String>>,
-    /// Holds the server's database (`kiln.db`).
-    pub data: tempfile::TempDir,
+    /// Holds the server's database (`kiln.db`); shared with a restarted
+    /// server.
+    pub data: Arc<tempfile::TempDir>,
     /// The platform admin key the first start printed; sent with every
     /// request that sets no `Authorization` of its own.
     pub admin_key: Option<String>,
@@ -56,13 +57,23 @@ impl Server {
     /// Starts `kiln serve --port 0` with `extra` arguments and waits for its
     /// "listening" line.
     pub fn start(extra: &[&str]) -> Result<Server> {
-        Self::start_in(tempfile::tempdir()?, extra)
+        Self::start_in(Arc::new(tempfile::tempdir()?), extra)
     }
 
     /// Starts on the database in `data` (a restart keeps its ledger).
-    pub fn start_in(data: tempfile::TempDir, extra: &[&str]) -> Result<Server> {
+    pub fn start_in(data: Arc<tempfile::TempDir>, extra: &[&str]) -> Result<Server> {
+        Self::start_with(data, extra, &[])
+    }
+
+    /// Starts with extra environment variables.
+    pub fn start_with(
+        data: Arc<tempfile::TempDir>,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Server> {
         let db = data.path().join("kiln.db");
         let mut child = kiln()
+            .envs(envs.iter().copied())
             .args(["serve", "--host", "127.0.0.1", "--port", "0", "--database"])
             .arg(&db)
             .args(extra)
@@ -117,6 +128,13 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 
     pub fn request(

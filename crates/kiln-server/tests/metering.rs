@@ -1,0 +1,623 @@
+//! Metering against the real binary: budgets under 50 concurrent requests,
+//! the ledger after a SIGKILL in the middle of load, and the admin API's
+//! roles and refusals.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use common::{ensure, request, Checks, Server, CHAT_MODEL};
+use kiln_store::billing::Billing as _;
+use kiln_store::{CallLog as _, Outcome, UsageQuery};
+use serde_json::{json, Value};
+
+/// 10 prompt tokens (any ids below SmolLM2's vocabulary size).
+const PROMPT: [u32; 10] = [504, 1242, 1690, 253, 1425, 282, 253, 3445, 28, 216];
+
+fn admin(s: &Server, method: &str, path: &str, body: Value) -> Result<Value> {
+    let r = s.call_as(s.admin_key.as_deref(), method, path, Some(&body))?;
+    ensure((200..300).contains(&r.status), || {
+        format!("{method} {path}: {} {}", r.status, r.text())
+    })?;
+    r.json()
+}
+
+/// A tenant with a member key; returns (tenant id, key id, secret).
+fn tenant_with_key(
+    s: &Server,
+    name: &str,
+    credit: Option<&str>,
+) -> Result<(String, String, String)> {
+    let t = admin(s, "POST", "/api/tenants", json!({ "name": name }))?;
+    let tid = t["id"].as_str().context("tenant id")?.to_string();
+    if let Some(amount) = credit {
+        admin(
+            s,
+            "POST",
+            &format!("/api/tenants/{tid}/credits"),
+            json!({ "amount": amount, "kind": "grant" }),
+        )?;
+    }
+    let k = admin(
+        s,
+        "POST",
+        "/api/keys",
+        json!({ "tenant_id": tid, "name": "load" }),
+    )?;
+    Ok((
+        tid,
+        k["key"]["id"].as_str().context("key id")?.to_string(),
+        k["secret"].as_str().context("secret")?.to_string(),
+    ))
+}
+
+fn completion_body(max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": CHAT_MODEL,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "stream_options": { "include_usage": true },
+    })
+}
+
+fn post_as(port: u16, key: &str, request_id: &str, body: &Value) -> Result<common::Response> {
+    let auth = format!("Bearer {key}");
+    request(
+        port,
+        "POST",
+        "/v1/completions",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &auth),
+            ("X-Request-Id", request_id),
+        ],
+        body.to_string().as_bytes(),
+    )
+}
+
+/// (prompt, completion) tokens of a response the client received in full,
+/// or `None` when it did not arrive whole.
+fn received_usage(r: &common::Response, stream: bool) -> Option<(u64, u64)> {
+    if r.status != 200 {
+        return None;
+    }
+    let usage = if stream {
+        let data = r.sse_data();
+        if data.last().map(String::as_str) != Some("[DONE]") {
+            return None;
+        }
+        data.iter()
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .find(|v| v["usage"].is_object())?["usage"]
+            .clone()
+    } else {
+        r.json().ok()?["usage"].clone()
+    };
+    Some((
+        usage["prompt_tokens"].as_u64()?,
+        usage["completion_tokens"].as_u64()?,
+    ))
+}
+
+/// 50 concurrent requests against a grant that covers 10 worst cases: some
+/// are admitted, the rest refused with `insufficient_quota`, and the grant
+/// is never overspent.
+fn budget_holds_under_50_concurrent(s: &Server) -> Result<()> {
+    let (tid, _, key) = tenant_with_key(s, "budget", Some("0.0005"))?;
+    let port = s.port;
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..50)
+        .map(|i| {
+            let key = key.clone();
+            let statuses = statuses.clone();
+            std::thread::spawn(move || {
+                let r = post_as(
+                    port,
+                    &key,
+                    &format!("budget-{i}"),
+                    &completion_body(20, false),
+                );
+                let got = r.map(|r| {
+                    let code = r
+                        .json()
+                        .ok()
+                        .and_then(|b| b["error"]["code"].as_str().map(str::to_string));
+                    (r.status, code)
+                });
+                statuses
+                    .lock()
+                    .map(|mut v| v.push(got.map_err(|e| e.to_string())))
+                    .ok();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+    }
+    let statuses = statuses
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    let mut ok = 0;
+    for st in &statuses {
+        match st {
+            Ok((200, _)) => ok += 1,
+            Ok((429, Some(code))) if code == "insufficient_quota" => {}
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+    // Worst case is 10 * 1000 + 20 * 2000 = 50_000 nano-units: 10 fit.
+    ensure(ok >= 10, || format!("only {ok} of 50 admitted"))?;
+    let db = kiln_store::Store::open(&s.db_path())?;
+    let budget = db.budget(&tid, None)?.context("budget")?;
+    let spent: i64 = db
+        .usage(&UsageQuery {
+            tenant_id: Some(tid.clone()),
+            ..UsageQuery::default()
+        })?
+        .iter()
+        .map(|r| r.cost.nanos())
+        .sum();
+    let balance = budget.balance.context("balance")?.nanos();
+    ensure(balance >= 0, || format!("overspent: balance {balance}"))?;
+    ensure(balance == 500_000 - spent, || {
+        format!("balance {balance} but ledger spent {spent}")
+    })?;
+    ensure(budget.reserved.nanos() == 0, || format!("{budget:?}"))
+}
+
+#[test]
+fn budgets_and_the_ledger_under_load_and_sigkill() {
+    let data = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let envs = [("KILN_LEASE_SECONDS", "2")];
+    let mut server =
+        Server::start_with(data.clone(), &["--model", CHAT_MODEL], &envs).expect("server starts");
+    let mut c = Checks::new();
+    c.run("prices are set", || {
+        admin(
+            &server,
+            "PUT",
+            &format!("/api/prices/{CHAT_MODEL}"),
+            json!({ "input": "1", "output": "2" }),
+        )
+        .map(|_| ())
+    });
+    c.run("50 concurrent requests never overspend a budget", || {
+        budget_holds_under_50_concurrent(&server)
+    });
+
+    // Load, then SIGKILL in the middle of it.
+    let (tid, _, key) = tenant_with_key(&server, "load", None).expect("tenant");
+    let port = server.port;
+    let received: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
+    let stop_at = Instant::now() + Duration::from_secs(3);
+    let clients: Vec<_> = (0..6)
+        .map(|t| {
+            let key = key.clone();
+            let received = received.clone();
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while Instant::now() < stop_at + Duration::from_secs(2) {
+                    let stream = i % 2 == 1;
+                    let id = format!("load-{t}-{i}");
+                    i += 1;
+                    let Ok(r) = post_as(port, &key, &id, &completion_body(16, stream)) else {
+                        break; // the server is gone
+                    };
+                    if let Some(u) = received_usage(&r, stream) {
+                        received.lock().map(|mut m| m.insert(id, u)).ok();
+                    }
+                }
+            })
+        })
+        .collect();
+    while Instant::now() < stop_at {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.kill9().expect("SIGKILL");
+    for t in clients {
+        let _ = t.join();
+    }
+    let received = received.lock().map(|m| m.clone()).unwrap_or_default();
+    let server =
+        Server::start_with(data.clone(), &["--model", CHAT_MODEL], &envs).expect("server restarts");
+    let db = kiln_store::Store::open(&server.db_path()).expect("open the database");
+
+    c.run("the restart settles the dead run's reservations", || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let open = db.open_reservations()?;
+            if open.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} reservations still open: {open:?}", open.len());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    c.run(
+        "every response received in full is in the ledger, once",
+        || {
+            ensure(received.len() >= 6, || {
+                format!(
+                    "only {} responses completed before the kill",
+                    received.len()
+                )
+            })?;
+            let rows = db.recent_calls(Some(&tid), 100_000)?;
+            let mut by_request: HashMap<&str, Vec<&kiln_store::LedgerEntry>> = HashMap::new();
+            for r in &rows {
+                by_request
+                    .entry(r.record.request_id.as_str())
+                    .or_default()
+                    .push(r);
+            }
+            for (id, (prompt, completion)) in &received {
+                let Some(entries) = by_request.get(id.as_str()) else {
+                    bail!("{id} was received in full but is not in the ledger");
+                };
+                ensure(entries.len() == 1, || {
+                    format!("{id} is in the ledger {} times", entries.len())
+                })?;
+                let e = &entries[0].record;
+                ensure(
+                    e.prompt_tokens == *prompt
+                        && e.completion_tokens == *completion
+                        && matches!(e.outcome, Outcome::Stop | Outcome::Length),
+                    || format!("{id}: received {prompt}+{completion}, ledger {e:?}"),
+                )?;
+            }
+            // Whatever was not received whole is charged at most what it used.
+            for r in &rows {
+                if !received.contains_key(&r.record.request_id) {
+                    ensure(r.record.completion_tokens <= 16, || format!("{r:?}"))?;
+                }
+            }
+            Ok(())
+        },
+    );
+    c.run("the tenant's spend equals the ledger's cost", || {
+        let spent: i64 = db
+            .usage(&UsageQuery {
+                tenant_id: Some(tid.clone()),
+                ..UsageQuery::default()
+            })?
+            .iter()
+            .map(|r| r.cost.nanos())
+            .sum();
+        let b = db.budget(&tid, None)?.context("budget")?;
+        ensure(
+            b.spent_this_month.nanos() == spent && b.reserved.nanos() == 0,
+            || format!("budget {b:?}, ledger {spent}"),
+        )
+    });
+    c.finish();
+}
+
+#[test]
+fn admin_api_roles_and_bad_input() {
+    let server = Server::start(&["--model", CHAT_MODEL]).expect("server starts");
+    let s = &server;
+    let mut c = Checks::new();
+    let (tid, kid, member) = tenant_with_key(s, "acme", None).expect("tenant");
+    let (other_tid, other_kid, _) = tenant_with_key(s, "globex", None).expect("tenant");
+    let expect = |key: Option<&str>,
+                  method: &str,
+                  path: &str,
+                  body: Value,
+                  status: u16,
+                  code: &str|
+     -> Result<String> {
+        let r = s.call_as(key, method, path, Some(&body))?;
+        r.expect_error(status, code)
+    };
+
+    c.run("keys are required and checked", || {
+        expect(None, "GET", "/v1/models", json!({}), 401, "missing_api_key")?;
+        expect(None, "GET", "/api/me", json!({}), 401, "missing_api_key")?;
+        expect(
+            Some("kiln-sk-nope"),
+            "GET",
+            "/v1/models",
+            json!({}),
+            401,
+            "invalid_api_key",
+        )?;
+        let r = request(
+            s.port,
+            "GET",
+            "/v1/models",
+            &[("Authorization", "Basic abc")],
+            b"",
+        )?;
+        r.expect_error(401, "invalid_api_key").map(|_| ())
+    });
+    c.run("a member cannot administer", || {
+        let m = Some(member.as_str());
+        expect(
+            m,
+            "POST",
+            "/api/tenants",
+            json!({"name": "x"}),
+            403,
+            "permission_denied",
+        )?;
+        expect(
+            m,
+            "PUT",
+            "/api/prices/m",
+            json!({"input": 1, "output": 1}),
+            403,
+            "permission_denied",
+        )?;
+        expect(m, "GET", "/api/ledger", json!({}), 403, "permission_denied")?;
+        let mine = s.call_as(m, "GET", "/api/tenants", None)?.json()?;
+        ensure(
+            mine["data"].as_array().map(Vec::len) == Some(1)
+                && mine["data"][0]["id"] == tid.as_str(),
+            || mine.to_string(),
+        )
+    });
+    c.run("another tenant's objects look absent", || {
+        let m = Some(member.as_str());
+        let a = expect(
+            m,
+            "GET",
+            &format!("/api/tenants/{other_tid}"),
+            json!({}),
+            404,
+            "not_found",
+        )?;
+        let b = expect(
+            m,
+            "GET",
+            "/api/tenants/ten-doesnotexist",
+            json!({}),
+            404,
+            "not_found",
+        )?;
+        ensure(
+            a.replace(&other_tid, "X") == b.replace("ten-doesnotexist", "X"),
+            || format!("{a} / {b}"),
+        )?;
+        expect(
+            m,
+            "POST",
+            &format!("/api/keys/{other_kid}/revoke"),
+            json!({}),
+            404,
+            "not_found",
+        )
+        .map(|_| ())
+    });
+    c.run("a tenant admin manages its own tenant only", || {
+        let issued = admin(
+            s,
+            "POST",
+            "/api/keys",
+            json!({"tenant_id": tid, "name": "boss", "role": "tenant_admin"}),
+        )?;
+        let boss = issued["secret"].as_str().context("secret")?.to_string();
+        let b = Some(boss.as_str());
+        let k = s.call_as(b, "POST", "/api/keys", Some(&json!({"name": "worker"})))?;
+        ensure(
+            k.status == 201 && k.json()?["key"]["tenant_id"] == tid.as_str(),
+            || k.text(),
+        )?;
+        expect(
+            b,
+            "POST",
+            "/api/keys",
+            json!({"name": "root", "role": "platform_admin"}),
+            403,
+            "permission_denied",
+        )?;
+        expect(
+            b,
+            "POST",
+            "/api/keys",
+            json!({"name": "x", "tenant_id": other_tid}),
+            404,
+            "not_found",
+        )?;
+        let keys = s.call_as(b, "GET", "/api/keys", None)?.json()?;
+        let all_own = keys["data"]
+            .as_array()
+            .is_some_and(|v| v.iter().all(|k| k["tenant_id"] == tid.as_str()));
+        ensure(all_own, || keys.to_string())?;
+        let rotated = s.call_as(b, "POST", &format!("/api/keys/{kid}/rotate"), None)?;
+        ensure(rotated.status == 200, || rotated.text())?;
+        // The member's old secret stopped working at once on this replica.
+        expect(
+            Some(member.as_str()),
+            "GET",
+            "/v1/models",
+            json!({}),
+            401,
+            "invalid_api_key",
+        )
+        .map(|_| ())
+    });
+    c.run("bad amounts and limits are refused", || {
+        let a = s.admin_key.as_deref();
+        expect(
+            a,
+            "PUT",
+            "/api/prices/m",
+            json!({"input": -1, "output": 1}),
+            400,
+            "invalid_request",
+        )?;
+        expect(
+            a,
+            "PUT",
+            "/api/prices/m",
+            json!({"input": "1e3", "output": 1}),
+            400,
+            "invalid_json",
+        )?;
+        expect(
+            a,
+            "PUT",
+            "/api/prices/m",
+            json!({"input": 5000000, "output": 1}),
+            400,
+            "invalid_request",
+        )?;
+        let credits = format!("/api/tenants/{tid}/credits");
+        expect(
+            a,
+            "POST",
+            &credits,
+            json!({"amount": "1000000000000"}),
+            400,
+            "invalid_json",
+        )?;
+        expect(
+            a,
+            "POST",
+            &credits,
+            json!({"amount": "2000000000"}),
+            400,
+            "invalid_request",
+        )?;
+        expect(
+            a,
+            "POST",
+            &credits,
+            json!({"amount": "-5"}),
+            400,
+            "invalid_request",
+        )?;
+        expect(
+            a,
+            "POST",
+            &credits,
+            json!({"amount": "abc"}),
+            400,
+            "invalid_json",
+        )?;
+        expect(
+            a,
+            "POST",
+            &credits,
+            json!({"amount": 1, "kind": "gift"}),
+            400,
+            "invalid_request",
+        )?;
+        expect(
+            a,
+            "PATCH",
+            &format!("/api/tenants/{tid}"),
+            json!({"monthly_limit": "-1"}),
+            400,
+            "invalid_request",
+        )?;
+        expect(
+            a,
+            "PATCH",
+            &format!("/api/tenants/{tid}"),
+            json!({"requests_per_minute": 0}),
+            400,
+            "invalid_request",
+        )?;
+        expect(
+            a,
+            "POST",
+            "/api/tenants",
+            json!({"name": "acme"}),
+            409,
+            "conflict",
+        )?;
+        expect(
+            a,
+            "POST",
+            "/api/tenants",
+            json!({"name": "bad name!"}),
+            400,
+            "invalid_request",
+        )?;
+        expect(
+            a,
+            "GET",
+            "/api/usage?group_by=planet",
+            json!({}),
+            400,
+            "invalid_request",
+        )?;
+        expect(
+            a,
+            "GET",
+            "/api/usage?from=2025-02-30",
+            json!({}),
+            400,
+            "invalid_request",
+        )
+        .map(|_| ())
+    });
+    c.run("a disabled tenant is refused on /v1", || {
+        let issued = admin(
+            s,
+            "POST",
+            "/api/keys",
+            json!({"tenant_id": other_tid, "name": "late"}),
+        )?;
+        let key = issued["secret"].as_str().context("secret")?.to_string();
+        admin(
+            s,
+            "PATCH",
+            &format!("/api/tenants/{other_tid}"),
+            json!({"disabled": true}),
+        )?;
+        expect(
+            Some(&key),
+            "GET",
+            "/v1/models",
+            json!({}),
+            403,
+            "account_disabled",
+        )?;
+        admin(
+            s,
+            "PATCH",
+            &format!("/api/tenants/{other_tid}"),
+            json!({"disabled": false}),
+        )?;
+        let r = s.call_as(Some(&key), "GET", "/v1/models", None)?;
+        ensure(r.status == 200, || r.text())
+    });
+    c.run("usage reports as JSON and CSV", || {
+        let a = s.admin_key.as_deref();
+        let r = s.call_as(
+            a,
+            "POST",
+            "/v1/completions",
+            Some(&completion_body(4, false)),
+        )?;
+        ensure(r.status == 200, || r.text())?;
+        let report = s
+            .call_as(a, "GET", "/api/usage?group_by=tenant,model,day", None)?
+            .json()?;
+        ensure(report["totals"]["calls"].as_u64() >= Some(1), || {
+            report.to_string()
+        })?;
+        let csv = s.call_as(a, "GET", "/api/usage?group_by=model&format=csv", None)?;
+        ensure(
+            csv.header("content-type")
+                .is_some_and(|v| v.starts_with("text/csv"))
+                && csv.text().starts_with("model,calls,errors,prompt_tokens"),
+            || csv.text(),
+        )
+    });
+    drop(server);
+    c.finish();
+}
