@@ -94,6 +94,7 @@ impl ServeArgs {
             database: self.database.clone(),
             no_auth: self.no_auth.then_some(true),
             lease_seconds: None,
+            upstreams: None,
         }
     }
 }

@@ -18,3 +18,4 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod registry;
 pub mod serve;
+pub mod upstream;

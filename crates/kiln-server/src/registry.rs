@@ -17,6 +17,7 @@ use kiln_engine::model::TextModel;
 use tokio::sync::Semaphore;
 
 use crate::config::ServeConfig;
+use crate::upstream::Upstream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelKind {
@@ -134,6 +135,8 @@ pub struct EmbeddingModel {
 pub struct ServedModels {
     pub text: BTreeMap<String, EngineHandle>,
     pub embedding: Option<EmbeddingModel>,
+    /// Models served by upstream backends, by model name.
+    pub upstream: BTreeMap<String, Arc<Upstream>>,
 }
 
 /// Loads a GGUF text model, naming the file in any error.
@@ -146,7 +149,12 @@ pub fn load_text_model(name: &str, path: &Path) -> anyhow::Result<TextModel> {
 /// runtime serves requests.
 pub fn load(cfg: &ServeConfig) -> anyhow::Result<ServedModels> {
     let installed = installed(&cfg.models_dir());
-    let text_specs: Vec<(String, PathBuf)> = if cfg.models.is_empty() {
+    // With upstreams configured, only the local models named are loaded (a
+    // gateway need not load whatever happens to be installed).
+    let gateway = !cfg.upstreams.is_empty();
+    let text_specs: Vec<(String, PathBuf)> = if gateway && cfg.models.is_empty() {
+        Vec::new()
+    } else if cfg.models.is_empty() {
         installed
             .iter()
             .filter(|m| m.kind == ModelKind::Text)
@@ -175,6 +183,7 @@ pub fn load(cfg: &ServeConfig) -> anyhow::Result<ServedModels> {
     }
     let embedding_spec = match &cfg.embedding_model {
         Some(spec) => Some(resolve_embedding_model(&cfg.home, spec)?),
+        None if gateway => None,
         None => installed
             .iter()
             .find(|m| m.kind == ModelKind::Embedding)
@@ -197,13 +206,35 @@ pub fn load(cfg: &ServeConfig) -> anyhow::Result<ServedModels> {
         }
         None => None,
     };
-    if text.is_empty() && embedding.is_none() {
+    let mut upstream = BTreeMap::new();
+    for u in &cfg.upstreams {
+        let tokenizer = match &u.tokenizer {
+            None => None,
+            Some(spec) => Some(resolve_text_model(&cfg.home, spec)?.1),
+        };
+        let up = Arc::new(Upstream::new(u, tokenizer)?);
+        for m in &u.models {
+            if text.contains_key(m) || embedding.as_ref().is_some_and(|e| &e.name == m) {
+                bail!(
+                    "the model `{m}` is served here and by upstream `{}`; rename one",
+                    u.name
+                );
+            }
+            upstream.insert(m.clone(), up.clone());
+        }
+        tracing::info!(upstream = %u.name, url = %u.base_url, models = ?u.models, "upstream backend");
+    }
+    if text.is_empty() && embedding.is_none() && upstream.is_empty() {
         bail!(
             "no models to serve: none installed under {} and none given with --model; run `kiln pull smollm2-135m`",
             cfg.models_dir().display()
         );
     }
-    Ok(ServedModels { text, embedding })
+    Ok(ServedModels {
+        text,
+        embedding,
+        upstream,
+    })
 }
 
 #[cfg(test)]

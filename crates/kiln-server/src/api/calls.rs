@@ -106,6 +106,8 @@ pub struct CallContext {
     rate: Arc<Mutex<RateStatus>>,
     /// Set once the call is settled or recorded, so it is never recorded twice.
     ended: Arc<AtomicBool>,
+    /// `embedded`, or the upstream serving the call.
+    backend: Arc<Mutex<String>>,
 }
 
 /// Tokens a call used so far.
@@ -134,6 +136,7 @@ impl CallContext {
             admission: Arc::new(Mutex::new(None)),
             rate: Arc::new(Mutex::new(RateStatus::default())),
             ended: Arc::new(AtomicBool::new(false)),
+            backend: Arc::new(Mutex::new(EMBEDDED_BACKEND.to_string())),
         }
     }
 
@@ -162,9 +165,21 @@ impl CallContext {
             .headers()
     }
 
-    /// Admits the call: rate limits first, then the worst-case cost is
-    /// reserved against the tenant's and key's budgets.
+    /// Admits a call to the embedded engine; see [`CallContext::admit_to`].
     pub async fn admit(&self, prompt_tokens: usize, max_tokens: usize) -> Result<(), ApiError> {
+        self.admit_to(prompt_tokens, max_tokens, EMBEDDED_BACKEND)
+            .await
+    }
+
+    /// Admits the call to `backend`: rate limits first, then the worst-case
+    /// cost is reserved against the tenant's and key's budgets.
+    pub async fn admit_to(
+        &self,
+        prompt_tokens: usize,
+        max_tokens: usize,
+        backend: &str,
+    ) -> Result<(), ApiError> {
+        *self.backend.lock().unwrap_or_else(PoisonError::into_inner) = backend.to_string();
         let meter = &self.state.meter;
         let limits = self.limits();
         let tokens = (prompt_tokens + max_tokens) as u64;
@@ -192,7 +207,7 @@ impl CallContext {
             request_id: self.request_id.clone(),
             endpoint: self.endpoint.to_string(),
             model: self.model.clone(),
-            backend: EMBEDDED_BACKEND.to_string(),
+            backend: backend.to_string(),
             prompt_tokens: prompt_tokens as u64,
             max_completion_tokens: max_tokens as u64,
         };
@@ -342,6 +357,24 @@ impl CallContext {
         self.settle(a, s).await
     }
 
+    /// A call to an upstream finished with the tokens it reported (or that
+    /// were counted); must be awaited before its last bytes go out.
+    pub async fn settle_tokens(
+        &self,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        outcome: Outcome,
+        first_token: Option<Duration>,
+    ) -> Result<(), ApiError> {
+        let Some(a) = self.take_admission() else {
+            return Err(ApiError::internal());
+        };
+        let mut s = self.settlement(&a, outcome, Used::default(), first_token);
+        s.tokens.prompt = prompt_tokens;
+        s.tokens.completion = completion_tokens;
+        self.settle(a, s).await
+    }
+
     /// Embeddings computed; must be awaited before the response goes out.
     pub async fn embedded(&self, prompt_tokens: usize) -> Result<(), ApiError> {
         let Some(a) = self.take_admission() else {
@@ -391,7 +424,11 @@ impl CallContext {
                     latency_ms: millis(self.received.elapsed()),
                     ttft_ms: None,
                     caller: Some(self.principal.caller()),
-                    backend: EMBEDDED_BACKEND.to_string(),
+                    backend: self
+                        .backend
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone(),
                     prices: None,
                     cost: kiln_store::money::Money::ZERO,
                 };

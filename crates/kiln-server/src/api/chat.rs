@@ -15,10 +15,11 @@ use serde_json::Value;
 
 use super::calls::CallContext;
 use super::generate::{self, ChunkWriter};
-use super::{finish_call, unix_now, RequestId, SharedState};
+use super::{finish_call, route, unix_now, RequestId, Routed, SharedState};
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::ApiJson;
+use crate::extract::{self, ApiJson};
+use crate::upstream::Endpoint;
 
 const ENDPOINT: &str = "/v1/chat/completions";
 
@@ -26,9 +27,17 @@ pub async fn chat_completions(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     Extension(principal): Extension<Arc<Principal>>,
-    ApiJson(req): ApiJson<ChatCompletionRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Response {
-    let call = CallContext::new(state, request_id.0, ENDPOINT, req.model.clone(), principal);
+    let (call, body) =
+        match route(state, request_id, principal, ENDPOINT, Endpoint::Chat, body).await {
+            Routed::Done(response) => return response,
+            Routed::Local(call, body) => (call, body),
+        };
+    let req: ChatCompletionRequest = match extract::from_value(body) {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
     let result = run(&call, req).await;
     finish_call(&call, result)
 }

@@ -13,10 +13,11 @@ use kiln_types::openai::{
 use serde_json::Value;
 
 use super::calls::CallContext;
-use super::{finish_call, RequestId, SharedState};
+use super::{finish_call, route, RequestId, Routed, SharedState};
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::ApiJson;
+use crate::extract::{self, ApiJson};
+use crate::upstream::Endpoint;
 
 /// Most inputs in one request.
 pub const MAX_INPUTS: usize = 2048;
@@ -25,15 +26,26 @@ pub async fn embeddings(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     Extension(principal): Extension<Arc<Principal>>,
-    ApiJson(req): ApiJson<EmbeddingRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Response {
-    let call = CallContext::new(
+    let endpoint = "/v1/embeddings";
+    let (call, body) = match route(
         state,
-        request_id.0,
-        "/v1/embeddings",
-        req.model.clone(),
+        request_id,
         principal,
-    );
+        endpoint,
+        Endpoint::Embeddings,
+        body,
+    )
+    .await
+    {
+        Routed::Done(response) => return response,
+        Routed::Local(call, body) => (call, body),
+    };
+    let req: EmbeddingRequest = match extract::from_value(body) {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
     let result = run(&call, req).await;
     finish_call(&call, result)
 }

@@ -32,6 +32,18 @@ fn cards(state: &SharedState) -> Vec<ModelCard> {
             }
         })
         .collect();
+    for (name, up) in &state.models.upstream {
+        cards.push(ModelCard {
+            id: name.clone(),
+            object: "model".into(),
+            created: state.started,
+            owned_by: format!("upstream:{}", up.name),
+            kind: "upstream".into(),
+            context_length: None,
+            architecture: None,
+            quantization: None,
+        });
+    }
     if let Some(m) = &state.models.embedding {
         cards.push(ModelCard {
             id: m.name.clone(),

@@ -27,7 +27,7 @@ use kiln_types::error::ErrorCode;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument;
 
-use crate::auth::Auth;
+use crate::auth::{Auth, Principal};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::registry::{EmbeddingModel, ServedModels};
@@ -63,6 +63,7 @@ impl AppState {
 
     fn is_served(&self, model: &str) -> bool {
         self.models.text.contains_key(model)
+            || self.models.upstream.contains_key(model)
             || self
                 .models
                 .embedding
@@ -253,6 +254,37 @@ async fn observe(State(state): State<SharedState>, mut req: Request, next: Next)
         response.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     response
+}
+
+/// Where a model request goes.
+pub enum Routed {
+    /// Answered already: proxied to the upstream serving the model.
+    Done(Response),
+    /// For the embedded engine: the call and the request body.
+    Local(calls::CallContext, serde_json::Value),
+}
+
+/// Sends a request for a model an upstream serves to that upstream
+/// (metered); hands anything else back for the embedded engine.
+pub async fn route(
+    state: SharedState,
+    request_id: RequestId,
+    principal: Arc<Principal>,
+    endpoint: &'static str,
+    kind: crate::upstream::Endpoint,
+    body: serde_json::Value,
+) -> Routed {
+    let model = body["model"].as_str().unwrap_or_default().to_string();
+    let up = state.models.upstream.get(&model).cloned();
+    let call = calls::CallContext::new(state, request_id.0, endpoint, model, principal);
+    let Some(up) = up else {
+        return Routed::Local(call, body);
+    };
+    let result = match call.principal.check_model(&call.model) {
+        Ok(()) => crate::upstream::proxy(&call, &up, kind, body).await,
+        Err(e) => Err(e),
+    };
+    Routed::Done(finish_call(&call, result))
 }
 
 /// Finishes a model endpoint's response: a failure for a served model is

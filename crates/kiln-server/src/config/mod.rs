@@ -48,6 +48,9 @@ pub struct ConfigLayer {
     pub database: Option<PathBuf>,
     pub no_auth: Option<bool>,
     pub lease_seconds: Option<u64>,
+    /// `[[upstreams]]` tables: models served by other OpenAI-compatible
+    /// servers (TOML only).
+    pub upstreams: Option<Vec<crate::upstream::UpstreamConfig>>,
 }
 
 impl ConfigLayer {
@@ -69,7 +72,8 @@ impl ConfigLayer {
             embedding_concurrency,
             database,
             no_auth,
-            lease_seconds
+            lease_seconds,
+            upstreams
         );
     }
 
@@ -144,6 +148,7 @@ impl ConfigLayer {
                 nonempty(env::KILN_LEASE_SECONDS),
                 "a whole number of seconds",
             )?,
+            upstreams: None,
         })
     }
 
@@ -180,6 +185,7 @@ pub struct ServeConfig {
     pub no_auth: bool,
     /// How long this replica's lease lasts without renewal.
     pub lease: std::time::Duration,
+    pub upstreams: Vec<crate::upstream::UpstreamConfig>,
     /// The TOML file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -187,6 +193,22 @@ pub struct ServeConfig {
 impl ServeConfig {
     pub fn models_dir(&self) -> PathBuf {
         self.home.join("models")
+    }
+}
+
+/// A name used in URLs and metrics: 1 to 64 letters, digits, `-`, `_`, `.`.
+pub fn validate_plain_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} `{name}` must be 1 to 64 letters, digits, `-`, `_` or `.`"
+        ))
     }
 }
 
@@ -286,8 +308,22 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
             "lease_seconds is {lease_seconds}; it must be between 2 and 3600"
         ));
     }
+    let upstreams = layer.upstreams.unwrap_or_default();
+    let mut upstream_models = std::collections::BTreeSet::new();
+    for (i, u) in upstreams.iter().enumerate() {
+        u.validate().map_err(ConfigError::Invalid)?;
+        if upstreams[..i].iter().any(|o| o.name == u.name) {
+            return invalid(format!("two upstreams are named `{}`", u.name));
+        }
+        for m in &u.models {
+            if !upstream_models.insert(m.clone()) {
+                return invalid(format!("the model `{m}` is listed by two upstreams"));
+            }
+        }
+    }
     let home = layer.home.unwrap_or_else(default_home);
     Ok(ServeConfig {
+        upstreams,
         no_auth: layer.no_auth.unwrap_or(false),
         lease: std::time::Duration::from_secs(lease_seconds),
         database: layer
@@ -365,6 +401,23 @@ mod tests {
             ..ConfigLayer::default()
         };
         assert!(validate(bad_host, None).is_err());
+    }
+
+    #[test]
+    fn upstreams_come_from_toml() -> Result<(), ConfigError> {
+        let dir = tempfile::tempdir().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let file = dir.path().join("k.toml");
+        let one =
+            "[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodels = [\"m\"]\n";
+        std::fs::write(&file, one).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let cfg = load(Some(&file), ConfigLayer::default(), ConfigLayer::default())?;
+        assert_eq!(cfg.upstreams.len(), 1);
+        assert_eq!(cfg.upstreams[0].models, vec!["m".to_string()]);
+        let twice = format!("{one}{}", one.replace("name = \"a\"", "name = \"b\""));
+        std::fs::write(&file, twice).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let err = load(Some(&file), ConfigLayer::default(), ConfigLayer::default());
+        assert!(err.is_err_and(|e| e.to_string().contains("two upstreams")));
+        Ok(())
     }
 
     #[test]

@@ -1,0 +1,324 @@
+//! Upstream backends against the real binary: `kiln serve` proxies to a small
+//! OpenAI-compatible server run by this test (vLLM and SGLang cannot run on
+//! this machine). The model name picks the mock's behaviour.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use axum::body::{Body, Bytes};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use common::{ensure, request, Checks, Server, CHAT_MODEL};
+use kiln_store::{CallLog as _, Outcome};
+use serde_json::{json, Value};
+
+const WORDS: [&str; 5] = ["The", " sky", " is", " blue", "."];
+
+fn usage() -> Value {
+    json!({"prompt_tokens": 12, "completion_tokens": WORDS.len(), "total_tokens": 12 + WORDS.len()})
+}
+
+fn chunk(delta: &str, finish: Option<&str>) -> String {
+    let c = json!({"object": "chat.completion.chunk", "model": "m",
+        "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": finish}]});
+    format!("data: {c}\n\n")
+}
+
+async fn chat(Json(body): Json<Value>) -> Response {
+    let model = body["model"].as_str().unwrap_or_default().to_string();
+    match model.as_str() {
+        "mock-500" => {
+            return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()
+        }
+        "mock-400" => {
+            let e = json!({"error": {"message": "temperature too high", "type": "invalid_request_error", "param": "temperature", "code": null}});
+            return (axum::http::StatusCode::BAD_REQUEST, Json(e)).into_response();
+        }
+        "mock-hang" => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        _ => {}
+    }
+    let with_usage = model != "mock-nousage";
+    if body["stream"].as_bool() != Some(true) {
+        let mut out = json!({"id": "chatcmpl-up", "object": "chat.completion", "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": WORDS.concat()}, "finish_reason": "stop"}]});
+        if with_usage {
+            out["usage"] = usage();
+        }
+        return Json(out).into_response();
+    }
+    let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
+    let abort = model == "mock-abort";
+    let slow = model == "mock-slow";
+    let events = async_stream(move |tx| async move {
+        for (i, w) in WORDS.iter().enumerate() {
+            let _ = tx.send(chunk(w, None)).await;
+            if slow && i == 0 {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+            }
+            if abort && i == 1 {
+                return;
+            }
+        }
+        let _ = tx.send(chunk("", Some("stop"))).await;
+        if include_usage && with_usage {
+            let u = json!({"object": "chat.completion.chunk", "choices": [], "usage": usage()});
+            let _ = tx.send(format!("data: {u}\n\n")).await;
+        }
+        let _ = tx.send("data: [DONE]\n\n".to_string()).await;
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(events)
+        .unwrap()
+}
+
+/// A body fed by a task writing strings into a channel; the body ends when
+/// the task returns.
+fn async_stream<F, Fut>(f: F) -> Body
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<String>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(16);
+    tokio::spawn(f(tx));
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|s| (Ok::<Bytes, Infallible>(Bytes::from(s)), rx))
+    });
+    Body::from_stream(stream)
+}
+
+/// Starts the mock on a free port in a background runtime.
+fn start_mock() -> u16 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let app = Router::new().route("/v1/chat/completions", post(chat));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap().port()).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+fn chat_body(model: &str, stream: bool, include_usage: bool) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "What colour is the sky?"}],
+           "stream": stream, "stream_options": {"include_usage": include_usage}})
+}
+
+fn ledger_row(s: &Server, request_id: &str) -> Result<kiln_store::LedgerEntry> {
+    let db = kiln_store::Store::open(&s.db_path())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(r) = db
+            .recent_calls(None, 1000)?
+            .into_iter()
+            .find(|r| r.record.request_id == request_id)
+        {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("no ledger row for {request_id}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn post_chat(s: &Server, id: &str, body: &Value) -> Result<common::Response> {
+    let auth = format!("Bearer {}", s.admin_key.as_deref().unwrap_or_default());
+    request(
+        s.port,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &auth),
+            ("X-Request-Id", id),
+        ],
+        body.to_string().as_bytes(),
+    )
+}
+
+#[test]
+fn upstream_backends_are_proxied_and_metered() {
+    let mock = start_mock();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.toml");
+    let home = common::test_home();
+    let tokenizer = home.join("models").join(CHAT_MODEL).join("model.gguf");
+    std::fs::write(
+        &config,
+        format!(
+            "[[upstreams]]\nname = \"mock\"\nbase_url = \"http://127.0.0.1:{mock}/v1\"\n\
+             models = [\"mock-ok\", \"mock-500\", \"mock-400\", \"mock-hang\", \"mock-abort\", \"mock-slow\"]\n\
+             timeout_seconds = 1\n\n\
+             [[upstreams]]\nname = \"counted\"\nbase_url = \"http://127.0.0.1:{mock}/v1\"\n\
+             models = [\"mock-nousage\"]\ntokenizer = \"{}\"\n",
+            tokenizer.display()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]).expect("server starts");
+    let s = &server;
+    let mut c = Checks::new();
+
+    c.run("prices", || {
+        for m in ["mock-ok", "mock-nousage"] {
+            let r = s.call_as(
+                s.admin_key.as_deref(),
+                "PUT",
+                &format!("/api/prices/{m}"),
+                Some(&json!({"input": "1", "output": "2"})),
+            )?;
+            ensure(r.status == 200, || r.text())?;
+        }
+        Ok(())
+    });
+    c.run("the models list names the upstream models", || {
+        let list = s.get("/v1/models")?.json()?;
+        let ids: Vec<&str> = list["data"]
+            .as_array()
+            .context("data")?
+            .iter()
+            .filter_map(|m| m["id"].as_str())
+            .collect();
+        ensure(
+            ids.contains(&"mock-ok") && ids.contains(&"mock-nousage"),
+            || list.to_string(),
+        )
+    });
+    c.run("a plain call is charged the upstream's usage", || {
+        let r = post_chat(s, "up-plain", &chat_body("mock-ok", false, false))?;
+        ensure(
+            r.status == 200 && r.json()?["choices"][0]["message"]["content"] == "The sky is blue.",
+            || r.text(),
+        )?;
+        let row = ledger_row(s, "up-plain")?.record;
+        ensure(
+            row.backend == "mock"
+                && row.prompt_tokens == 12
+                && row.completion_tokens == 5
+                && row.outcome == Outcome::Stop
+                && row.cost.nanos() == 12 * 1000 + 5 * 2000,
+            || format!("{row:?}"),
+        )
+    });
+    c.run(
+        "a stream passes through, its usage chunk only when asked for",
+        || {
+            let r = post_chat(s, "up-stream", &chat_body("mock-ok", true, false))?;
+            let data = r.sse_data();
+            ensure(data.last().map(String::as_str) == Some("[DONE]"), || {
+                r.text()
+            })?;
+            ensure(!r.text().contains("\"usage\""), || r.text())?;
+            let row = ledger_row(s, "up-stream")?.record;
+            ensure(
+                row.prompt_tokens == 12 && row.completion_tokens == 5,
+                || format!("{row:?}"),
+            )?;
+            let r = post_chat(s, "up-stream-usage", &chat_body("mock-ok", true, true))?;
+            ensure(r.text().contains("\"usage\""), || r.text())
+        },
+    );
+    c.run("chunks are forwarded as they come, not buffered", || {
+        use std::io::Read;
+        let started = Instant::now();
+        let key = s.admin_key.clone().unwrap_or_default();
+        let mut stream = common::open_stream(
+            s.port,
+            "/v1/chat/completions",
+            &chat_body("mock-slow", true, false),
+            Some(&key),
+        )?;
+        let first = started.elapsed();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest)?;
+        // The mock holds the rest back 700 ms after its first chunk: a
+        // relay that buffered would deliver the first event with the rest.
+        let total = started.elapsed();
+        ensure(
+            total.saturating_sub(first) >= Duration::from_millis(350),
+            || format!("first event after {first:?}, all after {total:?}"),
+        )
+    });
+    c.run(
+        "without reported usage, tokens are counted with the tokenizer",
+        || {
+            let r = post_chat(s, "up-count", &chat_body("mock-nousage", false, false))?;
+            ensure(r.status == 200, || r.text())?;
+            let row = ledger_row(s, "up-count")?.record;
+            // "The sky is blue." is 5 SmolLM2 tokens; the prompt counts the
+            // role and content ("user" + the question).
+            ensure(
+                row.completion_tokens == 5 && row.prompt_tokens > 5 && row.prompt_tokens < 20,
+                || format!("{row:?}"),
+            )
+        },
+    );
+    c.run(
+        "a failing upstream is a 502, recorded and not charged",
+        || {
+            let r = post_chat(s, "up-500", &chat_body("mock-500", false, false))?;
+            r.expect_error(502, "upstream_error")?;
+            let row = ledger_row(s, "up-500")?.record;
+            ensure(
+                row.outcome == Outcome::Error("upstream_error".into()) && row.cost.nanos() == 0,
+                || format!("{row:?}"),
+            )
+        },
+    );
+    c.run("a slow upstream is a 504", || {
+        let r = post_chat(s, "up-hang", &chat_body("mock-hang", false, false))?;
+        r.expect_error(504, "upstream_timeout").map(|_| ())
+    });
+    c.run("an upstream's 4xx passes through", || {
+        let r = post_chat(s, "up-400", &chat_body("mock-400", false, false))?;
+        ensure(
+            r.status == 400 && r.json()?["error"]["param"] == "temperature",
+            || r.text(),
+        )?;
+        let row = ledger_row(s, "up-400")?.record;
+        ensure(row.outcome == Outcome::Error("upstream_400".into()), || {
+            format!("{row:?}")
+        })
+    });
+    c.run(
+        "a stream the upstream breaks ends with an error event",
+        || {
+            let r = post_chat(s, "up-abort", &chat_body("mock-abort", true, false))?;
+            let data = r.sse_data();
+            ensure(
+                data.iter().any(|d| d.contains("upstream_error"))
+                    && data.last().map(String::as_str) == Some("[DONE]"),
+                || r.text(),
+            )?;
+            let row = ledger_row(s, "up-abort")?.record;
+            ensure(
+                matches!(row.outcome, Outcome::Error(_)) && row.cost.nanos() == 0,
+                || format!("{row:?}"),
+            )
+        },
+    );
+    c.run("a key is still required", || {
+        let r = s.call_as(
+            None,
+            "POST",
+            "/v1/chat/completions",
+            Some(&chat_body("mock-ok", false, false)),
+        )?;
+        r.expect_error(401, "missing_api_key").map(|_| ())
+    });
+    drop(server);
+    c.finish();
+}
