@@ -21,7 +21,11 @@ echo "==> pulling models into $KILN_HOME/models"
 
 log="$(mktemp)"
 server_pid=""
+key_id=""
 cleanup() {
+    if [[ -n "$key_id" ]]; then
+        "$kiln" keys revoke "$key_id" >/dev/null || true
+    fi
     if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
@@ -29,6 +33,11 @@ cleanup() {
     rm -f "$log"
 }
 trap cleanup EXIT
+
+echo "==> making an API key for this run (tenant quickstart)"
+"$kiln" tenants create quickstart >/dev/null 2>&1 || true  # exists after the first run
+secret="$("$kiln" keys create --tenant quickstart --name quickstart 2>"$log")"
+key_id="$(sed -n 's/^created key \(key-[0-9a-f]*\).*/\1/p' "$log")"
 
 echo "==> starting kiln serve"
 "$kiln" serve --port 0 --model smollm2-135m --embedding-model all-minilm-l6-v2 >"$log" 2>&1 &
@@ -51,11 +60,17 @@ if [[ -z "$url" ]]; then
     exit 1
 fi
 echo "    $url"
+# The very first start makes the platform admin key and prints it once.
+admin_line="$(grep -m1 'created the platform admin API key' "$log" || true)"
+if [[ -n "$admin_line" ]]; then
+    echo "    ${admin_line#*: } is the platform admin key: keep it, it is not shown again"
+fi
 
 question="In one sentence, what is a kiln?"
 echo "==> POST $url/v1/chat/completions: $question"
 response="$(curl -sS --fail-with-body "$url/v1/chat/completions" \
     -H 'Content-Type: application/json' \
+    -H "Authorization: Bearer $secret" \
     -d "{\"model\": \"smollm2-135m\", \"max_tokens\": 64, \"temperature\": 0,
          \"messages\": [{\"role\": \"user\", \"content\": \"$question\"}]}")"
 
