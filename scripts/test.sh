@@ -7,6 +7,9 @@
 #   PIP_CACHE_DIR   pip's cache (default ~/.cache/kiln/pip)
 #   CARGO_TARGET_DIR  build output (default ~/.cache/kiln/target, outside the
 #                     clone, so a fresh clone reuses earlier builds)
+#   KILN_TEST_PG_URL  PostgreSQL for the store and replica tests; when unset,
+#                     scripts/pg.sh starts a throwaway cluster from the
+#                     machine's postgresql-15 packages
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,7 +61,19 @@ cargo_tests() {
     rm -f "$log"
 }
 
+postgres() {
+    if [[ -n "${KILN_TEST_PG_URL:-}" ]]; then
+        echo "using KILN_TEST_PG_URL from the environment"
+        return
+    fi
+    local out
+    out="$(scripts/pg.sh start)"
+    export "${out?}"
+    echo "$out"
+}
+
 phase "python test deps" python_deps
+phase "postgresql" postgres
 phase "cargo build (debug)" cargo build --workspace
 phase "pull test models" pull_models
 phase "cargo fmt --check" cargo fmt --all -- --check

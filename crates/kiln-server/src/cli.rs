@@ -67,7 +67,7 @@ pub struct ServeArgs {
     /// Log filter, e.g. `info` or `kiln_server=debug` [env: KILN_LOG].
     #[arg(long)]
     pub log: Option<String>,
-    /// SQLite file of the ledger, tenants and keys [env: KILN_DATABASE] (default $KILN_HOME/kiln.db).
+    /// Database: a SQLite file, or a postgres:// URL shared by replicas [env: KILN_DATABASE] (default $KILN_HOME/kiln.db).
     #[arg(long, value_name = "PATH")]
     pub database: Option<PathBuf>,
     /// Accept /v1 requests without an API key, charged to the `local` tenant [env: KILN_NO_AUTH].

@@ -48,9 +48,8 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
     set_threads(cfg.threads);
     let models = registry::load(&cfg)?;
     let metrics = Metrics::new().context("cannot register metrics")?;
-    let store = kiln_store::Store::open(&cfg.database)
-        .with_context(|| format!("cannot open the database {}", cfg.database.display()))?;
-    let db: Arc<dyn Database> = Arc::new(store);
+    let db: Arc<dyn Database> = kiln_store::open_database(&cfg.database)
+        .with_context(|| format!("cannot open the database {}", database_label(&cfg.database)))?;
     let (anonymous, admin_secret) =
         bootstrap::run(&*db, cfg.no_auth).context("cannot prepare the database")?;
     if let Some(secret) = admin_secret {
@@ -73,6 +72,19 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(cfg, state))
+}
+
+/// The database setting for messages: a PostgreSQL URL without its password.
+pub fn database_label(spec: &std::path::Path) -> String {
+    let text = spec.display().to_string();
+    match (text.find("://"), text.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &text[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}@{}", &text[..scheme + 3], &text[at + 1..])
+        }
+        _ => text,
+    }
 }
 
 fn lease_until(lease: Duration) -> i64 {

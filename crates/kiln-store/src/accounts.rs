@@ -198,6 +198,30 @@ pub fn validate_name(what: &str, name: &str) -> std::result::Result<(), String> 
     }
 }
 
+/// Checks limits before they are stored: a monthly limit between 0 and
+/// [`crate::money::MAX_AMOUNT`], per-minute limits of at least 1.
+pub(crate) fn check_limits(l: &Limits) -> crate::Result<()> {
+    if let Some(m) = l.monthly_limit {
+        if m < Money::ZERO || !m.is_reasonable() {
+            return Err(crate::StoreError::Invalid(format!(
+                "the monthly limit {m} must be between 0 and {}",
+                crate::money::MAX_AMOUNT
+            )));
+        }
+    }
+    for (what, v) in [
+        ("requests_per_minute", l.requests_per_minute),
+        ("tokens_per_minute", l.tokens_per_minute),
+    ] {
+        if v == Some(0) {
+            return Err(crate::StoreError::Invalid(format!(
+                "{what} must be at least 1 (leave it out for no limit)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Tenants and keys. Every method blocks.
 pub trait Accounts: Send + Sync {
     fn create_tenant(&self, new: &NewTenant) -> Result<Tenant>;

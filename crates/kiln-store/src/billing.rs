@@ -24,7 +24,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::calls::{LedgerEntry, Outcome};
+use crate::calls::{CallRecord, LedgerEntry, Outcome};
 use crate::error::Result;
 use crate::money::{Money, Prices, TokenCounts};
 
@@ -231,6 +231,112 @@ pub trait Billing: Send + Sync {
     /// Reservations still open (all replicas).
     fn open_reservations(&self) -> Result<Vec<Reservation>>;
 }
+
+/// A budget-holding account's state, as both databases read it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AccountState {
+    pub disabled: bool,
+    pub balance: Option<Money>,
+    pub monthly_limit: Option<Money>,
+    pub reserved: Money,
+}
+
+/// Whether `amount` more can be held against an account (`label` is
+/// `tenant` or `key`), given what it spent this month. The one admission
+/// rule, shared by every database.
+pub(crate) fn refusal_for(
+    label: &str,
+    state: Option<AccountState>,
+    spent_this_month: Money,
+    amount: Money,
+) -> Option<Refusal> {
+    let account = label.to_string();
+    let Some(s) = state.filter(|s| !s.disabled) else {
+        return Some(Refusal::AccountDisabled { account });
+    };
+    if let Some(balance) = s.balance {
+        let available = balance.saturating_sub(s.reserved);
+        if amount > available {
+            return Some(Refusal::InsufficientCredit {
+                account,
+                available: available.max(Money::ZERO),
+                needed: amount,
+            });
+        }
+    }
+    if let Some(limit) = s.monthly_limit {
+        let committed = Money(spent_this_month.0.saturating_add(s.reserved.0));
+        if Money(committed.0.saturating_add(amount.0)) > limit {
+            return Some(Refusal::MonthlyLimit {
+                account,
+                limit,
+                committed,
+                needed: amount,
+            });
+        }
+    }
+    None
+}
+
+/// The ledger row a settlement writes for a reservation, at `now_ms`.
+pub(crate) fn record_for(res: &Reservation, s: &Settlement, now_ms: i64) -> CallRecord {
+    let cost = res
+        .prices
+        .as_ref()
+        .map_or(Money::ZERO, |p| p.cost(s.tokens));
+    CallRecord {
+        created_at_ms: now_ms,
+        request_id: res.request_id.clone(),
+        endpoint: res.endpoint.clone(),
+        model: res.model.clone(),
+        prompt_tokens: s.tokens.prompt,
+        cached_tokens: s.tokens.cached.min(s.tokens.prompt),
+        completion_tokens: s.tokens.completion,
+        outcome: s.outcome.clone(),
+        latency_ms: s.latency_ms,
+        ttft_ms: s.ttft_ms,
+        caller: Some(res.caller.clone()),
+        backend: res.backend.clone(),
+        prices: res.prices.clone(),
+        cost,
+    }
+}
+
+/// The settlement recovery writes for a reservation whose replica died.
+pub(crate) fn interrupted(res: &Reservation, now_ms: i64) -> Settlement {
+    Settlement {
+        reservation_id: res.id.clone(),
+        outcome: Outcome::Error(INTERRUPTED.into()),
+        tokens: TokenCounts::default(),
+        latency_ms: u64::try_from(now_ms - res.created_at_ms).unwrap_or(0),
+        ttft_ms: None,
+    }
+}
+
+/// A reservation rebuilt from an `interrupted` ledger row, for a replica
+/// that settles late: it holds nothing, so settling it only charges.
+pub(crate) fn reservation_from_interrupted(prev: &LedgerEntry) -> Reservation {
+    Reservation {
+        id: prev.id.clone(),
+        replica_id: String::new(),
+        created_at_ms: prev.record.created_at_ms,
+        caller: prev.record.caller.clone().unwrap_or(Caller {
+            tenant_id: String::new(),
+            key_id: None,
+        }),
+        request_id: prev.record.request_id.clone(),
+        endpoint: prev.record.endpoint.clone(),
+        model: prev.record.model.clone(),
+        backend: prev.record.backend.clone(),
+        prompt_tokens: 0,
+        max_completion_tokens: 0,
+        amount: Money::ZERO,
+        prices: prev.record.prices.clone(),
+    }
+}
+
+/// The outcome recorded for calls whose replica died before settling them.
+pub const INTERRUPTED: &str = "interrupted";
 
 /// A fresh reservation (and ledger) id.
 pub(crate) fn new_usage_id() -> String {

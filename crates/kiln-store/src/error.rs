@@ -43,6 +43,24 @@ pub enum StoreError {
     },
     #[error("database query failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("the PostgreSQL URL is not valid: {reason}")]
+    PgConfig { reason: String },
+    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    PgConnect {
+        target: String,
+        #[source]
+        source: postgres::Error,
+    },
+    #[error("PostgreSQL {target}: applying migration {version} ({name}): {source}")]
+    PgMigration {
+        target: String,
+        version: i64,
+        name: &'static str,
+        #[source]
+        source: postgres::Error,
+    },
+    #[error("PostgreSQL query failed: {0}")]
+    Postgres(#[from] postgres::Error),
     /// A value the caller gave is not allowed.
     #[error("{0}")]
     Invalid(String),

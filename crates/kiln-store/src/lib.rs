@@ -6,8 +6,9 @@
 //! [`Database`] is all of them, so the server holds an `Arc<dyn Database>`
 //! and does not care which database is behind it:
 //! - [`Store`]: SQLite in WAL mode, the single-machine default;
-//! - PostgreSQL, shared by several `kiln serve` replicas, comes later
-//!   (its migrations will sit in `migrations/postgres/`).
+//! - [`PgStore`]: PostgreSQL, shared by several `kiln serve` replicas.
+//!
+//! [`open_database`] picks by the setting: a `postgres://` URL or a file.
 //!
 //! Schema changes are numbered SQL files under `migrations/<database>/`,
 //! embedded in the binary and recorded in `schema_migrations`; opening a
@@ -20,16 +21,31 @@ pub mod billing;
 mod calls;
 mod error;
 pub mod money;
+mod postgres;
 mod sqlite;
 
 pub use accounts::Accounts;
 pub use billing::Billing;
+pub use billing::INTERRUPTED;
 pub use calls::{
     endpoint, now_ms, CallLog, CallRecord, GroupBy, LedgerEntry, ModelUsage, Outcome, UsageQuery,
     UsageRow,
 };
 pub use error::{Result, StoreError};
-pub use sqlite::{default_db_path, Store, INTERRUPTED, SCHEMA_VERSION};
+pub use postgres::{is_postgres_url, PgStore, PG_SCHEMA_VERSION};
+pub use sqlite::{default_db_path, Store, SCHEMA_VERSION};
+
+/// Connections each server keeps to PostgreSQL.
+pub const PG_POOL_SIZE: usize = 16;
+
+/// Opens the database a setting names: a `postgres://` URL, or a SQLite
+/// file path.
+pub fn open_database(spec: &std::path::Path) -> Result<std::sync::Arc<dyn Database>> {
+    match spec.to_str().filter(|s| is_postgres_url(s)) {
+        Some(url) => Ok(std::sync::Arc::new(PgStore::connect(url, PG_POOL_SIZE)?)),
+        None => Ok(std::sync::Arc::new(Store::open(spec)?)),
+    }
+}
 
 /// Everything a server needs from its database, as one object.
 pub trait Database: CallLog + Accounts + Billing {}

@@ -10,7 +10,9 @@ use clap::{Args, Subcommand};
 use kiln_store::accounts::{Limits, NewKey, NewTenant, Role, Tenant, TenantUpdate};
 use kiln_store::billing::{CreditKind, NewCredit};
 use kiln_store::money::{Money, Prices};
-use kiln_store::{Accounts as _, Billing as _, CallLog as _, Database, Store};
+use std::sync::Arc;
+
+use kiln_store::Database;
 
 use crate::api::admin::{parse_usage_query, totals, usage_csv, UsageParamsView};
 use crate::cli::HomeArgs;
@@ -20,7 +22,7 @@ use crate::config::env;
 /// `kiln.db` in the home directory.
 #[derive(Debug, Args)]
 pub struct DbArgs {
-    /// SQLite database [env: KILN_DATABASE] (default $KILN_HOME/kiln.db).
+    /// SQLite file or postgres:// URL [env: KILN_DATABASE] (default $KILN_HOME/kiln.db).
     #[arg(long, value_name = "PATH", global = true)]
     pub database: Option<PathBuf>,
     #[command(flatten)]
@@ -28,14 +30,19 @@ pub struct DbArgs {
 }
 
 impl DbArgs {
-    fn open(&self) -> anyhow::Result<Store> {
+    fn open(&self) -> anyhow::Result<Arc<dyn Database>> {
         let path = self
             .database
             .clone()
             .or_else(|| std::env::var_os(env::KILN_DATABASE).map(PathBuf::from))
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| kiln_store::default_db_path(&self.home.resolve()));
-        Store::open(&path).with_context(|| format!("cannot open the database {}", path.display()))
+        kiln_store::open_database(&path).with_context(|| {
+            format!(
+                "cannot open the database {}",
+                crate::serve::database_label(&path)
+            )
+        })
     }
 }
 
@@ -346,7 +353,7 @@ pub fn tenants(args: &TenantsArgs) -> anyhow::Result<()> {
             rpm,
             tpm,
         } => {
-            let t = find_tenant(&db, tenant)?;
+            let t = find_tenant(&*db, tenant)?;
             let update = TenantUpdate {
                 name: name.clone(),
                 disabled: match (disable, enable) {
@@ -379,7 +386,7 @@ pub fn tenants(args: &TenantsArgs) -> anyhow::Result<()> {
             note,
             key,
         } => {
-            let t = find_tenant(&db, tenant)?;
+            let t = find_tenant(&*db, tenant)?;
             let Some(kind) = CreditKind::parse(kind) else {
                 bail!("--kind `{kind}` must be prepaid, grant or adjustment");
             };
@@ -403,7 +410,7 @@ pub fn tenants(args: &TenantsArgs) -> anyhow::Result<()> {
             );
         }
         TenantsCommand::Budget { tenant, key } => {
-            let t = find_tenant(&db, tenant)?;
+            let t = find_tenant(&*db, tenant)?;
             let b = db.budget(&t.id, key.as_deref())?.with_context(|| {
                 format!(
                     "no key `{}` in tenant {}",
@@ -435,7 +442,7 @@ pub fn keys(args: &KeysArgs) -> anyhow::Result<()> {
             rpm,
             tpm,
         } => {
-            let t = find_tenant(&db, tenant)?;
+            let t = find_tenant(&*db, tenant)?;
             let Some(role) = Role::parse(role) else {
                 bail!("--role `{role}` must be member, tenant_admin or platform_admin");
             };
@@ -466,7 +473,7 @@ pub fn keys(args: &KeysArgs) -> anyhow::Result<()> {
         }
         KeysCommand::List { tenant } => {
             let tenant_id = match tenant {
-                Some(t) => Some(find_tenant(&db, t)?.id),
+                Some(t) => Some(find_tenant(&*db, t)?.id),
                 None => None,
             };
             let now = kiln_store::now_ms();
@@ -577,7 +584,7 @@ pub fn prices(args: &PricesArgs) -> anyhow::Result<()> {
 pub fn usage(args: &UsageArgs) -> anyhow::Result<()> {
     let db = args.db.open()?;
     let tenant_id = match &args.tenant {
-        Some(t) => Some(find_tenant(&db, t)?.id),
+        Some(t) => Some(find_tenant(&*db, t)?.id),
         None => None,
     };
     let view = UsageParamsView {

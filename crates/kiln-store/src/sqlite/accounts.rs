@@ -4,8 +4,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::Store;
 use crate::accounts::{
-    new_key_id, new_secret, new_tenant_id, secret_hash, shown_prefix, validate_name, Accounts,
-    ApiKey, IssuedKey, KeyOwner, Limits, NewKey, NewTenant, Role, Tenant, TenantUpdate,
+    check_limits, new_key_id, new_secret, new_tenant_id, secret_hash, shown_prefix, validate_name,
+    Accounts, ApiKey, IssuedKey, KeyOwner, Limits, NewKey, NewTenant, Role, Tenant, TenantUpdate,
 };
 use crate::error::{Result, StoreError};
 use crate::money::Money;
@@ -116,28 +116,6 @@ fn key_by(conn: &Connection, column: &str, value: &str) -> Result<Option<ApiKey>
 
 fn invalid(message: String) -> StoreError {
     StoreError::Invalid(message)
-}
-
-fn check_limits(l: &Limits) -> Result<()> {
-    if let Some(m) = l.monthly_limit {
-        if m < Money::ZERO || !m.is_reasonable() {
-            return Err(invalid(format!(
-                "the monthly limit {m} must be between 0 and {}",
-                crate::money::MAX_AMOUNT
-            )));
-        }
-    }
-    for (what, v) in [
-        ("requests_per_minute", l.requests_per_minute),
-        ("tokens_per_minute", l.tokens_per_minute),
-    ] {
-        if v == Some(0) {
-            return Err(invalid(format!(
-                "{what} must be at least 1 (leave it out for no limit)"
-            )));
-        }
-    }
-    Ok(())
 }
 
 impl Accounts for Store {

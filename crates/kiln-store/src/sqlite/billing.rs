@@ -8,15 +8,13 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use super::ledger::{entry_by_id, insert_entry, price_columns, prices_at};
 use super::Store;
 use crate::billing::{
-    new_credit_id, new_usage_id, utc_month, Billing, Budget, Caller, CreditEntry, CreditKind,
-    NewCredit, Refusal, Reservation, ReservationRequest, Settlement,
+    interrupted, new_credit_id, new_usage_id, record_for, refusal_for,
+    reservation_from_interrupted, utc_month, AccountState, Billing, Budget, Caller, CreditEntry,
+    CreditKind, NewCredit, Refusal, Reservation, ReservationRequest, Settlement, INTERRUPTED,
 };
 use crate::calls::{CallRecord, LedgerEntry, Outcome};
 use crate::error::{Result, StoreError};
-use crate::money::{Money, Prices, TokenCounts};
-
-/// The outcome recorded for calls whose replica died before settling them.
-pub const INTERRUPTED: &str = "interrupted";
+use crate::money::{Money, Prices};
 
 /// A budget-holding row: a tenant or a key.
 #[derive(Clone, Copy)]
@@ -73,13 +71,6 @@ fn spent(conn: &Connection, account: &str, month: &str) -> Result<Money> {
     ))
 }
 
-struct AccountState {
-    disabled: bool,
-    balance: Option<Money>,
-    monthly_limit: Option<Money>,
-    reserved: Money,
-}
-
 fn account_state(conn: &Connection, a: Account<'_>) -> Result<Option<AccountState>> {
     let sql = format!(
         "SELECT {} IS NOT NULL, balance_nanos, monthly_limit_nanos, reserved_nanos
@@ -107,35 +98,9 @@ fn refusal(
     amount: Money,
     month: &str,
 ) -> Result<Option<Refusal>> {
-    let account = a.label().to_string();
-    let Some(s) = account_state(conn, a)? else {
-        return Ok(Some(Refusal::AccountDisabled { account }));
-    };
-    if s.disabled {
-        return Ok(Some(Refusal::AccountDisabled { account }));
-    }
-    if let Some(balance) = s.balance {
-        let available = balance.saturating_sub(s.reserved);
-        if amount > available {
-            return Ok(Some(Refusal::InsufficientCredit {
-                account,
-                available: available.max(Money::ZERO),
-                needed: amount,
-            }));
-        }
-    }
-    if let Some(limit) = s.monthly_limit {
-        let committed = Money(spent(conn, a.id(), month)?.0.saturating_add(s.reserved.0));
-        if Money(committed.0.saturating_add(amount.0)) > limit {
-            return Ok(Some(Refusal::MonthlyLimit {
-                account,
-                limit,
-                committed,
-                needed: amount,
-            }));
-        }
-    }
-    Ok(None)
+    let state = account_state(conn, a)?;
+    let spent = spent(conn, a.id(), month)?;
+    Ok(refusal_for(a.label(), state, spent, amount))
 }
 
 /// Moves an account's reservation and balance, and adds to its month.
@@ -218,29 +183,6 @@ fn close(tx: &Transaction<'_>, res: &Reservation, record: &CallRecord) -> Result
     tx.prepare_cached("DELETE FROM reservations WHERE id = ?1")?
         .execute([&res.id])?;
     insert_entry(tx, &res.id, record)
-}
-
-fn record_for(res: &Reservation, s: &Settlement, now: i64) -> CallRecord {
-    let cost = res
-        .prices
-        .as_ref()
-        .map_or(Money::ZERO, |p| p.cost(s.tokens));
-    CallRecord {
-        created_at_ms: now,
-        request_id: res.request_id.clone(),
-        endpoint: res.endpoint.clone(),
-        model: res.model.clone(),
-        prompt_tokens: s.tokens.prompt,
-        cached_tokens: s.tokens.cached.min(s.tokens.prompt),
-        completion_tokens: s.tokens.completion,
-        outcome: s.outcome.clone(),
-        latency_ms: s.latency_ms,
-        ttft_ms: s.ttft_ms,
-        caller: Some(res.caller.clone()),
-        backend: res.backend.clone(),
-        prices: res.prices.clone(),
-        cost,
-    }
 }
 
 impl Billing for Store {
@@ -471,14 +413,11 @@ impl Billing for Store {
             .query_map([now_ms], reservation_from_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         for res in &orphans {
-            let s = Settlement {
-                reservation_id: res.id.clone(),
-                outcome: Outcome::Error(INTERRUPTED.into()),
-                tokens: TokenCounts::default(),
-                latency_ms: u64::try_from(now_ms - res.created_at_ms).unwrap_or(0),
-                ttft_ms: None,
-            };
-            close(&tx, res, &record_for(res, &s, now_ms))?;
+            close(
+                &tx,
+                res,
+                &record_for(res, &interrupted(res, now_ms), now_ms),
+            )?;
         }
         tx.execute("DELETE FROM replicas WHERE lease_expires_at < ?1", [now_ms])?;
         tx.commit()?;
@@ -570,23 +509,7 @@ impl Billing for Store {
                 if prev.record.outcome != Outcome::Error(INTERRUPTED.into()) {
                     return Ok(None);
                 }
-                let res = Reservation {
-                    id: prev.id.clone(),
-                    replica_id: String::new(),
-                    created_at_ms: prev.record.created_at_ms,
-                    caller: prev.record.caller.clone().unwrap_or(Caller {
-                        tenant_id: String::new(),
-                        key_id: None,
-                    }),
-                    request_id: prev.record.request_id.clone(),
-                    endpoint: prev.record.endpoint.clone(),
-                    model: prev.record.model.clone(),
-                    backend: prev.record.backend.clone(),
-                    prompt_tokens: 0,
-                    max_completion_tokens: 0,
-                    amount: Money::ZERO,
-                    prices: prev.record.prices.clone(),
-                };
+                let res = reservation_from_interrupted(&prev);
                 tx.execute("DELETE FROM usage_ledger WHERE id = ?1", [&prev.id])?;
                 let record = record_for(&res, s, now);
                 close(&tx, &res, &record)?;

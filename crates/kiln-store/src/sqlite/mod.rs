@@ -17,8 +17,6 @@ mod accounts;
 mod billing;
 mod ledger;
 
-pub use billing::INTERRUPTED;
-
 /// How long a writer waits for another writer's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -1,0 +1,309 @@
+//! The PostgreSQL store, shared by several `kiln serve` replicas: the same
+//! traits as the SQLite [`crate::Store`], with row locks (`SELECT ... FOR
+//! UPDATE`) where SQLite takes its single write lock, so admissions on
+//! different replicas never both spend the same balance.
+//!
+//! Connections come from a small pool; a connection that broke is dropped,
+//! not reused. Migrations are serialised across replicas that start together
+//! by a transaction-scoped advisory lock.
+
+mod accounts;
+mod billing;
+mod ledger;
+
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
+use postgres::{Client, NoTls};
+
+use crate::error::{Result, StoreError};
+
+/// The advisory lock key migrations hold ("kiln" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6b69_6c6e;
+
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// PostgreSQL migrations, in order, numbered from 1 without gaps.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "schema",
+    sql: include_str!("../../migrations/postgres/0001_schema.sql"),
+}];
+
+/// The newest PostgreSQL schema version this build understands.
+pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
+/// Whether a database setting names PostgreSQL rather than a SQLite file.
+pub fn is_postgres_url(spec: &str) -> bool {
+    spec.starts_with("postgres://") || spec.starts_with("postgresql://")
+}
+
+/// The store on PostgreSQL.
+pub struct PgStore {
+    config: postgres::Config,
+    /// `host:port/dbname`, for messages (never the password).
+    target: String,
+    idle: Mutex<Vec<Client>>,
+    /// Connections open (idle or lent), bounded by `max`.
+    open: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pooled connection; goes back to the pool when dropped, unless broken.
+pub(crate) struct Conn<'a> {
+    store: &'a PgStore,
+    client: Option<Client>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        // Present from creation until drop.
+        self.client.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        if client.is_closed() {
+            *self
+                .store
+                .open
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) -= 1;
+        } else {
+            self.store
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(client);
+        }
+        self.store.freed.notify_one();
+    }
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user:pass@host:port/db`, with
+    /// `?options=-csearch_path%3D...` for a schema) with up to `pool_size`
+    /// connections, and brings the schema up to date.
+    pub fn connect(url: &str, pool_size: usize) -> Result<PgStore> {
+        let config: postgres::Config = url.parse().map_err(|e| StoreError::PgConfig {
+            reason: format!("{e}"),
+        })?;
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                postgres::config::Host::Tcp(h) => h.clone(),
+                postgres::config::Host::Unix(p) => p.display().to_string(),
+            })
+            .collect();
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let target = format!(
+            "{}:{port}/{}",
+            hosts.join(","),
+            config.get_dbname().unwrap_or("")
+        );
+        let mut config = config;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        let store = PgStore {
+            config,
+            target,
+            idle: Mutex::new(Vec::new()),
+            open: Mutex::new(0),
+            freed: Condvar::new(),
+            max: pool_size.max(1),
+        };
+        let mut conn = store.conn()?;
+        migrate(&mut conn, &store.target)?;
+        drop(conn);
+        Ok(store)
+    }
+
+    fn connect_one(&self) -> Result<Client> {
+        self.config
+            .connect(NoTls)
+            .map_err(|source| StoreError::PgConnect {
+                target: self.target.clone(),
+                source,
+            })
+    }
+
+    /// A connection from the pool, waiting while all are lent.
+    pub(crate) fn conn(&self) -> Result<Conn<'_>> {
+        loop {
+            if let Some(client) = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop()
+            {
+                if client.is_closed() {
+                    *self.open.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+                    continue;
+                }
+                return Ok(Conn {
+                    store: self,
+                    client: Some(client),
+                });
+            }
+            let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+            if *open < self.max {
+                *open += 1;
+                drop(open);
+                return match self.connect_one() {
+                    Ok(client) => Ok(Conn {
+                        store: self,
+                        client: Some(client),
+                    }),
+                    Err(e) => {
+                        *self.open.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+                        Err(e)
+                    }
+                };
+            }
+            let (guard, _) = self
+                .freed
+                .wait_timeout(open, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner);
+            drop(guard);
+        }
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<i64> {
+        let mut conn = self.conn()?;
+        current_version(&mut conn)
+    }
+}
+
+fn current_version(client: &mut Client) -> Result<i64> {
+    let row = client.query_one(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        &[],
+    )?;
+    Ok(row.get(0))
+}
+
+fn migrate(client: &mut Client, target: &str) -> Result<()> {
+    // Under the lock too: concurrent CREATE TABLE IF NOT EXISTS can collide.
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    BIGINT PRIMARY KEY,
+             name       TEXT   NOT NULL,
+             applied_at BIGINT NOT NULL
+         )",
+    )?;
+    tx.commit()?;
+    for m in MIGRATIONS {
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        let current: i64 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )?
+            .get(0);
+        if current > PG_SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: target.into(),
+                found: current,
+                supported: PG_SCHEMA_VERSION,
+            });
+        }
+        if m.version <= current {
+            continue;
+        }
+        tx.batch_execute(m.sql)
+            .map_err(|source| StoreError::PgMigration {
+                target: target.to_string(),
+                version: m.version,
+                name: m.name,
+                source,
+            })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            &[&m.version, &m.name, &crate::now_ms()],
+        )?;
+        tx.commit()?;
+    }
+    let current = current_version(client)?;
+    if current > PG_SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: target.into(),
+            found: current,
+            supported: PG_SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// A `u64` count as a BIGINT.
+pub(crate) fn big(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A BIGINT count as a `u64` (never negative: the schema checks).
+pub(crate) fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_without_gaps() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i64 + 1, "{}", m.name);
+        }
+    }
+
+    #[test]
+    fn urls_are_recognised() {
+        assert!(is_postgres_url("postgres://u@h/db"));
+        assert!(is_postgres_url("postgresql://h/db"));
+        assert!(!is_postgres_url("/var/lib/kiln.db"));
+    }
+
+    #[test]
+    fn a_bad_url_is_a_clear_error_without_the_password() {
+        let err = PgStore::connect("postgres://kiln:s3cret@127.0.0.1:1/kiln", 1)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("127.0.0.1:1/kiln"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+        let err = PgStore::connect("postgres://kiln@host:notaport/x", 1)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("PostgreSQL URL"), "{err}");
+    }
+}

@@ -1,0 +1,136 @@
+//! The store suite on PostgreSQL: each test gets a fresh schema in the
+//! database named by `KILN_TEST_PG_URL` (`scripts/pg.sh start` makes one and
+//! prints it); the schema is dropped afterwards. Without the variable the
+//! tests fail, unless `KILN_SKIP_PG=1` says to skip them.
+
+mod suite;
+
+use std::sync::Arc;
+
+use kiln_store::{Database, PgStore, StoreError};
+use suite::TestResult;
+
+/// A fresh schema, dropped with this guard.
+struct Fresh {
+    admin_url: String,
+    schema: String,
+}
+
+impl Fresh {
+    fn new() -> Option<Fresh> {
+        let url = match std::env::var("KILN_TEST_PG_URL") {
+            Ok(u) if !u.is_empty() => u,
+            _ if std::env::var("KILN_SKIP_PG").as_deref() == Ok("1") => return None,
+            _ => panic!(
+                "KILN_TEST_PG_URL is not set: run `eval \"$(scripts/pg.sh start)\"` and export it \
+                 (or set KILN_SKIP_PG=1 to skip the PostgreSQL tests)"
+            ),
+        };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut client = postgres::Client::connect(&url, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+        client
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .unwrap_or_else(|e| panic!("cannot create a schema: {e}"));
+        Some(Fresh {
+            admin_url: url,
+            schema,
+        })
+    }
+
+    fn url(&self) -> String {
+        let sep = if self.admin_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        format!(
+            "{}{sep}options=-csearch_path%3D{}",
+            self.admin_url, self.schema
+        )
+    }
+
+    fn store(&self) -> PgStore {
+        PgStore::connect(&self.url(), 8).unwrap_or_else(|e| panic!("PgStore: {e}"))
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&self.admin_url, postgres::NoTls) {
+            let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema));
+        }
+    }
+}
+
+macro_rules! on_postgres {
+    ($name:ident) => {
+        #[test]
+        fn $name() -> TestResult {
+            let Some(fresh) = Fresh::new() else {
+                return Ok(());
+            };
+            suite::$name(&fresh.store())
+        }
+    };
+}
+
+on_postgres!(tenants_and_keys);
+on_postgres!(prices_are_checked);
+on_postgres!(reservations_settle_exactly);
+on_postgres!(lapsed_leases_are_recovered);
+on_postgres!(usage_reports_group);
+
+/// Two stores (two replicas' pools) race for one budget.
+#[test]
+fn concurrent_reservations_from_two_replicas_never_overspend() -> TestResult {
+    let Some(fresh) = Fresh::new() else {
+        return Ok(());
+    };
+    let a: Arc<dyn Database> = Arc::new(fresh.store());
+    let b: Arc<dyn Database> = Arc::new(fresh.store());
+    suite::concurrent_reservations_never_overspend(&[a, b])
+}
+
+#[test]
+fn migrations_are_idempotent_and_concurrent() -> TestResult {
+    let Some(fresh) = Fresh::new() else {
+        return Ok(());
+    };
+    let url = fresh.url();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || PgStore::connect(&url, 1).map(|s| s.schema_version()))
+        })
+        .collect();
+    for h in handles {
+        let version = h.join().map_err(|_| "thread panicked")???;
+        assert_eq!(version, kiln_store::PG_SCHEMA_VERSION);
+    }
+    let mut c = postgres::Client::connect(&url, postgres::NoTls)?;
+    let applied: i64 = c
+        .query_one("SELECT COUNT(*) FROM schema_migrations", &[])?
+        .get(0);
+    assert_eq!(applied, kiln_store::PG_SCHEMA_VERSION);
+    // A database from a newer Kiln is refused.
+    c.execute(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, 'future', 0)",
+        &[&(kiln_store::PG_SCHEMA_VERSION + 1)],
+    )?;
+    let err = PgStore::connect(&url, 1).err().ok_or("must refuse")?;
+    assert!(matches!(err, StoreError::NewerSchema { .. }), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_wrong_password_is_a_clear_error_without_the_password() {
+    let Some(fresh) = Fresh::new() else {
+        return;
+    };
+    let url = fresh.admin_url.replace("kiln:kiln@", "kiln:wrong-pw@");
+    let err = PgStore::connect(&url, 1).err().map(|e| e.to_string());
+    let err = err.unwrap_or_default();
+    assert!(err.contains("cannot connect to PostgreSQL at"), "{err}");
+    assert!(!err.contains("wrong-pw"), "{err}");
+}
