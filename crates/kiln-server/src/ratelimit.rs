@@ -7,11 +7,14 @@
 //! every bucket that applies, all or nothing; when it ends, the tokens it did
 //! not use are given back.
 //!
-//! The buckets live in this process, which is exact for one replica. Replicas
-//! sharing one PostgreSQL need the counters in the database; that arrives
-//! with the PostgreSQL store.
+//! With SQLite the buckets live in this process, which is exact for the one
+//! replica; with PostgreSQL they live in the database
+//! ([`kiln_store::billing::SharedRateLimits`], one row lock per bucket), so
+//! replicas share one allowance.
 
 use std::collections::HashMap;
+
+use kiln_store::billing::{RateKind, RateLevel, RateOutcome, RateTake, SharedRateLimits};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -226,6 +229,19 @@ impl RateLimiter {
         Ok(status_of(&map, limits))
     }
 
+    /// Gives back the request a refused or failed-to-admit call took.
+    pub fn refund_request(&self, limits: &[Limit]) {
+        let mut map = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for l in limits {
+            if let Some(r) = map.get_mut(&l.subject).and_then(|b| b.requests.as_mut()) {
+                r.level = (r.level + 1.0).min(r.capacity);
+            }
+        }
+    }
+
     /// Gives back tokens a request took but did not use.
     pub fn refund(&self, limits: &[Limit], tokens: u64) {
         if tokens == 0 || limits.iter().all(|l| l.tokens_per_minute.is_none()) {
@@ -241,6 +257,90 @@ impl RateLimiter {
             }
         }
     }
+}
+
+/// The amounts a request takes from each bucket that applies.
+pub fn takes(limits: &[Limit], tokens: u64) -> Vec<RateTake> {
+    let mut out = Vec::new();
+    for l in limits {
+        if let Some(rpm) = l.requests_per_minute {
+            out.push(RateTake {
+                subject: l.subject.clone(),
+                kind: RateKind::Requests,
+                per_minute: rpm,
+                amount: 1,
+            });
+        }
+        if let Some(tpm) = l.tokens_per_minute {
+            out.push(RateTake {
+                subject: l.subject.clone(),
+                kind: RateKind::Tokens,
+                per_minute: tpm,
+                amount: tokens,
+            });
+        }
+    }
+    out
+}
+
+/// A request larger than a minute's token allowance: waiting cannot help.
+pub fn too_large(limits: &[Limit], tokens: u64) -> Option<RateRefusal> {
+    limits.iter().find_map(|l| {
+        let tpm = l.tokens_per_minute?;
+        (tokens > u64::from(tpm)).then(|| RateRefusal {
+            message: format!(
+                "this request may use {tokens} tokens (prompt plus max_tokens), more than the limit of {tpm} tokens per minute for this {}; lower max_tokens",
+                kind(&l.subject)
+            ),
+            retry_after: None,
+            status: RateStatus::default(),
+        })
+    })
+}
+
+/// Takes from the database's buckets (replicas sharing PostgreSQL).
+pub fn acquire_shared(
+    shared: &dyn SharedRateLimits,
+    limits: &[Limit],
+    tokens: u64,
+) -> Result<Result<RateStatus, RateRefusal>, kiln_store::StoreError> {
+    if let Some(r) = too_large(limits, tokens) {
+        return Ok(Err(r));
+    }
+    let takes = takes(limits, tokens);
+    if takes.is_empty() {
+        return Ok(Ok(RateStatus::default()));
+    }
+    let status_of = |levels: &[RateLevel]| {
+        let mut s = RateStatus::default();
+        for l in levels {
+            let slot = match l.kind {
+                RateKind::Requests => &mut s.requests,
+                RateKind::Tokens => &mut s.tokens,
+            };
+            if slot.is_none_or(|(_, r, _)| l.remaining < r) {
+                *slot = Some((l.per_minute, l.remaining, Duration::from_millis(l.reset_ms)));
+            }
+        }
+        s
+    };
+    Ok(match shared.take(&takes, kiln_store::now_ms())? {
+        RateOutcome::Taken(levels) => Ok(status_of(&levels)),
+        RateOutcome::Refused {
+            wait_ms,
+            short,
+            levels,
+        } => Err(RateRefusal {
+            message: format!(
+                "the limit of {} {} per minute for this {} is reached",
+                short.per_minute,
+                short.kind.as_str(),
+                kind(&short.subject)
+            ),
+            retry_after: Some(Duration::from_millis(wait_ms)),
+            status: status_of(&levels),
+        }),
+    })
 }
 
 fn kind(subject: &str) -> &str {

@@ -195,8 +195,105 @@ pub struct Budget {
     pub month: String,
 }
 
+/// Which per-minute allowance a rate bucket holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateKind {
+    Requests,
+    Tokens,
+}
+
+impl RateKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateKind::Requests => "requests",
+            RateKind::Tokens => "tokens",
+        }
+    }
+}
+
+/// An amount to take from (or give back to) one subject's bucket, which
+/// holds up to `per_minute` and refills at `per_minute` per minute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateTake {
+    /// `key:<id>` or `tenant:<id>`.
+    pub subject: String,
+    pub kind: RateKind,
+    pub per_minute: u32,
+    pub amount: u64,
+}
+
+/// A bucket after a take: what the `x-ratelimit-*` headers report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLevel {
+    pub subject: String,
+    pub kind: RateKind,
+    pub per_minute: u32,
+    pub remaining: u64,
+    /// Milliseconds until the bucket is full again.
+    pub reset_ms: u64,
+}
+
+/// The result of [`SharedRateLimits::take`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum RateOutcome {
+    /// Everything was taken.
+    Taken(Vec<RateLevel>),
+    /// Nothing was taken; the first bucket short of its amount is `short`,
+    /// and waiting `wait_ms` would make every amount available.
+    Refused {
+        wait_ms: u64,
+        short: RateTake,
+        levels: Vec<RateLevel>,
+    },
+}
+
+/// Refills a bucket of `per_minute` that held `level` at `updated_ms`, to
+/// `now_ms`; a changed allowance applies at once, without a fresh burst.
+/// Returns the new level. The one token-bucket rule shared by every store.
+pub fn refill(
+    level: f64,
+    capacity_before: f64,
+    updated_ms: i64,
+    per_minute: u32,
+    now_ms: i64,
+) -> f64 {
+    let capacity = f64::from(per_minute);
+    let level = if capacity_before == capacity {
+        level
+    } else {
+        level.min(capacity)
+    };
+    let elapsed = (now_ms - updated_ms).max(0) as f64 / 60_000.0;
+    (level + elapsed * capacity).min(capacity)
+}
+
+/// Milliseconds until a bucket of `per_minute` at `level` holds `amount`.
+pub fn wait_ms(level: f64, per_minute: u32, amount: f64) -> u64 {
+    if level >= amount || per_minute == 0 {
+        0
+    } else {
+        ((amount - level) * 60_000.0 / f64::from(per_minute)).ceil() as u64
+    }
+}
+
+/// Rate buckets kept in the database, so replicas share one allowance.
+/// Every method blocks.
+pub trait SharedRateLimits: Send + Sync {
+    /// Takes every amount, or none.
+    fn take(&self, takes: &[RateTake], now_ms: i64) -> Result<RateOutcome>;
+    /// Gives amounts back (never above a bucket's capacity).
+    fn give_back(&self, takes: &[RateTake], now_ms: i64) -> Result<()>;
+}
+
 /// Prices, credits, reservations and leases. Every method blocks.
 pub trait Billing: Send + Sync {
+    /// Rate buckets in the database, when it is shared by replicas; `None`:
+    /// each server keeps its own (exact for a single replica).
+    fn shared_rate_limits(&self) -> Option<&dyn SharedRateLimits> {
+        None
+    }
+
     /// The platform currency every price and balance is in.
     fn currency(&self) -> Result<String>;
     fn set_price(&self, model: &str, prices: &Prices) -> Result<()>;

@@ -134,3 +134,72 @@ fn a_wrong_password_is_a_clear_error_without_the_password() {
     assert!(err.contains("cannot connect to PostgreSQL at"), "{err}");
     assert!(!err.contains("wrong-pw"), "{err}");
 }
+
+/// Replicas share rate buckets: what one takes, the other cannot.
+#[test]
+fn rate_buckets_are_shared() -> TestResult {
+    use kiln_store::billing::{Billing as _, RateKind, RateOutcome, RateTake};
+    let Some(fresh) = Fresh::new() else {
+        return Ok(());
+    };
+    let a = fresh.store();
+    let b = fresh.store();
+    let take = |amount| {
+        vec![
+            RateTake {
+                subject: "key:k".into(),
+                kind: RateKind::Requests,
+                per_minute: 3,
+                amount: 1,
+            },
+            RateTake {
+                subject: "tenant:t".into(),
+                kind: RateKind::Tokens,
+                per_minute: 1000,
+                amount,
+            },
+        ]
+    };
+    let now = kiln_store::now_ms();
+    let shared_a = a.shared_rate_limits().ok_or("PostgreSQL shares buckets")?;
+    let shared_b = b.shared_rate_limits().ok_or("PostgreSQL shares buckets")?;
+    assert!(matches!(
+        shared_a.take(&take(400), now)?,
+        RateOutcome::Taken(_)
+    ));
+    assert!(matches!(
+        shared_b.take(&take(400), now)?,
+        RateOutcome::Taken(_)
+    ));
+    // 200 tokens left for the tenant: refused, and nothing taken.
+    match shared_a.take(&take(300), now)? {
+        RateOutcome::Refused { wait_ms, short, .. } => {
+            assert_eq!(short.kind, RateKind::Tokens);
+            assert_eq!(wait_ms, 6000, "100 tokens at 1000/min");
+        }
+        other => panic!("{other:?}"),
+    }
+    match shared_b.take(&take(200), now)? {
+        RateOutcome::Taken(levels) => {
+            let req = levels.iter().find(|l| l.kind == RateKind::Requests);
+            assert_eq!(req.map(|l| l.remaining), Some(0));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Three requests per minute: the fourth waits 20 s.
+    match shared_a.take(&take(1), now)? {
+        RateOutcome::Refused { wait_ms, .. } => assert_eq!(wait_ms, 20_000),
+        other => panic!("{other:?}"),
+    }
+    shared_a.give_back(&take(500)[1..], now)?;
+    assert!(matches!(
+        shared_b.take(&take(500)[1..], now)?,
+        RateOutcome::Taken(_)
+    ));
+    // A minute later everything is back.
+    assert!(matches!(
+        shared_a.take(&take(1000), now + 60_000)?,
+        RateOutcome::Taken(_)
+    ));
+    Ok(())
+}

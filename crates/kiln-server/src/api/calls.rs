@@ -28,7 +28,8 @@ use kiln_types::error::ErrorCode;
 use super::SharedState;
 use crate::auth::Principal;
 use crate::error::{store_unavailable, ApiError};
-use crate::ratelimit::{Limit, RateLimiter, RateStatus};
+use crate::ratelimit::{Limit, RateLimiter, RateRefusal, RateStatus};
+use kiln_store::billing::RateKind;
 
 /// The backend name recorded for the embedded engine.
 pub const EMBEDDED_BACKEND: &str = "embedded";
@@ -72,6 +73,63 @@ impl Meter {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .extend(failed);
+        }
+    }
+
+    /// Takes from the rate limits: the database's buckets when replicas
+    /// share them, else this process's.
+    async fn acquire_rate(
+        &self,
+        limits: &[Limit],
+        tokens: u64,
+    ) -> Result<Result<RateStatus, RateRefusal>, ApiError> {
+        if limits
+            .iter()
+            .all(|l| l.requests_per_minute.is_none() && l.tokens_per_minute.is_none())
+        {
+            return Ok(Ok(RateStatus::default()));
+        }
+        if self.db.shared_rate_limits().is_none() {
+            return Ok(self.limiter.acquire(limits, tokens));
+        }
+        let db = self.db.clone();
+        let limits = limits.to_vec();
+        tokio::task::spawn_blocking(move || match db.shared_rate_limits() {
+            Some(shared) => crate::ratelimit::acquire_shared(shared, &limits, tokens),
+            None => Ok(Ok(RateStatus::default())),
+        })
+        .await
+        .map_err(|_| ApiError::internal())?
+        .map_err(store_unavailable)
+    }
+
+    /// Gives back `tokens` (and the request itself when `request` is set:
+    /// the call never ran).
+    fn refund_rate(&self, limits: &[Limit], tokens: u64, request: bool) {
+        if self.db.shared_rate_limits().is_none() {
+            self.limiter.refund(limits, tokens);
+            if request {
+                self.limiter.refund_request(limits);
+            }
+            return;
+        }
+        let mut back = crate::ratelimit::takes(limits, tokens);
+        back.retain(|t| match t.kind {
+            RateKind::Tokens => tokens > 0,
+            RateKind::Requests => request,
+        });
+        if back.is_empty() {
+            return;
+        }
+        let db = self.db.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn_blocking(move || {
+                if let Some(shared) = db.shared_rate_limits() {
+                    if let Err(e) = shared.give_back(&back, kiln_store::now_ms()) {
+                        tracing::warn!(error = %e, "cannot give back rate-limit allowance");
+                    }
+                }
+            });
         }
     }
 
@@ -183,7 +241,7 @@ impl CallContext {
         let meter = &self.state.meter;
         let limits = self.limits();
         let tokens = (prompt_tokens + max_tokens) as u64;
-        match meter.limiter.acquire(&limits, tokens) {
+        match meter.acquire_rate(&limits, tokens).await? {
             Ok(status) => *self.rate.lock().unwrap_or_else(PoisonError::into_inner) = status,
             Err(refusal) => {
                 self.state
@@ -217,7 +275,7 @@ impl CallContext {
             .await
             .map_err(|_| ApiError::internal());
         let refund_all = || {
-            meter.limiter.refund(&limits, tokens);
+            meter.refund_rate(&limits, tokens, true);
         };
         let reserved = match reserved {
             Ok(Ok(r)) => r,
@@ -298,9 +356,7 @@ impl CallContext {
     async fn settle(&self, a: Admission, s: Settlement) -> Result<(), ApiError> {
         let meter = &self.state.meter;
         let used = s.tokens.prompt + s.tokens.completion;
-        meter
-            .limiter
-            .refund(&a.limits, a.tokens_taken.saturating_sub(used));
+        meter.refund_rate(&a.limits, a.tokens_taken.saturating_sub(used), false);
         let cost_model = self.model.clone();
         let db = meter.db.clone();
         let s2 = s.clone();

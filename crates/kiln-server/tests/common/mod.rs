@@ -72,10 +72,14 @@ impl Server {
         envs: &[(&str, &str)],
     ) -> Result<Server> {
         let db = data.path().join("kiln.db");
-        let mut child = kiln()
-            .envs(envs.iter().copied())
-            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--database"])
-            .arg(&db)
+        let mut cmd = kiln();
+        cmd.envs(envs.iter().copied())
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"]);
+        // A test may name its own database (PostgreSQL).
+        if !extra.contains(&"--database") {
+            cmd.arg("--database").arg(&db);
+        }
+        let mut child = cmd
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

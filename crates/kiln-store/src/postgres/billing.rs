@@ -169,6 +169,10 @@ fn platform_currency(c: &mut impl GenericClient) -> Result<String> {
 }
 
 impl Billing for PgStore {
+    fn shared_rate_limits(&self) -> Option<&dyn crate::billing::SharedRateLimits> {
+        Some(self)
+    }
+
     fn currency(&self) -> Result<String> {
         platform_currency(&mut *self.conn()?)
     }
@@ -503,5 +507,119 @@ impl Billing for PgStore {
             .iter()
             .map(reservation_from_row)
             .collect())
+    }
+}
+
+impl crate::billing::SharedRateLimits for PgStore {
+    fn take(
+        &self,
+        takes: &[crate::billing::RateTake],
+        now_ms: i64,
+    ) -> Result<crate::billing::RateOutcome> {
+        use crate::billing::{refill, wait_ms, RateLevel, RateOutcome};
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        // A fixed lock order across replicas: by subject, then kind.
+        let mut order: Vec<&crate::billing::RateTake> = takes.iter().collect();
+        order.sort_by(|a, b| (&a.subject, a.kind.as_str()).cmp(&(&b.subject, b.kind.as_str())));
+        let mut levels = Vec::new();
+        let mut short: Option<(u64, &crate::billing::RateTake)> = None;
+        let mut wait = 0u64;
+        for t in &order {
+            let capacity = f64::from(t.per_minute);
+            tx.execute(
+                "INSERT INTO rate_buckets (subject, kind, capacity, level, updated_at)
+                 VALUES ($1, $2, $3, $3, $4) ON CONFLICT DO NOTHING",
+                &[&t.subject, &t.kind.as_str(), &capacity, &now_ms],
+            )?;
+            let row = tx.query_one(
+                "SELECT capacity, level, updated_at FROM rate_buckets
+                 WHERE subject = $1 AND kind = $2 FOR UPDATE",
+                &[&t.subject, &t.kind.as_str()],
+            )?;
+            let level = refill(row.get(1), row.get(0), row.get(2), t.per_minute, now_ms);
+            let amount = t.amount as f64;
+            let w = wait_ms(level, t.per_minute, amount);
+            if w > 0 {
+                wait = wait.max(w);
+                short.get_or_insert((w, t));
+            }
+            levels.push((*t, level));
+        }
+        let report = |levels: &[(&crate::billing::RateTake, f64)], taken: bool| -> Vec<RateLevel> {
+            levels
+                .iter()
+                .map(|(t, level)| {
+                    let left = if taken {
+                        level - t.amount as f64
+                    } else {
+                        *level
+                    };
+                    RateLevel {
+                        subject: t.subject.clone(),
+                        kind: t.kind,
+                        per_minute: t.per_minute,
+                        remaining: left.max(0.0).floor() as u64,
+                        reset_ms: wait_ms(left, t.per_minute, f64::from(t.per_minute)),
+                    }
+                })
+                .collect()
+        };
+        if let Some((_, t)) = short {
+            let out = RateOutcome::Refused {
+                wait_ms: wait,
+                short: t.clone(),
+                levels: report(&levels, false),
+            };
+            // Nothing taken: the refills need not be stored.
+            tx.rollback()?;
+            return Ok(out);
+        }
+        for (t, level) in &levels {
+            tx.execute(
+                "UPDATE rate_buckets SET capacity = $3, level = $4, updated_at = $5
+                 WHERE subject = $1 AND kind = $2",
+                &[
+                    &t.subject,
+                    &t.kind.as_str(),
+                    &f64::from(t.per_minute),
+                    &(level - t.amount as f64),
+                    &now_ms,
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(RateOutcome::Taken(report(&levels, true)))
+    }
+
+    fn give_back(&self, takes: &[crate::billing::RateTake], now_ms: i64) -> Result<()> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let mut order: Vec<&crate::billing::RateTake> = takes.iter().collect();
+        order.sort_by(|a, b| (&a.subject, a.kind.as_str()).cmp(&(&b.subject, b.kind.as_str())));
+        for t in order {
+            let row = tx.query_opt(
+                "SELECT capacity, level, updated_at FROM rate_buckets
+                 WHERE subject = $1 AND kind = $2 FOR UPDATE",
+                &[&t.subject, &t.kind.as_str()],
+            )?;
+            let Some(row) = row else { continue };
+            let level =
+                crate::billing::refill(row.get(1), row.get(0), row.get(2), t.per_minute, now_ms);
+            let level = (level + t.amount as f64).min(f64::from(t.per_minute));
+            tx.execute(
+                "UPDATE rate_buckets SET capacity = $3, level = $4, updated_at = $5
+                 WHERE subject = $1 AND kind = $2",
+                &[
+                    &t.subject,
+                    &t.kind.as_str(),
+                    &f64::from(t.per_minute),
+                    &level,
+                    &now_ms,
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 }

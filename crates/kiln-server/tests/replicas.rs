@@ -1,0 +1,396 @@
+//! Two `kiln serve` replicas on one PostgreSQL (`KILN_TEST_PG_URL`, started
+//! by `scripts/pg.sh`): one budget and one rate limit between them, a
+//! revocation seen by both, and a replica killed mid-load whose open calls
+//! the other settles once its lease lapses.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use common::{ensure, request, Checks, Server, CHAT_MODEL};
+use kiln_store::billing::Billing as _;
+use kiln_store::{CallLog as _, Outcome, PgStore, UsageQuery};
+use serde_json::{json, Value};
+
+const PROMPT: [u32; 10] = [504, 1242, 1690, 253, 1425, 282, 253, 3445, 28, 216];
+
+/// A fresh schema in the test database, dropped afterwards.
+struct Schema {
+    admin_url: String,
+    name: String,
+}
+
+impl Schema {
+    fn new() -> Option<Schema> {
+        let url = match std::env::var("KILN_TEST_PG_URL") {
+            Ok(u) if !u.is_empty() => u,
+            _ if std::env::var("KILN_SKIP_PG").as_deref() == Ok("1") => return None,
+            _ => panic!("KILN_TEST_PG_URL is not set: run `eval \"$(scripts/pg.sh start)\"` and export it (or KILN_SKIP_PG=1)"),
+        };
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        c.batch_execute(&format!("CREATE SCHEMA {name}"))
+            .expect("schema");
+        Some(Schema {
+            admin_url: url,
+            name,
+        })
+    }
+
+    fn url(&self) -> String {
+        let sep = if self.admin_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        format!(
+            "{}{sep}options=-csearch_path%3D{}",
+            self.admin_url, self.name
+        )
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&self.admin_url, postgres::NoTls) {
+            let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+        }
+    }
+}
+
+fn call(
+    port: u16,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: &Value,
+    id: &str,
+) -> Result<common::Response> {
+    let auth = format!("Bearer {key}");
+    request(
+        port,
+        method,
+        path,
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &auth),
+            ("X-Request-Id", id),
+        ],
+        body.to_string().as_bytes(),
+    )
+}
+
+fn admin(port: u16, key: &str, method: &str, path: &str, body: Value) -> Result<Value> {
+    let r = call(port, key, method, path, &body, "admin")?;
+    ensure((200..300).contains(&r.status), || {
+        format!("{method} {path}: {} {}", r.status, r.text())
+    })?;
+    r.json()
+}
+
+fn completion(max_tokens: u32, stream: bool) -> Value {
+    json!({"model": CHAT_MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+           "stream": stream, "stream_options": {"include_usage": true}})
+}
+
+/// Tenant (with optional grant) and a member key with optional limits.
+fn tenant(
+    port: u16,
+    admin_key: &str,
+    name: &str,
+    grant: Option<&str>,
+    key_limits: Value,
+) -> Result<(String, String, String)> {
+    let t = admin(
+        port,
+        admin_key,
+        "POST",
+        "/api/tenants",
+        json!({"name": name}),
+    )?;
+    let tid = t["id"].as_str().context("id")?.to_string();
+    if let Some(g) = grant {
+        admin(
+            port,
+            admin_key,
+            "POST",
+            &format!("/api/tenants/{tid}/credits"),
+            json!({"amount": g, "kind": "grant"}),
+        )?;
+    }
+    let mut body = json!({"tenant_id": tid, "name": "k"});
+    if let (Some(b), Some(l)) = (body.as_object_mut(), key_limits.as_object()) {
+        b.extend(l.clone());
+    }
+    let k = admin(port, admin_key, "POST", "/api/keys", body)?;
+    Ok((
+        tid,
+        k["key"]["id"].as_str().context("key id")?.to_string(),
+        k["secret"].as_str().context("secret")?.to_string(),
+    ))
+}
+
+fn usage_of(r: &common::Response, stream: bool) -> Option<(u64, u64)> {
+    if r.status != 200 {
+        return None;
+    }
+    let u = if stream {
+        let data = r.sse_data();
+        if data.last().map(String::as_str) != Some("[DONE]") {
+            return None;
+        }
+        data.iter()
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .find(|v| v["usage"].is_object())?["usage"]
+            .clone()
+    } else {
+        r.json().ok()?["usage"].clone()
+    };
+    Some((
+        u["prompt_tokens"].as_u64()?,
+        u["completion_tokens"].as_u64()?,
+    ))
+}
+
+#[test]
+fn two_replicas_share_budgets_limits_and_recovery() {
+    let Some(schema) = Schema::new() else {
+        return;
+    };
+    let url = schema.url();
+    let envs = [("KILN_LEASE_SECONDS", "2")];
+    let args = ["--model", CHAT_MODEL, "--database", url.as_str()];
+    let data = Arc::new(tempfile::tempdir().unwrap());
+    let mut a = Server::start_with(data.clone(), &args, &envs).expect("replica A starts");
+    let b = Server::start_with(data.clone(), &args, &envs).expect("replica B starts");
+    let admin_key = a
+        .admin_key
+        .clone()
+        .expect("the first replica prints the admin key");
+    ensure(b.admin_key.is_none(), || {
+        "the second replica made another admin key".into()
+    })
+    .unwrap();
+    let db = PgStore::connect(&url, 2).expect("store");
+    let ports = [a.port, b.port];
+    let mut c = Checks::new();
+
+    c.run("prices set on one replica apply on both", || {
+        admin(
+            b.port,
+            &admin_key,
+            "PUT",
+            &format!("/api/prices/{CHAT_MODEL}"),
+            json!({"input": "1", "output": "2"}),
+        )
+        .map(|_| ())
+    });
+
+    c.run(
+        "50 concurrent requests over two replicas never overspend",
+        || {
+            let (tid, _, key) = tenant(a.port, &admin_key, "budget", Some("0.0005"), json!({}))?;
+            let answers = Arc::new(Mutex::new(Vec::new()));
+            let threads: Vec<_> = (0..50)
+                .map(|i| {
+                    let (key, answers) = (key.clone(), answers.clone());
+                    let port = ports[i % 2];
+                    std::thread::spawn(move || {
+                        let r = call(
+                            port,
+                            &key,
+                            "POST",
+                            "/v1/completions",
+                            &completion(20, false),
+                            &format!("b-{i}"),
+                        );
+                        let got = r.map(|r| {
+                            (
+                                r.status,
+                                r.json()
+                                    .ok()
+                                    .and_then(|b| b["error"]["code"].as_str().map(str::to_string)),
+                            )
+                        });
+                        answers.lock().unwrap().push(got.map_err(|e| e.to_string()));
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().map_err(|_| anyhow::anyhow!("client panicked"))?;
+            }
+            let mut ok = 0;
+            for a in answers.lock().unwrap().iter() {
+                match a {
+                    Ok((200, _)) => ok += 1,
+                    Ok((429, Some(code))) if code == "insufficient_quota" => {}
+                    other => bail!("unexpected {other:?}"),
+                }
+            }
+            ensure(ok >= 10, || format!("only {ok} admitted"))?;
+            let spent: i64 = db
+                .usage(&UsageQuery {
+                    tenant_id: Some(tid.clone()),
+                    ..UsageQuery::default()
+                })?
+                .iter()
+                .map(|r| r.cost.nanos())
+                .sum();
+            let budget = db.budget(&tid, None)?.context("budget")?;
+            let balance = budget.balance.context("balance")?.nanos();
+            ensure(
+                balance >= 0 && balance == 500_000 - spent && budget.reserved.nanos() == 0,
+                || format!("balance {balance}, spent {spent}, {budget:?}"),
+            )
+        },
+    );
+
+    c.run("one rate limit across both replicas", || {
+        let (_, _, key) = tenant(
+            a.port,
+            &admin_key,
+            "limited",
+            None,
+            json!({"requests_per_minute": 4}),
+        )?;
+        let mut statuses = Vec::new();
+        for i in 0..6 {
+            let r = call(
+                ports[i % 2],
+                &key,
+                "POST",
+                "/v1/completions",
+                &completion(2, false),
+                &format!("r-{i}"),
+            )?;
+            statuses.push(r.status);
+        }
+        let ok = statuses.iter().filter(|s| **s == 200).count();
+        let limited = statuses.iter().filter(|s| **s == 429).count();
+        ensure(ok == 4 && limited == 2, || format!("{statuses:?}"))
+    });
+
+    c.run(
+        "a key revoked on one replica is refused by the other within a second",
+        || {
+            let (_, kid, key) = tenant(a.port, &admin_key, "revoked", None, json!({}))?;
+            let r = call(b.port, &key, "GET", "/v1/models", &json!({}), "pre")?;
+            ensure(r.status == 200, || r.text())?;
+            admin(
+                a.port,
+                &admin_key,
+                "POST",
+                &format!("/api/keys/{kid}/revoke"),
+                json!({}),
+            )?;
+            let revoked = Instant::now();
+            loop {
+                let r = call(b.port, &key, "GET", "/v1/models", &json!({}), "post")?;
+                if r.status == 401 {
+                    return Ok(());
+                }
+                if revoked.elapsed() > Duration::from_secs(1) {
+                    bail!("replica B still accepted the key after 1 s");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        },
+    );
+
+    // Load on both replicas, then SIGKILL replica A in the middle of it.
+    let (tid, _, key) = tenant(a.port, &admin_key, "load", None, json!({})).expect("tenant");
+    let received: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
+    let stop_at = Instant::now() + Duration::from_secs(3);
+    let clients: Vec<_> = (0..6)
+        .map(|t| {
+            let (key, received) = (key.clone(), received.clone());
+            let port = ports[t % 2];
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while Instant::now() < stop_at + Duration::from_secs(2) {
+                    let stream = i % 2 == 1;
+                    let id = format!("load-{t}-{i}");
+                    i += 1;
+                    let Ok(r) = call(
+                        port,
+                        &key,
+                        "POST",
+                        "/v1/completions",
+                        &completion(16, stream),
+                        &id,
+                    ) else {
+                        break;
+                    };
+                    if let Some(u) = usage_of(&r, stream) {
+                        received.lock().unwrap().insert(id, u);
+                    }
+                }
+            })
+        })
+        .collect();
+    while Instant::now() < stop_at {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    a.kill9().expect("SIGKILL replica A");
+    for t in clients {
+        let _ = t.join();
+    }
+    let received = received.lock().unwrap().clone();
+
+    c.run("the surviving replica settles the dead one's calls", || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let open = db.open_reservations()?;
+            if open.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} reservations still open", open.len());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    c.run(
+        "every response received in full is in the ledger, once",
+        || {
+            ensure(received.len() >= 6, || {
+                format!("only {} responses completed", received.len())
+            })?;
+            let rows = db.recent_calls(Some(&tid), 100_000)?;
+            let mut by_id: HashMap<&str, Vec<&kiln_store::LedgerEntry>> = HashMap::new();
+            for r in &rows {
+                by_id
+                    .entry(r.record.request_id.as_str())
+                    .or_default()
+                    .push(r);
+            }
+            for (id, (p, comp)) in &received {
+                let entries = by_id
+                    .get(id.as_str())
+                    .with_context(|| format!("{id} missing from the ledger"))?;
+                ensure(entries.len() == 1, || {
+                    format!("{id} recorded {} times", entries.len())
+                })?;
+                let e = &entries[0].record;
+                ensure(
+                    e.prompt_tokens == *p
+                        && e.completion_tokens == *comp
+                        && matches!(e.outcome, Outcome::Stop | Outcome::Length),
+                    || format!("{id}: received {p}+{comp}, ledger {e:?}"),
+                )?;
+            }
+            let spent: i64 = rows.iter().map(|r| r.record.cost.nanos()).sum();
+            let b = db.budget(&tid, None)?.context("budget")?;
+            ensure(
+                b.spent_this_month.nanos() == spent && b.reserved.nanos() == 0,
+                || format!("{b:?} vs {spent}"),
+            )
+        },
+    );
+    drop(b);
+    c.finish();
+}
