@@ -23,6 +23,10 @@ pub struct Metrics {
     /// Money charged, in nano-units of the platform currency.
     pub cost_nanos: IntCounterVec,
     pub request_duration: HistogramVec,
+    /// Gateway phases: `admission` (rate limits and budget reservation),
+    /// `settlement` (the ledger write), `upstream` (an upstream's time to
+    /// its response headers).
+    pub phase: HistogramVec,
     pub queue_wait: HistogramVec,
     pub time_to_first_token: HistogramVec,
     pub prefill: HistogramVec,
@@ -62,6 +66,18 @@ impl Metrics {
             &["endpoint"],
         )?;
         registry.register(Box::new(request_duration.clone()))?;
+        let phase = HistogramVec::new(
+            HistogramOpts::new(
+                "kiln_phase_seconds",
+                "Time spent per gateway phase: admission, settlement, upstream.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 5.0, 30.0,
+            ]),
+            &["phase"],
+        )?;
+        registry.register(Box::new(phase.clone()))?;
         Ok(Metrics {
             requests: counter(
                 "kiln_requests_total",
@@ -94,6 +110,7 @@ impl Metrics {
                 &["model"],
             )?,
             request_duration,
+            phase,
             queue_wait: histogram(
                 "kiln_queue_wait_seconds",
                 "Time a generation request waited in the model's queue.",

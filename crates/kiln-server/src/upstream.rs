@@ -334,7 +334,14 @@ pub async fn proxy(
     let req = req
         .body(Full::new(Bytes::from(payload)))
         .map_err(|e| upstream_error(up, format!("building the request to {uri}: {e}")))?;
-    let answer = match tokio::time::timeout(up.timeout, up.client.request(req)).await {
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(up.timeout, up.client.request(req)).await;
+    call.state
+        .metrics
+        .phase
+        .with_label_values(&["upstream"])
+        .observe(started.elapsed().as_secs_f64());
+    let answer = match answer {
         Err(_) => return Err(upstream_timeout(up)),
         Ok(Err(e)) => return Err(upstream_error(up, format!("cannot reach {uri}: {e}"))),
         Ok(Ok(r)) => r,

@@ -621,3 +621,46 @@ fn admin_api_roles_and_bad_input() {
     drop(server);
     c.finish();
 }
+
+/// A ledger database that cannot be written: nothing is served unmetered,
+/// the client gets a clear 503, and service resumes when it is writable.
+#[test]
+fn a_locked_ledger_refuses_instead_of_serving_unmetered() {
+    let server = Server::start(&["--model", CHAT_MODEL]).expect("server starts");
+    let s = &server;
+    let mut c = Checks::new();
+    let body = completion_body(4, false);
+    c.run(
+        "a request while another process holds the write lock",
+        || {
+            let lock = rusqlite::Connection::open(s.db_path())?;
+            lock.execute_batch("BEGIN EXCLUSIVE")?;
+            let key = s.admin_key.clone().unwrap_or_default();
+            let r = post_as(s.port, &key, "locked-1", &body)?;
+            lock.execute_batch("ROLLBACK")?;
+            let message = r.expect_error(503, "ledger_unavailable")?;
+            ensure(
+                r.header("retry-after").is_some() && message.contains("ledger"),
+                || format!("{message} {:?}", r.headers),
+            )?;
+            // The counter appears with its first token.
+            let generated = s.metric("kiln_completion_tokens_total").unwrap_or(0.0);
+            ensure(generated == 0.0, || {
+                format!("{generated} tokens were generated unmetered")
+            })
+        },
+    );
+    c.run("served and metered again once the lock is gone", || {
+        let key = s.admin_key.clone().unwrap_or_default();
+        let r = post_as(s.port, &key, "locked-2", &body)?;
+        ensure(r.status == 200, || r.text())?;
+        let db = kiln_store::Store::open(&s.db_path())?;
+        let rows = db.recent_calls(None, 10)?;
+        ensure(
+            rows.iter().any(|r| r.record.request_id == "locked-2"),
+            || format!("{rows:?}"),
+        )
+    });
+    drop(server);
+    c.finish();
+}

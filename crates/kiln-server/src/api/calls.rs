@@ -238,6 +238,22 @@ impl CallContext {
         backend: &str,
     ) -> Result<(), ApiError> {
         *self.backend.lock().unwrap_or_else(PoisonError::into_inner) = backend.to_string();
+        let started = Instant::now();
+        let result = self.admit_inner(prompt_tokens, max_tokens, backend).await;
+        self.state
+            .metrics
+            .phase
+            .with_label_values(&["admission"])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn admit_inner(
+        &self,
+        prompt_tokens: usize,
+        max_tokens: usize,
+        backend: &str,
+    ) -> Result<(), ApiError> {
         let meter = &self.state.meter;
         let limits = self.limits();
         let tokens = (prompt_tokens + max_tokens) as u64;
@@ -360,7 +376,13 @@ impl CallContext {
         let cost_model = self.model.clone();
         let db = meter.db.clone();
         let s2 = s.clone();
+        let started = Instant::now();
         let result = tokio::task::spawn_blocking(move || db.settle(&s2)).await;
+        self.state
+            .metrics
+            .phase
+            .with_label_values(&["settlement"])
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(entry)) => {
                 if let Some(e) = entry {
