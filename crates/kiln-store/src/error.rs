@@ -43,24 +43,26 @@ pub enum StoreError {
     },
     #[error("database query failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    // The PostgreSQL variants say the whole reason in their own text (see
+    // `pg_reason`) and so do not also chain the client error as a source:
+    // `{:#}` would print it twice.
     #[error("the PostgreSQL URL is not valid: {reason}")]
     PgConfig { reason: String },
-    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    #[error("cannot connect to PostgreSQL at {target}: {}", pg_reason(.error))]
     PgConnect {
+        /// `user@host:port/dbname`, never the password.
         target: String,
-        #[source]
-        source: postgres::Error,
+        error: postgres::Error,
     },
-    #[error("PostgreSQL {target}: applying migration {version} ({name}): {source}")]
+    #[error("PostgreSQL {target}: applying migration {version} ({name}): {}", pg_reason(.error))]
     PgMigration {
         target: String,
         version: i64,
         name: &'static str,
-        #[source]
-        source: postgres::Error,
+        error: postgres::Error,
     },
-    #[error("PostgreSQL query failed: {0}")]
-    Postgres(#[from] postgres::Error),
+    #[error("PostgreSQL query failed: {}", pg_reason(.0))]
+    Postgres(postgres::Error),
     /// A value the caller gave is not allowed.
     #[error("{0}")]
     Invalid(String),
@@ -76,4 +78,32 @@ pub enum StoreError {
         id: String,
         reason: String,
     },
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(error: postgres::Error) -> Self {
+        StoreError::Postgres(error)
+    }
+}
+
+/// A PostgreSQL error as one line. The client's own text is only "db error"
+/// or "error connecting to server"; what an operator needs is the server's
+/// severity, SQLSTATE and message, or the I/O cause underneath. The server's
+/// DETAIL is left out: it can quote row values.
+pub(crate) fn pg_reason(error: &postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    }
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(c) = cause {
+        let more = c.to_string();
+        // Some causes repeat the text above them.
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }

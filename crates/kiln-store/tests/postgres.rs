@@ -27,8 +27,12 @@ impl Fresh {
             ),
         };
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let mut client = postgres::Client::connect(&url, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to KILN_TEST_PG_URL ({}): {e:?}",
+                with_password(&url, "***")
+            )
+        });
         client
             .batch_execute(&format!("CREATE SCHEMA {schema}"))
             .unwrap_or_else(|e| panic!("cannot create a schema: {e}"));
@@ -128,10 +132,14 @@ fn a_wrong_password_is_a_clear_error_without_the_password() {
     let Some(fresh) = Fresh::new() else {
         return;
     };
-    let url = fresh.admin_url.replace("kiln:kiln@", "kiln:wrong-pw@");
+    let url = with_password(&fresh.admin_url, "wrong-pw");
     let err = PgStore::connect(&url, 1).err().map(|e| e.to_string());
     let err = err.unwrap_or_default();
     assert!(err.contains("cannot connect to PostgreSQL at"), "{err}");
+    assert!(
+        err.contains("28P01: password authentication failed"),
+        "{err}"
+    );
     assert!(!err.contains("wrong-pw"), "{err}");
 }
 
@@ -202,4 +210,42 @@ fn rate_buckets_are_shared() -> TestResult {
         RateOutcome::Taken(_)
     ));
     Ok(())
+}
+
+#[test]
+fn a_missing_database_is_named_in_the_error() {
+    let Some(fresh) = Fresh::new() else {
+        return;
+    };
+    let Some((base, _db)) = fresh
+        .admin_url
+        .split('?')
+        .next()
+        .and_then(|u| u.rsplit_once('/'))
+    else {
+        panic!("KILN_TEST_PG_URL has no database");
+    };
+    let err = PgStore::connect(&format!("{base}/kiln_no_such_db"), 1)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("/kiln_no_such_db"), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+/// `url` with its password replaced (or added), whatever the test URL's
+/// credentials are.
+fn with_password(url: &str, password: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (user, host) = match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, _)) => (
+            userinfo.split(':').next().unwrap_or(""),
+            &rest[userinfo.len() + 1..],
+        ),
+        None => ("kiln", rest),
+    };
+    format!("{scheme}://{user}:{password}@{host}")
 }

@@ -45,7 +45,7 @@ pub fn is_postgres_url(spec: &str) -> bool {
 /// The store on PostgreSQL.
 pub struct PgStore {
     config: postgres::Config,
-    /// `host:port/dbname`, for messages (never the password).
+    /// `user@host:port/dbname`, for messages (never the password).
     target: String,
     idle: Mutex<Vec<Client>>,
     /// Connections open (idle or lent), bounded by `max`.
@@ -110,7 +110,7 @@ impl PgStore {
     /// connections, and brings the schema up to date.
     pub fn connect(url: &str, pool_size: usize) -> Result<PgStore> {
         let config: postgres::Config = url.parse().map_err(|e| StoreError::PgConfig {
-            reason: format!("{e}"),
+            reason: crate::error::pg_reason(&e),
         })?;
         let hosts: Vec<String> = config
             .get_hosts()
@@ -122,7 +122,8 @@ impl PgStore {
             .collect();
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let target = format!(
-            "{}:{port}/{}",
+            "{}@{}:{port}/{}",
+            config.get_user().unwrap_or(""),
             hosts.join(","),
             config.get_dbname().unwrap_or("")
         );
@@ -147,9 +148,9 @@ impl PgStore {
     fn connect_one(&self) -> Result<Client> {
         self.config
             .connect(NoTls)
-            .map_err(|source| StoreError::PgConnect {
+            .map_err(|error| StoreError::PgConnect {
                 target: self.target.clone(),
-                source,
+                error,
             })
     }
 
@@ -241,11 +242,11 @@ fn migrate(client: &mut Client, target: &str) -> Result<()> {
             continue;
         }
         tx.batch_execute(m.sql)
-            .map_err(|source| StoreError::PgMigration {
+            .map_err(|error| StoreError::PgMigration {
                 target: target.to_string(),
                 version: m.version,
                 name: m.name,
-                source,
+                error,
             })?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
@@ -298,12 +299,14 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains("127.0.0.1:1/kiln"), "{err}");
+        assert!(err.contains("kiln@127.0.0.1:1/kiln"), "{err}");
+        assert!(err.contains("error connecting to server: "), "{err}");
         assert!(!err.contains("s3cret"), "{err}");
         let err = PgStore::connect("postgres://kiln@host:notaport/x", 1)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("PostgreSQL URL"), "{err}");
+        assert!(err.contains("`port`"), "{err}");
     }
 }
