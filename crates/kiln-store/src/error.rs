@@ -61,6 +61,15 @@ pub enum StoreError {
         name: &'static str,
         error: postgres::Error,
     },
+    #[error(
+        "PostgreSQL {target}: all {size} connections of this server's pool stayed in use for \
+         {waited_ms} ms"
+    )]
+    PgPoolExhausted {
+        target: String,
+        size: usize,
+        waited_ms: u64,
+    },
     #[error("PostgreSQL query failed: {}", pg_reason(.0))]
     Postgres(postgres::Error),
     /// A value the caller gave is not allowed.

@@ -12,11 +12,16 @@ mod billing;
 mod ledger;
 
 use std::sync::{Condvar, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 
 use crate::error::{Result, StoreError};
+
+/// How long a caller waits for a free connection before giving up: a pool
+/// that stays exhausted this long means something holds connections (a stuck
+/// query, a lock wait), and an error is better than a request hanging forever.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The advisory lock key migrations hold ("kiln" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6b69_6c6e;
@@ -52,6 +57,7 @@ pub struct PgStore {
     open: Mutex<usize>,
     freed: Condvar,
     max: usize,
+    checkout_timeout: Duration,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -138,6 +144,7 @@ impl PgStore {
             open: Mutex::new(0),
             freed: Condvar::new(),
             max: pool_size.max(1),
+            checkout_timeout: CHECKOUT_TIMEOUT,
         };
         let mut conn = store.conn()?;
         migrate(&mut conn, &store.target)?;
@@ -154,8 +161,10 @@ impl PgStore {
             })
     }
 
-    /// A connection from the pool, waiting while all are lent.
+    /// A connection from the pool, waiting while all are lent (up to
+    /// [`CHECKOUT_TIMEOUT`]).
     pub(crate) fn conn(&self) -> Result<Conn<'_>> {
+        let deadline = Instant::now() + self.checkout_timeout;
         loop {
             if let Some(client) = self
                 .idle
@@ -187,9 +196,20 @@ impl PgStore {
                     }
                 };
             }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(StoreError::PgPoolExhausted {
+                    target: self.target.clone(),
+                    size: self.max,
+                    waited_ms: u64::try_from(self.checkout_timeout.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            // Bounded, so a wake-up missed between the idle check and the
+            // wait costs at most this long.
+            let wait = (deadline - now).min(Duration::from_millis(100));
             let (guard, _) = self
                 .freed
-                .wait_timeout(open, Duration::from_millis(100))
+                .wait_timeout(open, wait)
                 .unwrap_or_else(PoisonError::into_inner);
             drop(guard);
         }
@@ -284,6 +304,46 @@ mod tests {
         for (i, m) in MIGRATIONS.iter().enumerate() {
             assert_eq!(m.version, i as i64 + 1, "{}", m.name);
         }
+    }
+
+    /// With every connection lent, a caller gets an error naming the pool
+    /// rather than waiting forever. Needs `KILN_TEST_PG_URL` (the
+    /// integration tests insist on it; this one just returns without it).
+    #[test]
+    fn an_exhausted_pool_times_out_with_a_clear_error() -> Result<(), Box<dyn std::error::Error>> {
+        let Some(url) = std::env::var("KILN_TEST_PG_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            return Ok(());
+        };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = Client::connect(&url, NoTls)?;
+        admin.batch_execute(&format!("CREATE SCHEMA {schema}"))?;
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let result = (|| -> Result<(), Box<dyn std::error::Error>> {
+            let mut store =
+                PgStore::connect(&format!("{url}{sep}options=-csearch_path%3D{schema}"), 1)?;
+            store.checkout_timeout = Duration::from_millis(300);
+            let held = store.conn()?;
+            let started = Instant::now();
+            let err = store
+                .conn()
+                .err()
+                .ok_or("a second connection from a pool of one")?;
+            assert!(started.elapsed() >= Duration::from_millis(300));
+            assert!(
+                matches!(err, StoreError::PgPoolExhausted { size: 1, .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains("all 1 connections"), "{err}");
+            drop(held);
+            // Given back, it is lent again.
+            store.conn()?;
+            Ok(())
+        })();
+        admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))?;
+        result
     }
 
     #[test]
