@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -153,7 +154,10 @@ class KilnServer:
             port = free_port()
             self.url = f"http://127.0.0.1:{port}"
             self.log = open(log_path, "wb")
-            cmd = [str(binary), "serve", "--model", str(path), "--port", str(port)]
+            # Keyless (charged to the `local` tenant) on a throwaway database.
+            self.db_dir = tempfile.mkdtemp(prefix="kiln-bench-db-")
+            cmd = [str(binary), "serve", "--model", str(path), "--port", str(port), "--no-auth",
+                   "--database", str(Path(self.db_dir) / "kiln.db")]
             self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
             self._wait_ready(timeout=180)
         else:

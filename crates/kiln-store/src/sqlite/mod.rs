@@ -58,6 +58,44 @@ pub fn default_db_path(home: &Path) -> PathBuf {
 /// writers anyway, and WAL lets other processes read meanwhile.
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Stops the background checkpointer (file databases only) when the
+    /// store is dropped.
+    checkpointer: Option<Checkpointer>,
+}
+
+/// Copies the WAL back into the database file from its own thread and
+/// connection, so no request pays for a checkpoint's fsync (the request
+/// connection's automatic checkpoints are off). A passive checkpoint never
+/// waits for readers or writers.
+struct Checkpointer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// How often the checkpointer runs.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+fn spawn_checkpointer(path: &Path) -> Option<Checkpointer> {
+    let conn = Connection::open(path).ok()?;
+    conn.busy_timeout(BUSY_TIMEOUT).ok()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::Builder::new()
+        .name("kiln-sqlite-checkpoint".into())
+        .spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                // A failure (the database busy or gone) is retried next time.
+                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            }
+        })
+        .ok()?;
+    Some(Checkpointer { stop })
 }
 
 impl std::fmt::Debug for Store {
@@ -96,7 +134,15 @@ impl Store {
         // loss may drop the last few calls, never corrupt the file.
         conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
             .map_err(open_err)?;
-        Self::with_connection(conn, path)
+        let mut store = Self::with_connection(conn, path)?;
+        store.checkpointer = spawn_checkpointer(path);
+        if store.checkpointer.is_some() {
+            store
+                .lock()
+                .execute_batch("PRAGMA wal_autocheckpoint = 0")
+                .map_err(open_err)?;
+        }
+        Ok(store)
     }
 
     /// A private in-memory database (tests, runs without a store file).
@@ -113,6 +159,7 @@ impl Store {
         migrate(&mut conn, path)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            checkpointer: None,
         })
     }
 
