@@ -11,13 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use common::{ensure, request, Checks, Server, CHAT_MODEL};
+use common::{
+    completion_body, ensure, post_as, received_usage, request, Checks, Server, CHAT_MODEL,
+};
 use kiln_store::billing::Billing as _;
 use kiln_store::{CallLog as _, Outcome, UsageQuery};
 use serde_json::{json, Value};
-
-/// 10 prompt tokens (any ids below SmolLM2's vocabulary size).
-const PROMPT: [u32; 10] = [504, 1242, 1690, 253, 1425, 282, 253, 3445, 28, 216];
 
 fn admin(s: &Server, method: &str, path: &str, body: Value) -> Result<Value> {
     let r = s.call_as(s.admin_key.as_deref(), method, path, Some(&body))?;
@@ -53,56 +52,6 @@ fn tenant_with_key(
         tid,
         k["key"]["id"].as_str().context("key id")?.to_string(),
         k["secret"].as_str().context("secret")?.to_string(),
-    ))
-}
-
-fn completion_body(max_tokens: u32, stream: bool) -> Value {
-    json!({
-        "model": CHAT_MODEL,
-        "prompt": PROMPT,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": stream,
-        "stream_options": { "include_usage": true },
-    })
-}
-
-fn post_as(port: u16, key: &str, request_id: &str, body: &Value) -> Result<common::Response> {
-    let auth = format!("Bearer {key}");
-    request(
-        port,
-        "POST",
-        "/v1/completions",
-        &[
-            ("Content-Type", "application/json"),
-            ("Authorization", &auth),
-            ("X-Request-Id", request_id),
-        ],
-        body.to_string().as_bytes(),
-    )
-}
-
-/// (prompt, completion) tokens of a response the client received in full,
-/// or `None` when it did not arrive whole.
-fn received_usage(r: &common::Response, stream: bool) -> Option<(u64, u64)> {
-    if r.status != 200 {
-        return None;
-    }
-    let usage = if stream {
-        let data = r.sse_data();
-        if data.last().map(String::as_str) != Some("[DONE]") {
-            return None;
-        }
-        data.iter()
-            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .find(|v| v["usage"].is_object())?["usage"]
-            .clone()
-    } else {
-        r.json().ok()?["usage"].clone()
-    };
-    Some((
-        usage["prompt_tokens"].as_u64()?,
-        usage["completion_tokens"].as_u64()?,
     ))
 }
 
@@ -198,14 +147,17 @@ fn budgets_and_the_ledger_under_load_and_sigkill() {
     let (tid, _, key) = tenant_with_key(&server, "load", None).expect("tenant");
     let port = server.port;
     let received: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
-    let stop_at = Instant::now() + Duration::from_secs(3);
+    // Kill once enough responses completed (a slow machine gets longer).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load_started = Instant::now();
     let clients: Vec<_> = (0..6)
         .map(|t| {
             let key = key.clone();
             let received = received.clone();
+            let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut i = 0;
-                while Instant::now() < stop_at + Duration::from_secs(2) {
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
                     let stream = i % 2 == 1;
                     let id = format!("load-{t}-{i}");
                     i += 1;
@@ -219,10 +171,16 @@ fn budgets_and_the_ledger_under_load_and_sigkill() {
             })
         })
         .collect();
-    while Instant::now() < stop_at {
+    while load_started.elapsed() < Duration::from_secs(120)
+        && (load_started.elapsed() < Duration::from_secs(2)
+            || received.lock().map(|m| m.len()).unwrap_or(0) < 12)
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
     server.kill9().expect("SIGKILL");
+    // The other replica (if any) keeps serving the clients for a moment.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Release);
     for t in clients {
         let _ = t.join();
     }

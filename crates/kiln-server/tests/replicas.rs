@@ -11,12 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use common::{ensure, request, Checks, Server, CHAT_MODEL};
+use common::{completion_body, ensure, received_usage, request, Checks, Server, CHAT_MODEL};
 use kiln_store::billing::Billing as _;
 use kiln_store::{CallLog as _, Outcome, PgStore, UsageQuery};
 use serde_json::{json, Value};
-
-const PROMPT: [u32; 10] = [504, 1242, 1690, 253, 1425, 282, 253, 3445, 28, 216];
 
 /// A fresh schema in the test database, dropped afterwards.
 struct Schema {
@@ -92,11 +90,6 @@ fn admin(port: u16, key: &str, method: &str, path: &str, body: Value) -> Result<
     r.json()
 }
 
-fn completion(max_tokens: u32, stream: bool) -> Value {
-    json!({"model": CHAT_MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-           "stream": stream, "stream_options": {"include_usage": true}})
-}
-
 /// Tenant (with optional grant) and a member key with optional limits.
 fn tenant(
     port: u16,
@@ -131,28 +124,6 @@ fn tenant(
         tid,
         k["key"]["id"].as_str().context("key id")?.to_string(),
         k["secret"].as_str().context("secret")?.to_string(),
-    ))
-}
-
-fn usage_of(r: &common::Response, stream: bool) -> Option<(u64, u64)> {
-    if r.status != 200 {
-        return None;
-    }
-    let u = if stream {
-        let data = r.sse_data();
-        if data.last().map(String::as_str) != Some("[DONE]") {
-            return None;
-        }
-        data.iter()
-            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .find(|v| v["usage"].is_object())?["usage"]
-            .clone()
-    } else {
-        r.json().ok()?["usage"].clone()
-    };
-    Some((
-        u["prompt_tokens"].as_u64()?,
-        u["completion_tokens"].as_u64()?,
     ))
 }
 
@@ -205,7 +176,7 @@ fn two_replicas_share_budgets_limits_and_recovery() {
                             &key,
                             "POST",
                             "/v1/completions",
-                            &completion(20, false),
+                            &completion_body(20, false),
                             &format!("b-{i}"),
                         );
                         let got = r.map(|r| {
@@ -264,7 +235,7 @@ fn two_replicas_share_budgets_limits_and_recovery() {
                 &key,
                 "POST",
                 "/v1/completions",
-                &completion(2, false),
+                &completion_body(2, false),
                 &format!("r-{i}"),
             )?;
             statuses.push(r.status);
@@ -304,14 +275,16 @@ fn two_replicas_share_budgets_limits_and_recovery() {
     // Load on both replicas, then SIGKILL replica A in the middle of it.
     let (tid, _, key) = tenant(a.port, &admin_key, "load", None, json!({})).expect("tenant");
     let received: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
-    let stop_at = Instant::now() + Duration::from_secs(3);
+    // Kill once enough responses completed (a slow machine gets longer).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load_started = Instant::now();
     let clients: Vec<_> = (0..6)
         .map(|t| {
-            let (key, received) = (key.clone(), received.clone());
+            let (key, received, stop) = (key.clone(), received.clone(), stop.clone());
             let port = ports[t % 2];
             std::thread::spawn(move || {
                 let mut i = 0;
-                while Instant::now() < stop_at + Duration::from_secs(2) {
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
                     let stream = i % 2 == 1;
                     let id = format!("load-{t}-{i}");
                     i += 1;
@@ -320,22 +293,28 @@ fn two_replicas_share_budgets_limits_and_recovery() {
                         &key,
                         "POST",
                         "/v1/completions",
-                        &completion(16, stream),
+                        &completion_body(16, stream),
                         &id,
                     ) else {
                         break;
                     };
-                    if let Some(u) = usage_of(&r, stream) {
+                    if let Some(u) = received_usage(&r, stream) {
                         received.lock().unwrap().insert(id, u);
                     }
                 }
             })
         })
         .collect();
-    while Instant::now() < stop_at {
+    while load_started.elapsed() < Duration::from_secs(120)
+        && (load_started.elapsed() < Duration::from_secs(2)
+            || received.lock().map(|m| m.len()).unwrap_or(0) < 12)
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
     a.kill9().expect("SIGKILL replica A");
+    // The other replica (if any) keeps serving the clients for a moment.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Release);
     for t in clients {
         let _ = t.join();
     }

@@ -329,6 +329,52 @@ pub trait Billing: Send + Sync {
     fn open_reservations(&self) -> Result<Vec<Reservation>>;
 }
 
+/// A budget-holding row: a tenant or a key.
+#[derive(Clone, Copy)]
+pub(crate) enum Account<'a> {
+    Tenant(&'a str),
+    Key(&'a str),
+}
+
+impl Account<'_> {
+    pub fn id(&self) -> &str {
+        match self {
+            Account::Tenant(id) | Account::Key(id) => id,
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Account::Tenant(_) => "tenant",
+            Account::Key(_) => "key",
+        }
+    }
+
+    pub fn table(&self) -> &'static str {
+        match self {
+            Account::Tenant(_) => "tenants",
+            Account::Key(_) => "api_keys",
+        }
+    }
+
+    pub fn disabled_column(&self) -> &'static str {
+        match self {
+            Account::Tenant(_) => "disabled_at",
+            Account::Key(_) => "revoked_at",
+        }
+    }
+}
+
+/// The accounts a caller's calls are held against, tenant first: also the
+/// order rows are locked in, so two transactions never wait crosswise.
+pub(crate) fn accounts(caller: &Caller) -> Vec<Account<'_>> {
+    let mut a = vec![Account::Tenant(&caller.tenant_id)];
+    if let Some(k) = &caller.key_id {
+        a.push(Account::Key(k));
+    }
+    a
+}
+
 /// A budget-holding account's state, as both databases read it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AccountState {

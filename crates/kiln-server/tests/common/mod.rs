@@ -466,3 +466,59 @@ pub fn ensure(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
         bail!(what())
     }
 }
+
+/// 10 prompt tokens (any ids below SmolLM2's vocabulary size).
+pub const PROMPT: [u32; 10] = [504, 1242, 1690, 253, 1425, 282, 253, 3445, 28, 216];
+
+/// A greedy `/v1/completions` body on [`PROMPT`], with a usage chunk when
+/// streamed.
+pub fn completion_body(max_tokens: u32, stream: bool) -> Value {
+    serde_json::json!({
+        "model": CHAT_MODEL,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "stream_options": { "include_usage": true },
+    })
+}
+
+/// `POST /v1/completions` with a key and a request id of the test's choosing.
+pub fn post_as(port: u16, key: &str, request_id: &str, body: &Value) -> Result<Response> {
+    let auth = format!("Bearer {key}");
+    request(
+        port,
+        "POST",
+        "/v1/completions",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &auth),
+            ("X-Request-Id", request_id),
+        ],
+        body.to_string().as_bytes(),
+    )
+}
+
+/// (prompt, completion) tokens of a response the client received in full,
+/// or `None` when it did not arrive whole.
+pub fn received_usage(r: &Response, stream: bool) -> Option<(u64, u64)> {
+    if r.status != 200 {
+        return None;
+    }
+    let usage = if stream {
+        let data = r.sse_data();
+        if data.last().map(String::as_str) != Some("[DONE]") {
+            return None;
+        }
+        data.iter()
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .find(|v| v["usage"].is_object())?["usage"]
+            .clone()
+    } else {
+        r.json().ok()?["usage"].clone()
+    };
+    Some((
+        usage["prompt_tokens"].as_u64()?,
+        usage["completion_tokens"].as_u64()?,
+    ))
+}

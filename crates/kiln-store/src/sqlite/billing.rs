@@ -8,57 +8,14 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use super::ledger::{entry_by_id, insert_entry, price_columns, prices_at};
 use super::Store;
 use crate::billing::{
-    interrupted, new_credit_id, new_usage_id, record_for, refusal_for,
-    reservation_from_interrupted, utc_month, AccountState, Billing, Budget, Caller, CreditEntry,
-    CreditKind, NewCredit, Refusal, Reservation, ReservationRequest, Settlement, INTERRUPTED,
+    accounts, interrupted, new_credit_id, new_usage_id, record_for, refusal_for,
+    reservation_from_interrupted, utc_month, Account, AccountState, Billing, Budget, Caller,
+    CreditEntry, CreditKind, NewCredit, Refusal, Reservation, ReservationRequest, Settlement,
+    INTERRUPTED,
 };
 use crate::calls::{CallRecord, LedgerEntry, Outcome};
 use crate::error::{Result, StoreError};
 use crate::money::{Money, Prices};
-
-/// A budget-holding row: a tenant or a key.
-#[derive(Clone, Copy)]
-enum Account<'a> {
-    Tenant(&'a str),
-    Key(&'a str),
-}
-
-impl Account<'_> {
-    fn id(&self) -> &str {
-        match self {
-            Account::Tenant(id) | Account::Key(id) => id,
-        }
-    }
-
-    fn label(&self) -> &'static str {
-        match self {
-            Account::Tenant(_) => "tenant",
-            Account::Key(_) => "key",
-        }
-    }
-
-    fn table(&self) -> &'static str {
-        match self {
-            Account::Tenant(_) => "tenants",
-            Account::Key(_) => "api_keys",
-        }
-    }
-
-    fn disabled_column(&self) -> &'static str {
-        match self {
-            Account::Tenant(_) => "disabled_at",
-            Account::Key(_) => "revoked_at",
-        }
-    }
-}
-
-fn accounts(caller: &Caller) -> Vec<Account<'_>> {
-    let mut a = vec![Account::Tenant(&caller.tenant_id)];
-    if let Some(k) = &caller.key_id {
-        a.push(Account::Key(k));
-    }
-    a
-}
 
 fn spent(conn: &Connection, account: &str, month: &str) -> Result<Money> {
     Ok(Money(
