@@ -15,7 +15,7 @@ use common::{
     completion_body, ensure, post_as, received_usage, request, Checks, Server, CHAT_MODEL,
 };
 use kiln_store::billing::Billing as _;
-use kiln_store::{CallLog as _, Outcome, UsageQuery};
+use kiln_store::{CallLog as _, UsageQuery};
 use serde_json::{json, Value};
 
 fn admin(s: &Server, method: &str, path: &str, body: Value) -> Result<Value> {
@@ -190,57 +190,13 @@ fn budgets_and_the_ledger_under_load_and_sigkill() {
     let db = kiln_store::Store::open(&server.db_path()).expect("open the database");
 
     c.run("the restart settles the dead run's reservations", || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let open = db.open_reservations()?;
-            if open.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("{} reservations still open: {open:?}", open.len());
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        common::wait_until_settled(&db, Duration::from_secs(20))
     });
     c.run(
         "every response received in full is in the ledger, once",
         || {
-            ensure(received.len() >= 6, || {
-                format!(
-                    "only {} responses completed before the kill",
-                    received.len()
-                )
-            })?;
             let rows = db.recent_calls(Some(&tid), 100_000)?;
-            let mut by_request: HashMap<&str, Vec<&kiln_store::LedgerEntry>> = HashMap::new();
-            for r in &rows {
-                by_request
-                    .entry(r.record.request_id.as_str())
-                    .or_default()
-                    .push(r);
-            }
-            for (id, (prompt, completion)) in &received {
-                let Some(entries) = by_request.get(id.as_str()) else {
-                    bail!("{id} was received in full but is not in the ledger");
-                };
-                ensure(entries.len() == 1, || {
-                    format!("{id} is in the ledger {} times", entries.len())
-                })?;
-                let e = &entries[0].record;
-                ensure(
-                    e.prompt_tokens == *prompt
-                        && e.completion_tokens == *completion
-                        && matches!(e.outcome, Outcome::Stop | Outcome::Length),
-                    || format!("{id}: received {prompt}+{completion}, ledger {e:?}"),
-                )?;
-            }
-            // Whatever was not received whole is charged at most what it used.
-            for r in &rows {
-                if !received.contains_key(&r.record.request_id) {
-                    ensure(r.record.completion_tokens <= 16, || format!("{r:?}"))?;
-                }
-            }
-            Ok(())
+            common::received_are_in_ledger(&received, &rows, 16)
         },
     );
     c.run("the tenant's spend equals the ledger's cost", || {

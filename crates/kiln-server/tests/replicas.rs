@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use common::{completion_body, ensure, received_usage, request, Checks, Server, CHAT_MODEL};
 use kiln_store::billing::Billing as _;
-use kiln_store::{CallLog as _, Outcome, PgStore, UsageQuery};
+use kiln_store::{CallLog as _, PgStore, UsageQuery};
 use serde_json::{json, Value};
 
 /// A fresh schema in the test database, dropped afterwards.
@@ -321,47 +321,13 @@ fn two_replicas_share_budgets_limits_and_recovery() {
     let received = received.lock().unwrap().clone();
 
     c.run("the surviving replica settles the dead one's calls", || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let open = db.open_reservations()?;
-            if open.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("{} reservations still open", open.len());
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        common::wait_until_settled(&db, Duration::from_secs(20))
     });
     c.run(
         "every response received in full is in the ledger, once",
         || {
-            ensure(received.len() >= 6, || {
-                format!("only {} responses completed", received.len())
-            })?;
             let rows = db.recent_calls(Some(&tid), 100_000)?;
-            let mut by_id: HashMap<&str, Vec<&kiln_store::LedgerEntry>> = HashMap::new();
-            for r in &rows {
-                by_id
-                    .entry(r.record.request_id.as_str())
-                    .or_default()
-                    .push(r);
-            }
-            for (id, (p, comp)) in &received {
-                let entries = by_id
-                    .get(id.as_str())
-                    .with_context(|| format!("{id} missing from the ledger"))?;
-                ensure(entries.len() == 1, || {
-                    format!("{id} recorded {} times", entries.len())
-                })?;
-                let e = &entries[0].record;
-                ensure(
-                    e.prompt_tokens == *p
-                        && e.completion_tokens == *comp
-                        && matches!(e.outcome, Outcome::Stop | Outcome::Length),
-                    || format!("{id}: received {p}+{comp}, ledger {e:?}"),
-                )?;
-            }
+            common::received_are_in_ledger(&received, &rows, 16)?;
             let spent: i64 = rows.iter().map(|r| r.record.cost.nanos()).sum();
             let b = db.budget(&tid, None)?.context("budget")?;
             ensure(

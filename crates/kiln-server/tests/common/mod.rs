@@ -522,3 +522,69 @@ pub fn received_usage(r: &Response, stream: bool) -> Option<(u64, u64)> {
         usage["completion_tokens"].as_u64()?,
     ))
 }
+
+/// Checks the ledger rows of a load that was cut by a SIGKILL: every
+/// response a client received in full (`received`: request id -> prompt and
+/// completion tokens) is there exactly once, with those tokens and a
+/// successful outcome; nothing else is charged more than `max_completion`.
+pub fn received_are_in_ledger(
+    received: &std::collections::HashMap<String, (u64, u64)>,
+    rows: &[kiln_store::LedgerEntry],
+    max_completion: u64,
+) -> Result<()> {
+    if received.len() < 6 {
+        bail!(
+            "only {} responses completed before the kill",
+            received.len()
+        );
+    }
+    let mut by_id: std::collections::HashMap<&str, Vec<&kiln_store::LedgerEntry>> =
+        std::collections::HashMap::new();
+    for r in rows {
+        by_id
+            .entry(r.record.request_id.as_str())
+            .or_default()
+            .push(r);
+    }
+    for (id, (prompt, completion)) in received {
+        let Some(entries) = by_id.get(id.as_str()) else {
+            bail!("{id} was received in full but is not in the ledger");
+        };
+        if entries.len() != 1 {
+            bail!("{id} is in the ledger {} times", entries.len());
+        }
+        let e = &entries[0].record;
+        let ok = e.prompt_tokens == *prompt
+            && e.completion_tokens == *completion
+            && matches!(
+                e.outcome,
+                kiln_store::Outcome::Stop | kiln_store::Outcome::Length
+            );
+        if !ok {
+            bail!("{id}: received {prompt}+{completion}, ledger {e:?}");
+        }
+    }
+    for r in rows {
+        if !received.contains_key(&r.record.request_id)
+            && r.record.completion_tokens > max_completion
+        {
+            bail!("charged beyond max_tokens: {r:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Waits until no reservation is open (a dead replica's calls settled).
+pub fn wait_until_settled(db: &dyn kiln_store::Database, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let open = db.open_reservations()?;
+        if open.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{} reservations still open: {open:?}", open.len());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
