@@ -72,6 +72,12 @@ pub enum StoreError {
     },
     #[error("PostgreSQL query failed: {}", pg_reason(.0))]
     Postgres(postgres::Error),
+    /// The database file was deleted or replaced while in use.
+    #[error(
+        "the database file {path} was deleted or replaced while Kiln was using it; \
+         restore it (or restart Kiln to start a new one): nothing is written meanwhile"
+    )]
+    Gone { path: PathBuf },
     /// A value the caller gave is not allowed.
     #[error("{0}")]
     Invalid(String),

@@ -122,7 +122,7 @@ impl Accounts for Store {
     fn create_tenant(&self, new: &NewTenant) -> Result<Tenant> {
         validate_name("the tenant name", &new.name).map_err(invalid)?;
         check_limits(&new.limits)?;
-        let conn = self.lock();
+        let conn = self.lock()?;
         let tenant = Tenant {
             id: new_tenant_id(),
             name: new.name.clone(),
@@ -156,7 +156,7 @@ impl Accounts for Store {
     }
 
     fn tenants(&self) -> Result<Vec<Tenant>> {
-        let conn = self.lock();
+        let conn = self.lock()?;
         let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants ORDER BY name");
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map([], tenant_from_row)?;
@@ -164,7 +164,7 @@ impl Accounts for Store {
     }
 
     fn tenant(&self, id_or_name: &str) -> Result<Option<Tenant>> {
-        tenant_by(&self.lock(), id_or_name)
+        tenant_by(&*self.lock()?, id_or_name)
     }
 
     fn update_tenant(&self, id: &str, u: &TenantUpdate) -> Result<Option<Tenant>> {
@@ -176,7 +176,7 @@ impl Accounts for Store {
             requests_per_minute: u.requests_per_minute.flatten(),
             tokens_per_minute: u.tokens_per_minute.flatten(),
         })?;
-        let mut conn = self.lock();
+        let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let Some(current) = tenant_by(&tx, id)?.filter(|t| t.id == id) else {
             return Ok(None);
@@ -219,7 +219,7 @@ impl Accounts for Store {
                 return Err(invalid("a key's model names must not be empty".into()));
             }
         }
-        let mut conn = self.lock();
+        let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let Some(tenant) = tenant_by(&tx, &new.tenant_id)?.filter(|t| t.id == new.tenant_id) else {
             return Err(StoreError::NotFound(format!(
@@ -275,7 +275,7 @@ impl Accounts for Store {
     }
 
     fn keys(&self, tenant_id: Option<&str>) -> Result<Vec<ApiKey>> {
-        let conn = self.lock();
+        let conn = self.lock()?;
         let sql = format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE ?1 IS NULL OR tenant_id = ?1
              ORDER BY created_at DESC, rowid DESC"
@@ -286,11 +286,11 @@ impl Accounts for Store {
     }
 
     fn key(&self, id: &str) -> Result<Option<ApiKey>> {
-        key_by(&self.lock(), "id", id)
+        key_by(&*self.lock()?, "id", id)
     }
 
     fn revoke_key(&self, id: &str) -> Result<Option<ApiKey>> {
-        let conn = self.lock();
+        let conn = self.lock()?;
         let changed = conn.execute(
             "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
             params![id, crate::now_ms()],
@@ -302,7 +302,7 @@ impl Accounts for Store {
     }
 
     fn rotate_key(&self, id: &str) -> Result<Option<IssuedKey>> {
-        let mut conn = self.lock();
+        let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let secret = new_secret();
         let changed = tx.execute(
@@ -325,7 +325,7 @@ impl Accounts for Store {
     }
 
     fn key_by_hash(&self, secret_sha256: &str) -> Result<Option<KeyOwner>> {
-        let conn = self.lock();
+        let conn = self.lock()?;
         let Some(key) = key_by(&conn, "secret_sha256", secret_sha256)? else {
             return Ok(None);
         };
@@ -339,14 +339,14 @@ impl Accounts for Store {
 
     fn auth_epoch(&self) -> Result<i64> {
         Ok(self
-            .lock()
+            .lock()?
             .prepare_cached("SELECT auth_epoch FROM platform WHERE id = 1")?
             .query_row([], |r| r.get(0))?)
     }
 
     fn update_key_limits(&self, id: &str, limits: &Limits) -> Result<Option<ApiKey>> {
         check_limits(limits)?;
-        let conn = self.lock();
+        let conn = self.lock()?;
         let changed = conn.execute(
             "UPDATE api_keys SET monthly_limit_nanos = ?2, requests_per_minute = ?3,
                  tokens_per_minute = ?4 WHERE id = ?1",

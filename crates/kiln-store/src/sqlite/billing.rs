@@ -145,7 +145,7 @@ fn close(tx: &Transaction<'_>, res: &Reservation, record: &CallRecord) -> Result
 impl Billing for Store {
     fn currency(&self) -> Result<String> {
         Ok(self
-            .lock()
+            .lock()?
             .prepare_cached("SELECT currency FROM platform WHERE id = 1")?
             .query_row([], |r| r.get(0))?)
     }
@@ -155,7 +155,7 @@ impl Billing for Store {
         if model.is_empty() {
             return Err(StoreError::Invalid("the model name is empty".into()));
         }
-        let conn = self.lock();
+        let conn = self.lock()?;
         let currency: String =
             conn.query_row("SELECT currency FROM platform WHERE id = 1", [], |r| {
                 r.get(0)
@@ -184,13 +184,13 @@ impl Billing for Store {
 
     fn delete_price(&self, model: &str) -> Result<bool> {
         Ok(self
-            .lock()
+            .lock()?
             .execute("DELETE FROM model_prices WHERE model = ?1", [model])?
             > 0)
     }
 
     fn prices(&self) -> Result<Vec<(String, Prices)>> {
-        let conn = self.lock();
+        let conn = self.lock()?;
         let mut stmt = conn.prepare_cached(
             "SELECT model, (SELECT currency FROM platform WHERE id = 1), input_nanos_per_mtok,
                     cached_input_nanos_per_mtok, output_nanos_per_mtok
@@ -207,7 +207,7 @@ impl Billing for Store {
     }
 
     fn price(&self, model: &str) -> Result<Option<Prices>> {
-        price_of(&self.lock(), model)
+        price_of(&*self.lock()?, model)
     }
 
     fn add_credit(&self, c: &NewCredit) -> Result<CreditEntry> {
@@ -224,7 +224,7 @@ impl Billing for Store {
                 c.kind.as_str()
             )));
         }
-        let mut conn = self.lock();
+        let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let account = match &c.key_id {
             Some(k) => Account::Key(k),
@@ -278,7 +278,7 @@ impl Billing for Store {
     }
 
     fn credits(&self, tenant_id: &str) -> Result<Vec<CreditEntry>> {
-        let conn = self.lock();
+        let conn = self.lock()?;
         let mut stmt = conn.prepare_cached(
             "SELECT id, created_at, tenant_id, key_id, kind, amount_nanos, note, created_by
              FROM credit_entries WHERE tenant_id = ?1 ORDER BY created_at DESC, rowid DESC",
@@ -312,7 +312,7 @@ impl Billing for Store {
     }
 
     fn budget(&self, tenant_id: &str, key_id: Option<&str>) -> Result<Option<Budget>> {
-        let conn = self.lock();
+        let conn = self.lock()?;
         let account = match key_id {
             Some(k) => {
                 let owner: Option<String> = conn
@@ -341,7 +341,7 @@ impl Billing for Store {
     }
 
     fn renew_lease(&self, replica_id: &str, until_ms: i64) -> Result<()> {
-        self.lock()
+        self.lock()?
             .prepare_cached(
                 "INSERT INTO replicas (id, started_at, lease_expires_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (id) DO UPDATE SET lease_expires_at = ?3",
@@ -351,13 +351,13 @@ impl Billing for Store {
     }
 
     fn drop_lease(&self, replica_id: &str) -> Result<()> {
-        self.lock()
+        self.lock()?
             .execute("DELETE FROM replicas WHERE id = ?1", [replica_id])?;
         Ok(())
     }
 
     fn recover_lapsed(&self, now_ms: i64) -> Result<usize> {
-        let mut conn = self.lock();
+        let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Reservations whose replica's lease lapsed, or whose replica is gone.
         let sql = format!(
@@ -386,7 +386,7 @@ impl Billing for Store {
         replica_id: &str,
         req: &ReservationRequest,
     ) -> Result<std::result::Result<Reservation, Refusal>> {
-        let mut conn = self.lock();
+        let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let prices = price_of(&tx, &req.model)?;
         let amount = prices.as_ref().map_or(Money::ZERO, |p| {
@@ -447,7 +447,7 @@ impl Billing for Store {
     }
 
     fn settle(&self, s: &Settlement) -> Result<Option<LedgerEntry>> {
-        let mut conn = self.lock();
+        let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = crate::now_ms();
         let entry = match reservation(&tx, &s.reservation_id)? {
@@ -478,7 +478,7 @@ impl Billing for Store {
     }
 
     fn open_reservations(&self) -> Result<Vec<Reservation>> {
-        let conn = self.lock();
+        let conn = self.lock()?;
         let sql = format!("SELECT {RESERVATION_COLUMNS} FROM reservations ORDER BY created_at");
         let rows = conn
             .prepare(&sql)?

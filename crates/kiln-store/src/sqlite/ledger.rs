@@ -134,11 +134,11 @@ pub(super) fn entry_by_id(conn: &Connection, id: &str) -> Result<Option<LedgerEn
 
 impl CallLog for Store {
     fn record_call(&self, call: &CallRecord) -> Result<()> {
-        insert_entry(&self.lock(), &new_call_id(), call)
+        insert_entry(&*self.lock()?, &new_call_id(), call)
     }
 
     fn recent_calls(&self, tenant_id: Option<&str>, limit: usize) -> Result<Vec<LedgerEntry>> {
-        let conn = self.lock();
+        let conn = self.lock()?;
         let sql = format!(
             "SELECT {LEDGER_COLUMNS} FROM usage_ledger
              WHERE ?1 IS NULL OR tenant_id = ?1
@@ -151,7 +151,7 @@ impl CallLog for Store {
     }
 
     fn usage_totals(&self) -> Result<Vec<ModelUsage>> {
-        let conn = self.lock();
+        let conn = self.lock()?;
         let mut stmt = conn.prepare_cached(
             "SELECT model, COUNT(*), SUM(outcome LIKE 'error:%'), SUM(prompt_tokens),
                     SUM(cached_tokens), SUM(completion_tokens)
@@ -220,7 +220,7 @@ impl CallLog for Store {
             let list = key_sql.join(", ");
             sql.push_str(&format!(" GROUP BY {list} ORDER BY {list}"));
         }
-        let conn = self.lock();
+        let conn = self.lock()?;
         let mut stmt = conn.prepare(&sql)?;
         let n = keys.len();
         let rows = stmt.query_map(params_from_iter(args), |r| {
@@ -253,6 +253,6 @@ impl CallLog for Store {
     }
 
     fn ledger_entry(&self, id: &str) -> Result<Option<LedgerEntry>> {
-        entry_by_id(&self.lock(), id)
+        entry_by_id(&*self.lock()?, id)
     }
 }

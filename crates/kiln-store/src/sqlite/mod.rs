@@ -61,6 +61,41 @@ pub struct Store {
     /// Stops the background checkpointer (file databases only) when the
     /// store is dropped.
     checkpointer: Option<Checkpointer>,
+    /// The file as opened, checked before each use (file databases only).
+    file: Option<FileIdentity>,
+}
+
+/// A database file's identity when it was opened. If the file is deleted or
+/// replaced while the server runs, SQLite would go on writing into the
+/// unlinked inode and every write would be lost at the next start; checking
+/// the path still names the same file (one `stat`, about a microsecond)
+/// turns that into an error instead.
+struct FileIdentity {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> Option<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileIdentity {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => Ok(()),
+            _ => Err(StoreError::Gone {
+                path: self.path.clone(),
+            }),
+        }
+    }
 }
 
 /// Copies the WAL back into the database file from its own thread and
@@ -135,10 +170,11 @@ impl Store {
         conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
             .map_err(open_err)?;
         let mut store = Self::with_connection(conn, path)?;
+        store.file = FileIdentity::of(path);
         store.checkpointer = spawn_checkpointer(path);
         if store.checkpointer.is_some() {
             store
-                .lock()
+                .lock()?
                 .execute_batch("PRAGMA wal_autocheckpoint = 0")
                 .map_err(open_err)?;
         }
@@ -160,15 +196,24 @@ impl Store {
         Ok(Store {
             conn: Mutex::new(conn),
             checkpointer: None,
+            file: None,
         })
     }
 
     /// The schema version the database is at.
     pub fn schema_version(&self) -> Result<i64> {
-        current_version(&self.lock())
+        current_version(&*self.lock()?)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
+    /// The connection, once the database file is known to be still there.
+    fn lock(&self) -> Result<MutexGuard<'_, Connection>> {
+        if let Some(f) = &self.file {
+            f.check()?;
+        }
+        Ok(self.conn_unchecked())
+    }
+
+    fn conn_unchecked(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-applied write:
         // every write is one statement or one transaction.
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
@@ -269,7 +314,7 @@ mod tests {
     }
 
     fn count(store: &Store, sql: &str) -> rusqlite::Result<i64> {
-        store.lock().query_row(sql, [], |r| r.get(0))
+        store.conn_unchecked().query_row(sql, [], |r| r.get(0))
     }
 
     #[test]
@@ -341,7 +386,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("kiln.db");
         let store = Store::open(&path)?;
-        store.lock().execute(
+        store.conn_unchecked().execute(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, 'future', 0)",
             [SCHEMA_VERSION + 1],
         )?;
@@ -434,15 +479,15 @@ mod tests {
         let store = Store::open_in_memory()?;
         store.record_call(&call("m", Outcome::Stop, 1, 1))?;
         let refused = store
-            .lock()
+            .conn_unchecked()
             .execute("UPDATE usage_ledger SET outcome = 'exploded'", []);
         assert!(refused.is_err(), "the CHECK constraint refuses it");
         let refused = store
-            .lock()
+            .conn_unchecked()
             .execute("UPDATE usage_ledger SET outcome = 'error:'", []);
         assert!(refused.is_err(), "an error needs a code");
         // A row that slipped past the constraint is an error naming the row.
-        store.lock().execute_batch(
+        store.conn_unchecked().execute_batch(
             "PRAGMA ignore_check_constraints = ON;
              UPDATE usage_ledger SET outcome = 'exploded';",
         )?;
@@ -470,7 +515,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let store = Store::open(&dir.path().join("kiln.db"))?;
         let mode: String = store
-            .lock()
+            .conn_unchecked()
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
         assert_eq!(mode, "wal");
         let timeout = count(&store, "PRAGMA busy_timeout")?;
@@ -511,6 +556,53 @@ mod tests {
             "SELECT COUNT(DISTINCT request_id) FROM usage_ledger",
         )?;
         assert_eq!(distinct as u64, 2 * 4 * per_thread);
+        Ok(())
+    }
+
+    #[test]
+    fn a_deleted_database_file_is_an_error_not_silent_loss() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("kiln.db");
+        let store = Store::open(&path)?;
+        store.record_call(&call("m", Outcome::Stop, 1, 1))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        let err = store.record_call(&call("m", Outcome::Stop, 1, 1)).err();
+        assert!(matches!(err, Some(StoreError::Gone { .. })), "{err:?}");
+        assert!(store.recent_calls(None, 1).is_err());
+        // A new file in its place is not the one this store opened either.
+        drop(Store::open(&path)?);
+        let err = store.record_call(&call("m", Outcome::Stop, 1, 1)).err();
+        assert!(matches!(err, Some(StoreError::Gone { .. })), "{err:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_full_database_fails_the_write_and_keeps_working() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(&dir.path().join("kiln.db"))?;
+        let pages = count(&store, "PRAGMA page_count")?;
+        store
+            .conn_unchecked()
+            .execute_batch(&format!("PRAGMA max_page_count = {}", pages + 2))?;
+        let mut failed = None;
+        for i in 0..10_000 {
+            let mut r = call("m", Outcome::Stop, 1, 1);
+            r.request_id = format!("{i}-{}", "x".repeat(200));
+            if let Err(e) = store.record_call(&r) {
+                failed = Some(e);
+                break;
+            }
+        }
+        let e = failed.ok_or("the database never filled up")?;
+        assert!(e.to_string().contains("full"), "{e}");
+        // Reads still work, and a write fits again once there is room.
+        assert!(!store.recent_calls(None, 5)?.is_empty());
+        store
+            .conn_unchecked()
+            .execute_batch("PRAGMA max_page_count = 1073741823")?;
+        store.record_call(&call("m", Outcome::Stop, 1, 1))?;
         Ok(())
     }
 
