@@ -509,6 +509,36 @@ fn admin_api_roles_and_bad_input() {
         let r = s.call_as(Some(&key), "GET", "/v1/models", None)?;
         ensure(r.status == 200, || r.text())
     });
+    c.run("a client that hangs up on a plain call leaves no reservation open", || {
+        use std::io::Write;
+        let key = s.admin_key.clone().unwrap_or_default();
+        let body = completion_body(400, false).to_string();
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port))?;
+        write!(
+            sock,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nX-Request-Id: hangup-1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        drop(sock);
+        let db = kiln_store::Store::open(&s.db_path())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = db
+                .recent_calls(None, 50)?
+                .into_iter()
+                .find(|r| r.record.request_id == "hangup-1");
+            if let Some(row) = row {
+                ensure(row.record.outcome == kiln_store::Outcome::Cancelled, || format!("{row:?}"))?;
+                ensure(row.record.completion_tokens < 400, || format!("{row:?}"))?;
+                return common::wait_until_settled(&db, Duration::from_secs(5));
+            }
+            if Instant::now() > deadline {
+                bail!("the abandoned call never reached the ledger");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
     c.run("usage reports as JSON and CSV", || {
         let a = s.admin_key.as_deref();
         let r = s.call_as(

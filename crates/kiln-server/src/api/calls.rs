@@ -151,6 +151,61 @@ struct Admission {
     prompt_tokens: u64,
 }
 
+/// Holds an admitted call's reservation until the call settles it. When
+/// every handle on the call is dropped first (the client disconnected and
+/// the server dropped the unfinished request), dropping this settles the
+/// call as `cancelled`, with the tokens used so far, in the background: no
+/// reservation outlives its request.
+struct AdmissionSlot {
+    state: SharedState,
+    received: Instant,
+    inner: Mutex<Option<Admission>>,
+    used: Mutex<Used>,
+}
+
+impl Drop for AdmissionSlot {
+    fn drop(&mut self) {
+        let Some(a) = self
+            .inner
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        let used = *self.used.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let s = Settlement {
+            reservation_id: a.reservation_id.clone(),
+            outcome: Outcome::Cancelled,
+            tokens: TokenCounts {
+                prompt: if used.prompt_done { a.prompt_tokens } else { 0 },
+                cached: 0,
+                completion: used.completion_tokens as u64,
+            },
+            latency_ms: millis(self.received.elapsed()),
+            ttft_ms: None,
+        };
+        let spent = s.tokens.prompt + s.tokens.completion;
+        self.state
+            .meter
+            .refund_rate(&a.limits, a.tokens_taken.saturating_sub(spent), false);
+        tracing::info!(reservation = %a.reservation_id, "the client went away before the response; settling the call as cancelled");
+        let state = self.state.clone();
+        let settle = move || {
+            if let Err(e) = state.meter.db.settle(&s) {
+                tracing::warn!(error = %e, "settling an abandoned call failed; retrying later");
+                state.meter.defer(s);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(settle);
+            }
+            Err(_) => settle(),
+        }
+    }
+}
+
 /// What is known about a call while it runs.
 #[derive(Clone)]
 pub struct CallContext {
@@ -160,7 +215,7 @@ pub struct CallContext {
     pub model: String,
     pub received: Instant,
     pub principal: Arc<Principal>,
-    admission: Arc<Mutex<Option<Admission>>>,
+    admission: Arc<AdmissionSlot>,
     rate: Arc<Mutex<RateStatus>>,
     /// Set once the call is settled or recorded, so it is never recorded twice.
     ended: Arc<AtomicBool>,
@@ -184,14 +239,20 @@ impl CallContext {
         model: String,
         principal: Arc<Principal>,
     ) -> CallContext {
+        let received = Instant::now();
         CallContext {
+            admission: Arc::new(AdmissionSlot {
+                state: state.clone(),
+                received,
+                inner: Mutex::new(None),
+                used: Mutex::new(Used::default()),
+            }),
             state,
             request_id,
             endpoint,
             model,
-            received: Instant::now(),
+            received,
             principal,
-            admission: Arc::new(Mutex::new(None)),
             rate: Arc::new(Mutex::new(RateStatus::default())),
             ended: Arc::new(AtomicBool::new(false)),
             backend: Arc::new(Mutex::new(EMBEDDED_BACKEND.to_string())),
@@ -306,6 +367,7 @@ impl CallContext {
             Ok(res) => {
                 *self
                     .admission
+                    .inner
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = Some(Admission {
                     reservation_id: res.id,
@@ -339,9 +401,20 @@ impl CallContext {
     fn take_admission(&self) -> Option<Admission> {
         self.ended.store(true, Ordering::Release);
         self.admission
+            .inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
+    }
+
+    /// Records what a running call has used, for settling it if the client
+    /// goes away.
+    pub fn progress(&self, used: Used) {
+        *self
+            .admission
+            .used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = used;
     }
 
     fn settlement(

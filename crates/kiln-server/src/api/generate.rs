@@ -197,6 +197,7 @@ pub async fn collect(
                 }
                 used.prompt_done = true;
                 used.completion_tokens += 1;
+                call.progress(used);
                 text.push_str(&piece);
                 logprobs.extend(logprob);
             }
