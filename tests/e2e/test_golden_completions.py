@@ -41,3 +41,26 @@ def test_greedy_completion_matches_llamacpp(client, model, prompt):
     assert choice.finish_reason == expected["finish_reason"]
     assert r.usage.completion_tokens == expected["completion_tokens"]
     assert r.usage.prompt_tokens == prompt["n_prompt_tokens"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_concurrent_greedy_completions_match_llamacpp(client, model):
+    """All of a model's prompts at once: the scheduler batches them together
+    (prefill chunks mixed with decode steps), and every client still gets
+    exactly the text it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = json.loads((FIXTURES / f"{model}.json").read_text())["prompts"]
+
+    def ask(prompt):
+        return client.completions.create(
+            model=model, prompt=prompt["text"], max_tokens=64, temperature=0
+        )
+
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        answers = list(pool.map(ask, prompts))
+    for prompt, r in zip(prompts, answers):
+        expected = prompt["token_by_token_completion"]
+        assert r.choices[0].text == expected["text"], prompt["name"]
+        assert r.choices[0].finish_reason == expected["finish_reason"], prompt["name"]
+        assert r.usage.completion_tokens == expected["completion_tokens"], prompt["name"]

@@ -1,43 +1,78 @@
-//! The request loop: a bounded queue in front of one worker thread per model.
+//! The scheduler: one loop per model that runs every admitted request
+//! together, step by step (continuous batching).
 //!
 //! Callers [`EngineHandle::submit`] a tokenized prompt and get a
-//! [`GenerationStream`] of events. The queue is bounded: when it is full,
-//! `submit` answers [`EngineError::Busy`] at once instead of growing. Dropping
-//! the stream cancels the request: the worker notices before the next token
-//! and stops (a queued request whose stream is gone is skipped).
+//! [`GenerationStream`] of events. Each step of the loop
+//! - takes newly submitted requests into the waiting list;
+//! - drops requests whose stream was dropped (cancellation), freeing their
+//!   KV blocks;
+//! - admits waiting requests while the batch has room and the KV pool has
+//!   blocks for their prompt: highest priority first, then the tenant with
+//!   the fewest requests running, then the oldest;
+//! - plans one forward pass of at most `step_tokens` tokens: one decode token
+//!   for each generating sequence and chunks of prompts still being read
+//!   (chunked prefill), so a long prompt never stalls the others;
+//! - runs it over all of them at once ([`Transformer::forward_batch`]) and
+//!   samples the next token of every sequence that produced logits.
+//!
+//! KV memory comes from a paged pool with a fixed budget
+//! ([`crate::model::kv`]). When a sequence needs a block and none is free,
+//! the least important sequence (lowest priority, then newest) is preempted:
+//! its blocks are freed and it waits to be recomputed from its prompt and
+//! the tokens it already generated. Results do not change, since a row's
+//! arithmetic never depends on the batch. Admission is bounded: past
+//! `queue_capacity` waiting requests (or a tenant's share of them) `submit`
+//! answers [`EngineError::Busy`] at once.
 //!
 //! Invariants: every accepted request ends with exactly one `Finished` event
 //! or one error, unless its stream was dropped; text is released only as
-//! complete UTF-8 and never includes (a prefix of) a matched stop string.
+//! complete UTF-8 and never includes (a prefix of) a matched stop string;
+//! a sequence never needs more KV than the whole pool (it finishes with
+//! `length` first), so a lone sequence always runs.
 
+use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::{EngineError, Result};
+use crate::model::kv::{blocks_for, BlockTable, KvPool, BLOCK_TOKENS};
+use crate::model::transformer::BatchItem;
 use crate::model::TextModel;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::template::ChatMessage;
 
-/// Tokens fed to the model per forward call while reading the prompt.
-const PREFILL_CHUNK: usize = 512;
-
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Requests that may wait while one runs; past this `submit` is `Busy`.
+    /// Requests that may wait to be admitted; past this `submit` is `Busy`.
     pub queue_capacity: usize,
+    /// Sequences generating together at most.
+    pub max_batch: usize,
+    /// Bytes of KV cache for all sequences together.
+    pub kv_cache_bytes: usize,
+    /// Tokens fed to the model per step at most (decode tokens plus prompt chunks).
+    pub step_tokens: usize,
 }
+
+/// Default KV cache budget per model.
+pub const DEFAULT_KV_CACHE_MB: usize = 512;
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { queue_capacity: 16 }
+        EngineOptions {
+            queue_capacity: 16,
+            max_batch: 16,
+            kv_cache_bytes: DEFAULT_KV_CACHE_MB << 20,
+            step_tokens: 512,
+        }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
@@ -49,13 +84,17 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Keep generating past end-of-generation tokens (benchmarks, tests).
     pub ignore_eos: bool,
+    /// Higher runs first when the machine is full (and may preempt lower).
+    pub priority: i32,
+    /// Whom the request serves; tenants share the queue and the batch fairly.
+    pub tenant: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// An end-of-generation token or a stop string.
     Stop,
-    /// `max_tokens` or the context length was reached.
+    /// `max_tokens`, the context length or the KV budget was reached.
     Length,
 }
 
@@ -99,8 +138,11 @@ pub struct Completion {
     pub completion_tokens: usize,
     /// Prompt tokens served from a cache (none until prefix caching lands).
     pub cached_tokens: usize,
+    /// From submission to the first step that ran the request.
     pub queued: Duration,
+    /// From then to the first generated token.
     pub prefill: Duration,
+    /// From then to the end.
     pub decode: Duration,
 }
 
@@ -128,9 +170,40 @@ struct Job {
 
 struct Shared {
     model: Arc<TextModel>,
-    queue: SyncSender<Job>,
+    queue: Mutex<Sender<Job>>,
+    queue_capacity: usize,
+    /// Positions the KV pool holds in all.
+    kv_capacity_tokens: usize,
+    /// Submitted requests not yet admitted, in all and per tenant.
     waiting: AtomicUsize,
+    waiting_by_tenant: Mutex<HashMap<String, usize>>,
     running: AtomicUsize,
+    preemptions: Arc<AtomicUsize>,
+    kv_used_bytes: AtomicUsize,
+    kv_capacity_bytes: usize,
+}
+
+impl Shared {
+    /// Counts a request out of the waiting ones (admitted or dropped).
+    fn leave_queue(&self, tenant: &str) {
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let mut by_tenant = self
+            .waiting_by_tenant
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by_tenant.get_mut(tenant) {
+            *n -= 1;
+            if *n == 0 {
+                by_tenant.remove(tenant);
+            }
+        }
+    }
+
+    /// The most requests one tenant may have waiting: three quarters of the
+    /// queue (at least one), so a flood from one tenant leaves room for others.
+    fn tenant_share(&self) -> usize {
+        (self.queue_capacity * 3 / 4).max(1)
+    }
 }
 
 /// A running model behind a bounded queue. Cheap to clone.
@@ -140,42 +213,56 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Starts the worker thread for `model`.
+    /// Starts the scheduler thread for `model`.
     pub fn start(model: TextModel, options: EngineOptions) -> Result<EngineHandle> {
         let model = Arc::new(model);
-        let (tx, rx) = sync_channel::<Job>(options.queue_capacity.max(1));
+        let (tx, rx) = channel::<Job>();
+        let pool = model.new_kv_pool(options.kv_cache_bytes);
+        if pool.capacity() < 2 {
+            return Err(EngineError::InvalidRequest(format!(
+                "a KV cache budget of {} bytes is too small for model `{}`: one block of {} positions takes {} bytes",
+                options.kv_cache_bytes,
+                model.info().name,
+                BLOCK_TOKENS,
+                pool.block_bytes()
+            )));
+        }
         let shared = Arc::new(Shared {
             model: model.clone(),
-            queue: tx,
+            queue: Mutex::new(tx),
+            queue_capacity: options.queue_capacity.max(1),
+            kv_capacity_tokens: pool.capacity() * BLOCK_TOKENS,
             waiting: AtomicUsize::new(0),
+            waiting_by_tenant: Mutex::new(HashMap::new()),
             running: AtomicUsize::new(0),
+            preemptions: Arc::new(AtomicUsize::new(0)),
+            kv_used_bytes: AtomicUsize::new(0),
+            kv_capacity_bytes: pool.capacity() * pool.block_bytes(),
         });
-        let worker_shared = Arc::downgrade(&shared);
+        tracing::info!(
+            model = %model.info().name,
+            kv_blocks = pool.capacity(),
+            kv_tokens = pool.capacity() * BLOCK_TOKENS,
+            kv_mb = (pool.capacity() * pool.block_bytes()) >> 20,
+            max_batch = options.max_batch,
+            "scheduler started"
+        );
+        let scheduler = Scheduler {
+            model: model.clone(),
+            shared: Arc::downgrade(&shared),
+            rx,
+            pool,
+            waiting: Vec::new(),
+            running: Vec::new(),
+            max_batch: options.max_batch.max(1),
+            step_tokens: options.step_tokens.max(options.max_batch).max(1),
+            arrivals: 0,
+            preemptions: shared.preemptions.clone(),
+        };
         std::thread::Builder::new()
             .name(format!("kiln-engine-{}", model.info().name))
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    let Some(shared) = worker_shared.upgrade() else {
-                        break;
-                    };
-                    shared.waiting.fetch_sub(1, Ordering::Relaxed);
-                    if job.events.is_closed() {
-                        continue;
-                    }
-                    shared.running.fetch_add(1, Ordering::Relaxed);
-                    let queued = job.enqueued.elapsed();
-                    // The whole job runs on a compute-pool thread, so the
-                    // hundreds of parallel matmuls per token fork and join
-                    // inside the pool instead of each crossing threads.
-                    let result = rayon::scope(|_| run_job(&model, &job, queued));
-                    shared.running.fetch_sub(1, Ordering::Relaxed);
-                    if let Err(e) = result {
-                        tracing::error!(error = %e, "generation failed");
-                        let _ = job.events.send(Err(e));
-                    }
-                }
-            })
-            .map_err(|e| EngineError::io("engine worker thread", e))?;
+            .spawn(move || scheduler.run())
+            .map_err(|e| EngineError::io("engine scheduler thread", e))?;
         Ok(EngineHandle { shared })
     }
 
@@ -189,11 +276,12 @@ impl EngineHandle {
         self.shared.model.chat_prompt(messages)
     }
 
-    /// Queues a request. Fails at once with `Busy` when the queue is full,
-    /// `ContextOverflow` when the prompt cannot fit, `InvalidRequest` for bad
-    /// settings.
+    /// Queues a request. Fails at once with `Busy` when the queue (or the
+    /// tenant's share of it) is full, `ContextOverflow` or `KvCacheFull` when
+    /// the prompt cannot fit, `InvalidRequest` for bad settings.
     pub fn submit(&self, request: GenerateRequest) -> Result<GenerationStream> {
-        let ctx = self.shared.model.info().context_length;
+        let shared = &self.shared;
+        let ctx = shared.model.info().context_length;
         if request.prompt.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
@@ -203,39 +291,60 @@ impl EngineHandle {
                 context_length: ctx,
             });
         }
+        if request.prompt.len() >= shared.kv_capacity_tokens {
+            return Err(EngineError::KvCacheFull {
+                needed: request.prompt.len() + 1,
+                capacity: shared.kv_capacity_tokens,
+            });
+        }
         if request.max_tokens == 0 {
             return Err(EngineError::InvalidRequest(
                 "`max_tokens` must be at least 1".into(),
             ));
         }
-        let vocab = self.shared.model.vocab_size();
+        let vocab = shared.model.vocab_size();
         if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::InvalidRequest(format!(
                 "token id {bad} is out of range: the vocabulary has {vocab} tokens"
             )));
         }
         request.sampling.validate()?;
+        {
+            let mut by_tenant = shared
+                .waiting_by_tenant
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let mine = by_tenant.get(&request.tenant).copied().unwrap_or(0);
+            if shared.waiting.load(Ordering::Relaxed) >= shared.queue_capacity
+                || mine >= shared.tenant_share()
+            {
+                return Err(EngineError::Busy);
+            }
+            *by_tenant.entry(request.tenant.clone()).or_default() += 1;
+            shared.waiting.fetch_add(1, Ordering::Relaxed);
+        }
+        let tenant = request.tenant.clone();
         let (tx, rx) = unbounded_channel();
         let job = Job {
             request,
             events: tx,
             enqueued: Instant::now(),
         };
-        self.shared.waiting.fetch_add(1, Ordering::Relaxed);
-        match self.shared.queue.try_send(job) {
+        let sent = shared
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job);
+        match sent {
             Ok(()) => Ok(GenerationStream { rx }),
-            Err(TrySendError::Full(_)) => {
-                self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
-                Err(EngineError::Busy)
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            Err(_) => {
+                shared.leave_queue(&tenant);
                 Err(EngineError::Stopped)
             }
         }
     }
 
-    /// Requests waiting in the queue.
+    /// Requests waiting to be admitted.
     pub fn waiting(&self) -> usize {
         self.shared.waiting.load(Ordering::Relaxed)
     }
@@ -244,40 +353,343 @@ impl EngineHandle {
     pub fn running(&self) -> usize {
         self.shared.running.load(Ordering::Relaxed)
     }
+
+    /// Sequences preempted for KV blocks so far (each recomputed later).
+    pub fn preemptions(&self) -> usize {
+        self.shared.preemptions.load(Ordering::Relaxed)
+    }
+
+    /// KV cache bytes held by sequences now, and the budget.
+    pub fn kv_usage(&self) -> (usize, usize) {
+        (
+            self.shared.kv_used_bytes.load(Ordering::Relaxed),
+            self.shared.kv_capacity_bytes,
+        )
+    }
 }
 
-fn run_job(model: &TextModel, job: &Job, queued: Duration) -> Result<()> {
-    let req = &job.request;
-    let ctx = model.info().context_length;
-    let tokenizer = model.tokenizer();
-    let mut seq = model.new_sequence();
-    let mut sampler = Sampler::new(req.sampling.clone(), &req.prompt);
-    let banned: Vec<u32> = if req.ignore_eos {
-        tokenizer.eog_tokens().to_vec()
-    } else {
-        Vec::new()
-    };
-    let mut text = StopWatcher::new(&req.stop);
+/// One request inside the scheduler.
+struct Sequence {
+    request: GenerateRequest,
+    events: UnboundedSender<Result<GenerateEvent>>,
+    /// The prompt, then every generated token.
+    tokens: Vec<u32>,
+    cache: BlockTable,
+    sampler: Sampler,
+    text: StopWatcher,
+    /// Tokens never sampled (end-of-generation tokens under `ignore_eos`).
+    banned: Vec<u32>,
+    generated: usize,
+    arrival: u64,
+    enqueued: Instant,
+    /// Still counted among the waiting requests (never admitted yet).
+    in_queue: bool,
+    queued: Option<Duration>,
+    admitted: Option<Instant>,
+    prefill: Option<Duration>,
+    first_token: Option<Instant>,
+}
 
-    let started = Instant::now();
-    let mut logits = Vec::new();
-    for chunk in req.prompt.chunks(PREFILL_CHUNK) {
-        if job.events.is_closed() {
-            return Ok(());
-        }
-        logits = model.forward(chunk, &mut seq)?;
+impl Sequence {
+    /// Tokens not yet fed to the model.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.cache.len()
     }
-    let prefill = started.elapsed();
-    let decode_started = Instant::now();
 
-    let mut generated = 0usize;
-    let finish = loop {
-        if job.events.is_closed() {
-            return Ok(());
+    /// Sort key: most important first.
+    fn rank(&self) -> (Reverse<i32>, u64) {
+        (Reverse(self.request.priority), self.arrival)
+    }
+}
+
+struct Scheduler {
+    model: Arc<TextModel>,
+    shared: std::sync::Weak<Shared>,
+    rx: Receiver<Job>,
+    pool: KvPool,
+    /// Not admitted: new requests and preempted ones.
+    waiting: Vec<Sequence>,
+    running: Vec<Sequence>,
+    max_batch: usize,
+    step_tokens: usize,
+    arrivals: u64,
+    preemptions: Arc<AtomicUsize>,
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.rx.recv() {
+                    Ok(job) => self.enqueue(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = self.rx.try_recv() {
+                self.enqueue(job);
+            }
+            let Some(shared) = self.shared.upgrade() else {
+                return;
+            };
+            self.drop_cancelled(&shared);
+            self.admit(&shared);
+            let plan = self.plan();
+            shared.running.store(self.running.len(), Ordering::Relaxed);
+            shared.kv_used_bytes.store(
+                self.pool.used_blocks() * self.pool.block_bytes(),
+                Ordering::Relaxed,
+            );
+            if plan.is_empty() {
+                continue;
+            }
+            // The step runs on a compute-pool thread, so the hundreds of
+            // parallel matmuls in it fork and join inside the pool.
+            let result = rayon::scope(|_| self.step(&plan));
+            if let Err(e) = result {
+                tracing::error!(error = %e, "generation step failed");
+                let mut failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
+                failed.sort_unstable();
+                for i in failed.into_iter().rev() {
+                    let mut seq = self.running.swap_remove(i);
+                    self.pool.release(&mut seq.cache);
+                    let _ = seq.events.send(Err(clone_error(&e)));
+                }
+            }
         }
-        let picked = sampler.sample(&mut logits, &banned, req.logprobs.unwrap_or(0));
-        sampler.accept(picked.id);
-        generated += 1;
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        let sampler = Sampler::new(job.request.sampling.clone(), &job.request.prompt);
+        let banned = if job.request.ignore_eos {
+            self.model.tokenizer().eog_tokens().to_vec()
+        } else {
+            Vec::new()
+        };
+        self.arrivals += 1;
+        self.waiting.push(Sequence {
+            tokens: job.request.prompt.clone(),
+            text: StopWatcher::new(job.request.stop.clone()),
+            request: job.request,
+            events: job.events,
+            cache: BlockTable::new(),
+            sampler,
+            banned,
+            generated: 0,
+            arrival: self.arrivals,
+            enqueued: job.enqueued,
+            in_queue: true,
+            queued: None,
+            admitted: None,
+            prefill: None,
+            first_token: None,
+        });
+    }
+
+    fn drop_cancelled(&mut self, shared: &Shared) {
+        for list in [&mut self.running, &mut self.waiting] {
+            let mut i = 0;
+            while i < list.len() {
+                if list[i].events.is_closed() {
+                    let mut seq = list.swap_remove(i);
+                    self.pool.release(&mut seq.cache);
+                    if seq.in_queue {
+                        shared.leave_queue(&seq.request.tenant);
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// Moves waiting sequences into the batch while there is room, most
+    /// important first; a waiting sequence of higher priority than a running
+    /// one takes its place when the batch or the pool is full.
+    fn admit(&mut self, shared: &Shared) {
+        let watermark = self.pool.capacity() / 100;
+        while !self.waiting.is_empty() {
+            let mut running_by_tenant: HashMap<&str, usize> = HashMap::new();
+            for seq in &self.running {
+                *running_by_tenant
+                    .entry(seq.request.tenant.as_str())
+                    .or_default() += 1;
+            }
+            let best = (0..self.waiting.len()).min_by_key(|&i| {
+                let seq = &self.waiting[i];
+                let share = running_by_tenant
+                    .get(seq.request.tenant.as_str())
+                    .copied()
+                    .unwrap_or(0);
+                (Reverse(seq.request.priority), share, seq.arrival)
+            });
+            let Some(best) = best else { break };
+            let priority = self.waiting[best].request.priority;
+            let needed = blocks_for(self.waiting[best].tokens.len() + 1);
+            let fits = |s: &Self| {
+                s.running.len() < s.max_batch
+                    && (s.running.is_empty() || needed + watermark <= s.pool.free_blocks())
+            };
+            if !fits(self) {
+                // Preempt the least important running sequence if it ranks
+                // strictly below the candidate; otherwise wait for room.
+                let victim = (0..self.running.len()).max_by_key(|&j| self.running[j].rank());
+                match victim {
+                    Some(v) if self.running[v].request.priority < priority => self.preempt(v),
+                    _ => break,
+                }
+                continue;
+            }
+            let mut seq = self.waiting.swap_remove(best);
+            if seq.in_queue {
+                seq.in_queue = false;
+                shared.leave_queue(&seq.request.tenant);
+            }
+            let now = Instant::now();
+            seq.queued.get_or_insert_with(|| seq.enqueued.elapsed());
+            seq.admitted.get_or_insert(now);
+            self.running.push(seq);
+        }
+    }
+
+    /// Frees a running sequence's KV blocks and sends it back to wait; it
+    /// will recompute its prompt and generated tokens when readmitted.
+    fn preempt(&mut self, i: usize) {
+        let mut seq = self.running.swap_remove(i);
+        tracing::debug!(
+            arrival = seq.arrival,
+            positions = seq.cache.len(),
+            "preempting a sequence for KV blocks"
+        );
+        self.pool.release(&mut seq.cache);
+        self.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.waiting.push(seq);
+    }
+
+    /// Chooses what each running sequence feeds this step and gives it the
+    /// KV blocks for that, preempting less important sequences when the pool
+    /// runs dry. Returns `(index in running, tokens)` pairs.
+    fn plan(&mut self) -> Vec<(usize, usize)> {
+        let mut budget = self.step_tokens;
+        // Sequences are named by arrival number: preemption reorders `running`.
+        let mut planned: Vec<u64> = Vec::new();
+        let mut takes: Vec<(u64, usize)> = Vec::new();
+        // Most important first; among equals, decoding sequences before
+        // prompts being read, so a long prompt never stalls generation.
+        while let Some(current) = self
+            .running
+            .iter()
+            .filter(|s| !planned.contains(&s.arrival))
+            .min_by_key(|s| (Reverse(s.request.priority), s.pending() != 1, s.arrival))
+            .map(|s| s.arrival)
+        {
+            planned.push(current);
+            let mut take = self.running[self.index_of(current)].pending().min(budget);
+            while take > 0 {
+                let i = self.index_of(current);
+                let seq = &mut self.running[i];
+                let end = seq.cache.len() + take;
+                if self.pool.grow(&mut seq.cache, end) {
+                    break;
+                }
+                // Room in the sequence's own blocks plus the free ones.
+                let room =
+                    (seq.cache.blocks() + self.pool.free_blocks()) * BLOCK_TOKENS - seq.cache.len();
+                if room > 0 && room < take {
+                    take = room;
+                    continue;
+                }
+                // Preempt the least important sequence not planned yet, or
+                // this one when all the others rank above it.
+                let victim = (0..self.running.len())
+                    .filter(|&j| !planned.contains(&self.running[j].arrival))
+                    .max_by_key(|&j| self.running[j].rank())
+                    .unwrap_or(i);
+                self.preempt(victim);
+                if victim == i {
+                    take = 0;
+                }
+            }
+            if take > 0 {
+                takes.push((current, take));
+                budget -= take;
+            }
+        }
+        takes
+            .into_iter()
+            .map(|(arrival, take)| (self.index_of(arrival), take))
+            .collect()
+    }
+
+    fn index_of(&self, arrival: u64) -> usize {
+        self.running
+            .iter()
+            .position(|s| s.arrival == arrival)
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Runs one planned forward pass and handles its results.
+    fn step(&mut self, plan: &[(usize, usize)]) -> Result<()> {
+        let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
+        let mut order: Vec<usize> = Vec::with_capacity(plan.len());
+        {
+            // Borrow the planned sequences mutably, in index order.
+            let mut sorted: Vec<(usize, usize)> = plan.to_vec();
+            sorted.sort_unstable();
+            let mut rest: &mut [Sequence] = &mut self.running;
+            let mut base = 0;
+            for &(i, take) in &sorted {
+                let (_, tail) = rest.split_at_mut(i - base);
+                let (seq, tail) = tail.split_first_mut().ok_or_else(|| {
+                    EngineError::InvalidRequest("planned a sequence that is not running".into())
+                })?;
+                rest = tail;
+                base = i + 1;
+                let start = seq.cache.len();
+                items.push(BatchItem {
+                    tokens: &seq.tokens[start..start + take],
+                    logits: start + take == seq.tokens.len(),
+                    cache: &mut seq.cache,
+                });
+                order.push(i);
+            }
+        }
+        let logits = self.model.forward_batch(&mut self.pool, &mut items)?;
+        drop(items);
+        let mut finished = Vec::new();
+        for (i, logits) in order.into_iter().zip(logits) {
+            let Some(mut logits) = logits else { continue };
+            if self.emit_next(i, &mut logits) {
+                finished.push(i);
+            }
+        }
+        finished.sort_unstable();
+        for i in finished.into_iter().rev() {
+            let mut seq = self.running.swap_remove(i);
+            self.pool.release(&mut seq.cache);
+        }
+        Ok(())
+    }
+
+    /// Samples sequence `i`'s next token from `logits` and sends it; true
+    /// when the sequence is finished (its `Finished` event sent).
+    fn emit_next(&mut self, i: usize, logits: &mut [f32]) -> bool {
+        let kv_capacity = self.pool.capacity() * BLOCK_TOKENS;
+        let model = &self.model;
+        let tokenizer = model.tokenizer();
+        let ctx = model.info().context_length;
+        let seq = &mut self.running[i];
+        let now = Instant::now();
+        if seq.first_token.is_none() {
+            seq.prefill = Some(seq.admitted.map_or(Duration::ZERO, |a| now - a));
+            seq.first_token = Some(now);
+        }
+        let req = &seq.request;
+        let picked = seq
+            .sampler
+            .sample(logits, &seq.banned, req.logprobs.unwrap_or(0));
+        seq.sampler.accept(picked.id);
+        seq.generated += 1;
+        seq.tokens.push(picked.id);
         let is_eog = tokenizer.is_eog(picked.id) && !req.ignore_eos;
         let logprob = req.logprobs.map(|_| TokenLogprob {
             token: token_text(model, picked.id),
@@ -289,40 +701,63 @@ fn run_job(model: &TextModel, job: &Job, queued: Duration) -> Result<()> {
                 .map(|&(t, lp)| (token_text(model, t), tokenizer.token_bytes(t).to_vec(), lp))
                 .collect(),
         });
-        let out_of_room = generated >= req.max_tokens || req.prompt.len() + generated >= ctx;
+        // Feeding this token next would need `tokens.len()` positions.
+        let out_of_room = seq.generated >= req.max_tokens
+            || seq.tokens.len() >= ctx
+            || seq.tokens.len() > kv_capacity;
         let (released, stopped) = if is_eog {
-            (text.finish(), true)
+            (seq.text.finish(), true)
         } else {
-            let (mut released, stopped) = text.push(tokenizer.token_bytes(picked.id));
+            let (mut released, stopped) = seq.text.push(tokenizer.token_bytes(picked.id));
             if out_of_room && !stopped {
                 // Last token: held-back text turned out not to be a stop string.
-                released.push_str(&text.finish());
+                released.push_str(&seq.text.finish());
             }
             (released, stopped)
         };
-        let _ = job.events.send(Ok(GenerateEvent::Token {
+        let _ = seq.events.send(Ok(GenerateEvent::Token {
             id: picked.id,
             text: released,
             logprob,
         }));
-        if stopped {
-            break FinishReason::Stop;
-        }
-        if out_of_room {
-            break FinishReason::Length;
-        }
-        logits = model.forward(&[picked.id], &mut seq)?;
-    };
-    let _ = job.events.send(Ok(GenerateEvent::Finished(Completion {
-        finish_reason: finish,
-        prompt_tokens: req.prompt.len(),
-        completion_tokens: generated,
-        cached_tokens: 0,
-        queued,
-        prefill,
-        decode: decode_started.elapsed(),
-    })));
-    Ok(())
+        let finish = if stopped {
+            FinishReason::Stop
+        } else if out_of_room {
+            FinishReason::Length
+        } else {
+            return false;
+        };
+        let first = seq.first_token.unwrap_or(now);
+        let _ = seq.events.send(Ok(GenerateEvent::Finished(Completion {
+            finish_reason: finish,
+            prompt_tokens: req.prompt.len(),
+            completion_tokens: seq.generated,
+            cached_tokens: 0,
+            queued: seq.queued.unwrap_or_default(),
+            prefill: seq.prefill.unwrap_or_default(),
+            decode: now - first,
+        })));
+        true
+    }
+}
+
+/// The error a failed step reports to each of its sequences.
+fn clone_error(e: &EngineError) -> EngineError {
+    match e {
+        EngineError::InvalidRequest(m) => EngineError::InvalidRequest(m.clone()),
+        EngineError::ContextOverflow {
+            prompt_tokens,
+            context_length,
+        } => EngineError::ContextOverflow {
+            prompt_tokens: *prompt_tokens,
+            context_length: *context_length,
+        },
+        EngineError::KvCacheFull { needed, capacity } => EngineError::KvCacheFull {
+            needed: *needed,
+            capacity: *capacity,
+        },
+        other => EngineError::Metadata(format!("generation step failed: {other}")),
+    }
 }
 
 fn token_text(model: &TextModel, id: u32) -> String {
@@ -332,14 +767,14 @@ fn token_text(model: &TextModel, id: u32) -> String {
 /// Turns a stream of token bytes into released text: holds back incomplete
 /// UTF-8 and any tail that could still become a stop string, and cuts the text
 /// at the first stop string.
-pub struct StopWatcher<'a> {
-    stops: &'a [String],
+pub struct StopWatcher {
+    stops: Vec<String>,
     pending: Vec<u8>,
     stopped: bool,
 }
 
-impl<'a> StopWatcher<'a> {
-    pub fn new(stops: &'a [String]) -> Self {
+impl StopWatcher {
+    pub fn new(stops: Vec<String>) -> Self {
         StopWatcher {
             stops,
             pending: Vec::new(),
@@ -438,7 +873,7 @@ mod tests {
 
     fn run(stops: &[&str], pieces: &[&[u8]]) -> (String, bool) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut w = StopWatcher::new(&stops);
+        let mut w = StopWatcher::new(stops);
         let mut out = String::new();
         for p in pieces {
             let (t, stopped) = w.push(p);
@@ -469,7 +904,7 @@ mod tests {
     fn multibyte_characters_are_not_split() {
         let snow = "☃".as_bytes();
         let stops: Vec<String> = Vec::new();
-        let mut w = StopWatcher::new(&stops);
+        let mut w = StopWatcher::new(stops);
         assert_eq!(w.push(&snow[..1]).0, "");
         assert_eq!(w.push(&snow[1..2]).0, "");
         assert_eq!(w.push(&snow[2..]).0, "☃");

@@ -28,6 +28,9 @@ pub enum EngineError {
         prompt_tokens: usize,
         context_length: usize,
     },
+    /// The request needs more KV cache than the engine's whole budget holds.
+    #[error("the request needs {needed} positions of KV cache but the budget holds {capacity}")]
+    KvCacheFull { needed: usize, capacity: usize },
     /// The request queue is full; the caller should retry later.
     #[error("the engine queue is full")]
     Busy,

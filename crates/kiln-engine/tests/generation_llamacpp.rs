@@ -156,10 +156,14 @@ fn real_model(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// The engine's own greedy loop (queue, sampler, stopping at end of
+/// The engine's own greedy loop (scheduler, sampler, stopping at end of
 /// generation) must emit llama.cpp's token-by-token continuation up to the
 /// first accepted divergence, ending at llama.cpp's first end-of-generation
-/// token if there is one before it.
+/// token if there is one before it — with every prompt submitted at once, so
+/// they run batched together: first with the default settings, then with
+/// small prefill chunks, a batch smaller than the load and a KV budget so
+/// tight that sequences are preempted and recomputed. Batch-invariant
+/// kernels make all three give the same tokens.
 fn check_engine_generation(
     model_path: &Path,
     name: &str,
@@ -169,14 +173,17 @@ fn check_engine_generation(
     use kiln_engine::engine::{
         EngineHandle, EngineOptions, FinishReason, GenerateEvent, GenerateRequest,
     };
+    use kiln_engine::model::kv::BLOCK_TOKENS;
     use kiln_engine::model::TextModel;
     use kiln_engine::sampler::SamplingParams;
-    let model = TextModel::load(model_path, name).unwrap();
-    let engine = EngineHandle::start(model, EngineOptions::default()).unwrap();
+
+    // (prompt, tokens expected, finish reason expected)
+    let mut jobs = Vec::new();
+    let probe = TextModel::load(model_path, name).unwrap();
     for (p, r) in fixture.prompts.iter().zip(reports) {
         if let Some(text) = &p.text {
             assert_eq!(
-                engine.model().text_prompt(text),
+                probe.text_prompt(text),
                 p.prompt_tokens,
                 "{}: prompt tokenization differs from llama.cpp's",
                 p.name
@@ -186,42 +193,88 @@ fn check_engine_generation(
         let mut n = r.divergences.first().map_or(steps.len(), |&(s, _)| s);
         let eog = steps[..n]
             .iter()
-            .position(|s| engine.model().tokenizer().is_eog(s.token));
+            .position(|s| probe.tokenizer().is_eog(s.token));
         if let Some(at) = eog {
             n = at + 1;
         }
         if n == 0 {
             continue;
         }
-        let mut stream = engine
-            .submit(GenerateRequest {
-                prompt: p.prompt_tokens.clone(),
-                sampling: SamplingParams::greedy(),
-                max_tokens: n,
-                stop: Vec::new(),
-                logprobs: None,
-                ignore_eos: false,
+        let expected: Vec<u32> = steps[..n].iter().map(|s| s.token).collect();
+        let finish = if eog.is_some() {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        };
+        jobs.push((p, expected, finish));
+    }
+    // The tight budget holds the longest job alone, and little more (the
+    // scheduler test forces preemption deterministically on a tiny model;
+    // here it happens or not depending on the prompts).
+    let longest = jobs
+        .iter()
+        .map(|(p, e, _)| p.prompt_tokens.len() + e.len())
+        .max()
+        .unwrap();
+    let tight_blocks = longest.div_ceil(BLOCK_TOKENS) + 1;
+    let tight_bytes = tight_blocks * probe.kv_bytes_per_token() * BLOCK_TOKENS;
+    drop(probe);
+    let settings = [
+        ("default", EngineOptions::default()),
+        (
+            "chunked, tight KV",
+            EngineOptions {
+                max_batch: 3,
+                step_tokens: 48,
+                kv_cache_bytes: tight_bytes,
+                ..EngineOptions::default()
+            },
+        ),
+    ];
+    for (label, options) in settings {
+        let model = TextModel::load(model_path, name).unwrap();
+        let engine = EngineHandle::start(model, options).unwrap();
+        let streams: Vec<_> = jobs
+            .iter()
+            .map(|(p, expected, _)| {
+                engine
+                    .submit(GenerateRequest {
+                        prompt: p.prompt_tokens.clone(),
+                        sampling: SamplingParams::greedy(),
+                        max_tokens: expected.len(),
+                        ..Default::default()
+                    })
+                    .unwrap()
             })
-            .unwrap();
-        let mut ids = Vec::new();
-        while let Some(ev) = stream.blocking_next() {
-            match ev.unwrap() {
-                GenerateEvent::Token { id, .. } => ids.push(id),
-                GenerateEvent::Finished(c) => {
-                    assert_eq!(c.completion_tokens, n, "{}", p.name);
-                    assert_eq!(c.prompt_tokens, p.prompt_tokens.len());
-                    let expected = if eog.is_some() {
-                        FinishReason::Stop
-                    } else {
-                        FinishReason::Length
-                    };
-                    assert_eq!(c.finish_reason, expected, "{}", p.name);
-                    break;
+            .collect();
+        for ((p, expected, finish), mut stream) in jobs.iter().zip(streams) {
+            let mut ids = Vec::new();
+            while let Some(ev) = stream.blocking_next() {
+                match ev.unwrap() {
+                    GenerateEvent::Token { id, .. } => ids.push(id),
+                    GenerateEvent::Finished(c) => {
+                        assert_eq!(c.completion_tokens, expected.len(), "{label}: {}", p.name);
+                        assert_eq!(c.prompt_tokens, p.prompt_tokens.len());
+                        assert_eq!(c.finish_reason, *finish, "{label}: {}", p.name);
+                        break;
+                    }
                 }
             }
+            assert_eq!(
+                &ids, expected,
+                "{label}: {}: generated tokens differ",
+                p.name
+            );
         }
-        let expected: Vec<u32> = steps[..n].iter().map(|s| s.token).collect();
-        assert_eq!(ids, expected, "{}: generated tokens differ", p.name);
+        let (used, capacity) = engine.kv_usage();
+        println!(
+            "{name} [{label}]: {} preemptions, KV budget {} KiB",
+            engine.preemptions(),
+            capacity >> 10
+        );
+        if label != "default" {
+            assert!(capacity <= tight_bytes && used <= capacity);
+        }
     }
 }
 

@@ -58,6 +58,12 @@ pub struct ServeArgs {
     /// Requests that may wait per model before 429 [env: KILN_QUEUE_CAPACITY].
     #[arg(long)]
     pub queue_capacity: Option<usize>,
+    /// Sequences one model generates together at most [env: KILN_MAX_BATCH].
+    #[arg(long)]
+    pub max_batch: Option<usize>,
+    /// KV cache budget per model in MiB; sequences wait or are preempted past it [env: KILN_KV_CACHE_MB].
+    #[arg(long, value_name = "MIB")]
+    pub kv_cache_mb: Option<usize>,
     /// Largest request body in bytes [env: KILN_MAX_BODY_BYTES].
     #[arg(long)]
     pub max_body_bytes: Option<usize>,
@@ -87,6 +93,8 @@ impl ServeArgs {
             models: (!self.models.is_empty()).then(|| self.models.clone()),
             embedding_model: self.embedding_model.clone(),
             queue_capacity: self.queue_capacity,
+            max_batch: self.max_batch,
+            kv_cache_mb: self.kv_cache_mb,
             max_body_bytes: self.max_body_bytes,
             threads: self.threads,
             log: self.log.clone(),

@@ -127,6 +127,14 @@ impl From<EngineError> for ApiError {
                 param: None,
                 headers: Vec::new(),
             },
+            EngineError::KvCacheFull { needed, capacity } => ApiError {
+                code: ErrorCode::ContextLengthExceeded,
+                message: format!(
+                    "the prompt needs {needed} tokens of KV cache but this server's KV cache budget holds {capacity} tokens; shorten the prompt (the operator can raise kv_cache_mb)"
+                ),
+                param: None,
+                headers: Vec::new(),
+            },
             EngineError::Template(msg) => ApiError {
                 code: ErrorCode::InvalidRequest,
                 message: format!("the model's chat template refused these messages: {msg}"),

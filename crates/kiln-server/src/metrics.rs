@@ -33,6 +33,9 @@ pub struct Metrics {
     pub decode: HistogramVec,
     pub queue_depth: IntGaugeVec,
     pub running: IntGaugeVec,
+    pub kv_used: IntGaugeVec,
+    pub kv_budget: IntGaugeVec,
+    pub preemptions: IntGaugeVec,
 }
 
 impl Metrics {
@@ -128,6 +131,18 @@ impl Metrics {
             running: gauge(
                 "kiln_running_requests",
                 "Generation requests being generated now.",
+            )?,
+            kv_used: gauge(
+                "kiln_kv_cache_used_bytes",
+                "KV cache held by running sequences.",
+            )?,
+            kv_budget: gauge(
+                "kiln_kv_cache_budget_bytes",
+                "The model's KV cache budget (kv_cache_mb).",
+            )?,
+            preemptions: gauge(
+                "kiln_preemptions",
+                "Sequences preempted for KV blocks since start (recomputed later).",
             )?,
             registry,
         })

@@ -176,6 +176,9 @@ pub fn load(cfg: &ServeConfig) -> anyhow::Result<ServedModels> {
             model,
             EngineOptions {
                 queue_capacity: cfg.queue_capacity,
+                max_batch: cfg.max_batch,
+                kv_cache_bytes: cfg.kv_cache_mb << 20,
+                ..Default::default()
             },
         )
         .with_context(|| format!("cannot start model `{name}`"))?;

@@ -37,6 +37,9 @@ pub struct ChatCompletionRequest {
     /// Kiln extension: keep generating past end-of-generation tokens.
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// Kiln extension: scheduling priority, -100 (background) to 0 (default).
+    #[serde(default)]
+    pub priority: Option<i64>,
 }
 
 /// One chat message. `content` is a string or an array of content parts.
@@ -99,6 +102,9 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// Kiln extension: scheduling priority, -100 (background) to 0 (default).
+    #[serde(default)]
+    pub priority: Option<i64>,
 }
 
 /// `POST /v1/embeddings`.

@@ -5,6 +5,7 @@
 //! llama, gemma3, qwen2 and qwen3 architectures, which differ only in the
 //! switches collected in [`transformer::Config`].
 
+pub mod kv;
 pub mod transformer;
 
 use std::path::Path;
@@ -13,7 +14,8 @@ use crate::error::{EngineError, Result};
 use crate::gguf::{dtype_name, GgufFile};
 use crate::template::{ChatMessage, ChatTemplate, RenderedPiece, TemplateOrigin};
 use crate::tokenizer::{Segment, Tokenizer};
-use transformer::{SequenceCache, Transformer};
+use kv::KvPool;
+use transformer::{BatchItem, SequenceCache, Transformer};
 
 /// What a loaded model is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +161,25 @@ impl TextModel {
 
     pub fn new_sequence(&self) -> SequenceCache {
         self.transformer.new_cache()
+    }
+
+    /// An empty KV pool of at most `budget_bytes` for this model.
+    pub fn new_kv_pool(&self, budget_bytes: usize) -> KvPool {
+        self.transformer.new_pool(budget_bytes)
+    }
+
+    /// Bytes of KV cache one position takes.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.transformer.kv_bytes_per_token()
+    }
+
+    /// One forward pass over several sequences (see [`Transformer::forward_batch`]).
+    pub fn forward_batch(
+        &self,
+        pool: &mut KvPool,
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        self.transformer.forward_batch(pool, items)
     }
 
     /// Feeds `tokens` (the next positions of `seq`) and returns the logits of the last one.

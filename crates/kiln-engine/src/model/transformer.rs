@@ -34,6 +34,7 @@ use rayon::prelude::*;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kernels::{lanes, QMatrix};
+use crate::model::kv::{BlockTable, KvPool, BLOCK_TOKENS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -200,23 +201,33 @@ pub struct Transformer {
     output: QMatrix,
 }
 
-/// Keys and values of one sequence, per layer, as `f16`:
-/// `[position][kv_head][head_dim]` flattened.
+/// One sequence's KV cache with a pool of its own, for callers that run a
+/// single sequence (tests, tools); the engine shares one [`KvPool`] between
+/// all its sequences instead.
 pub struct SequenceCache {
-    keys: Vec<Vec<f16>>,
-    values: Vec<Vec<f16>>,
-    len: usize,
+    pool: KvPool,
+    table: BlockTable,
 }
 
 impl SequenceCache {
     /// Positions stored so far.
     pub fn len(&self) -> usize {
-        self.len
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.table.is_empty()
     }
+}
+
+/// One sequence's share of a batched forward pass: `tokens` are fed at
+/// positions `cache.len()..`, and the logits of the last one are returned
+/// when `logits` is set (a prefill chunk that does not end the prompt needs
+/// none).
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut BlockTable,
+    pub logits: bool,
 }
 
 fn vector(file: &mut GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -317,54 +328,122 @@ impl Transformer {
         &self.config
     }
 
+    /// Bytes of KV cache one position takes (all layers, keys and values).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        KvPool::bytes_per_block(self.config.layers, self.kv_dim()) / BLOCK_TOKENS
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.config.kv_heads * self.config.head_dim
+    }
+
+    /// An empty KV pool of at most `budget_bytes` for this model.
+    pub fn new_pool(&self, budget_bytes: usize) -> KvPool {
+        KvPool::new(self.config.layers, self.kv_dim(), budget_bytes)
+    }
+
+    /// A cache for one sequence, able to hold the whole context.
     pub fn new_cache(&self) -> SequenceCache {
+        let blocks = crate::model::kv::blocks_for(self.config.context_length);
         SequenceCache {
-            keys: vec![Vec::new(); self.config.layers],
-            values: vec![Vec::new(); self.config.layers],
-            len: 0,
+            pool: KvPool::with_blocks(self.config.layers, self.kv_dim(), blocks),
+            table: BlockTable::new(),
         }
     }
 
     /// Runs `tokens` at positions `cache.len()..` and returns the logits of the last token.
     pub fn forward(&self, tokens: &[u32], cache: &mut SequenceCache) -> Result<Vec<f32>> {
+        let mut items = [BatchItem {
+            tokens,
+            cache: &mut cache.table,
+            logits: true,
+        }];
+        let mut out = self.forward_batch(&mut cache.pool, &mut items)?;
+        out.pop()
+            .flatten()
+            .ok_or_else(|| EngineError::InvalidRequest("no logits were computed".into()))
+    }
+
+    /// Checks that `item` can run and gives its cache the blocks it needs.
+    fn prepare(&self, pool: &mut KvPool, item: &mut BatchItem<'_>) -> Result<()> {
         let c = &self.config;
-        let n = tokens.len();
-        if n == 0 {
+        if item.tokens.is_empty() {
             return Err(EngineError::InvalidRequest("no tokens to run".into()));
         }
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        if let Some(bad) = item.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(EngineError::InvalidRequest(format!(
                 "token id {bad} is out of range (vocabulary of {})",
                 c.vocab_size
             )));
         }
-        let start = cache.len;
-        if start + n > c.context_length {
+        let end = item.cache.len() + item.tokens.len();
+        if end > c.context_length {
             return Err(EngineError::ContextOverflow {
-                prompt_tokens: start + n,
+                prompt_tokens: end,
                 context_length: c.context_length,
             });
         }
+        if !pool.grow(item.cache, end) {
+            return Err(EngineError::KvCacheFull {
+                needed: end,
+                capacity: pool.capacity() * BLOCK_TOKENS,
+            });
+        }
+        Ok(())
+    }
+
+    /// One forward pass over several sequences at once, each at its own
+    /// position: every matrix product runs once over the rows of all of
+    /// them, so each weight is read once per step for the whole batch.
+    /// Returns, per item, the logits of its last token when it asked for
+    /// them. Each row's arithmetic is the same whatever else is in the batch
+    /// (see [`crate::kernels`]), so results do not depend on batching.
+    pub fn forward_batch(
+        &self,
+        pool: &mut KvPool,
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let c = &self.config;
+        for item in items.iter_mut() {
+            self.prepare(pool, item)?;
+        }
+        let rows: Vec<Row> = items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, item)| {
+                let start = item.cache.len();
+                (0..item.tokens.len()).map(move |j| Row {
+                    item: i,
+                    index: j,
+                    pos: start + j,
+                })
+            })
+            .collect();
+        let n = rows.len();
         let mut x = vec![0f32; n * c.hidden];
+        let tokens = items.iter().flat_map(|item| item.tokens.iter());
         for (row, &t) in x.chunks_exact_mut(c.hidden).zip(tokens) {
             self.embeddings.dequantize_row(t as usize, row)?;
         }
         if let Some(s) = c.embed_scale {
             x.iter_mut().for_each(|v| *v *= s);
         }
-        let rope_global = RopeTable::new(c, c.rope_base, c.rope_scale, start, n);
-        let rope_local = c
-            .sliding_window
-            .map(|_| RopeTable::new(c, c.rope_base_local, 1.0, start, n));
+        let ropes: Vec<Ropes> = items
+            .iter()
+            .map(|item| {
+                let (start, len) = (item.cache.len(), item.tokens.len());
+                Ropes {
+                    global: RopeTable::new(c, c.rope_base, c.rope_scale, start, len),
+                    local: c
+                        .sliding_window
+                        .map(|_| RopeTable::new(c, c.rope_base_local, 1.0, start, len)),
+                }
+            })
+            .collect();
+        let tables: Vec<&BlockTable> = items.iter().map(|item| &*item.cache).collect();
         for (li, layer) in self.layers.iter().enumerate() {
-            let local = c.is_local_layer(li);
-            let rope = match (&rope_local, local) {
-                (Some(r), true) => r,
-                _ => &rope_global,
-            };
-            let window = if local { c.sliding_window } else { None };
             let h = rms_norm_rows(&x, &layer.attn_norm, c.rms_eps);
-            let attn = self.attention(layer, &h, n, start, rope, window, li, cache)?;
+            let attn = self.attention(layer, li, &h, &rows, &ropes, pool, &tables)?;
             let mut attn = matmul(&layer.wo, &attn, n, c.heads * c.head_dim)?;
             if let Some(w) = &layer.post_attn_norm {
                 attn = rms_norm_rows(&attn, w, c.rms_eps);
@@ -380,25 +459,53 @@ impl Transformer {
             }
             add_in_place(&mut x, &down);
         }
-        cache.len = start + n;
-        let last = &x[(n - 1) * c.hidden..];
-        let normed = rms_norm_rows(last, &self.output_norm, c.rms_eps);
-        matmul(&self.output, &normed, 1, c.hidden)
+        // The last row of each item that asked for logits, in item order.
+        let mut wanted = Vec::new();
+        let mut last = 0;
+        for item in items.iter_mut() {
+            last += item.tokens.len();
+            let end = item.cache.len() + item.tokens.len();
+            item.cache.set_len(end);
+            if item.logits {
+                wanted.extend_from_slice(&x[(last - 1) * c.hidden..last * c.hidden]);
+            }
+        }
+        let count = wanted.len() / c.hidden;
+        let mut logits = if count == 0 {
+            Vec::new()
+        } else {
+            let normed = rms_norm_rows(&wanted, &self.output_norm, c.rms_eps);
+            matmul(&self.output, &normed, count, c.hidden)?
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items.iter().rev() {
+            out.push(if item.logits {
+                let at = logits.len() - c.vocab_size;
+                Some(logits.split_off(at))
+            } else {
+                None
+            });
+        }
+        out.reverse();
+        Ok(out)
     }
 
+    /// Self-attention of every row in the batch: the rows' keys and values
+    /// go into their sequences' caches first, then each query row attends
+    /// over its own sequence's positions up to and including its own.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: &Layer,
-        h: &[f32],
-        n: usize,
-        start: usize,
-        rope: &RopeTable,
-        window: Option<usize>,
         li: usize,
-        cache: &mut SequenceCache,
+        h: &[f32],
+        rows: &[Row],
+        ropes: &[Ropes],
+        pool: &mut KvPool,
+        tables: &[&BlockTable],
     ) -> Result<Vec<f32>> {
         let c = &self.config;
+        let n = rows.len();
         let hd = c.head_dim;
         let q_dim = c.heads * hd;
         let kv_dim = c.kv_heads * hd;
@@ -422,20 +529,26 @@ impl Transformer {
         if let Some(w) = &layer.k_norm {
             k = rms_norm_rows(&k, w, c.rms_eps);
         }
-        for i in 0..n {
-            for head in q[i * q_dim..(i + 1) * q_dim].chunks_exact_mut(hd) {
-                rope.apply(head, i);
+        let local = c.is_local_layer(li);
+        let window = if local { c.sliding_window } else { None };
+        for (r, row) in rows.iter().enumerate() {
+            let rope = ropes[row.item].get(local);
+            for head in q[r * q_dim..(r + 1) * q_dim].chunks_exact_mut(hd) {
+                rope.apply(head, row.index);
             }
-            for head in k[i * kv_dim..(i + 1) * kv_dim].chunks_exact_mut(hd) {
-                rope.apply(head, i);
+            for head in k[r * kv_dim..(r + 1) * kv_dim].chunks_exact_mut(hd) {
+                rope.apply(head, row.index);
             }
+            let at = r * kv_dim..(r + 1) * kv_dim;
+            pool.write(tables[row.item], li, row.pos, &k[at.clone()], &v[at]);
         }
-        let keys = &mut cache.keys[li];
-        let values = &mut cache.values[li];
-        keys.truncate(start * kv_dim);
-        values.truncate(start * kv_dim);
-        keys.extend(k.iter().map(|&x| f16::from_f32(x)));
-        values.extend(v.iter().map(|&x| f16::from_f32(x)));
+        let pool: &KvPool = pool;
+        // Per item: its key rows and value rows of this layer, block by block.
+        type Blocks<'p> = Vec<&'p [f16]>;
+        let views: Vec<(Blocks<'_>, Blocks<'_>)> = tables
+            .iter()
+            .map(|t| (pool.layer_view(t, li, false), pool.layer_view(t, li, true)))
+            .collect();
 
         let group = c.heads / c.kv_heads;
         // Gemma scales the query before the product, the others scale the
@@ -445,22 +558,21 @@ impl Transformer {
         } else {
             (1.0, c.attn_scale)
         };
-        let keys: &[f16] = keys;
-        let values: &[f16] = values;
         let fast = lanes::fma_available();
         let mut out = vec![0f32; n * q_dim];
-        // One task per (token, head): rows of `out` are disjoint.
+        // One task per (row, head): rows of `out` are disjoint.
         out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
-            let (i, head) = (task / c.heads, task % c.heads);
-            let pos = start + i;
+            let (r, head) = (task / c.heads, task % c.heads);
+            let row = &rows[r];
+            let (keys, values) = &views[row.item];
             let head_attn = HeadAttention {
-                q: &q[i * q_dim + head * hd..i * q_dim + (head + 1) * hd],
+                q: &q[r * q_dim + head * hd..r * q_dim + (head + 1) * hd],
                 keys,
                 values,
                 kv_dim,
                 kv_offset: (head / group) * hd,
-                first: window.map_or(0, |w| (pos + 1).saturating_sub(w)),
-                pos,
+                first: window.map_or(0, |w| (row.pos + 1).saturating_sub(w)),
+                pos: row.pos,
                 pre,
                 post,
             };
@@ -480,13 +592,38 @@ impl Transformer {
     }
 }
 
+/// One row of a batched forward pass: token `index` of batch item `item`,
+/// at position `pos` of its sequence.
+struct Row {
+    item: usize,
+    index: usize,
+    pos: usize,
+}
+
+/// Rotary tables of one batch item: the model's, and the local layers' own
+/// (Gemma's sliding-window layers use another base).
+struct Ropes {
+    global: RopeTable,
+    local: Option<RopeTable>,
+}
+
+impl Ropes {
+    fn get(&self, local_layer: bool) -> &RopeTable {
+        match (&self.local, local_layer) {
+            (Some(r), true) => r,
+            _ => &self.global,
+        }
+    }
+}
+
 /// One query row attending over cached positions `first..=pos` of one KV
 /// head, in llama.cpp's float order (attention without flash attention:
 /// f16 K/V cache, f16-rounded query and softmax weights).
 struct HeadAttention<'a> {
     q: &'a [f32],
-    keys: &'a [f16],
-    values: &'a [f16],
+    /// The sequence's key (value) rows of this layer, block by block.
+    keys: &'a [&'a [f16]],
+    values: &'a [&'a [f16]],
     kv_dim: usize,
     /// Offset of this KV head within a cached row.
     kv_offset: usize,
@@ -510,9 +647,9 @@ impl HeadAttention<'_> {
     #[inline(always)]
     fn run(&self, out: &mut [f32]) {
         let hd = self.q.len();
-        let row = |cache: &[f16], p: usize, buf: &mut [f32]| {
-            let at = p * self.kv_dim + self.kv_offset;
-            cache[at..at + hd].convert_to_f32_slice(buf);
+        let row = |cache: &[&[f16]], p: usize, buf: &mut [f32]| {
+            let at = (p % BLOCK_TOKENS) * self.kv_dim + self.kv_offset;
+            cache[p / BLOCK_TOKENS][at..at + hd].convert_to_f32_slice(buf);
         };
         let qh: Vec<f32> = self
             .q

@@ -113,6 +113,8 @@ async fn run(call: &CallContext, req: CompletionRequest) -> Result<Response, Api
         stop,
         logprobs,
         ignore_eos: req.ignore_eos.unwrap_or(false),
+        priority: generate::priority(req.priority)?,
+        tenant: call.principal.tenant.id.clone(),
     })?;
     let mut chunks = TextChunks {
         id: format!("cmpl-{}", call.request_id),

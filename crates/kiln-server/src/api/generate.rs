@@ -95,6 +95,20 @@ pub fn check_n(n: Option<i64>) -> Result<(), ApiError> {
     }
 }
 
+/// The scheduling priority a request asks for. Requests may lower their own
+/// priority (background work yields to interactive calls) but not raise it
+/// above the default, so no caller can jump ahead of the others.
+pub fn priority(p: Option<i64>) -> Result<i32, ApiError> {
+    match p {
+        None => Ok(0),
+        Some(p) if (-100..=0).contains(&p) => Ok(p as i32),
+        Some(p) => Err(ApiError::invalid(
+            "priority",
+            format!("`priority` is {p}; it must be between -100 (background) and 0 (the default)"),
+        )),
+    }
+}
+
 /// The number of tokens to generate: the client's limit, checked against the
 /// context, or by default all the context the prompt leaves.
 pub fn max_tokens(

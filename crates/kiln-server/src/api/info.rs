@@ -103,6 +103,12 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         m.running
             .with_label_values(&[name])
             .set(engine.running() as i64);
+        let (used, budget) = engine.kv_usage();
+        m.kv_used.with_label_values(&[name]).set(used as i64);
+        m.kv_budget.with_label_values(&[name]).set(budget as i64);
+        m.preemptions
+            .with_label_values(&[name])
+            .set(engine.preemptions() as i64);
     }
     match state.metrics.render() {
         Ok(text) => (

@@ -32,7 +32,13 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
     let (name, path) = registry::resolve_text_model(&home, &spec)?;
     let model = registry::load_text_model(&name, &path)?;
     let ctx = model.info().context_length;
-    let engine = EngineHandle::start(model, EngineOptions { queue_capacity: 1 })?;
+    let engine = EngineHandle::start(
+        model,
+        EngineOptions {
+            queue_capacity: 1,
+            ..Default::default()
+        },
+    )?;
     let sampling = SamplingParams {
         temperature: args.temperature,
         ..SamplingParams::default()
@@ -75,7 +81,7 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
             max_tokens: args.max_tokens.map_or(room, |m| m.min(room)),
             stop: Vec::new(),
             logprobs: None,
-            ignore_eos: false,
+            ..Default::default()
         })?;
         let mut reply = String::new();
         while let Some(event) = stream.blocking_next() {

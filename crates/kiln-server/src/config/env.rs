@@ -16,6 +16,11 @@ pub const KILN_MODELS: &str = "KILN_MODELS";
 pub const KILN_EMBEDDING_MODEL: &str = "KILN_EMBEDDING_MODEL";
 /// Requests that may wait per model before new ones get 429. Default 16.
 pub const KILN_QUEUE_CAPACITY: &str = "KILN_QUEUE_CAPACITY";
+/// Sequences one model generates together (continuous batching). Default 16.
+pub const KILN_MAX_BATCH: &str = "KILN_MAX_BATCH";
+/// KV cache budget per model in MiB; past it new work waits or running
+/// sequences are preempted and recomputed later. Default 512.
+pub const KILN_KV_CACHE_MB: &str = "KILN_KV_CACHE_MB";
 /// Largest request body accepted, in bytes. Default 8 MiB (a 10 MB body
 /// is refused with 413).
 pub const KILN_MAX_BODY_BYTES: &str = "KILN_MAX_BODY_BYTES";
@@ -44,6 +49,8 @@ pub const ALL: &[&str] = &[
     KILN_MODELS,
     KILN_EMBEDDING_MODEL,
     KILN_QUEUE_CAPACITY,
+    KILN_MAX_BATCH,
+    KILN_KV_CACHE_MB,
     KILN_MAX_BODY_BYTES,
     KILN_THREADS,
     KILN_LOG,

@@ -18,6 +18,7 @@ use serde::Deserialize;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_PORT: u16 = 8080;
 pub const DEFAULT_QUEUE_CAPACITY: usize = 16;
+pub const DEFAULT_MAX_BATCH: usize = 16;
 pub const DEFAULT_EMBEDDING_CONCURRENCY: usize = 2;
 pub const DEFAULT_LEASE_SECONDS: u64 = 10;
 
@@ -41,6 +42,8 @@ pub struct ConfigLayer {
     pub models: Option<Vec<String>>,
     pub embedding_model: Option<String>,
     pub queue_capacity: Option<usize>,
+    pub max_batch: Option<usize>,
+    pub kv_cache_mb: Option<usize>,
     pub max_body_bytes: Option<usize>,
     pub threads: Option<usize>,
     pub log: Option<String>,
@@ -66,6 +69,8 @@ impl ConfigLayer {
             models,
             embedding_model,
             queue_capacity,
+            max_batch,
+            kv_cache_mb,
             max_body_bytes,
             threads,
             log,
@@ -114,6 +119,16 @@ impl ConfigLayer {
                 env::KILN_QUEUE_CAPACITY,
                 nonempty(env::KILN_QUEUE_CAPACITY),
                 "a whole number",
+            )?,
+            max_batch: parse(
+                env::KILN_MAX_BATCH,
+                nonempty(env::KILN_MAX_BATCH),
+                "a whole number",
+            )?,
+            kv_cache_mb: parse(
+                env::KILN_KV_CACHE_MB,
+                nonempty(env::KILN_KV_CACHE_MB),
+                "a whole number of MiB",
             )?,
             max_body_bytes: parse(
                 env::KILN_MAX_BODY_BYTES,
@@ -175,6 +190,10 @@ pub struct ServeConfig {
     pub models: Vec<String>,
     pub embedding_model: Option<String>,
     pub queue_capacity: usize,
+    /// Sequences one model generates together at most.
+    pub max_batch: usize,
+    /// KV cache budget per model, in MiB.
+    pub kv_cache_mb: usize,
     pub max_body_bytes: usize,
     pub threads: Option<usize>,
     pub log: String,
@@ -268,6 +287,20 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
             "queue_capacity is {queue_capacity}; it must be between 1 and 100000"
         ));
     }
+    let max_batch = layer.max_batch.unwrap_or(DEFAULT_MAX_BATCH);
+    if !(1..=1024).contains(&max_batch) {
+        return invalid(format!(
+            "max_batch is {max_batch}; it must be between 1 and 1024"
+        ));
+    }
+    let kv_cache_mb = layer
+        .kv_cache_mb
+        .unwrap_or(kiln_engine::engine::DEFAULT_KV_CACHE_MB);
+    if !(1..=1 << 20).contains(&kv_cache_mb) {
+        return invalid(format!(
+            "kv_cache_mb is {kv_cache_mb}; it must be between 1 and 1048576"
+        ));
+    }
     let max_body_bytes = layer.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
     if !(1024..=1 << 30).contains(&max_body_bytes) {
         return invalid(format!(
@@ -335,6 +368,8 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
         models,
         embedding_model: layer.embedding_model.filter(|s| !s.trim().is_empty()),
         queue_capacity,
+        max_batch,
+        kv_cache_mb,
         max_body_bytes,
         threads: layer.threads,
         log,
