@@ -167,3 +167,38 @@ def test_an_abandoned_stream_is_charged_for_what_was_generated(kiln_url, admin_k
     row = rows[0]
     assert 4 <= row["completion_tokens"] < 300, row
     assert row["prompt_tokens"] > 0
+
+
+def test_a_cached_prefix_is_reported_and_charged_at_the_cached_price(kiln_url, admin_key, database):
+    """The second identical call reuses the first one's KV blocks: the
+    response reports them in usage.prompt_tokens_details.cached_tokens and
+    the ledger charges them at the cached-input price. Another tenant with
+    the same messages gets no hit."""
+    model = "gemma3-270m"
+    kiln_cli(database, "prices", "set", model, "--input", "1", "--cached-input", "0.1", "--output", "2")
+    system = "You answer questions about the harbour accounts. " * 20
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}]
+    tenant = new_tenant(database)
+    client = client_for(kiln_url, new_key(database, tenant))
+
+    def ask(c):
+        return c.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+
+    first, second = ask(client), ask(client)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached == (second.usage.prompt_tokens - 1) // 16 * 16 > 100
+    assert second.choices[0].message.content == first.choices[0].message.content
+
+    other = client_for(kiln_url, new_key(database, new_tenant(database)))
+    assert ask(other).usage.prompt_tokens_details.cached_tokens == 0
+
+    tenant_admin = new_key(database, tenant, "--role", "tenant_admin")
+    status, mine = api(kiln_url, tenant_admin, "GET", "/api/usage")
+    assert status == 200, mine
+    totals = mine["totals"]
+    assert totals["calls"] == 2 and totals["cached_tokens"] == cached
+    p, c = first.usage.prompt_tokens, first.usage.completion_tokens
+    expected = p * 1000 + c * 2000 + (p - cached) * 1000 + cached * 100 + second.usage.completion_tokens * 2000
+    whole, _, frac = totals["cost"].partition(".")
+    assert int(whole) * 10**9 + int((frac + "0" * 9)[:9]) == expected, totals

@@ -16,7 +16,9 @@
 //!   samples the next token of every sequence that produced logits.
 //!
 //! KV memory comes from a paged pool with a fixed budget
-//! ([`crate::model::kv`]). When a sequence needs a block and none is free,
+//! ([`crate::model::kv`]), which doubles as a per-tenant prefix cache: an
+//! admitted request starts after the longest run of blocks its tenant's
+//! earlier requests already computed for the same leading tokens. When a sequence needs a block and none is free,
 //! the least important sequence (lowest priority, then newest) is preempted:
 //! its blocks are freed and it waits to be recomputed from its prompt and
 //! the tokens it already generated. Results do not change, since a row's
@@ -136,7 +138,7 @@ pub struct Completion {
     pub prompt_tokens: usize,
     /// Tokens the model generated, including a final end-of-generation token.
     pub completion_tokens: usize,
-    /// Prompt tokens served from a cache (none until prefix caching lands).
+    /// Prompt tokens whose keys and values came from the prefix cache.
     pub cached_tokens: usize,
     /// From submission to the first step that ran the request.
     pub queued: Duration,
@@ -385,6 +387,8 @@ struct Sequence {
     /// Still counted among the waiting requests (never admitted yet).
     in_queue: bool,
     queued: Option<Duration>,
+    /// Prompt positions found in the prefix cache at first admission.
+    cached: usize,
     admitted: Option<Instant>,
     prefill: Option<Duration>,
     first_token: Option<Instant>,
@@ -479,6 +483,7 @@ impl Scheduler {
             enqueued: job.enqueued,
             in_queue: true,
             queued: None,
+            cached: 0,
             admitted: None,
             prefill: None,
             first_token: None,
@@ -524,12 +529,20 @@ impl Scheduler {
             });
             let Some(best) = best else { break };
             let priority = self.waiting[best].request.priority;
-            let needed = blocks_for(self.waiting[best].tokens.len() + 1);
+            // Blocks of a prefix this tenant already computed are taken as they are.
+            let candidate = &mut self.waiting[best];
+            let attached = self.pool.attach_prefix(
+                &candidate.request.tenant,
+                &candidate.tokens,
+                &mut candidate.cache,
+            );
+            let needed = blocks_for(candidate.tokens.len() + 1) - candidate.cache.blocks();
             let fits = |s: &Self| {
                 s.running.len() < s.max_batch
                     && (s.running.is_empty() || needed + watermark <= s.pool.free_blocks())
             };
             if !fits(self) {
+                self.pool.release(&mut self.waiting[best].cache);
                 // Preempt the least important running sequence if it ranks
                 // strictly below the candidate; otherwise wait for room.
                 let victim = (0..self.running.len()).max_by_key(|&j| self.running[j].rank());
@@ -540,6 +553,9 @@ impl Scheduler {
                 continue;
             }
             let mut seq = self.waiting.swap_remove(best);
+            if seq.admitted.is_none() {
+                seq.cached = attached.min(seq.request.prompt.len());
+            }
             if seq.in_queue {
                 seq.in_queue = false;
                 shared.leave_queue(&seq.request.tenant);
@@ -655,6 +671,12 @@ impl Scheduler {
         }
         let logits = self.model.forward_batch(&mut self.pool, &mut items)?;
         drop(items);
+        // File the blocks this step completed, for later requests to reuse.
+        for &i in &order {
+            let seq = &mut self.running[i];
+            self.pool
+                .register(&seq.request.tenant, &seq.tokens, &mut seq.cache);
+        }
         let mut finished = Vec::new();
         for (i, logits) in order.into_iter().zip(logits) {
             let Some(mut logits) = logits else { continue };
@@ -732,7 +754,7 @@ impl Scheduler {
             finish_reason: finish,
             prompt_tokens: req.prompt.len(),
             completion_tokens: seq.generated,
-            cached_tokens: 0,
+            cached_tokens: seq.cached,
             queued: seq.queued.unwrap_or_default(),
             prefill: seq.prefill.unwrap_or_default(),
             decode: now - first,

@@ -163,7 +163,8 @@ fn real_model(name: &str) -> std::path::PathBuf {
 /// they run batched together: first with the default settings, then with
 /// small prefill chunks, a batch smaller than the load and a KV budget so
 /// tight that sequences are preempted and recomputed. Batch-invariant
-/// kernels make all three give the same tokens.
+/// kernels make all three give the same tokens, as does a second pass on
+/// a prefix cached by the first.
 fn check_engine_generation(
     model_path: &Path,
     name: &str,
@@ -231,9 +232,9 @@ fn check_engine_generation(
             },
         ),
     ];
-    for (label, options) in settings {
-        let model = TextModel::load(model_path, name).unwrap();
-        let engine = EngineHandle::start(model, options).unwrap();
+    // Submits every job at once, then checks each one's tokens and end;
+    // returns each one's count of cached prompt tokens.
+    let run_all = |engine: &EngineHandle, label: &str| -> Vec<usize> {
         let streams: Vec<_> = jobs
             .iter()
             .map(|(p, expected, _)| {
@@ -247,6 +248,7 @@ fn check_engine_generation(
                     .unwrap()
             })
             .collect();
+        let mut cached = Vec::new();
         for ((p, expected, finish), mut stream) in jobs.iter().zip(streams) {
             let mut ids = Vec::new();
             while let Some(ev) = stream.blocking_next() {
@@ -256,6 +258,7 @@ fn check_engine_generation(
                         assert_eq!(c.completion_tokens, expected.len(), "{label}: {}", p.name);
                         assert_eq!(c.prompt_tokens, p.prompt_tokens.len());
                         assert_eq!(c.finish_reason, *finish, "{label}: {}", p.name);
+                        cached.push(c.cached_tokens);
                         break;
                     }
                 }
@@ -265,6 +268,22 @@ fn check_engine_generation(
                 "{label}: {}: generated tokens differ",
                 p.name
             );
+        }
+        cached
+    };
+    for (label, options) in settings {
+        let model = TextModel::load(model_path, name).unwrap();
+        let engine = EngineHandle::start(model, options).unwrap();
+        run_all(&engine, label);
+        if label == "default" {
+            // Again on the same engine: every prompt now starts with blocks
+            // the first pass filed in the prefix cache, and the tokens stay
+            // the same.
+            let cached = run_all(&engine, "cached prefix");
+            for ((p, _, _), cached) in jobs.iter().zip(cached) {
+                let full = (p.prompt_tokens.len() - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
+                assert_eq!(cached, full, "{}: cached prefix", p.name);
+            }
         }
         let (used, capacity) = engine.kv_usage();
         println!(

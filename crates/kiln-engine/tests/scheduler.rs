@@ -1,8 +1,9 @@
 //! The scheduler on a tiny model the test writes itself: batched sequences
 //! give the tokens they give alone (also when preempted for KV blocks and
 //! recomputed, also when sampling at temperature 1), cancelled requests free
-//! their blocks, the waiting queue is bounded per tenant, and priority
-//! decides who runs when the batch is full.
+//! their blocks, the waiting queue is bounded per tenant, priority decides
+//! who runs when the batch is full, and the prefix cache serves a tenant's
+//! own earlier prompts only.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -238,4 +239,35 @@ fn a_higher_priority_request_preempts_a_background_one() {
         "the background request was not preempted once"
     );
     assert_eq!(low_ids, solo, "the preempted request's tokens changed");
+}
+
+#[test]
+fn the_prefix_cache_serves_a_tenant_its_own_prompts_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model(dir.path());
+    let engine = start(&path, EngineOptions::default());
+    let shared = "the theory of everything in the beginning there was a short one ".repeat(3);
+    let ask = |tenant: &str, text: &str| {
+        let mut r = request(text, &engine, 12, 3);
+        r.tenant = tenant.into();
+        let prompt_len = r.prompt.len();
+        let (ids, c) = drain(engine.submit(r).unwrap());
+        (ids, c.cached_tokens, prompt_len)
+    };
+    let (first, cached, len) = ask("acme", &shared);
+    assert_eq!(cached, 0, "nothing is cached yet");
+    assert!(len > 2 * BLOCK_TOKENS, "the prompt spans several blocks");
+    let (again, cached, _) = ask("acme", &shared);
+    assert_eq!(cached, (len - 1) / BLOCK_TOKENS * BLOCK_TOKENS);
+    assert_eq!(again, first, "a cached prefix changes nothing");
+    // Another tenant with the same prompt computes it afresh.
+    let (theirs, cached, _) = ask("globex", &shared);
+    assert_eq!(cached, 0, "no hit on another tenant's blocks");
+    assert_eq!(theirs, first);
+    // A prompt that shares only a beginning reuses the blocks of that beginning.
+    let mut branch = shared.clone();
+    branch.truncate(40);
+    branch.push_str(" and then something else entirely, at length, to fill blocks");
+    let (_, cached, _) = ask("acme", &branch);
+    assert!(cached >= BLOCK_TOKENS && cached < len, "{cached}");
 }

@@ -47,6 +47,11 @@ impl Principal {
         }
     }
 
+    /// The scheduling priority of the key's requests (0 without a key).
+    pub fn priority(&self) -> i32 {
+        self.key.as_ref().map_or(0, |k| k.priority)
+    }
+
     pub fn role(&self) -> Role {
         self.key.as_ref().map_or(Role::Member, |k| k.role)
     }

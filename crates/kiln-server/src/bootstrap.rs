@@ -48,6 +48,7 @@ pub fn run(
             models: None,
             expires_at_ms: None,
             limits: Limits::default(),
+            priority: 0,
         })?;
         Some(issued.secret)
     };

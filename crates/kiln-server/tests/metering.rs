@@ -343,6 +343,41 @@ fn admin_api_roles_and_bad_input() {
             404,
             "not_found",
         )?;
+        // Priority above the default is the platform's to give; below it
+        // (background keys) a tenant admin may.
+        expect(
+            b,
+            "POST",
+            "/api/keys",
+            json!({"name": "vip", "priority": 10}),
+            403,
+            "permission_denied",
+        )?;
+        let slow = s.call_as(
+            b,
+            "POST",
+            "/api/keys",
+            Some(&json!({"name": "batch", "priority": -20})),
+        )?;
+        ensure(
+            slow.status == 201 && slow.json()?["key"]["priority"] == -20,
+            || slow.text(),
+        )?;
+        let vip = admin(
+            s,
+            "POST",
+            "/api/keys",
+            json!({"tenant_id": tid, "name": "vip", "priority": 10}),
+        )?;
+        ensure(vip["key"]["priority"] == 10, || vip.to_string())?;
+        expect(
+            s.admin_key.as_deref(),
+            "POST",
+            "/api/keys",
+            json!({"tenant_id": tid, "name": "x", "priority": 101}),
+            400,
+            "invalid_request",
+        )?;
         let keys = s.call_as(b, "GET", "/api/keys", None)?.json()?;
         let all_own = keys["data"]
             .as_array()

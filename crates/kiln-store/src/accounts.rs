@@ -87,6 +87,9 @@ pub struct ApiKey {
     pub reserved: Money,
     #[serde(flatten)]
     pub limits: Limits,
+    /// Scheduling priority of its requests, and the most they may ask for.
+    #[serde(default)]
+    pub priority: i32,
 }
 
 impl ApiKey {
@@ -132,6 +135,22 @@ pub struct NewKey {
     pub expires_at_ms: Option<i64>,
     #[serde(flatten)]
     pub limits: Limits,
+    /// Scheduling priority, -100 to 100 (default 0).
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// The range of key priorities.
+pub const KEY_PRIORITIES: std::ops::RangeInclusive<i32> = -100..=100;
+
+pub(crate) fn check_priority(priority: i32) -> crate::Result<()> {
+    if KEY_PRIORITIES.contains(&priority) {
+        Ok(())
+    } else {
+        Err(crate::StoreError::Invalid(format!(
+            "a key's priority is {priority}; it must be between -100 and 100"
+        )))
+    }
 }
 
 /// Fields of a tenant to change; `None` leaves one as it is, `Some(None)`

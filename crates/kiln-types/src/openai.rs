@@ -37,7 +37,7 @@ pub struct ChatCompletionRequest {
     /// Kiln extension: keep generating past end-of-generation tokens.
     #[serde(default)]
     pub ignore_eos: Option<bool>,
-    /// Kiln extension: scheduling priority, -100 (background) to 0 (default).
+    /// Kiln extension: scheduling priority, -100 to 100, capped at the key's.
     #[serde(default)]
     pub priority: Option<i64>,
 }
@@ -102,7 +102,7 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     #[serde(default)]
     pub ignore_eos: Option<bool>,
-    /// Kiln extension: scheduling priority, -100 (background) to 0 (default).
+    /// Kiln extension: scheduling priority, -100 to 100, capped at the key's.
     #[serde(default)]
     pub priority: Option<i64>,
 }

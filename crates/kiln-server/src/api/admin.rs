@@ -354,6 +354,9 @@ struct CreateKey {
     requests_per_minute: Option<u32>,
     #[serde(default)]
     tokens_per_minute: Option<u32>,
+    /// Scheduling priority, -100 to 100; above 0 only a platform admin may give.
+    #[serde(default)]
+    priority: Option<i32>,
 }
 
 async fn create_key(
@@ -379,6 +382,11 @@ async fn create_key(
     if role == Role::PlatformAdmin && p.role() != Role::PlatformAdmin {
         return Err(denied("create platform admin keys"));
     }
+    let priority = body.priority.unwrap_or(0);
+    if priority > 0 && p.role() != Role::PlatformAdmin {
+        // Raising one tenant's keys above the others is the operator's call.
+        return Err(denied("give keys a priority above 0"));
+    }
     let expires_at_ms = match body.expires_in_days {
         None => None,
         Some(d) if (1..=MAX_KEY_DAYS).contains(&d) => Some(kiln_store::now_ms() + d * 86_400_000),
@@ -400,6 +408,7 @@ async fn create_key(
             requests_per_minute: body.requests_per_minute,
             tokens_per_minute: body.tokens_per_minute,
         },
+        priority,
     };
     let issued = store(&state, move |db| db.create_key(&new)).await?;
     Ok((axum::http::StatusCode::CREATED, Json(issued)).into_response())

@@ -78,7 +78,7 @@ async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response,
         stop,
         logprobs,
         ignore_eos: req.ignore_eos.unwrap_or(false),
-        priority: generate::priority(req.priority)?,
+        priority: generate::priority(req.priority, call.principal.priority())?,
         tenant: call.principal.tenant.id.clone(),
     })?;
     let id = format!("chatcmpl-{}", call.request_id);

@@ -113,7 +113,7 @@ async fn run(call: &CallContext, req: CompletionRequest) -> Result<Response, Api
         stop,
         logprobs,
         ignore_eos: req.ignore_eos.unwrap_or(false),
-        priority: generate::priority(req.priority)?,
+        priority: generate::priority(req.priority, call.principal.priority())?,
         tenant: call.principal.tenant.id.clone(),
     })?;
     let mut chunks = TextChunks {

@@ -95,16 +95,18 @@ pub fn check_n(n: Option<i64>) -> Result<(), ApiError> {
     }
 }
 
-/// The scheduling priority a request asks for. Requests may lower their own
-/// priority (background work yields to interactive calls) but not raise it
-/// above the default, so no caller can jump ahead of the others.
-pub fn priority(p: Option<i64>) -> Result<i32, ApiError> {
-    match p {
-        None => Ok(0),
-        Some(p) if (-100..=0).contains(&p) => Ok(p as i32),
+/// The scheduling priority a request runs at: its key's priority, or less
+/// when the request asks for less (`priority`, -100 to 100). A request can
+/// lower its priority (background work yields to interactive calls) but never
+/// raise it above its key's, so no caller jumps ahead of what the operator
+/// gave it.
+pub fn priority(asked: Option<i64>, key_priority: i32) -> Result<i32, ApiError> {
+    match asked {
+        None => Ok(key_priority),
+        Some(p) if (-100..=100).contains(&p) => Ok((p as i32).min(key_priority)),
         Some(p) => Err(ApiError::invalid(
             "priority",
-            format!("`priority` is {p}; it must be between -100 (background) and 0 (the default)"),
+            format!("`priority` is {p}; it must be between -100 and 100"),
         )),
     }
 }
@@ -366,6 +368,17 @@ impl<W> Drop for SseState<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_may_lower_its_priority_but_not_raise_it() {
+        assert_eq!(priority(None, 0).ok(), Some(0));
+        assert_eq!(priority(None, 20).ok(), Some(20));
+        assert_eq!(priority(Some(-50), 20).ok(), Some(-50));
+        assert_eq!(priority(Some(90), 20).ok(), Some(20));
+        assert_eq!(priority(Some(90), -10).ok(), Some(-10));
+        assert!(priority(Some(101), 100).is_err());
+        assert!(priority(Some(-101), 0).is_err());
+    }
 
     #[test]
     fn max_tokens_rules() {

@@ -165,6 +165,10 @@ pub enum KeysCommand {
         rpm: Option<u32>,
         #[arg(long)]
         tpm: Option<u32>,
+        /// Scheduling priority of its requests, -100 (background) to 100; a
+        /// request may ask for less, never more.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        priority: i32,
     },
     /// List keys (never their secrets).
     List {
@@ -441,6 +445,7 @@ pub fn keys(args: &KeysArgs) -> anyhow::Result<()> {
             monthly_limit,
             rpm,
             tpm,
+            priority,
         } => {
             let t = find_tenant(&*db, tenant)?;
             let Some(role) = Role::parse(role) else {
@@ -462,6 +467,7 @@ pub fn keys(args: &KeysArgs) -> anyhow::Result<()> {
                     requests_per_minute: *rpm,
                     tokens_per_minute: *tpm,
                 },
+                priority: *priority,
             })?;
             eprintln!(
                 "created key {} ({}, tenant {}); its secret is shown only now:",

@@ -4,8 +4,9 @@ use postgres::{GenericClient, Row};
 
 use super::PgStore;
 use crate::accounts::{
-    check_limits, new_key_id, new_secret, new_tenant_id, secret_hash, shown_prefix, validate_name,
-    Accounts, ApiKey, IssuedKey, KeyOwner, Limits, NewKey, NewTenant, Role, Tenant, TenantUpdate,
+    check_limits, check_priority, new_key_id, new_secret, new_tenant_id, secret_hash, shown_prefix,
+    validate_name, Accounts, ApiKey, IssuedKey, KeyOwner, Limits, NewKey, NewTenant, Role, Tenant,
+    TenantUpdate,
 };
 use crate::error::{Result, StoreError};
 use crate::money::Money;
@@ -15,7 +16,7 @@ const TENANT_COLUMNS: &str = "id, name, created_at, disabled_at, balance_nanos,
 
 const KEY_COLUMNS: &str = "id, tenant_id, name, prefix, role, models, created_at, expires_at,
      revoked_at, rotated_at, balance_nanos, monthly_limit_nanos, reserved_nanos,
-     requests_per_minute, tokens_per_minute";
+     requests_per_minute, tokens_per_minute, priority";
 
 fn per_minute(v: Option<i64>) -> Option<u32> {
     v.map(|n| u32::try_from(n).unwrap_or(u32::MAX))
@@ -68,6 +69,7 @@ fn key_from_row(r: &Row) -> Result<ApiKey> {
             requests_per_minute: per_minute(r.get(13)),
             tokens_per_minute: per_minute(r.get(14)),
         },
+        priority: r.get(15),
         id,
     })
 }
@@ -208,6 +210,7 @@ impl Accounts for PgStore {
     fn create_key(&self, new: &NewKey) -> Result<IssuedKey> {
         validate_name("the key name", &new.name).map_err(StoreError::Invalid)?;
         check_limits(&new.limits)?;
+        check_priority(new.priority)?;
         if new
             .models
             .as_ref()
@@ -241,6 +244,7 @@ impl Accounts for PgStore {
             balance: None,
             reserved: Money::ZERO,
             limits: new.limits.clone(),
+            priority: new.priority,
         };
         let models = key
             .models
@@ -251,8 +255,8 @@ impl Accounts for PgStore {
         tx.execute(
             "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_sha256, role, models,
                  created_at, expires_at, monthly_limit_nanos, requests_per_minute,
-                 tokens_per_minute)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                 tokens_per_minute, priority)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
             &[
                 &key.id,
                 &key.tenant_id,
@@ -266,6 +270,7 @@ impl Accounts for PgStore {
                 &key.limits.monthly_limit.map(Money::nanos),
                 &rpm(key.limits.requests_per_minute),
                 &rpm(key.limits.tokens_per_minute),
+                &key.priority,
             ],
         )?;
         bump_epoch(&mut tx)?;

@@ -33,11 +33,18 @@ struct Migration {
 }
 
 /// PostgreSQL migrations, in order, numbered from 1 without gaps.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "schema",
-    sql: include_str!("../../migrations/postgres/0001_schema.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "schema",
+        sql: include_str!("../../migrations/postgres/0001_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "key_priority",
+        sql: include_str!("../../migrations/postgres/0002_key_priority.sql"),
+    },
+];
 
 /// The newest PostgreSQL schema version this build understands.
 pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;

@@ -4,8 +4,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::Store;
 use crate::accounts::{
-    check_limits, new_key_id, new_secret, new_tenant_id, secret_hash, shown_prefix, validate_name,
-    Accounts, ApiKey, IssuedKey, KeyOwner, Limits, NewKey, NewTenant, Role, Tenant, TenantUpdate,
+    check_limits, check_priority, new_key_id, new_secret, new_tenant_id, secret_hash, shown_prefix,
+    validate_name, Accounts, ApiKey, IssuedKey, KeyOwner, Limits, NewKey, NewTenant, Role, Tenant,
+    TenantUpdate,
 };
 use crate::error::{Result, StoreError};
 use crate::money::Money;
@@ -15,7 +16,7 @@ const TENANT_COLUMNS: &str = "id, name, created_at, disabled_at, balance_nanos,
 
 const KEY_COLUMNS: &str = "id, tenant_id, name, prefix, role, models, created_at, expires_at,
      revoked_at, rotated_at, balance_nanos, monthly_limit_nanos, reserved_nanos,
-     requests_per_minute, tokens_per_minute";
+     requests_per_minute, tokens_per_minute, priority";
 
 fn tenant_from_row(r: &Row<'_>) -> rusqlite::Result<Tenant> {
     Ok(Tenant {
@@ -60,6 +61,7 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<RawKey> {
                 requests_per_minute: r.get(13)?,
                 tokens_per_minute: r.get(14)?,
             },
+            priority: r.get(15)?,
         },
         role: r.get(4)?,
         models: r.get(5)?,
@@ -214,6 +216,7 @@ impl Accounts for Store {
     fn create_key(&self, new: &NewKey) -> Result<IssuedKey> {
         validate_name("the key name", &new.name).map_err(invalid)?;
         check_limits(&new.limits)?;
+        check_priority(new.priority)?;
         if let Some(models) = &new.models {
             if models.iter().any(String::is_empty) {
                 return Err(invalid("a key's model names must not be empty".into()));
@@ -242,6 +245,7 @@ impl Accounts for Store {
             balance: None,
             reserved: Money::ZERO,
             limits: new.limits.clone(),
+            priority: new.priority,
         };
         let models = key
             .models
@@ -252,8 +256,8 @@ impl Accounts for Store {
         tx.execute(
             "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_sha256, role, models,
                  created_at, expires_at, monthly_limit_nanos, requests_per_minute,
-                 tokens_per_minute)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                 tokens_per_minute, priority)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 key.id,
                 key.tenant_id,
@@ -267,6 +271,7 @@ impl Accounts for Store {
                 key.limits.monthly_limit.map(Money::nanos),
                 key.limits.requests_per_minute,
                 key.limits.tokens_per_minute,
+                key.priority,
             ],
         )?;
         bump_epoch(&tx)?;

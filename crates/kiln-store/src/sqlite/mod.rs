@@ -44,6 +44,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "tenants_keys_billing",
         sql: include_str!("../../migrations/sqlite/0003_tenants_keys_billing.sql"),
     },
+    Migration {
+        version: 4,
+        name: "key_priority",
+        sql: include_str!("../../migrations/sqlite/0004_key_priority.sql"),
+    },
 ];
 
 /// The newest schema version this build understands.

@@ -31,6 +31,7 @@ fn key(db: &dyn Database, tenant_id: &str, role: Role) -> kiln_store::accounts::
         models: None,
         expires_at_ms: None,
         limits: Limits::default(),
+        priority: 0,
     })
     .unwrap()
 }
@@ -141,18 +142,33 @@ pub fn tenants_and_keys(db: &dyn Database) -> TestResult {
     assert_eq!(db.keys(Some(&acme.id))?[0].id, issued.key.id);
     assert!(db.key(&k2.key.id)?.is_some());
 
-    let missing = db.create_key(&NewKey {
-        tenant_id: "ten-missing".into(),
+    let new_key = |tenant_id: &str, priority: i32| NewKey {
+        tenant_id: tenant_id.into(),
         name: "k".into(),
         role: Role::Member,
         models: None,
         expires_at_ms: None,
         limits: Limits::default(),
-    });
+        priority,
+    };
+    let missing = db.create_key(&new_key("ten-missing", 0));
     assert!(
         matches!(missing, Err(StoreError::NotFound(_))),
         "{missing:?}"
     );
+    // A key's scheduling priority is kept, and bounded.
+    let urgent = db.create_key(&new_key(&other.id, 100))?;
+    assert_eq!(db.key(&urgent.key.id)?.map(|k| k.priority), Some(100));
+    let rotated = db.rotate_key(&urgent.key.id)?.map(|k| k.key.priority);
+    assert_eq!(rotated, Some(100), "rotation keeps the priority");
+    for bad in [101, -101, i32::MIN] {
+        let refused = db.create_key(&new_key(&other.id, bad));
+        assert!(
+            matches!(refused, Err(StoreError::Invalid(_))),
+            "{refused:?}"
+        );
+    }
+    db.revoke_key(&urgent.key.id)?;
 
     // Updates, and a rename onto a taken name.
     let up = db
