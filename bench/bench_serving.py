@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Concurrent serving: aggregate decode throughput and time to first token of
+"""Concurrent serving: aggregate throughput and time to first token of
 Kiln's server against llama.cpp's server (through xllamacpp), on the same GGUF
 file, thread count, prompts and lengths, in the same run. Prints min / median /
 max over runs and the Kiln / llama.cpp ratios. See bench/README.md.
@@ -133,7 +133,8 @@ class Server:
 
 
 def burst(server: Server, n: int, run: int, words: int, max_tokens: int) -> dict:
-    """n requests at once; aggregate decode rate = tokens / wall time."""
+    """n requests at once; aggregate throughput = generated tokens / wall time
+    (prompt processing included)."""
     results: list = [None] * n
     errors: list = []
 
@@ -240,7 +241,7 @@ def main() -> int:
                                "ttft_p95_s": summary([r["ttft_p95_s"] for r in runs]),
                                "runs": runs}
                     t, f = rows[n]["tok_s"], rows[n]["ttft_p95_s"]
-                    print(f"{model.parent.name:14} {engine:9} c={n:<3} decode tok/s "
+                    print(f"{model.parent.name:14} {engine:9} c={n:<3} throughput tok/s "
                           f"{t['min']:7.1f} / {t['median']:7.1f} / {t['max']:7.1f}   "
                           f"p95 TTFT s {f['min']:6.3f} / {f['median']:6.3f} / {f['max']:6.3f}", flush=True)
                 prefix = [prefix_ttft(server, run, args.prefix_words) for run in range(args.runs)]
@@ -263,7 +264,7 @@ def main() -> int:
             for n in levels:
                 ratio = k[n]["tok_s"]["median"] / l[n]["tok_s"]["median"]
                 ttft = k[n]["ttft_p95_s"]["median"] / l[n]["ttft_p95_s"]["median"]
-                print(f"{model.parent.name:14} c={n:<3} Kiln/llama.cpp aggregate decode {ratio:5.2f}x, "
+                print(f"{model.parent.name:14} c={n:<3} Kiln/llama.cpp aggregate throughput {ratio:5.2f}x, "
                       f"p95 TTFT ratio {ttft:5.2f} (lower is better)")
     print(f"load average at end: {loadavg()}")
     if args.json:

@@ -381,20 +381,21 @@ struct Sequence {
     text: StopWatcher,
     /// Tokens never sampled (end-of-generation tokens under `ignore_eos`).
     banned: Vec<u32>,
-    generated: usize,
     arrival: u64,
     enqueued: Instant,
-    /// Still counted among the waiting requests (never admitted yet).
-    in_queue: bool,
-    queued: Option<Duration>,
     /// Prompt positions found in the prefix cache at first admission.
     cached: usize,
+    /// First admission; until then the request counts among the waiting.
     admitted: Option<Instant>,
-    prefill: Option<Duration>,
     first_token: Option<Instant>,
 }
 
 impl Sequence {
+    /// Tokens generated so far.
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.request.prompt.len()
+    }
+
     /// Tokens not yet fed to the model.
     fn pending(&self) -> usize {
         self.tokens.len() - self.cache.len()
@@ -478,14 +479,10 @@ impl Scheduler {
             cache: BlockTable::new(),
             sampler,
             banned,
-            generated: 0,
             arrival: self.arrivals,
             enqueued: job.enqueued,
-            in_queue: true,
-            queued: None,
             cached: 0,
             admitted: None,
-            prefill: None,
             first_token: None,
         });
     }
@@ -497,7 +494,7 @@ impl Scheduler {
                 if list[i].events.is_closed() {
                     let mut seq = list.swap_remove(i);
                     self.pool.release(&mut seq.cache);
-                    if seq.in_queue {
+                    if seq.admitted.is_none() {
                         shared.leave_queue(&seq.request.tenant);
                     }
                 } else {
@@ -554,15 +551,10 @@ impl Scheduler {
             }
             let mut seq = self.waiting.swap_remove(best);
             if seq.admitted.is_none() {
+                seq.admitted = Some(Instant::now());
                 seq.cached = attached.min(seq.request.prompt.len());
-            }
-            if seq.in_queue {
-                seq.in_queue = false;
                 shared.leave_queue(&seq.request.tenant);
             }
-            let now = Instant::now();
-            seq.queued.get_or_insert_with(|| seq.enqueued.elapsed());
-            seq.admitted.get_or_insert(now);
             self.running.push(seq);
         }
     }
@@ -599,10 +591,14 @@ impl Scheduler {
             .map(|s| s.arrival)
         {
             planned.push(current);
-            let mut take = self.running[self.index_of(current)].pending().min(budget);
+            let mut take = budget;
             while take > 0 {
-                let i = self.index_of(current);
+                let Some(i) = self.index_of(current) else {
+                    take = 0;
+                    break;
+                };
                 let seq = &mut self.running[i];
+                take = take.min(seq.pending());
                 let end = seq.cache.len() + take;
                 if self.pool.grow(&mut seq.cache, end) {
                     break;
@@ -630,17 +626,16 @@ impl Scheduler {
                 budget -= take;
             }
         }
+        // Only unplanned sequences are preempted, so every planned one is
+        // still running.
         takes
             .into_iter()
-            .map(|(arrival, take)| (self.index_of(arrival), take))
+            .filter_map(|(arrival, take)| Some((self.index_of(arrival)?, take)))
             .collect()
     }
 
-    fn index_of(&self, arrival: u64) -> usize {
-        self.running
-            .iter()
-            .position(|s| s.arrival == arrival)
-            .unwrap_or(usize::MAX)
+    fn index_of(&self, arrival: u64) -> Option<usize> {
+        self.running.iter().position(|s| s.arrival == arrival)
     }
 
     /// Runs one planned forward pass and handles its results.
@@ -701,16 +696,12 @@ impl Scheduler {
         let ctx = model.info().context_length;
         let seq = &mut self.running[i];
         let now = Instant::now();
-        if seq.first_token.is_none() {
-            seq.prefill = Some(seq.admitted.map_or(Duration::ZERO, |a| now - a));
-            seq.first_token = Some(now);
-        }
+        seq.first_token.get_or_insert(now);
         let req = &seq.request;
         let picked = seq
             .sampler
             .sample(logits, &seq.banned, req.logprobs.unwrap_or(0));
         seq.sampler.accept(picked.id);
-        seq.generated += 1;
         seq.tokens.push(picked.id);
         let is_eog = tokenizer.is_eog(picked.id) && !req.ignore_eos;
         let logprob = req.logprobs.map(|_| TokenLogprob {
@@ -724,7 +715,7 @@ impl Scheduler {
                 .collect(),
         });
         // Feeding this token next would need `tokens.len()` positions.
-        let out_of_room = seq.generated >= req.max_tokens
+        let out_of_room = seq.generated() >= req.max_tokens
             || seq.tokens.len() >= ctx
             || seq.tokens.len() > kv_capacity;
         let (released, stopped) = if is_eog {
@@ -749,14 +740,15 @@ impl Scheduler {
         } else {
             return false;
         };
+        let admitted = seq.admitted.unwrap_or(seq.enqueued);
         let first = seq.first_token.unwrap_or(now);
         let _ = seq.events.send(Ok(GenerateEvent::Finished(Completion {
             finish_reason: finish,
             prompt_tokens: req.prompt.len(),
-            completion_tokens: seq.generated,
+            completion_tokens: seq.generated(),
             cached_tokens: seq.cached,
-            queued: seq.queued.unwrap_or_default(),
-            prefill: seq.prefill.unwrap_or_default(),
+            queued: admitted - seq.enqueued,
+            prefill: first - admitted,
             decode: now - first,
         })));
         true
