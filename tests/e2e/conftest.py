@@ -52,26 +52,31 @@ def kiln_cli(database: pathlib.Path, *args: str) -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="session")
-def server(database):
-    """(url, admin key) of the running server."""
+class Kiln:
+    """A running `kiln serve`: its process, address, admin key (when its
+    first start printed one) and output so far."""
+
+    def __init__(self, proc, url, admin_key, log):
+        self.proc = proc
+        self.url = url
+        self.admin_key = admin_key
+        self.log = log
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_kiln(*args: str, expect_admin_key: bool = True) -> Kiln:
+    """Starts `kiln serve --port 0 ARGS` and waits until it listens."""
     binary = kiln_binary()
     env = dict(os.environ, KILN_HOME=str(_test_home()))
     proc = subprocess.Popen(
-        [
-            str(binary),
-            "serve",
-            "--port",
-            "0",
-            "--model",
-            "smollm2-135m",
-            "--model",
-            "gemma3-270m",
-            "--embedding-model",
-            "all-minilm-l6-v2",
-            "--database",
-            str(database),
-        ],
+        [str(binary), "serve", "--port", "0", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -84,6 +89,7 @@ def server(database):
         # Keep draining so the server never blocks on a full pipe.
         assert proc.stdout is not None
         for line in proc.stdout:
+            log.append(line)
             lines.put(line)
         lines.put(None)
 
@@ -98,26 +104,43 @@ def server(database):
             continue
         if line is None:
             break
-        log.append(line)
         k = ADMIN_KEY.search(line)
         if k:
             admin_key = k.group(1)
         m = LISTENING.search(line)
         if m:
             url = m.group(1).rstrip("/")
-    if url is None or admin_key is None:
+    if url is None or (expect_admin_key and admin_key is None):
         proc.kill()
         proc.wait()
-        pytest.fail("kiln serve did not print its admin key and `kiln listening on`:\n" + "".join(log[-50:]))
+        pytest.fail("kiln serve did not start:\n" + "".join(log[-50:]))
+    return Kiln(proc, url, admin_key, log)
+
+
+@pytest.fixture(scope="session")
+def kb_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("kiln-kb")
+
+
+@pytest.fixture(scope="session")
+def server(database, kb_dir):
+    """(url, admin key) of the running server."""
+    kiln = start_kiln(
+        "--model",
+        "smollm2-135m",
+        "--model",
+        "gemma3-270m",
+        "--embedding-model",
+        "all-minilm-l6-v2",
+        "--database",
+        str(database),
+        "--kb-dir",
+        str(kb_dir),
+    )
     try:
-        yield url, admin_key
+        yield kiln.url, kiln.admin_key
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        kiln.stop()
 
 
 @pytest.fixture(scope="session")

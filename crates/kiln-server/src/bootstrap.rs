@@ -49,6 +49,7 @@ pub fn run(
             expires_at_ms: None,
             limits: Limits::default(),
             priority: 0,
+            groups: Vec::new(),
         })?;
         Some(issued.secret)
     };

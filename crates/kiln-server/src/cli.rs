@@ -31,6 +31,8 @@ pub enum Command {
     Keys(crate::commands::admin::KeysArgs),
     /// Manage model prices per million tokens.
     Prices(crate::commands::admin::PricesArgs),
+    /// Knowledge bases on a running server: create, add, ls, rm, search.
+    Kb(crate::commands::kb::KbArgs),
     /// Usage report from the ledger, as a table or CSV.
     Usage(crate::commands::admin::UsageArgs),
 }
@@ -67,6 +69,12 @@ pub struct ServeArgs {
     /// Largest request body in bytes [env: KILN_MAX_BODY_BYTES].
     #[arg(long)]
     pub max_body_bytes: Option<usize>,
+    /// Directory of the knowledge bases [env: KILN_KB_DIR] (default $KILN_HOME/kb).
+    #[arg(long, value_name = "DIR")]
+    pub kb_dir: Option<PathBuf>,
+    /// Largest knowledge-base document upload in MiB [env: KILN_KB_MAX_UPLOAD_MB].
+    #[arg(long, value_name = "MIB")]
+    pub kb_max_upload_mb: Option<usize>,
     /// Compute threads [env: KILN_THREADS].
     #[arg(long)]
     pub threads: Option<usize>,
@@ -96,6 +104,8 @@ impl ServeArgs {
             max_batch: self.max_batch,
             kv_cache_mb: self.kv_cache_mb,
             max_body_bytes: self.max_body_bytes,
+            kb_dir: self.kb_dir.clone(),
+            kb_max_upload_mb: self.kb_max_upload_mb,
             threads: self.threads,
             log: self.log.clone(),
             embedding_concurrency: None,
@@ -169,6 +179,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Keys(args) => crate::commands::admin::keys(&args),
         Command::Prices(args) => crate::commands::admin::prices(&args),
         Command::Usage(args) => crate::commands::admin::usage(&args),
+        Command::Kb(args) => crate::commands::kb::run(&args),
     }
 }
 

@@ -66,12 +66,21 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
         .context("cannot register this replica in the database")?;
     let auth = Arc::new(Auth::new(db.clone(), anonymous).context("cannot read keys")?);
     let meter = Meter::new(db.clone(), replica_id).context("cannot read the platform currency")?;
-    let state = Arc::new(AppState::new(models, metrics, auth, meter));
+    let mut state = AppState::new(models, metrics, auth, meter);
+    let mut jobs = None;
+    if state.models.embedding.is_some() {
+        let (knowledge, rx) =
+            crate::knowledge::Knowledge::open(&cfg.kb_dir, cfg.kb_max_upload_bytes)
+                .context("cannot open the knowledge bases")?;
+        state.knowledge = Some(Arc::new(knowledge));
+        jobs = Some(rx);
+    }
+    let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(cfg, state))
+    runtime.block_on(serve(cfg, state, jobs))
 }
 
 /// The database setting for messages: a PostgreSQL URL without its password.
@@ -146,7 +155,11 @@ fn validate(cfg: &ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(cfg: ServeConfig, state: Arc<AppState>) -> anyhow::Result<()> {
+async fn serve(
+    cfg: ServeConfig,
+    state: Arc<AppState>,
+    jobs: Option<tokio::sync::mpsc::UnboundedReceiver<crate::knowledge::Job>>,
+) -> anyhow::Result<()> {
     let addr = SocketAddr::new(cfg.host, cfg.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -156,6 +169,9 @@ async fn serve(cfg: ServeConfig, state: Arc<AppState>) -> anyhow::Result<()> {
         .context("cannot read the bound address")?;
     spawn_lease_keeper(state.clone(), cfg.lease);
     state.auth.spawn_epoch_watch();
+    if let Some(jobs) = jobs {
+        crate::knowledge::spawn_worker(state.clone(), jobs);
+    }
     let app = api::router(state.clone(), cfg.max_body_bytes);
     // Tests and scripts read the port from this line.
     eprintln!("kiln listening on http://{bound}");

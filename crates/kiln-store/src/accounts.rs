@@ -90,6 +90,10 @@ pub struct ApiKey {
     /// Scheduling priority of its requests, and the most they may ask for.
     #[serde(default)]
     pub priority: i32,
+    /// Knowledge-base groups: documents restricted to one of them are
+    /// visible to this key.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 impl ApiKey {
@@ -138,10 +142,41 @@ pub struct NewKey {
     /// Scheduling priority, -100 to 100 (default 0).
     #[serde(default)]
     pub priority: i32,
+    /// Knowledge-base groups the key belongs to.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// The range of key priorities.
 pub const KEY_PRIORITIES: std::ops::RangeInclusive<i32> = -100..=100;
+
+/// A group list as stored: a JSON array.
+pub(crate) fn groups_json(groups: &[String]) -> String {
+    serde_json::to_string(groups).unwrap_or_else(|_| "[]".into())
+}
+
+/// Group names: 1 to 128 printable characters without `,`, `=` or `*`;
+/// at most 64 per key.
+pub(crate) fn check_groups(groups: &[String]) -> crate::Result<()> {
+    if groups.len() > 64 {
+        return Err(crate::StoreError::Invalid(
+            "a key may belong to at most 64 groups".into(),
+        ));
+    }
+    for g in groups {
+        if g.is_empty()
+            || g.len() > 128
+            || g.chars()
+                .any(|c| c.is_control() || matches!(c, ',' | '=' | '*'))
+        {
+            return Err(crate::StoreError::Invalid(format!(
+                "the group name `{}` is not allowed: use 1 to 128 printable characters without `,`, `=` or `*`",
+                g.escape_debug()
+            )));
+        }
+    }
+    Ok(())
+}
 
 pub(crate) fn check_priority(priority: i32) -> crate::Result<()> {
     if KEY_PRIORITIES.contains(&priority) {

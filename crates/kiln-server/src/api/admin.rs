@@ -357,6 +357,9 @@ struct CreateKey {
     /// Scheduling priority, -100 to 100; above 0 only a platform admin may give.
     #[serde(default)]
     priority: Option<i32>,
+    /// Knowledge-base groups whose restricted documents the key may see.
+    #[serde(default)]
+    groups: Vec<String>,
 }
 
 async fn create_key(
@@ -409,6 +412,7 @@ async fn create_key(
             tokens_per_minute: body.tokens_per_minute,
         },
         priority,
+        groups: body.groups,
     };
     let issued = store(&state, move |db| db.create_key(&new)).await?;
     Ok((axum::http::StatusCode::CREATED, Json(issued)).into_response())

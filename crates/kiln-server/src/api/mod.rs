@@ -11,6 +11,7 @@ mod completions;
 mod embeddings;
 mod generate;
 mod info;
+mod kb;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -42,6 +43,8 @@ pub struct AppState {
     pub started: u64,
     pub auth: Arc<Auth>,
     pub meter: Meter,
+    /// Knowledge bases; `None` without an embedding model.
+    pub knowledge: Option<Arc<crate::knowledge::Knowledge>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -54,6 +57,7 @@ impl AppState {
             started: unix_now(),
             auth,
             meter,
+            knowledge: None,
         }
     }
 
@@ -117,10 +121,13 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
             state.clone(),
             authenticate_model_api,
         ));
-    let admin_api = admin::routes().route_layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        authenticate_admin_api,
-    ));
+    let admin_api =
+        admin::routes()
+            .merge(kb::routes())
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                authenticate_admin_api,
+            ));
     Router::new()
         .merge(model_api)
         .merge(admin_api)

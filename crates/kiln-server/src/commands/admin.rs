@@ -169,6 +169,10 @@ pub enum KeysCommand {
         /// request may ask for less, never more.
         #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
         priority: i32,
+        /// A knowledge-base group the key belongs to (repeatable): documents
+        /// restricted to it become visible to the key.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
     },
     /// List keys (never their secrets).
     List {
@@ -446,6 +450,7 @@ pub fn keys(args: &KeysArgs) -> anyhow::Result<()> {
             rpm,
             tpm,
             priority,
+            groups,
         } => {
             let t = find_tenant(&*db, tenant)?;
             let Some(role) = Role::parse(role) else {
@@ -468,6 +473,7 @@ pub fn keys(args: &KeysArgs) -> anyhow::Result<()> {
                     tokens_per_minute: *tpm,
                 },
                 priority: *priority,
+                groups: groups.clone(),
             })?;
             eprintln!(
                 "created key {} ({}, tenant {}); its secret is shown only now:",

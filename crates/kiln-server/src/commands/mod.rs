@@ -2,5 +2,6 @@
 
 pub mod admin;
 pub mod chat;
+pub mod kb;
 pub mod models;
 pub mod pull;

@@ -24,6 +24,10 @@ pub const KILN_KV_CACHE_MB: &str = "KILN_KV_CACHE_MB";
 /// Largest request body accepted, in bytes. Default 8 MiB (a 10 MB body
 /// is refused with 413).
 pub const KILN_MAX_BODY_BYTES: &str = "KILN_MAX_BODY_BYTES";
+/// Directory of the knowledge bases. Default `$KILN_HOME/kb`.
+pub const KILN_KB_DIR: &str = "KILN_KB_DIR";
+/// Largest document upload to a knowledge base, in MiB. Default 64.
+pub const KILN_KB_MAX_UPLOAD_MB: &str = "KILN_KB_MAX_UPLOAD_MB";
 /// Compute threads for the engine. Default: all cores.
 pub const KILN_THREADS: &str = "KILN_THREADS";
 /// Log filter in `tracing` syntax, e.g. `info` or `kiln_server=debug`.
@@ -52,6 +56,8 @@ pub const ALL: &[&str] = &[
     KILN_MAX_BATCH,
     KILN_KV_CACHE_MB,
     KILN_MAX_BODY_BYTES,
+    KILN_KB_DIR,
+    KILN_KB_MAX_UPLOAD_MB,
     KILN_THREADS,
     KILN_LOG,
     KILN_EMBEDDING_CONCURRENCY,

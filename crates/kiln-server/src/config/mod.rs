@@ -21,6 +21,8 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 16;
 pub const DEFAULT_MAX_BATCH: usize = 16;
 pub const DEFAULT_EMBEDDING_CONCURRENCY: usize = 2;
 pub const DEFAULT_LEASE_SECONDS: u64 = 10;
+/// Default largest knowledge-base upload, in MiB.
+pub const DEFAULT_KB_MAX_UPLOAD_MB: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -45,6 +47,8 @@ pub struct ConfigLayer {
     pub max_batch: Option<usize>,
     pub kv_cache_mb: Option<usize>,
     pub max_body_bytes: Option<usize>,
+    pub kb_dir: Option<PathBuf>,
+    pub kb_max_upload_mb: Option<usize>,
     pub threads: Option<usize>,
     pub log: Option<String>,
     pub embedding_concurrency: Option<usize>,
@@ -72,6 +76,8 @@ impl ConfigLayer {
             max_batch,
             kv_cache_mb,
             max_body_bytes,
+            kb_dir,
+            kb_max_upload_mb,
             threads,
             log,
             embedding_concurrency,
@@ -135,6 +141,12 @@ impl ConfigLayer {
                 nonempty(env::KILN_MAX_BODY_BYTES),
                 "a number of bytes",
             )?,
+            kb_dir: nonempty(env::KILN_KB_DIR).map(PathBuf::from),
+            kb_max_upload_mb: parse(
+                env::KILN_KB_MAX_UPLOAD_MB,
+                nonempty(env::KILN_KB_MAX_UPLOAD_MB),
+                "a whole number of MiB",
+            )?,
             threads: parse(
                 env::KILN_THREADS,
                 nonempty(env::KILN_THREADS),
@@ -195,6 +207,10 @@ pub struct ServeConfig {
     /// KV cache budget per model, in MiB.
     pub kv_cache_mb: usize,
     pub max_body_bytes: usize,
+    /// Where knowledge bases live.
+    pub kb_dir: PathBuf,
+    /// Largest knowledge-base upload, in bytes.
+    pub kb_max_upload_bytes: usize,
     pub threads: Option<usize>,
     pub log: String,
     pub embedding_concurrency: usize,
@@ -307,6 +323,12 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
             "max_body_bytes is {max_body_bytes}; it must be between 1024 and 1073741824"
         ));
     }
+    let kb_max_upload_mb = layer.kb_max_upload_mb.unwrap_or(DEFAULT_KB_MAX_UPLOAD_MB);
+    if !(1..=1024).contains(&kb_max_upload_mb) {
+        return invalid(format!(
+            "kb_max_upload_mb is {kb_max_upload_mb}; it must be between 1 and 1024"
+        ));
+    }
     if let Some(t) = layer.threads {
         if !(1..=1024).contains(&t) {
             return invalid(format!("threads is {t}; it must be between 1 and 1024"));
@@ -355,6 +377,7 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
         }
     }
     let home = layer.home.unwrap_or_else(default_home);
+    let kb_dir = layer.kb_dir.unwrap_or_else(|| home.join("kb"));
     Ok(ServeConfig {
         upstreams,
         no_auth: layer.no_auth.unwrap_or(false),
@@ -371,6 +394,8 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
         max_batch,
         kv_cache_mb,
         max_body_bytes,
+        kb_max_upload_bytes: kb_max_upload_mb << 20,
+        kb_dir,
         threads: layer.threads,
         log,
         embedding_concurrency,

@@ -4,9 +4,9 @@ use postgres::{GenericClient, Row};
 
 use super::PgStore;
 use crate::accounts::{
-    check_limits, check_priority, new_key_id, new_secret, new_tenant_id, secret_hash, shown_prefix,
-    validate_name, Accounts, ApiKey, IssuedKey, KeyOwner, Limits, NewKey, NewTenant, Role, Tenant,
-    TenantUpdate,
+    check_groups, check_limits, check_priority, groups_json, new_key_id, new_secret, new_tenant_id,
+    secret_hash, shown_prefix, validate_name, Accounts, ApiKey, IssuedKey, KeyOwner, Limits,
+    NewKey, NewTenant, Role, Tenant, TenantUpdate,
 };
 use crate::error::{Result, StoreError};
 use crate::money::Money;
@@ -16,7 +16,7 @@ const TENANT_COLUMNS: &str = "id, name, created_at, disabled_at, balance_nanos,
 
 const KEY_COLUMNS: &str = "id, tenant_id, name, prefix, role, models, created_at, expires_at,
      revoked_at, rotated_at, balance_nanos, monthly_limit_nanos, reserved_nanos,
-     requests_per_minute, tokens_per_minute, priority";
+     requests_per_minute, tokens_per_minute, priority, groups";
 
 fn per_minute(v: Option<i64>) -> Option<u32> {
     v.map(|n| u32::try_from(n).unwrap_or(u32::MAX))
@@ -52,6 +52,9 @@ fn key_from_row(r: &Row) -> Result<ApiKey> {
         .map(|t| serde_json::from_str::<Vec<String>>(&t))
         .transpose()
         .map_err(|e| bad(format!("model list: {e}")))?;
+    let groups: String = r.get(16);
+    let groups = serde_json::from_str::<Vec<String>>(&groups)
+        .map_err(|e| bad(format!("group list: {e}")))?;
     Ok(ApiKey {
         tenant_id: r.get(1),
         name: r.get(2),
@@ -70,6 +73,7 @@ fn key_from_row(r: &Row) -> Result<ApiKey> {
             tokens_per_minute: per_minute(r.get(14)),
         },
         priority: r.get(15),
+        groups,
         id,
     })
 }
@@ -211,6 +215,7 @@ impl Accounts for PgStore {
         validate_name("the key name", &new.name).map_err(StoreError::Invalid)?;
         check_limits(&new.limits)?;
         check_priority(new.priority)?;
+        check_groups(&new.groups)?;
         if new
             .models
             .as_ref()
@@ -245,6 +250,7 @@ impl Accounts for PgStore {
             reserved: Money::ZERO,
             limits: new.limits.clone(),
             priority: new.priority,
+            groups: new.groups.clone(),
         };
         let models = key
             .models
@@ -255,8 +261,8 @@ impl Accounts for PgStore {
         tx.execute(
             "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_sha256, role, models,
                  created_at, expires_at, monthly_limit_nanos, requests_per_minute,
-                 tokens_per_minute, priority)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                 tokens_per_minute, priority, groups)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
             &[
                 &key.id,
                 &key.tenant_id,
@@ -271,6 +277,7 @@ impl Accounts for PgStore {
                 &rpm(key.limits.requests_per_minute),
                 &rpm(key.limits.tokens_per_minute),
                 &key.priority,
+                &groups_json(&key.groups),
             ],
         )?;
         bump_epoch(&mut tx)?;

@@ -44,6 +44,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "key_priority",
         sql: include_str!("../../migrations/postgres/0002_key_priority.sql"),
     },
+    Migration {
+        version: 3,
+        name: "key_groups",
+        sql: include_str!("../../migrations/postgres/0003_key_groups.sql"),
+    },
 ];
 
 /// The newest PostgreSQL schema version this build understands.

@@ -4,9 +4,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::Store;
 use crate::accounts::{
-    check_limits, check_priority, new_key_id, new_secret, new_tenant_id, secret_hash, shown_prefix,
-    validate_name, Accounts, ApiKey, IssuedKey, KeyOwner, Limits, NewKey, NewTenant, Role, Tenant,
-    TenantUpdate,
+    check_groups, check_limits, check_priority, groups_json, new_key_id, new_secret, new_tenant_id,
+    secret_hash, shown_prefix, validate_name, Accounts, ApiKey, IssuedKey, KeyOwner, Limits,
+    NewKey, NewTenant, Role, Tenant, TenantUpdate,
 };
 use crate::error::{Result, StoreError};
 use crate::money::Money;
@@ -16,7 +16,7 @@ const TENANT_COLUMNS: &str = "id, name, created_at, disabled_at, balance_nanos,
 
 const KEY_COLUMNS: &str = "id, tenant_id, name, prefix, role, models, created_at, expires_at,
      revoked_at, rotated_at, balance_nanos, monthly_limit_nanos, reserved_nanos,
-     requests_per_minute, tokens_per_minute, priority";
+     requests_per_minute, tokens_per_minute, priority, groups";
 
 fn tenant_from_row(r: &Row<'_>) -> rusqlite::Result<Tenant> {
     Ok(Tenant {
@@ -39,6 +39,7 @@ struct RawKey {
     key: ApiKey,
     role: String,
     models: Option<String>,
+    groups: String,
 }
 
 fn key_from_row(r: &Row<'_>) -> rusqlite::Result<RawKey> {
@@ -62,9 +63,11 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<RawKey> {
                 tokens_per_minute: r.get(14)?,
             },
             priority: r.get(15)?,
+            groups: Vec::new(),
         },
         role: r.get(4)?,
         models: r.get(5)?,
+        groups: r.get(16)?,
     })
 }
 
@@ -83,9 +86,12 @@ impl RawKey {
                     .map_err(|e| bad(format!("model list: {e}")))?,
             ),
         };
+        let groups = serde_json::from_str::<Vec<String>>(&self.groups)
+            .map_err(|e| bad(format!("group list: {e}")))?;
         Ok(ApiKey {
             role,
             models,
+            groups,
             ..self.key
         })
     }
@@ -217,6 +223,7 @@ impl Accounts for Store {
         validate_name("the key name", &new.name).map_err(invalid)?;
         check_limits(&new.limits)?;
         check_priority(new.priority)?;
+        check_groups(&new.groups)?;
         if let Some(models) = &new.models {
             if models.iter().any(String::is_empty) {
                 return Err(invalid("a key's model names must not be empty".into()));
@@ -246,6 +253,7 @@ impl Accounts for Store {
             reserved: Money::ZERO,
             limits: new.limits.clone(),
             priority: new.priority,
+            groups: new.groups.clone(),
         };
         let models = key
             .models
@@ -256,8 +264,8 @@ impl Accounts for Store {
         tx.execute(
             "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_sha256, role, models,
                  created_at, expires_at, monthly_limit_nanos, requests_per_minute,
-                 tokens_per_minute, priority)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 tokens_per_minute, priority, groups)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 key.id,
                 key.tenant_id,
@@ -272,6 +280,7 @@ impl Accounts for Store {
                 key.limits.requests_per_minute,
                 key.limits.tokens_per_minute,
                 key.priority,
+                groups_json(&key.groups),
             ],
         )?;
         bump_epoch(&tx)?;

@@ -49,6 +49,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "key_priority",
         sql: include_str!("../../migrations/sqlite/0004_key_priority.sql"),
     },
+    Migration {
+        version: 5,
+        name: "key_groups",
+        sql: include_str!("../../migrations/sqlite/0005_key_groups.sql"),
+    },
 ];
 
 /// The newest schema version this build understands.

@@ -32,6 +32,7 @@ fn key(db: &dyn Database, tenant_id: &str, role: Role) -> kiln_store::accounts::
         expires_at_ms: None,
         limits: Limits::default(),
         priority: 0,
+        groups: Vec::new(),
     })
     .unwrap()
 }
@@ -150,6 +151,7 @@ pub fn tenants_and_keys(db: &dyn Database) -> TestResult {
         expires_at_ms: None,
         limits: Limits::default(),
         priority,
+        groups: Vec::new(),
     };
     let missing = db.create_key(&new_key("ten-missing", 0));
     assert!(
@@ -169,6 +171,27 @@ pub fn tenants_and_keys(db: &dyn Database) -> TestResult {
         );
     }
     db.revoke_key(&urgent.key.id)?;
+
+    // A key's knowledge-base groups are kept, and checked.
+    let grouped = db.create_key(&NewKey {
+        groups: vec!["hr".into(), "财务".into()],
+        ..new_key(&other.id, 0)
+    })?;
+    assert_eq!(
+        db.key(&grouped.key.id)?.map(|k| k.groups),
+        Some(vec!["hr".to_string(), "财务".to_string()])
+    );
+    for bad in ["", "a,b", "*", "x=y", "tab\t"] {
+        let refused = db.create_key(&NewKey {
+            groups: vec![bad.into()],
+            ..new_key(&other.id, 0)
+        });
+        assert!(
+            matches!(refused, Err(StoreError::Invalid(_))),
+            "{bad:?}: {refused:?}"
+        );
+    }
+    db.revoke_key(&grouped.key.id)?;
 
     // Updates, and a rename onto a taken name.
     let up = db

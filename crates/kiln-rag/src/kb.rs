@@ -1,0 +1,1267 @@
+//! One knowledge base on disk: its documents, their chunks and vectors, and
+//! the full-text index, kept consistent across crashes.
+//!
+//! # Layout
+//! ```text
+//! <dir>/kb.sqlite     settings, documents, versions, chunks (text, offsets, vectors)
+//! <dir>/fulltext/     the tantivy index
+//! <dir>/files/        uploaded originals, one per document version
+//! ```
+//!
+//! # Consistency
+//! The database is the source of truth. A document version becomes
+//! searchable in one transaction that writes all its chunks and vectors and
+//! makes it the document's live version (dropping the previous one's
+//! chunks); the full-text index is then updated in one tantivy commit, and
+//! the in-memory vector index and access map under the same lock. Until
+//! that transaction commits nothing of the version exists anywhere, so a
+//! failed or interrupted ingestion leaves no half index. When the knowledge
+//! base opens, the full-text index is reconciled with the database: every
+//! `doc@version` it holds that is not live is deleted, and every live
+//! version it lacks (or holds partly) is re-added from the database. Search
+//! results are also checked against the live map, so a chunk deleted a
+//! moment ago is never returned even while a commit is in flight.
+//!
+//! Versions still queued or being ingested when the process died are
+//! reported by [`KnowledgeBase::pending`] for the server to run again.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::chunk::{self, ChunkOptions};
+use crate::extract::{self, ExtractError, Limits};
+use crate::fulltext::{Filter, FullText, IndexedChunk};
+use crate::retrieve::{self, Fusion, Mode};
+use crate::vector::FlatIndex;
+
+/// What the knowledge base needs from an embedding model. The server's
+/// implementation meters every call against the key that caused it.
+pub trait Embedder: Send + Sync {
+    /// The model's name; a knowledge base is pinned to it.
+    fn model(&self) -> &str;
+    fn dimensions(&self) -> usize;
+    /// Most tokens of text one input may have (special tokens excluded).
+    fn max_tokens(&self) -> usize;
+    fn count_tokens(&self, text: &str) -> usize;
+    fn embed(&self, texts: &[String]) -> std::result::Result<Vec<Vec<f32>>, EmbedError>;
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EmbedError {
+    /// The caller's budget or rate limit does not cover the call: ingestion
+    /// stops and the document is marked `stopped`.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KbError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("document `{0}` not found")]
+    DocumentNotFound(String),
+    #[error("this knowledge base was built with embedding model `{built}`, not `{given}`")]
+    WrongModel { built: String, given: String },
+    #[error(transparent)]
+    Extract(#[from] ExtractError),
+    #[error("embedding: {0}")]
+    Embed(#[from] EmbedError),
+    #[error("knowledge-base storage: {0}")]
+    Storage(String),
+}
+
+impl From<rusqlite::Error> for KbError {
+    fn from(e: rusqlite::Error) -> Self {
+        KbError::Storage(e.to_string())
+    }
+}
+
+impl From<crate::fulltext::FullTextError> for KbError {
+    fn from(e: crate::fulltext::FullTextError) -> Self {
+        KbError::Storage(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for KbError {
+    fn from(e: std::io::Error) -> Self {
+        KbError::Storage(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, KbError>;
+
+/// A knowledge base's fixed settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub id: String,
+    pub tenant: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub embedding_model: String,
+    pub dimensions: usize,
+    pub chunking: ChunkOptions,
+    pub created_ms: i64,
+}
+
+/// Where a document version is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Queued,
+    Ingesting,
+    Ready,
+    Failed,
+    /// Stopped because the caller's budget ran out.
+    Stopped,
+    /// A newer version was uploaded before this one finished.
+    Superseded,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Ingesting => "ingesting",
+            Status::Ready => "ready",
+            Status::Failed => "failed",
+            Status::Stopped => "stopped",
+            Status::Superseded => "superseded",
+        }
+    }
+
+    fn parse(s: &str) -> Status {
+        match s {
+            "queued" => Status::Queued,
+            "ingesting" => Status::Ingesting,
+            "ready" => Status::Ready,
+            "stopped" => Status::Stopped,
+            "superseded" => Status::Superseded,
+            _ => Status::Failed,
+        }
+    }
+
+    /// Whether ingestion of this version is over.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Status::Queued | Status::Ingesting)
+    }
+}
+
+/// A document as listed: its latest version's state, and which version is
+/// searchable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Document {
+    pub id: String,
+    pub name: String,
+    pub groups: Vec<String>,
+    pub metadata: HashMap<String, String>,
+    /// The latest version uploaded.
+    pub version: i64,
+    /// The version search uses, if any is ready.
+    pub live_version: Option<i64>,
+    pub status: Status,
+    pub error_code: Option<String>,
+    pub error: Option<String>,
+    pub format: Option<String>,
+    pub size_bytes: i64,
+    pub sha256: String,
+    pub chunks: i64,
+    pub tokens: i64,
+    pub progress: Progress,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: i64,
+    pub total: i64,
+}
+
+/// A new document (or version) as uploaded.
+#[derive(Debug, Clone, Default)]
+pub struct Upload {
+    pub name: String,
+    pub bytes: Vec<u8>,
+    pub groups: Vec<String>,
+    pub metadata: HashMap<String, String>,
+    /// Who pays for its ingestion (the server's caller id, opaque here);
+    /// kept with the version so an ingestion resumed after a restart is
+    /// charged to the same key.
+    pub charge_to: String,
+}
+
+/// A version waiting for ingestion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub doc: String,
+    pub version: i64,
+    pub charge_to: String,
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Added {
+    pub document: Document,
+    /// The content was already in the knowledge base: nothing was queued.
+    pub duplicate: bool,
+}
+
+/// A search request.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub text: String,
+    pub k: usize,
+    pub mode: Mode,
+    pub fusion: Fusion,
+    pub filter: Filter,
+}
+
+/// One retrieved chunk, with what a citation needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hit {
+    pub chunk_id: u64,
+    pub document_id: String,
+    pub document_name: String,
+    pub version: i64,
+    pub heading: String,
+    pub text: String,
+    /// Character offsets of `text` in the document's extracted text.
+    pub start: usize,
+    pub end: usize,
+    /// The fused score (or the single side's score outside hybrid mode).
+    pub score: f32,
+    /// (rank, BM25 score) on the full-text side, when found there.
+    pub bm25: Option<(usize, f32)>,
+    /// (rank, cosine similarity) on the vector side, when found there.
+    pub vector: Option<(usize, f32)>,
+}
+
+/// Who may see a live document's chunks, and its metadata for filters.
+#[derive(Debug)]
+struct Access {
+    version: i64,
+    groups: Vec<String>,
+    metadata: Vec<(String, String)>,
+    chunk_ids: Vec<u64>,
+}
+
+impl Access {
+    fn allows(&self, f: &Filter) -> bool {
+        let group_ok = match &f.groups {
+            None => true,
+            Some(mine) => self.groups.is_empty() || self.groups.iter().any(|g| mine.contains(g)),
+        };
+        group_ok && f.metadata.iter().all(|kv| self.metadata.contains(kv))
+    }
+}
+
+/// What search reads: live documents and the vector index.
+#[derive(Debug, Default)]
+struct Live {
+    docs: HashMap<String, Access>,
+    chunk_doc: HashMap<u64, String>,
+    vectors: FlatIndex,
+}
+
+impl Live {
+    fn allows(&self, chunk: u64, f: &Filter) -> bool {
+        self.chunk_doc
+            .get(&chunk)
+            .and_then(|d| self.docs.get(d))
+            .is_some_and(|a| a.allows(f))
+    }
+
+    fn remove_doc(&mut self, doc: &str) {
+        if let Some(a) = self.docs.remove(doc) {
+            for id in a.chunk_ids {
+                self.chunk_doc.remove(&id);
+                self.vectors.remove(id);
+            }
+        }
+    }
+}
+
+pub struct KnowledgeBase {
+    dir: PathBuf,
+    settings: Settings,
+    db: Mutex<Connection>,
+    fulltext: FullText,
+    live: RwLock<Live>,
+    /// Serialises the steps that make versions live or delete them, so the
+    /// database, the full-text index and the live map change in one order.
+    commit: Mutex<()>,
+    limits: Limits,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS settings (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    groups TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    latest_version INTEGER NOT NULL,
+    live_version INTEGER,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    doc_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    error_code TEXT,
+    error TEXT,
+    format TEXT,
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    charge_to TEXT NOT NULL DEFAULT '',
+    chunks INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    finished_ms INTEGER,
+    PRIMARY KEY (doc_id, version)
+);
+CREATE INDEX IF NOT EXISTS versions_sha ON versions(sha256);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    ord INTEGER NOT NULL,
+    start_char INTEGER NOT NULL,
+    end_char INTEGER NOT NULL,
+    heading TEXT NOT NULL,
+    text TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id, version);
+";
+
+/// Inputs embedded per model call during ingestion.
+const EMBED_BATCH: usize = 32;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn vector_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn vector_from_bytes(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn doc_version(doc: &str, version: i64) -> String {
+    format!("{doc}@{version}")
+}
+
+fn sorted_metadata(m: &HashMap<String, String>) -> Vec<(String, String)> {
+    let mut v: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort();
+    v
+}
+
+/// Checks a document name: what a file could be called.
+fn check_name(name: &str) -> Result<()> {
+    if name.trim().is_empty() {
+        return Err(KbError::Invalid("a document needs a name".into()));
+    }
+    if name.chars().count() > 255 || name.chars().any(char::is_control) {
+        return Err(KbError::Invalid(
+            "a document name must be at most 255 characters, without control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_labels(what: &str, items: impl Iterator<Item = String>) -> Result<()> {
+    for s in items {
+        if s.is_empty()
+            || s.len() > 128
+            || s.contains('=')
+            || s.chars().any(char::is_control)
+            || s == crate::fulltext::PUBLIC_GROUP
+        {
+            return Err(KbError::Invalid(format!(
+                "{what} `{}` is not allowed: use 1 to 128 printable characters, no `=`, not `*`",
+                s.escape_debug()
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl KnowledgeBase {
+    /// Creates a knowledge base in the empty (or absent) directory `dir`.
+    pub fn create(dir: &Path, settings: Settings) -> Result<KnowledgeBase> {
+        if dir.join("kb.sqlite").exists() {
+            return Err(KbError::Invalid(format!(
+                "{} already holds a knowledge base",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir.join("files"))?;
+        let conn = open_db(&dir.join("kb.sqlite"))?;
+        let json = serde_json::to_string(&settings).map_err(|e| KbError::Storage(e.to_string()))?;
+        conn.execute(
+            "INSERT INTO settings (id, json) VALUES (1, ?1)",
+            params![json],
+        )?;
+        drop(conn);
+        Self::open(dir)
+    }
+
+    /// Opens the knowledge base in `dir`, reconciling its indexes with its
+    /// database.
+    pub fn open(dir: &Path) -> Result<KnowledgeBase> {
+        let conn = open_db(&dir.join("kb.sqlite"))?;
+        let json: String = conn
+            .query_row("SELECT json FROM settings WHERE id = 1", [], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| {
+                KbError::Storage(format!("{} has no knowledge-base settings", dir.display()))
+            })?;
+        let settings: Settings = serde_json::from_str(&json)
+            .map_err(|e| KbError::Storage(format!("unreadable settings: {e}")))?;
+        std::fs::create_dir_all(dir.join("files"))?;
+        let fulltext = FullText::open(&dir.join("fulltext"))?;
+        let kb = KnowledgeBase {
+            dir: dir.to_path_buf(),
+            live: RwLock::new(Live {
+                vectors: FlatIndex::new(settings.dimensions),
+                ..Default::default()
+            }),
+            settings,
+            db: Mutex::new(conn),
+            fulltext,
+            commit: Mutex::new(()),
+            limits: Limits::default(),
+        };
+        kb.load()?;
+        Ok(kb)
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn file_path(&self, doc: &str, version: i64) -> PathBuf {
+        self.dir.join("files").join(format!("{doc}.{version}"))
+    }
+
+    /// Loads live documents and vectors, and brings the full-text index in
+    /// line with the database.
+    fn load(&self) -> Result<()> {
+        let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut live = Live {
+            vectors: FlatIndex::new(self.settings.dimensions),
+            ..Default::default()
+        };
+        let db = self.db();
+        let mut docs = db.prepare(
+            "SELECT id, groups, metadata, live_version FROM documents WHERE live_version IS NOT NULL",
+        )?;
+        let rows = docs.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, groups, metadata, version) = row?;
+            let groups: Vec<String> = serde_json::from_str(&groups).unwrap_or_default();
+            let metadata: HashMap<String, String> =
+                serde_json::from_str(&metadata).unwrap_or_default();
+            live.docs.insert(
+                id,
+                Access {
+                    version,
+                    groups,
+                    metadata: sorted_metadata(&metadata),
+                    chunk_ids: Vec::new(),
+                },
+            );
+        }
+        drop(docs);
+        let mut chunks = db.prepare("SELECT id, doc_id, version, vector FROM chunks")?;
+        let mut stale = Vec::new();
+        let rows = chunks.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, doc, version, vector) = row?;
+            match live.docs.get_mut(&doc) {
+                Some(a) if a.version == version => {
+                    live.vectors
+                        .insert(id, &vector_from_bytes(&vector))
+                        .map_err(KbError::Storage)?;
+                    a.chunk_ids.push(id);
+                    live.chunk_doc.insert(id, doc);
+                }
+                _ => stale.push(id as i64),
+            }
+        }
+        drop(chunks);
+        // Chunks of versions that are not live cannot exist by construction;
+        // if a bug ever leaves some, they are dropped here.
+        for id in stale {
+            db.execute("DELETE FROM chunks WHERE id = ?1", params![id])?;
+        }
+        // Full-text reconciliation.
+        let indexed = self.fulltext.doc_versions()?;
+        let mut remove: Vec<String> = Vec::new();
+        let mut want: HashSet<String> = HashSet::new();
+        for (doc, a) in &live.docs {
+            let dv = doc_version(doc, a.version);
+            if indexed.get(&dv).copied() != Some(a.chunk_ids.len() as u64) {
+                if indexed.contains_key(&dv) {
+                    remove.push(dv.clone());
+                }
+                if !a.chunk_ids.is_empty() {
+                    want.insert(doc.clone());
+                }
+            }
+        }
+        for dv in indexed.keys() {
+            let keep = dv
+                .rsplit_once('@')
+                .and_then(|(d, v)| Some((live.docs.get(d)?, v.parse::<i64>().ok()?)))
+                .is_some_and(|(a, v)| a.version == v);
+            if !keep {
+                remove.push(dv.clone());
+            }
+        }
+        if !remove.is_empty() || !want.is_empty() {
+            tracing::info!(
+                kb = %self.settings.id,
+                removed = remove.len(),
+                readded = want.len(),
+                "reconciling the full-text index with the document list"
+            );
+            let mut rows = Vec::new();
+            for doc in &want {
+                rows.extend(chunk_rows(&db, doc)?);
+            }
+            let added: Vec<(String, &Access, &ChunkRow)> = rows
+                .iter()
+                .filter_map(|c| {
+                    let a = live.docs.get(&c.doc)?;
+                    Some((doc_version(&c.doc, a.version), a, c))
+                })
+                .collect();
+            let indexed: Vec<IndexedChunk<'_>> = added
+                .iter()
+                .map(|(dv, a, c)| IndexedChunk {
+                    id: c.id,
+                    doc_version: dv,
+                    groups: &a.groups,
+                    metadata: &a.metadata,
+                    text: &c.index_text,
+                })
+                .collect();
+            let remove: Vec<&str> = remove.iter().map(String::as_str).collect();
+            self.fulltext.replace(&remove, &indexed)?;
+        }
+        drop(db);
+        *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
+        Ok(())
+    }
+
+    /// Adds a document; its ingestion is queued (run it with
+    /// [`KnowledgeBase::ingest`]). Content already in the knowledge base
+    /// (the same bytes as a document's latest version) is not added again.
+    pub fn add(&self, upload: Upload) -> Result<Added> {
+        check_name(&upload.name)?;
+        check_labels("group", upload.groups.iter().cloned())?;
+        check_labels("metadata key", upload.metadata.keys().cloned())?;
+        self.check_upload(&upload.bytes, &upload.name)?;
+        let sha = hex::encode(Sha256::digest(&upload.bytes));
+        let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(doc) = self.find_by_sha(&sha)? {
+            return Ok(Added {
+                document: self.document(&doc)?,
+                duplicate: true,
+            });
+        }
+        let id = format!("doc_{}", uuid::Uuid::new_v4().simple());
+        std::fs::write(self.file_path(&id, 1), &upload.bytes)?;
+        let now = now_ms();
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
+            "INSERT INTO documents (id, name, groups, metadata, latest_version, live_version, created_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, 1, NULL, ?5, ?5)",
+            params![
+                id,
+                upload.name,
+                serde_json::to_string(&upload.groups).unwrap_or_else(|_| "[]".into()),
+                serde_json::to_string(&upload.metadata).unwrap_or_else(|_| "{}".into()),
+                now
+            ],
+        )?;
+        insert_version(
+            &tx,
+            &id,
+            1,
+            upload.bytes.len(),
+            &sha,
+            &upload.charge_to,
+            now,
+        )?;
+        tx.commit()?;
+        drop(db);
+        Ok(Added {
+            document: self.document(&id)?,
+            duplicate: false,
+        })
+    }
+
+    /// Uploads a new version of document `doc`. The current version stays
+    /// searchable until the new one is ready.
+    pub fn replace(&self, doc: &str, bytes: Vec<u8>, charge_to: &str) -> Result<Added> {
+        let current = self.document(doc)?;
+        self.check_upload(&bytes, &current.name)?;
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.document(doc)?;
+        if current.sha256 == sha && current.status != Status::Failed {
+            return Ok(Added {
+                document: current,
+                duplicate: true,
+            });
+        }
+        let version = current.version + 1;
+        std::fs::write(self.file_path(doc, version), &bytes)?;
+        let now = now_ms();
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        // A version still waiting is superseded: only the newest runs.
+        tx.execute(
+            "UPDATE versions SET status = 'superseded', finished_ms = ?2
+             WHERE doc_id = ?1 AND status IN ('queued', 'ingesting')",
+            params![doc, now],
+        )?;
+        tx.execute(
+            "UPDATE documents SET latest_version = ?2, updated_ms = ?3 WHERE id = ?1",
+            params![doc, version, now],
+        )?;
+        insert_version(&tx, doc, version, bytes.len(), &sha, charge_to, now)?;
+        tx.commit()?;
+        drop(db);
+        Ok(Added {
+            document: self.document(doc)?,
+            duplicate: false,
+        })
+    }
+
+    /// Refuses at once what can never be ingested: too big, empty, or of
+    /// a type not supported (detected from the content). Damage found only
+    /// by reading the whole file fails the version during ingestion.
+    fn check_upload(&self, bytes: &[u8], name: &str) -> Result<()> {
+        if bytes.len() > self.limits.max_input_bytes {
+            return Err(KbError::Extract(ExtractError::TooLarge {
+                what: "upload".into(),
+                size: bytes.len() as u64,
+                limit: self.limits.max_input_bytes as u64,
+            }));
+        }
+        if bytes.is_empty() {
+            return Err(KbError::Extract(ExtractError::Empty));
+        }
+        extract::detect(bytes, name)?;
+        Ok(())
+    }
+
+    fn find_by_sha(&self, sha: &str) -> Result<Option<String>> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT v.doc_id FROM versions v JOIN documents d ON d.id = v.doc_id
+                 WHERE v.sha256 = ?1 AND v.version = d.latest_version AND v.status NOT IN ('failed', 'stopped')
+                 LIMIT 1",
+                params![sha],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Deletes a document: it leaves every index at once, and an ingestion
+    /// of it still running is abandoned.
+    pub fn delete(&self, doc: &str) -> Result<()> {
+        let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        let (latest, live_version): (i64, Option<i64>) = self
+            .db()
+            .query_row(
+                "SELECT latest_version, live_version FROM documents WHERE id = ?1",
+                params![doc],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| KbError::DocumentNotFound(doc.to_string()))?;
+        {
+            let mut live = self.live.write().unwrap_or_else(PoisonError::into_inner);
+            let mut db = self.db();
+            let tx = db.transaction()?;
+            tx.execute("DELETE FROM chunks WHERE doc_id = ?1", params![doc])?;
+            tx.execute("DELETE FROM versions WHERE doc_id = ?1", params![doc])?;
+            tx.execute("DELETE FROM documents WHERE id = ?1", params![doc])?;
+            tx.commit()?;
+            live.remove_doc(doc);
+        }
+        if let Some(v) = live_version {
+            self.fulltext.replace(&[&doc_version(doc, v)], &[])?;
+        }
+        for v in 1..=latest {
+            let _ = std::fs::remove_file(self.file_path(doc, v));
+        }
+        Ok(())
+    }
+
+    /// Every document, newest first.
+    pub fn documents(&self) -> Result<Vec<Document>> {
+        let db = self.db();
+        let mut stmt = db.prepare(&format!(
+            "{DOCUMENT_SELECT} ORDER BY d.created_ms DESC, d.id"
+        ))?;
+        let rows = stmt.query_map([], document_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    pub fn document(&self, doc: &str) -> Result<Document> {
+        self.db()
+            .query_row(
+                &format!("{DOCUMENT_SELECT} WHERE d.id = ?1"),
+                params![doc],
+                document_row,
+            )
+            .optional()?
+            .ok_or_else(|| KbError::DocumentNotFound(doc.to_string()))
+    }
+
+    /// Versions waiting to be ingested (also those a crash interrupted),
+    /// oldest first.
+    pub fn pending(&self) -> Result<Vec<Pending>> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT doc_id, version, charge_to FROM versions WHERE status IN ('queued', 'ingesting')
+             ORDER BY created_ms, doc_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Pending {
+                doc: r.get(0)?,
+                version: r.get(1)?,
+                charge_to: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Whether `version` is still the one to ingest for `doc`.
+    fn is_current(&self, doc: &str, version: i64) -> Result<bool> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT status FROM versions v JOIN documents d ON d.id = v.doc_id
+                 WHERE v.doc_id = ?1 AND v.version = ?2 AND d.latest_version = ?2",
+                params![doc, version],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+            .is_some_and(|s| !Status::parse(&s).is_final()))
+    }
+
+    fn set_status(
+        &self,
+        doc: &str,
+        version: i64,
+        status: Status,
+        error: Option<(&str, &str)>,
+    ) -> Result<()> {
+        let finished = status.is_final().then(now_ms);
+        self.db().execute(
+            "UPDATE versions SET status = ?3, error_code = ?4, error = ?5, finished_ms = ?6
+             WHERE doc_id = ?1 AND version = ?2",
+            params![
+                doc,
+                version,
+                status.as_str(),
+                error.map(|e| e.0),
+                error.map(|e| e.1),
+                finished
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn set_progress(&self, doc: &str, version: i64, p: Progress) -> Result<()> {
+        self.db().execute(
+            "UPDATE versions SET done = ?3, total = ?4 WHERE doc_id = ?1 AND version = ?2",
+            params![doc, version, p.done, p.total],
+        )?;
+        Ok(())
+    }
+
+    /// Ends a waiting version without ingesting it (its payer can no longer
+    /// pay, say), with a reason.
+    pub fn abandon(&self, doc: &str, version: i64, code: &str, message: &str) -> Result<()> {
+        if self.is_current(doc, version)? {
+            self.set_status(doc, version, Status::Stopped, Some((code, message)))?;
+        }
+        Ok(())
+    }
+
+    /// Runs ingestion of one document version to its end: extraction,
+    /// chunking, embedding (in batches, through `embedder`), then the
+    /// version goes live. Returns the final status; a failure is recorded on
+    /// the version, never left half done.
+    pub fn ingest(&self, doc: &str, version: i64, embedder: &dyn Embedder) -> Result<Status> {
+        if embedder.model() != self.settings.embedding_model {
+            return Err(KbError::WrongModel {
+                built: self.settings.embedding_model.clone(),
+                given: embedder.model().to_string(),
+            });
+        }
+        if !self.is_current(doc, version)? {
+            return Ok(self
+                .document(doc)
+                .map(|d| d.status)
+                .unwrap_or(Status::Superseded));
+        }
+        self.set_status(doc, version, Status::Ingesting, None)?;
+        match self.run_ingest(doc, version, embedder) {
+            Ok(status) => Ok(status),
+            Err(e) => {
+                let (status, code) = match &e {
+                    KbError::Extract(x) => (Status::Failed, x.code()),
+                    KbError::Embed(EmbedError::Refused(_)) => (Status::Stopped, "refused"),
+                    KbError::Embed(_) => (Status::Failed, "embedding_failed"),
+                    _ => (Status::Failed, "internal"),
+                };
+                let message = e.to_string();
+                if self.is_current(doc, version)? {
+                    self.set_status(doc, version, status, Some((code, &message)))?;
+                }
+                tracing::warn!(kb = %self.settings.id, doc, version, error = %message, "ingestion did not complete");
+                Ok(status)
+            }
+        }
+    }
+
+    fn run_ingest(&self, doc: &str, version: i64, embedder: &dyn Embedder) -> Result<Status> {
+        let bytes = std::fs::read(self.file_path(doc, version))?;
+        let name = self.document(doc)?.name;
+        let extracted = extract::extract(&bytes, &name, &self.limits)?;
+        drop(bytes);
+        self.db().execute(
+            "UPDATE versions SET format = ?3 WHERE doc_id = ?1 AND version = ?2",
+            params![doc, version, extracted.format.as_str()],
+        )?;
+        let count = |s: &str| embedder.count_tokens(s);
+        let chunks = chunk::chunk(&extracted.text, &self.settings.chunking, &count);
+        if chunks.is_empty() {
+            return Err(KbError::Extract(ExtractError::NoText {
+                format: extracted.format,
+            }));
+        }
+        let max = embedder.max_tokens();
+        let inputs: Vec<String> = chunks
+            .iter()
+            .map(|c| embedding_input(&c.heading, &c.text, c.tokens, max, &count))
+            .collect();
+        let total = chunks.len() as i64;
+        self.set_progress(doc, version, Progress { done: 0, total })?;
+        let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(chunks.len());
+        for batch in inputs.chunks(EMBED_BATCH) {
+            if !self.is_current(doc, version)? {
+                return Ok(Status::Superseded);
+            }
+            let out = embedder.embed(batch)?;
+            if out.len() != batch.len() || out.iter().any(|v| v.len() != self.settings.dimensions) {
+                return Err(KbError::Embed(EmbedError::Failed(format!(
+                    "the embedding model returned {} vectors for {} inputs, or vectors of the wrong size",
+                    out.len(),
+                    batch.len()
+                ))));
+            }
+            vectors.extend(out);
+            self.set_progress(
+                doc,
+                version,
+                Progress {
+                    done: vectors.len() as i64,
+                    total,
+                },
+            )?;
+        }
+        self.go_live(doc, version, &chunks, &inputs, &vectors)
+    }
+
+    /// Makes a fully embedded version the document's searchable one.
+    fn go_live(
+        &self,
+        doc: &str,
+        version: i64,
+        chunks: &[chunk::Chunk],
+        inputs: &[String],
+        vectors: &[Vec<f32>],
+    ) -> Result<Status> {
+        let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.is_current(doc, version)? {
+            return Ok(Status::Superseded);
+        }
+        let d = self.document(doc)?;
+        let old = d.live_version;
+        let tokens: i64 = chunks.iter().map(|c| c.tokens as i64).sum();
+        let mut ids = Vec::with_capacity(chunks.len());
+        {
+            let mut db = self.db();
+            let tx = db.transaction()?;
+            tx.execute("DELETE FROM chunks WHERE doc_id = ?1", params![doc])?;
+            {
+                let mut insert = tx.prepare(
+                    "INSERT INTO chunks (doc_id, version, ord, start_char, end_char, heading, text, tokens, vector)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?;
+                for (i, (c, v)) in chunks.iter().zip(vectors).enumerate() {
+                    insert.execute(params![
+                        doc,
+                        version,
+                        i as i64,
+                        c.start as i64,
+                        c.end as i64,
+                        c.heading,
+                        c.text,
+                        c.tokens as i64,
+                        vector_bytes(v)
+                    ])?;
+                    ids.push(tx.last_insert_rowid() as u64);
+                }
+            }
+            let now = now_ms();
+            tx.execute(
+                "UPDATE versions SET status = 'ready', chunks = ?3, tokens = ?4, finished_ms = ?5,
+                    error_code = NULL, error = NULL
+                 WHERE doc_id = ?1 AND version = ?2",
+                params![doc, version, chunks.len() as i64, tokens, now],
+            )?;
+            tx.execute(
+                "UPDATE documents SET live_version = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![doc, version, now],
+            )?;
+            tx.commit()?;
+        }
+        let metadata = sorted_metadata(&d.metadata);
+        let dv = doc_version(doc, version);
+        let indexed: Vec<IndexedChunk<'_>> = ids
+            .iter()
+            .zip(inputs)
+            .map(|(&id, text)| IndexedChunk {
+                id,
+                doc_version: &dv,
+                groups: &d.groups,
+                metadata: &metadata,
+                text,
+            })
+            .collect();
+        let old_dv = old.map(|v| doc_version(doc, v));
+        let remove: Vec<&str> = old_dv
+            .iter()
+            .map(String::as_str)
+            .chain([dv.as_str()])
+            .collect();
+        {
+            let mut live = self.live.write().unwrap_or_else(PoisonError::into_inner);
+            live.remove_doc(doc);
+            for (&id, v) in ids.iter().zip(vectors) {
+                live.vectors.insert(id, v).map_err(KbError::Storage)?;
+                live.chunk_doc.insert(id, doc.to_string());
+            }
+            live.docs.insert(
+                doc.to_string(),
+                Access {
+                    version,
+                    groups: d.groups.clone(),
+                    metadata: metadata.clone(),
+                    chunk_ids: ids.clone(),
+                },
+            );
+        }
+        // If this fails the database already says the version is live; the
+        // next open re-adds it to the full-text index.
+        if let Err(e) = self.fulltext.replace(&remove, &indexed) {
+            tracing::error!(kb = %self.settings.id, doc, error = %e, "full-text update failed; it is redone when the knowledge base next opens");
+        }
+        if let Some(v) = old {
+            let _ = std::fs::remove_file(self.file_path(doc, v));
+        }
+        Ok(Status::Ready)
+    }
+
+    /// Searches the knowledge base. Vector and hybrid modes embed the query
+    /// through `embedder`.
+    pub fn search(&self, q: &Query, embedder: Option<&dyn Embedder>) -> Result<Vec<Hit>> {
+        if q.k == 0 || q.text.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        let candidates = q.fusion.candidates.max(q.k);
+        let bm25 = if q.mode != Mode::Vector {
+            let raw = self.fulltext.search(&q.text, &q.filter, candidates)?;
+            let live = self.live.read().unwrap_or_else(PoisonError::into_inner);
+            raw.into_iter()
+                .filter(|(id, _)| live.allows(*id, &q.filter))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let vector = if q.mode != Mode::Bm25 {
+            let embedder = embedder.ok_or_else(|| {
+                KbError::Invalid("vector search needs the knowledge base's embedding model".into())
+            })?;
+            if embedder.model() != self.settings.embedding_model {
+                return Err(KbError::WrongModel {
+                    built: self.settings.embedding_model.clone(),
+                    given: embedder.model().to_string(),
+                });
+            }
+            let max = embedder.max_tokens();
+            if embedder.count_tokens(&q.text) > max {
+                return Err(KbError::Invalid(format!(
+                    "the query is longer than the embedding model's limit of {max} tokens"
+                )));
+            }
+            let v = embedder
+                .embed(std::slice::from_ref(&q.text))?
+                .pop()
+                .ok_or_else(|| KbError::Embed(EmbedError::Failed("no vector returned".into())))?;
+            let live = self.live.read().unwrap_or_else(PoisonError::into_inner);
+            live.vectors
+                .search(&v, candidates, &|id| live.allows(id, &q.filter))
+        } else {
+            Vec::new()
+        };
+        let fused = retrieve::fuse(&bm25, &vector, &q.fusion, q.k);
+        let mut hits = Vec::with_capacity(fused.len());
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT c.doc_id, d.name, c.version, c.heading, c.text, c.start_char, c.end_char
+             FROM chunks c JOIN documents d ON d.id = c.doc_id AND d.live_version = c.version
+             WHERE c.id = ?1",
+        )?;
+        for f in fused {
+            let row = stmt
+                .query_row(params![f.id as i64], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, i64>(6)?,
+                    ))
+                })
+                .optional()?;
+            let Some((document_id, document_name, version, heading, text, start, end)) = row else {
+                continue;
+            };
+            let score = match q.mode {
+                Mode::Hybrid => f.score,
+                Mode::Bm25 => f.bm25.map_or(0.0, |b| b.1),
+                Mode::Vector => f.vector.map_or(0.0, |v| v.1),
+            };
+            hits.push(Hit {
+                chunk_id: f.id,
+                document_id,
+                document_name,
+                version,
+                heading,
+                text,
+                start: start as usize,
+                end: end as usize,
+                score,
+                bm25: f.bm25,
+                vector: f.vector,
+            });
+        }
+        Ok(hits)
+    }
+
+    /// Live documents and chunks, and the bytes the indexes take.
+    pub fn stats(&self) -> Stats {
+        let live = self.live.read().unwrap_or_else(PoisonError::into_inner);
+        Stats {
+            documents: live.docs.len(),
+            chunks: live.vectors.len(),
+            vector_memory_bytes: live.vectors.memory_bytes(),
+            disk_bytes: dir_size(&self.dir),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub documents: usize,
+    pub chunks: usize,
+    pub vector_memory_bytes: usize,
+    pub disk_bytes: u64,
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// What is embedded and full-text indexed for a chunk: its heading path and
+/// its text, the heading dropped when both do not fit the model.
+fn embedding_input(
+    heading: &str,
+    text: &str,
+    text_tokens: usize,
+    max: usize,
+    count: &dyn Fn(&str) -> usize,
+) -> String {
+    if heading.is_empty() {
+        return text.to_string();
+    }
+    let with = format!("{heading}\n{text}");
+    if text_tokens + count(heading) <= max {
+        with
+    } else {
+        text.to_string()
+    }
+}
+
+struct ChunkRow {
+    id: u64,
+    doc: String,
+    index_text: String,
+}
+
+/// A live document's chunks as the full-text index gets them.
+fn chunk_rows(db: &Connection, doc: &str) -> Result<Vec<ChunkRow>> {
+    let mut stmt = db.prepare(
+        "SELECT c.id, c.heading, c.text FROM chunks c JOIN documents d
+         ON d.id = c.doc_id AND d.live_version = c.version WHERE c.doc_id = ?1 ORDER BY c.ord",
+    )?;
+    let rows = stmt.query_map(params![doc], |r| {
+        let heading: String = r.get(1)?;
+        let text: String = r.get(2)?;
+        Ok(ChunkRow {
+            id: r.get::<_, i64>(0)? as u64,
+            doc: doc.to_string(),
+            index_text: if heading.is_empty() {
+                text
+            } else {
+                format!("{heading}\n{text}")
+            },
+        })
+    })?;
+    Ok(rows.collect::<std::result::Result<_, _>>()?)
+}
+
+const DOCUMENT_SELECT: &str = "SELECT d.id, d.name, d.groups, d.metadata, d.latest_version, d.live_version,
+    v.status, v.error_code, v.error, v.format, v.size_bytes, v.sha256, v.done, v.total,
+    d.created_ms, d.updated_ms,
+    COALESCE((SELECT chunks FROM versions l WHERE l.doc_id = d.id AND l.version = d.live_version), 0),
+    COALESCE((SELECT tokens FROM versions l WHERE l.doc_id = d.id AND l.version = d.live_version), 0)
+    FROM documents d JOIN versions v ON v.doc_id = d.id AND v.version = d.latest_version";
+
+fn document_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Document> {
+    let groups: String = r.get(2)?;
+    let metadata: String = r.get(3)?;
+    Ok(Document {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        groups: serde_json::from_str(&groups).unwrap_or_default(),
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        version: r.get(4)?,
+        live_version: r.get(5)?,
+        status: Status::parse(&r.get::<_, String>(6)?),
+        error_code: r.get(7)?,
+        error: r.get(8)?,
+        format: r.get(9)?,
+        size_bytes: r.get(10)?,
+        sha256: r.get(11)?,
+        progress: Progress {
+            done: r.get(12)?,
+            total: r.get(13)?,
+        },
+        created_ms: r.get(14)?,
+        updated_ms: r.get(15)?,
+        chunks: r.get(16)?,
+        tokens: r.get(17)?,
+    })
+}
+
+fn insert_version(
+    tx: &rusqlite::Transaction<'_>,
+    doc: &str,
+    version: i64,
+    size: usize,
+    sha: &str,
+    charge_to: &str,
+    now: i64,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO versions (doc_id, version, status, size_bytes, sha256, charge_to, created_ms)
+         VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6)",
+        params![doc, version, size as i64, sha, charge_to, now],
+    )?;
+    Ok(())
+}
+
+fn open_db(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// A handle to share: knowledge bases are used from many threads.
+pub type SharedKb = Arc<KnowledgeBase>;

@@ -1,0 +1,380 @@
+//! A knowledge base end to end on disk: upload, ingest, search, replace,
+//! delete, access control, reopen and crash recovery. The embedder here is
+//! a feature-hashing bag of words (deterministic, no weights); the server's
+//! tests use the real embedding model.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use kiln_rag::chunk::ChunkOptions;
+use kiln_rag::fulltext::Filter;
+use kiln_rag::kb::{EmbedError, Embedder, KnowledgeBase, Query, Settings, Status, Upload};
+use kiln_rag::retrieve::{Fusion, Mode};
+
+const DIMS: usize = 64;
+
+/// Hashes lowercased words into a vector; refuses once `budget` inputs are
+/// used up, like a metered embedder whose caller ran out of credit.
+struct HashEmbedder {
+    budget: AtomicUsize,
+    calls: AtomicUsize,
+}
+
+impl HashEmbedder {
+    fn new(budget: usize) -> Self {
+        HashEmbedder {
+            budget: AtomicUsize::new(budget),
+            calls: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Embedder for HashEmbedder {
+    fn model(&self) -> &str {
+        "hash-64"
+    }
+    fn dimensions(&self) -> usize {
+        DIMS
+    }
+    fn max_tokens(&self) -> usize {
+        256
+    }
+    fn count_tokens(&self, text: &str) -> usize {
+        text.split_whitespace().count()
+    }
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let left = self.budget.load(Ordering::SeqCst);
+        if left < texts.len() {
+            return Err(EmbedError::Refused("insufficient credit".into()));
+        }
+        self.budget.fetch_sub(texts.len(), Ordering::SeqCst);
+        Ok(texts
+            .iter()
+            .map(|t| {
+                let mut v = vec![0f32; DIMS];
+                for w in t
+                    .split(|c: char| !c.is_alphanumeric())
+                    .filter(|w| !w.is_empty())
+                {
+                    let h = w
+                        .to_lowercase()
+                        .bytes()
+                        .fold(1469598103934665603u64, |h, b| {
+                            (h ^ b as u64).wrapping_mul(1099511628211)
+                        });
+                    v[(h % DIMS as u64) as usize] += 1.0;
+                }
+                v
+            })
+            .collect())
+    }
+}
+
+fn settings(id: &str) -> Settings {
+    Settings {
+        id: id.into(),
+        tenant: "t1".into(),
+        name: "handbook".into(),
+        description: String::new(),
+        embedding_model: "hash-64".into(),
+        dimensions: DIMS,
+        chunking: ChunkOptions {
+            max_tokens: 40,
+            overlap_tokens: 8,
+        },
+        created_ms: 0,
+    }
+}
+
+fn upload(name: &str, text: &str) -> Upload {
+    Upload {
+        name: name.into(),
+        bytes: text.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+fn query(text: &str, mode: Mode, filter: Filter) -> Query {
+    Query {
+        text: text.into(),
+        k: 5,
+        mode,
+        fusion: Fusion::default(),
+        filter,
+    }
+}
+
+fn names(hits: &[kiln_rag::kb::Hit]) -> Vec<String> {
+    hits.iter().map(|h| h.document_name.clone()).collect()
+}
+
+#[test]
+fn ingest_search_replace_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let kb = KnowledgeBase::create(dir.path(), settings("kb1")).unwrap();
+    let e = HashEmbedder::new(10_000);
+    let a = kb
+        .add(upload(
+            "vacation.md",
+            "# Leave\nEmployees get 25 days of paid vacation per year.\n\n## Carry over\nUp to five days carry over to the next year.",
+        ))
+        .unwrap();
+    assert!(!a.duplicate);
+    assert_eq!(a.document.status, Status::Queued);
+    let b = kb
+        .add(upload(
+            "expenses.txt",
+            "Travel expenses are reimbursed within 30 days of the claim.",
+        ))
+        .unwrap();
+    assert_eq!(kb.pending().unwrap().len(), 2);
+    for p in kb.pending().unwrap() {
+        assert_eq!(kb.ingest(&p.doc, p.version, &e).unwrap(), Status::Ready);
+    }
+    let doc = kb.document(&a.document.id).unwrap();
+    assert_eq!(doc.live_version, Some(1));
+    assert_eq!(doc.format.as_deref(), Some("markdown"));
+    assert!(doc.chunks >= 2);
+
+    for mode in [Mode::Bm25, Mode::Vector, Mode::Hybrid] {
+        let hits = kb
+            .search(
+                &query("paid vacation days", mode, Filter::default()),
+                Some(&e),
+            )
+            .unwrap();
+        assert_eq!(hits[0].document_name, "vacation.md", "{mode:?}");
+        let text = &hits[0].text;
+        assert!(text.contains("vacation"), "{text}");
+        assert_eq!(hits[0].heading, "Leave");
+    }
+
+    // Duplicate content is not added twice.
+    let dup = kb
+        .add(upload(
+            "copy.txt",
+            "Travel expenses are reimbursed within 30 days of the claim.",
+        ))
+        .unwrap();
+    assert!(dup.duplicate);
+    assert_eq!(dup.document.id, b.document.id);
+
+    // A new version replaces the old one in every index.
+    let r = kb
+        .replace(
+            &b.document.id,
+            b"Mileage is paid at 30 cents per kilometre.".to_vec(),
+            "",
+        )
+        .unwrap();
+    assert_eq!(r.document.version, 2);
+    assert_eq!(
+        r.document.live_version,
+        Some(1),
+        "old version live until the new is ready"
+    );
+    assert_eq!(kb.ingest(&b.document.id, 2, &e).unwrap(), Status::Ready);
+    for mode in [Mode::Bm25, Mode::Vector] {
+        let hits = kb
+            .search(
+                &query("reimbursed travel claim", mode, Filter::default()),
+                Some(&e),
+            )
+            .unwrap();
+        assert!(
+            hits.iter().all(|h| !h.text.contains("reimbursed")),
+            "{mode:?}"
+        );
+    }
+    let hits = kb
+        .search(
+            &query("mileage kilometre", Mode::Bm25, Filter::default()),
+            None,
+        )
+        .unwrap();
+    assert_eq!(hits[0].version, 2);
+
+    // Deleting takes it out of everything at once.
+    kb.delete(&a.document.id).unwrap();
+    for mode in [Mode::Bm25, Mode::Vector, Mode::Hybrid] {
+        let hits = kb
+            .search(&query("vacation", mode, Filter::default()), Some(&e))
+            .unwrap();
+        assert!(
+            !names(&hits).contains(&"vacation.md".to_string()),
+            "{mode:?}"
+        );
+    }
+    assert!(kb.document(&a.document.id).is_err());
+    assert!(kb.delete(&a.document.id).is_err());
+    drop(kb);
+
+    // Reopened, it holds exactly the same.
+    let kb = KnowledgeBase::open(dir.path()).unwrap();
+    assert_eq!(kb.stats().documents, 1);
+    let hits = kb
+        .search(&query("mileage", Mode::Hybrid, Filter::default()), Some(&e))
+        .unwrap();
+    assert_eq!(hits[0].document_id, b.document.id);
+}
+
+#[test]
+fn groups_and_metadata_restrict_what_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let kb = KnowledgeBase::create(dir.path(), settings("kb2")).unwrap();
+    let e = HashEmbedder::new(10_000);
+    let mut secret = upload(
+        "salaries.txt",
+        "The salary budget for engineering is confidential.",
+    );
+    secret.groups = vec!["hr".into()];
+    secret.metadata = HashMap::from([("dept".into(), "hr".into())]);
+    let mut public = upload(
+        "lunch.txt",
+        "The canteen serves lunch; the budget for snacks is small.",
+    );
+    public.metadata = HashMap::from([("dept".into(), "facilities".into())]);
+    for u in [secret, public] {
+        let d = kb.add(u).unwrap().document;
+        kb.ingest(&d.id, 1, &e).unwrap();
+    }
+    let outsider = Filter {
+        groups: Some(vec!["sales".into()]),
+        metadata: vec![],
+    };
+    let hr = Filter {
+        groups: Some(vec!["hr".into()]),
+        metadata: vec![],
+    };
+    for mode in [Mode::Bm25, Mode::Vector, Mode::Hybrid] {
+        let hits = kb
+            .search(
+                &query("salary budget engineering", mode, outsider.clone()),
+                Some(&e),
+            )
+            .unwrap();
+        assert_eq!(names(&hits), ["lunch.txt"], "{mode:?}");
+        let hits = kb
+            .search(
+                &query("salary budget engineering", mode, hr.clone()),
+                Some(&e),
+            )
+            .unwrap();
+        assert_eq!(hits[0].document_name, "salaries.txt", "{mode:?}");
+        let only_facilities = Filter {
+            groups: None,
+            metadata: vec![("dept".into(), "facilities".into())],
+        };
+        let hits = kb
+            .search(&query("budget", mode, only_facilities), Some(&e))
+            .unwrap();
+        assert_eq!(names(&hits), ["lunch.txt"], "{mode:?}");
+    }
+}
+
+#[test]
+fn failures_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let kb = KnowledgeBase::create(dir.path(), settings("kb3")).unwrap();
+    // Binary junk is refused at upload, with a clear reason.
+    let junk = kb.add(Upload {
+        name: "junk.txt".into(),
+        bytes: vec![0, 159, 146, 150, 0, 0, 1, 2, 3, 0xff, 0xfe, 0],
+        ..Default::default()
+    });
+    assert!(
+        matches!(junk, Err(kiln_rag::kb::KbError::Extract(_))),
+        "{junk:?}"
+    );
+    // Damage found only while reading fails the version, with a code.
+    let e = HashEmbedder::new(10_000);
+    let broken = kb
+        .add(Upload {
+            name: "broken.pdf".into(),
+            bytes: b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage".to_vec(),
+            ..Default::default()
+        })
+        .unwrap()
+        .document;
+    assert_eq!(kb.ingest(&broken.id, 1, &e).unwrap(), Status::Failed);
+    let d = kb.document(&broken.id).unwrap();
+    assert!(d.error_code.is_some() && d.error.is_some(), "{d:?}");
+    assert_eq!(d.live_version, None);
+
+    // A budget that runs out mid-document stops it cleanly.
+    let long: String = (0..200)
+        .map(|i| format!("Sentence number {i} talks about topic {i}. "))
+        .collect();
+    let doc = kb.add(upload("long.txt", &long)).unwrap().document;
+    let poor = HashEmbedder::new(40);
+    assert_eq!(kb.ingest(&doc.id, 1, &poor).unwrap(), Status::Stopped);
+    let d = kb.document(&doc.id).unwrap();
+    assert_eq!(d.status, Status::Stopped);
+    assert_eq!(d.live_version, None);
+    assert_eq!(kb.stats().chunks, 0);
+    assert!(kb
+        .search(
+            &query("sentence topic", Mode::Bm25, Filter::default()),
+            None
+        )
+        .unwrap()
+        .is_empty());
+    // With credit again, a new upload of the same bytes is accepted.
+    let again = kb.add(upload("long.txt", &long)).unwrap();
+    assert!(!again.duplicate);
+    // A document deleted before its ingestion ran is simply gone.
+    kb.delete(&again.document.id).unwrap();
+    assert!(kb.ingest(&again.document.id, 1, &e).is_ok());
+    assert!(kb.document(&again.document.id).is_err());
+    assert_eq!(kb.stats().chunks, 0);
+    // Bad input is refused before anything is stored.
+    assert!(kb.add(upload("", "text")).is_err());
+    assert!(kb.add(upload("empty.txt", "")).is_err());
+    let mut bad_group = upload("g.txt", "text");
+    bad_group.groups = vec!["*".into()];
+    assert!(kb.add(bad_group).is_err());
+}
+
+#[test]
+fn reopening_repairs_a_stale_fulltext_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = HashEmbedder::new(10_000);
+    let doc = {
+        let kb = KnowledgeBase::create(dir.path(), settings("kb4")).unwrap();
+        let d = kb
+            .add(upload(
+                "a.txt",
+                "Quantum chromodynamics describes the strong force.",
+            ))
+            .unwrap()
+            .document;
+        kb.ingest(&d.id, 1, &e).unwrap();
+        d.id
+    };
+    // Simulate a crash between the database commit and the full-text
+    // commit: wipe the full-text index behind the knowledge base's back,
+    // and add an orphan version the database never made live.
+    {
+        let ft = kiln_rag::fulltext::FullText::open(&dir.path().join("fulltext")).unwrap();
+        ft.clear().unwrap();
+        ft.replace(
+            &[],
+            &[kiln_rag::fulltext::IndexedChunk {
+                id: 999,
+                doc_version: "doc_ghost@1",
+                groups: &[],
+                metadata: &[],
+                text: "quantum ghost",
+            }],
+        )
+        .unwrap();
+    }
+    let kb = KnowledgeBase::open(dir.path()).unwrap();
+    let hits = kb
+        .search(&query("quantum", Mode::Bm25, Filter::default()), None)
+        .unwrap();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].document_id, doc);
+}

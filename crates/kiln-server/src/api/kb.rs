@@ -1,0 +1,571 @@
+//! Knowledge bases under `/api/kbs`.
+//!
+//! ```text
+//! GET    /api/kbs                          list the caller's tenant's knowledge bases
+//! POST   /api/kbs                          create {name, description, chunking}
+//! GET    /api/kbs/{kb}                     one knowledge base (by id or name)
+//! DELETE /api/kbs/{kb}                     delete it and all its documents
+//! GET    /api/kbs/{kb}/documents           documents with their ingestion state
+//! POST   /api/kbs/{kb}/documents?name=F    upload (raw body); &group=G, &meta=KEY:VALUE repeatable
+//! GET    /api/kbs/{kb}/documents/{doc}     one document (progress while ingesting)
+//! PUT    /api/kbs/{kb}/documents/{doc}     upload a new version (raw body)
+//! DELETE /api/kbs/{kb}/documents/{doc}     delete it from every index
+//! POST   /api/kbs/{kb}/search              {query, k, mode, metadata}
+//! ```
+//!
+//! Any key of the tenant may read and search; creating, uploading and
+//! deleting need a tenant admin (or the platform admin). A document
+//! restricted to groups is visible only to keys in one of them (and to
+//! admins): to anyone else it does not exist — not in lists, counts, search
+//! results or error messages. Another tenant's knowledge base answers 404
+//! like one that does not exist.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use kiln_rag::chunk::ChunkOptions;
+use kiln_rag::fulltext::Filter;
+use kiln_rag::kb::{Document, KbError, KnowledgeBase, Query, Settings, Upload};
+use kiln_rag::retrieve::{Fusion, Mode};
+use kiln_store::accounts::Role;
+use kiln_types::error::ErrorCode;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::SharedState;
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::extract::ApiJson;
+use crate::knowledge::{Job, Knowledge, MeteredEmbedder, SEARCH_ENDPOINT};
+
+/// Most results one search returns.
+const MAX_K: usize = 100;
+
+pub fn routes() -> Router<SharedState> {
+    let uploads = Router::new()
+        .route("/api/kbs/{kb}/documents", get(list_documents).post(upload))
+        .route(
+            "/api/kbs/{kb}/documents/{doc}",
+            get(get_document).put(new_version).delete(delete_document),
+        )
+        // Uploads are limited by the knowledge bases' own setting, checked
+        // against Content-Length before anything is read.
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    Router::new()
+        .route("/api/kbs", get(list).post(create))
+        .route("/api/kbs/{kb}", get(show).delete(delete))
+        .route("/api/kbs/{kb}/search", post(search))
+        .merge(uploads)
+}
+
+type Caller = Extension<Arc<Principal>>;
+
+fn knowledge(state: &SharedState) -> Result<&Knowledge, ApiError> {
+    state.knowledge.as_deref().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            "knowledge bases need an embedding model: start the server with --embedding-model",
+        )
+    })
+}
+
+fn is_admin(p: &Principal) -> bool {
+    matches!(p.role(), Role::PlatformAdmin | Role::TenantAdmin)
+}
+
+fn require_admin(p: &Principal, what: &str) -> Result<(), ApiError> {
+    if is_admin(p) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::PermissionDenied,
+            format!("this key's role may not {what}; a tenant admin key may"),
+        ))
+    }
+}
+
+/// The tenant whose knowledge bases the caller sees (`None`: all, for the
+/// platform admin).
+fn scope(p: &Principal) -> Option<&str> {
+    (p.role() != Role::PlatformAdmin).then_some(p.tenant.id.as_str())
+}
+
+/// What the caller may see inside a knowledge base: admins everything,
+/// others the unrestricted documents and those of their key's groups.
+fn visibility(p: &Principal) -> Option<Vec<String>> {
+    if is_admin(p) {
+        None
+    } else {
+        Some(p.key.as_ref().map(|k| k.groups.clone()).unwrap_or_default())
+    }
+}
+
+fn may_see(groups: &Option<Vec<String>>, doc: &Document) -> bool {
+    match groups {
+        None => true,
+        Some(mine) => doc.groups.is_empty() || doc.groups.iter().any(|g| mine.contains(g)),
+    }
+}
+
+/// Finds a knowledge base by id, or by name within the caller's tenant.
+fn find(state: &SharedState, p: &Principal, key: &str) -> Result<Arc<KnowledgeBase>, ApiError> {
+    let k = knowledge(state)?;
+    if let Some(kb) = k.get(key, scope(p)) {
+        return Ok(kb);
+    }
+    k.list(Some(&p.tenant.id))
+        .into_iter()
+        .find(|kb| kb.settings().name == key)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no knowledge base `{key}`")))
+}
+
+fn kb_error(e: KbError) -> ApiError {
+    match e {
+        KbError::Invalid(m) => ApiError::new(ErrorCode::InvalidRequest, m),
+        KbError::DocumentNotFound(d) => {
+            ApiError::new(ErrorCode::NotFound, format!("no document `{d}`"))
+        }
+        KbError::Extract(x) => {
+            let code = match x {
+                kiln_rag::extract::ExtractError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+                _ => ErrorCode::InvalidRequest,
+            };
+            ApiError::new(code, x.to_string())
+        }
+        KbError::Embed(kiln_rag::kb::EmbedError::Refused(m)) => {
+            ApiError::new(ErrorCode::InsufficientQuota, m)
+        }
+        e @ (KbError::WrongModel { .. } | KbError::Embed(_)) => {
+            ApiError::new(ErrorCode::ServiceUnavailable, e.to_string())
+        }
+        KbError::Storage(m) => {
+            tracing::error!(error = %m, "knowledge-base storage failed");
+            ApiError::internal()
+        }
+    }
+}
+
+/// Runs knowledge-base work on the blocking pool.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError::internal())?
+}
+
+fn kb_json(kb: &KnowledgeBase, visible_documents: usize) -> serde_json::Value {
+    let s = kb.settings();
+    let stats = kb.stats();
+    json!({
+        "id": s.id,
+        "object": "knowledge_base",
+        "name": s.name,
+        "description": s.description,
+        "tenant_id": s.tenant,
+        "embedding_model": s.embedding_model,
+        "dimensions": s.dimensions,
+        "chunking": s.chunking,
+        "created_at": s.created_ms / 1000,
+        "documents": visible_documents,
+        "chunks": stats.chunks,
+    })
+}
+
+fn visible_documents(kb: &KnowledgeBase, p: &Principal) -> Result<Vec<Document>, ApiError> {
+    let groups = visibility(p);
+    Ok(kb
+        .documents()
+        .map_err(kb_error)?
+        .into_iter()
+        .filter(|d| may_see(&groups, d))
+        .collect())
+}
+
+async fn list(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+) -> Result<Response, ApiError> {
+    let bases = knowledge(&state)?.list(scope(&p));
+    let data = blocking(move || {
+        bases
+            .iter()
+            .map(|kb| Ok(kb_json(kb, visible_documents(kb, &p)?.len())))
+            .collect::<Result<Vec<_>, ApiError>>()
+    })
+    .await?;
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKb {
+    name: String,
+    #[serde(default)]
+    description: String,
+    chunking: Option<ChunkOptions>,
+    /// The platform admin may create one for another tenant.
+    tenant_id: Option<String>,
+}
+
+async fn create(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    ApiJson(body): ApiJson<CreateKb>,
+) -> Result<Response, ApiError> {
+    require_admin(&p, "create knowledge bases")?;
+    let k = knowledge(&state)?;
+    let model = state
+        .models
+        .embedding
+        .as_ref()
+        .ok_or_else(ApiError::internal)?;
+    let name = body.name.trim().to_string();
+    if name.is_empty()
+        || name.chars().count() > 128
+        || name.chars().any(char::is_control)
+        || name.starts_with("kb_")
+    {
+        return Err(ApiError::invalid(
+            "name",
+            "a knowledge base name must be 1 to 128 printable characters and not begin with `kb_`",
+        ));
+    }
+    let tenant = match body.tenant_id {
+        Some(t) if t != p.tenant.id => {
+            if p.role() != Role::PlatformAdmin {
+                return Err(ApiError::new(
+                    ErrorCode::PermissionDenied,
+                    "only the platform admin may create a knowledge base for another tenant",
+                ));
+            }
+            let lookup = t.clone();
+            let db = state.db().clone();
+            let found =
+                blocking(move || db.tenant(&lookup).map_err(crate::error::store_unavailable))
+                    .await?;
+            found
+                .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no tenant `{t}`")))?
+                .id
+        }
+        _ => p.tenant.id.clone(),
+    };
+    let chunking = body.chunking.unwrap_or_default();
+    let model_max = model.embedder.max_tokens().saturating_sub(2);
+    chunking
+        .validate(model_max)
+        .map_err(|m| ApiError::invalid("chunking", m))?;
+    let settings = Settings {
+        id: format!("kb_{}", uuid::Uuid::new_v4().simple()),
+        tenant,
+        name,
+        description: body.description,
+        embedding_model: model.name.clone(),
+        dimensions: model.embedder.dimensions(),
+        chunking,
+        created_ms: kiln_store::now_ms(),
+    };
+    let kb = k.create(settings)?;
+    Ok((StatusCode::CREATED, Json(kb_json(&kb, 0))).into_response())
+}
+
+async fn show(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let kb = find(&state, &p, &key)?;
+    let body = blocking(move || Ok(kb_json(&kb, visible_documents(&kb, &p)?.len()))).await?;
+    Ok(Json(body).into_response())
+}
+
+async fn delete(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&p, "delete knowledge bases")?;
+    let kb = find(&state, &p, &key)?;
+    let id = kb.settings().id.clone();
+    drop(kb);
+    let s = state.clone();
+    let id2 = id.clone();
+    blocking(move || knowledge(&s)?.delete(&id2)).await?;
+    Ok(Json(json!({"id": id, "object": "knowledge_base", "deleted": true})).into_response())
+}
+
+async fn list_documents(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let kb = find(&state, &p, &key)?;
+    let docs = blocking(move || visible_documents(&kb, &p)).await?;
+    Ok(Json(json!({"object": "list", "data": docs})).into_response())
+}
+
+struct UploadParams {
+    name: Option<String>,
+    groups: Vec<String>,
+    metadata: HashMap<String, String>,
+}
+
+/// `name`, `group` (repeatable, or comma-separated) and `meta=KEY:VALUE`
+/// (repeatable) from the query string.
+fn upload_params(query: Option<&str>) -> Result<UploadParams, ApiError> {
+    let mut name = None;
+    let mut groups = Vec::new();
+    let mut metadata = HashMap::new();
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "name" => name = Some(v.into_owned()),
+            "group" | "groups" => groups.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_string),
+            ),
+            "meta" => {
+                let Some((mk, mv)) = v.split_once(':') else {
+                    return Err(ApiError::invalid("meta", "`meta` must be KEY:VALUE"));
+                };
+                metadata.insert(mk.trim().to_string(), mv.trim().to_string());
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    "query",
+                    format!("unknown query parameter `{other}`; use name, group and meta"),
+                ))
+            }
+        }
+    }
+    groups.sort();
+    groups.dedup();
+    Ok(UploadParams {
+        name,
+        groups,
+        metadata,
+    })
+}
+
+/// Reads an upload of at most `limit` bytes; a larger one is refused from
+/// its `Content-Length` before any of it is read, or as soon as it passes
+/// the limit when it has none.
+async fn body_bytes(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the upload is larger than this server accepts ({} MiB; see --kb-max-upload-mb)",
+                limit >> 20
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
+            too_large()
+        } else {
+            ApiError::invalid("body", format!("could not read the upload: {e}"))
+        }
+    })
+}
+
+fn added_response(
+    state: &SharedState,
+    kb: &KnowledgeBase,
+    added: kiln_rag::kb::Added,
+    p: &Principal,
+) -> Result<Response, ApiError> {
+    if !added.duplicate {
+        knowledge(state)?.enqueue(Job {
+            kb: kb.settings().id.clone(),
+            doc: added.document.id.clone(),
+            version: added.document.version,
+            charge_to: p.key.as_ref().map(|k| k.id.clone()).unwrap_or_default(),
+        });
+    }
+    let status = if added.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut body = serde_json::to_value(&added.document).map_err(|_| ApiError::internal())?;
+    body["duplicate"] = json!(added.duplicate);
+    body["object"] = json!("knowledge_base.document");
+    Ok((status, Json(body)).into_response())
+}
+
+async fn upload(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path(key): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_admin(&p, "add documents")?;
+    let kb = find(&state, &p, &key)?;
+    let UploadParams {
+        name,
+        groups,
+        metadata,
+    } = upload_params(query.as_deref())?;
+    let name = name.ok_or_else(|| {
+        ApiError::invalid(
+            "name",
+            "the document's file name is required: `?name=report.pdf`",
+        )
+    })?;
+    let bytes = body_bytes(&headers, body, knowledge(&state)?.max_upload_bytes()).await?;
+    let charge_to = p.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
+    let kb2 = kb.clone();
+    let added = blocking(move || {
+        kb2.add(Upload {
+            name,
+            bytes: bytes.to_vec(),
+            groups,
+            metadata,
+            charge_to,
+        })
+        .map_err(kb_error)
+    })
+    .await?;
+    added_response(&state, &kb, added, &p)
+}
+
+async fn get_document(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path((key, doc)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let kb = find(&state, &p, &key)?;
+    let d = visible_document(kb, &p, doc).await?;
+    Ok(Json(d).into_response())
+}
+
+/// A document the caller may see; any other answers 404 as if absent.
+async fn visible_document(
+    kb: Arc<KnowledgeBase>,
+    p: &Principal,
+    doc: String,
+) -> Result<Document, ApiError> {
+    let groups = visibility(p);
+    let id = doc.clone();
+    let d = blocking(move || kb.document(&id).map_err(kb_error)).await?;
+    if may_see(&groups, &d) {
+        Ok(d)
+    } else {
+        Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no document `{doc}`"),
+        ))
+    }
+}
+
+async fn new_version(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path((key, doc)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_admin(&p, "replace documents")?;
+    let kb = find(&state, &p, &key)?;
+    let bytes = body_bytes(&headers, body, knowledge(&state)?.max_upload_bytes()).await?;
+    let charge_to = p.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
+    let kb2 = kb.clone();
+    let added = blocking(move || {
+        kb2.replace(&doc, bytes.to_vec(), &charge_to)
+            .map_err(kb_error)
+    })
+    .await?;
+    added_response(&state, &kb, added, &p)
+}
+
+async fn delete_document(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path((key, doc)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    require_admin(&p, "delete documents")?;
+    let kb = find(&state, &p, &key)?;
+    let id = doc.clone();
+    blocking(move || kb.delete(&id).map_err(kb_error)).await?;
+    Ok(
+        Json(json!({"id": doc, "object": "knowledge_base.document", "deleted": true}))
+            .into_response(),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchRequest {
+    query: String,
+    k: Option<usize>,
+    mode: Option<String>,
+    #[serde(default)]
+    metadata: HashMap<String, String>,
+}
+
+async fn search(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path(key): Path<String>,
+    ApiJson(body): ApiJson<SearchRequest>,
+) -> Result<Response, ApiError> {
+    let kb = find(&state, &p, &key)?;
+    let k = body.k.unwrap_or(10);
+    if k == 0 || k > MAX_K {
+        return Err(ApiError::invalid(
+            "k",
+            format!("`k` must be between 1 and {MAX_K}"),
+        ));
+    }
+    let mode = match body.mode.as_deref() {
+        None => Mode::Hybrid,
+        Some(m) => Mode::parse(m).ok_or_else(|| {
+            ApiError::invalid("mode", "`mode` must be `hybrid`, `bm25` or `vector`")
+        })?,
+    };
+    if body.query.trim().is_empty() {
+        return Err(ApiError::invalid("query", "`query` must not be empty"));
+    }
+    let mut metadata: Vec<(String, String)> = body.metadata.into_iter().collect();
+    metadata.sort();
+    let q = Query {
+        text: body.query,
+        k,
+        mode,
+        fusion: Fusion::default(),
+        filter: Filter {
+            groups: visibility(&p),
+            metadata,
+        },
+    };
+    let embedder = MeteredEmbedder::new(state.clone(), p.clone(), SEARCH_ENDPOINT);
+    let hits = blocking(move || {
+        kb.search(
+            &q,
+            embedder.as_ref().map(|e| e as &dyn kiln_rag::kb::Embedder),
+        )
+        .map_err(kb_error)
+    })
+    .await?;
+    Ok(Json(json!({"object": "list", "data": hits})).into_response())
+}

@@ -1,0 +1,389 @@
+//! Knowledge bases in a running server: where they live, the ingestion
+//! worker, and the metered embedder every knowledge-base call goes through.
+//!
+//! Each knowledge base is a directory under `$KILN_HOME/kb/` (see
+//! [`kiln_rag::kb`]); the server opens them all at start and queues the
+//! ingestions a previous run left unfinished. In this phase a knowledge base
+//! lives on the replica that created it: with several replicas, send its
+//! `/api/kbs` calls to that replica (its id is in the knowledge base's
+//! settings, and `GET /api/kbs` on any replica lists only its own).
+//!
+//! Every embedding a knowledge base makes — chunks during ingestion, the
+//! query of a search — is a metered call charged to the key that caused it
+//! (the uploader's for ingestion, kept with the document version so a
+//! resumed ingestion is charged to the same key), with the same admission,
+//! reservation and ledger as `/v1/embeddings`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use kiln_rag::kb::{EmbedError, Embedder, KnowledgeBase, Settings};
+use kiln_types::error::ErrorCode;
+use tokio::sync::mpsc;
+
+use crate::api::calls::CallContext;
+use crate::api::SharedState;
+use crate::auth::Principal;
+use crate::error::ApiError;
+
+/// The ledger endpoint of embeddings made while ingesting a document.
+pub const INGEST_ENDPOINT: &str = "/api/kbs/ingest";
+/// The ledger endpoint of a knowledge-base search's query embedding.
+pub const SEARCH_ENDPOINT: &str = "/api/kbs/search";
+/// How long an ingestion waits out one rate-limit refusal, and how many
+/// times, before it stops.
+const RATE_WAIT: Duration = Duration::from_secs(2);
+const RATE_TRIES: usize = 90;
+
+/// A document version to ingest.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub kb: String,
+    pub doc: String,
+    pub version: i64,
+    pub charge_to: String,
+}
+
+pub struct Knowledge {
+    root: PathBuf,
+    bases: RwLock<BTreeMap<String, Arc<KnowledgeBase>>>,
+    jobs: mpsc::UnboundedSender<Job>,
+    max_upload_bytes: usize,
+}
+
+impl Knowledge {
+    /// Opens every knowledge base under `root`; returns the service and the
+    /// receiving end of its job queue, already holding the unfinished
+    /// ingestions of a previous run.
+    pub fn open(
+        root: &Path,
+        max_upload_bytes: usize,
+    ) -> anyhow::Result<(Knowledge, mpsc::UnboundedReceiver<Job>)> {
+        std::fs::create_dir_all(root)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut bases = BTreeMap::new();
+        for entry in std::fs::read_dir(root)?.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".trash-") {
+                // A deletion interrupted after its rename: finish it.
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a deleted knowledge base");
+                }
+                continue;
+            }
+            if !path.join("kb.sqlite").is_file() {
+                continue;
+            }
+            match KnowledgeBase::open(&path) {
+                Ok(kb) => {
+                    for p in kb.pending().unwrap_or_default() {
+                        let _ = tx.send(Job {
+                            kb: kb.settings().id.clone(),
+                            doc: p.doc,
+                            version: p.version,
+                            charge_to: p.charge_to,
+                        });
+                    }
+                    bases.insert(kb.settings().id.clone(), Arc::new(kb));
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot open a knowledge base; it is not served");
+                }
+            }
+        }
+        Ok((
+            Knowledge {
+                root: root.to_path_buf(),
+                bases: RwLock::new(bases),
+                jobs: tx,
+                max_upload_bytes,
+            },
+            rx,
+        ))
+    }
+
+    /// The knowledge base `id` if `tenant` owns it (`None`: any tenant).
+    pub fn get(&self, id: &str, tenant: Option<&str>) -> Option<Arc<KnowledgeBase>> {
+        let bases = self.bases.read().unwrap_or_else(PoisonError::into_inner);
+        bases
+            .get(id)
+            .filter(|kb| tenant.is_none_or(|t| kb.settings().tenant == t))
+            .cloned()
+    }
+
+    /// Knowledge bases of `tenant` (`None`: all), by id.
+    pub fn list(&self, tenant: Option<&str>) -> Vec<Arc<KnowledgeBase>> {
+        let bases = self.bases.read().unwrap_or_else(PoisonError::into_inner);
+        bases
+            .values()
+            .filter(|kb| tenant.is_none_or(|t| kb.settings().tenant == t))
+            .cloned()
+            .collect()
+    }
+
+    /// Creates a knowledge base; names are unique within a tenant.
+    pub fn create(&self, settings: Settings) -> Result<Arc<KnowledgeBase>, ApiError> {
+        let mut bases = self.bases.write().unwrap_or_else(PoisonError::into_inner);
+        if bases.values().any(|kb| {
+            kb.settings().tenant == settings.tenant && kb.settings().name == settings.name
+        }) {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("a knowledge base named `{}` already exists", settings.name),
+            ));
+        }
+        let dir = self.root.join(&settings.id);
+        let kb = KnowledgeBase::create(&dir, settings).map_err(|e| {
+            tracing::error!(error = %e, "cannot create a knowledge base");
+            ApiError::internal()
+        })?;
+        let kb = Arc::new(kb);
+        bases.insert(kb.settings().id.clone(), kb.clone());
+        Ok(kb)
+    }
+
+    /// Deletes a knowledge base and everything in it. Its directory is
+    /// renamed first (atomic), then removed; a crash in between is finished
+    /// at the next start.
+    pub fn delete(&self, id: &str) -> Result<(), ApiError> {
+        let kb = self
+            .bases
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        let Some(kb) = kb else {
+            return Ok(());
+        };
+        let dir = kb.dir().to_path_buf();
+        drop(kb);
+        let trash = self.root.join(format!(".trash-{id}"));
+        std::fs::rename(&dir, &trash).map_err(|e| {
+            tracing::error!(error = %e, "cannot delete a knowledge base");
+            ApiError::internal()
+        })?;
+        if let Err(e) = std::fs::remove_dir_all(&trash) {
+            tracing::warn!(error = %e, "cannot remove a deleted knowledge base's files; removed at the next start");
+        }
+        Ok(())
+    }
+
+    /// The largest upload accepted, in bytes.
+    pub fn max_upload_bytes(&self) -> usize {
+        self.max_upload_bytes
+    }
+
+    pub fn enqueue(&self, job: Job) {
+        let _ = self.jobs.send(job);
+    }
+}
+
+/// Runs queued ingestions one at a time (each embeds in batches; on two
+/// cores one ingestion keeps the machine busy, and chat requests interleave
+/// between its batches).
+pub fn spawn_worker(state: SharedState, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    tokio::spawn(async move {
+        while let Some(job) = jobs.recv().await {
+            let s = state.clone();
+            let done = tokio::task::spawn_blocking(move || run_job(&s, &job)).await;
+            if let Err(e) = done {
+                tracing::error!(error = %e, "an ingestion task failed");
+            }
+        }
+    });
+}
+
+fn run_job(state: &SharedState, job: &Job) {
+    let Some(knowledge) = state.knowledge.as_ref() else {
+        return;
+    };
+    let Some(kb) = knowledge.get(&job.kb, None) else {
+        return;
+    };
+    let principal = match payer(state, &job.charge_to) {
+        Ok(p) => p,
+        Err(why) => {
+            let _ = kb.abandon(&job.doc, job.version, "payer_unavailable", &why);
+            return;
+        }
+    };
+    let Some(embedder) = MeteredEmbedder::new(state.clone(), principal, INGEST_ENDPOINT) else {
+        let _ = kb.abandon(
+            &job.doc,
+            job.version,
+            "model_unavailable",
+            "the server has no embedding model loaded",
+        );
+        return;
+    };
+    match kb.ingest(&job.doc, job.version, &embedder) {
+        Ok(status) => {
+            tracing::info!(kb = %job.kb, doc = %job.doc, version = job.version, ?status, "ingestion ended")
+        }
+        Err(e) => {
+            tracing::error!(kb = %job.kb, doc = %job.doc, error = %e, "ingestion failed");
+            let _ = kb.abandon(&job.doc, job.version, "internal", &e.to_string());
+        }
+    }
+}
+
+/// The principal an ingestion is charged to, looked up again now: a key
+/// revoked since the upload pays for nothing more.
+fn payer(state: &SharedState, key_id: &str) -> Result<Arc<Principal>, String> {
+    let db = state.db();
+    let key = db
+        .key(key_id)
+        .map_err(|e| format!("the key that uploaded the document cannot be read: {e}"))?
+        .ok_or_else(|| "the key that uploaded the document no longer exists".to_string())?;
+    if let Some(why) = key.unusable_because(kiln_store::now_ms()) {
+        return Err(format!("the key that uploaded the document {why}"));
+    }
+    let tenant = db
+        .tenant(&key.tenant_id)
+        .map_err(|e| format!("the uploader's tenant cannot be read: {e}"))?
+        .ok_or_else(|| "the uploader's tenant no longer exists".to_string())?;
+    if tenant.disabled_at_ms.is_some() {
+        return Err(format!("the tenant `{}` is disabled", tenant.name));
+    }
+    Ok(Arc::new(Principal {
+        tenant,
+        key: Some(key),
+    }))
+}
+
+/// The server's embedding model, each call admitted, reserved and settled
+/// against `principal` like a `/v1/embeddings` request. Used from blocking
+/// threads only (it waits on the runtime for admission and settlement).
+pub struct MeteredEmbedder {
+    state: SharedState,
+    principal: Arc<Principal>,
+    endpoint: &'static str,
+    runtime: tokio::runtime::Handle,
+    /// Rate-limit refusals are waited out (ingestion), or returned at once
+    /// (a search the caller is waiting for).
+    wait_for_rate: bool,
+}
+
+impl MeteredEmbedder {
+    /// `None` when the server has no embedding model or no runtime.
+    pub fn new(
+        state: SharedState,
+        principal: Arc<Principal>,
+        endpoint: &'static str,
+    ) -> Option<MeteredEmbedder> {
+        state.models.embedding.as_ref()?;
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(MeteredEmbedder {
+            state,
+            principal,
+            endpoint,
+            runtime,
+            wait_for_rate: endpoint == INGEST_ENDPOINT,
+        })
+    }
+
+    fn model(&self) -> Option<&crate::registry::EmbeddingModel> {
+        self.state.models.embedding.as_ref()
+    }
+
+    fn embed_once(&self, batch: &[Vec<u32>], tokens: usize) -> Result<Vec<Vec<f32>>, ApiError> {
+        let model = self.model().ok_or_else(ApiError::internal)?;
+        self.principal.check_model(&model.name)?;
+        let call = CallContext::new(
+            self.state.clone(),
+            format!("kb-{}", uuid::Uuid::new_v4().simple()),
+            self.endpoint,
+            model.name.clone(),
+            self.principal.clone(),
+        );
+        self.runtime.block_on(call.admit(tokens, 0))?;
+        let permit = self
+            .runtime
+            .block_on(model.permits.clone().acquire_owned())
+            .map_err(|_| ApiError::internal());
+        let vectors = match permit {
+            Ok(_permit) => model.embedder.embed(batch).map_err(ApiError::from),
+            Err(e) => Err(e),
+        };
+        match vectors {
+            Ok(v) => {
+                self.runtime.block_on(call.embedded(tokens))?;
+                self.state
+                    .metrics
+                    .prompt_tokens
+                    .with_label_values(&[&model.name])
+                    .inc_by(tokens as u64);
+                Ok(v)
+            }
+            Err(e) => {
+                call.failed(e.code.as_str(), crate::api::calls::Used::default());
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Embedder for MeteredEmbedder {
+    fn model(&self) -> &str {
+        self.model().map_or("", |m| m.name.as_str())
+    }
+
+    fn dimensions(&self) -> usize {
+        self.model().map_or(0, |m| m.embedder.dimensions())
+    }
+
+    fn max_tokens(&self) -> usize {
+        // The model's limit counts `[CLS]` and `[SEP]`.
+        self.model()
+            .map_or(0, |m| m.embedder.max_tokens().saturating_sub(2))
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        self.model()
+            .map_or(0, |m| m.embedder.tokenize(text).len().saturating_sub(2))
+    }
+
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let Some(model) = self.model() else {
+            return Err(EmbedError::Failed("no embedding model is loaded".into()));
+        };
+        let max = model.embedder.max_tokens();
+        let mut batch = Vec::with_capacity(texts.len());
+        for t in texts {
+            let mut ids = model.embedder.tokenize(t);
+            if ids.len() > max {
+                // Chunks are cut to fit; a query may not be. Keep the
+                // start and the closing `[SEP]`.
+                let sep = ids.last().copied();
+                ids.truncate(max - 1);
+                ids.extend(sep);
+            }
+            batch.push(ids);
+        }
+        let tokens: usize = batch.iter().map(Vec::len).sum();
+        let mut tries = 0;
+        loop {
+            match self.embed_once(&batch, tokens) {
+                Ok(v) => return Ok(v),
+                Err(e) if e.code == ErrorCode::RateLimitExceeded && self.wait_for_rate => {
+                    tries += 1;
+                    if tries >= RATE_TRIES {
+                        return Err(EmbedError::Refused(e.message));
+                    }
+                    std::thread::sleep(RATE_WAIT);
+                }
+                Err(e) => {
+                    return Err(match e.code {
+                        ErrorCode::InsufficientQuota
+                        | ErrorCode::AccountDisabled
+                        | ErrorCode::RateLimitExceeded
+                        | ErrorCode::PermissionDenied => EmbedError::Refused(e.message),
+                        _ => EmbedError::Failed(e.message),
+                    })
+                }
+            }
+        }
+    }
+}

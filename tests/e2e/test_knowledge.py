@@ -1,0 +1,344 @@
+"""Knowledge bases through `/api/kbs` on the real server with the real
+embedding model (all-MiniLM-L6-v2): ingestion of real formats, hybrid
+search, who may see what, metering of every embedding, bad input, and a
+SIGKILL during ingestion."""
+
+import http.client
+import io
+import json
+import os
+import signal
+import time
+import urllib.parse
+import urllib.request
+import uuid
+import zipfile
+
+import pytest
+
+from conftest import kiln_cli, start_kiln
+from test_metering import api, new_key, new_tenant
+
+VACATION = """# Employee handbook
+
+## Vacation
+Full-time employees receive 25 days of paid vacation per calendar year.
+Unused vacation days may be carried over until the end of March.
+
+## Remote work
+Staff may work from home up to three days per week with their manager's approval.
+"""
+
+SALARIES_HTML = """<!doctype html><html><head><title>Salary bands</title>
+<style>body { color: red }</style></head><body>
+<h1>Salary bands 2026</h1>
+<p>The engineering salary budget grows by 4 percent; senior engineers are in band E5.</p>
+<script>alert('not text')</script>
+</body></html>"""
+
+CHINESE = "# 报销制度\n\n差旅费用在提交申请后三十天内报销。住宿标准为每晚五百元。\n"
+
+
+def docx_bytes(paragraphs):
+    """A minimal Word document with a heading and paragraphs."""
+    body = "".join(
+        f'<w:p><w:pPr><w:pStyle w:val="{style}"/></w:pPr><w:r><w:t>{text}</w:t></w:r></w:p>'
+        if style
+        else f"<w:p><w:r><w:t>{text}</w:t></w:r></w:p>"
+        for style, text in paragraphs
+    )
+    document = (
+        '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
+        '<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main">'
+        f"<w:body>{body}</w:body></w:document>"
+    )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(
+            "[Content_Types].xml",
+            '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+            '<Override PartName="/word/document.xml" ContentType="application/vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>',
+        )
+        z.writestr("word/document.xml", document)
+    return buf.getvalue()
+
+
+def upload(url, key, kb, name, data, groups=(), meta=(), method="POST", doc=None):
+    query = [("name", name)] + [("group", g) for g in groups] + [("meta", m) for m in meta]
+    path = f"/api/kbs/{kb}/documents" + (f"/{doc}" if doc else "?" + urllib.parse.urlencode(query))
+    req = urllib.request.Request(
+        url + path,
+        method=method,
+        data=data,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def wait_final(url, key, kb, doc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, d = api(url, key, "GET", f"/api/kbs/{kb}/documents/{doc}")
+        assert status == 200, d
+        if d["status"] not in ("queued", "ingesting"):
+            return d
+        time.sleep(0.2)
+    pytest.fail(f"document {doc} still ingesting after {timeout}s")
+
+
+def search(url, key, kb, query, mode="hybrid", k=5, **extra):
+    return api(url, key, "POST", f"/api/kbs/{kb}/search", {"query": query, "mode": mode, "k": k, **extra})
+
+
+@pytest.fixture(scope="module")
+def org(kiln_url, database):
+    """A tenant with an admin key, a member key, a member of group `hr`,
+    and another tenant's admin."""
+    tenant = new_tenant(database)
+    other = new_tenant(database)
+    return {
+        "admin": new_key(database, tenant, "--role", "tenant_admin"),
+        "member": new_key(database, tenant),
+        "hr": new_key(database, tenant, "--group", "hr"),
+        "outsider": new_key(database, other, "--role", "tenant_admin"),
+    }
+
+
+@pytest.fixture(scope="module")
+def handbook(kiln_url, org):
+    """A knowledge base with a Markdown, an HTML (hr only), a Word and a
+    Chinese document, all ingested."""
+    admin = org["admin"]
+    status, kb = api(kiln_url, admin, "POST", "/api/kbs", {"name": f"handbook-{uuid.uuid4().hex[:6]}"})
+    assert status == 201, kb
+    docs = {}
+    for name, data, groups in [
+        ("handbook.md", VACATION.encode(), ()),
+        ("salaries.html", SALARIES_HTML.encode(), ("hr",)),
+        ("security.docx", docx_bytes([("Heading1", "Security policy"), (None, "Laptops must use full-disk encryption and a screen lock after five minutes.")]), ()),
+        ("报销.md", CHINESE.encode(), ()),
+    ]:
+        status, d = upload(kiln_url, admin, kb["id"], name, data, groups=groups, meta=["dept:" + name.split(".")[0]])
+        assert status == 202, d
+        docs[name] = d["id"]
+    for name, doc in docs.items():
+        d = wait_final(kiln_url, admin, kb["id"], doc)
+        assert d["status"] == "ready", d
+        assert d["chunks"] >= 1
+    return kb["id"], docs
+
+
+def test_ingested_formats_are_searchable_in_every_mode(kiln_url, org, handbook):
+    kb, docs = handbook
+    admin = org["admin"]
+    for mode in ("bm25", "vector", "hybrid"):
+        status, hits = search(kiln_url, admin, kb, "how many paid vacation days do employees get", mode)
+        assert status == 200, hits
+        top = hits["data"][0]
+        assert top["document_id"] == docs["handbook.md"], (mode, hits)
+        assert "25 days of paid vacation" in top["text"]
+        assert top["heading"] == "Employee handbook > Vacation"
+        assert 0 <= top["start"] < top["end"]
+    status, hits = search(kiln_url, admin, kb, "disk encryption on laptops")
+    assert hits["data"][0]["document_name"] == "security.docx"
+    assert hits["data"][0]["heading"] == "Security policy"
+    # Chinese is carried by the full-text side (the embedding model is English-only).
+    status, hits = search(kiln_url, admin, kb, "差旅费用报销", "bm25")
+    assert hits["data"][0]["document_name"] == "报销.md", hits
+    assert "三十天内" in hits["data"][0]["text"]
+    # The HTML's script and style never reach the index.
+    status, hits = search(kiln_url, admin, kb, "alert color red", "bm25")
+    assert all("alert" not in h["text"] for h in hits["data"])
+    # Metadata filters.
+    status, hits = search(kiln_url, admin, kb, "policy", metadata={"dept": "security"})
+    assert {h["document_name"] for h in hits["data"]} == {"security.docx"}
+
+
+def test_groups_and_tenants_see_only_what_they_may(kiln_url, org, handbook):
+    kb, docs = handbook
+    secret = docs["salaries.html"]
+    for mode in ("bm25", "vector", "hybrid"):
+        status, hits = search(kiln_url, org["member"], kb, "engineering salary budget band", mode)
+        assert status == 200
+        assert all(h["document_id"] != secret for h in hits["data"]), mode
+        status, hits = search(kiln_url, org["hr"], kb, "engineering salary budget band", mode)
+        assert hits["data"][0]["document_id"] == secret, mode
+    # Lists, counts and direct reads do not betray the restricted document.
+    status, listing = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}/documents")
+    assert secret not in {d["id"] for d in listing["data"]}
+    assert len(listing["data"]) == 3
+    status, info = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}")
+    assert info["documents"] == 3
+    status, hidden = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}/documents/{secret}")
+    status_missing, missing = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}/documents/doc_nope")
+    assert status == status_missing == 404
+    assert hidden["error"]["message"].replace(secret, "X") == missing["error"]["message"].replace("doc_nope", "X")
+    # Another tenant cannot tell the knowledge base exists.
+    for path, method, body in [
+        (f"/api/kbs/{kb}", "GET", None),
+        (f"/api/kbs/{kb}/documents", "GET", None),
+        (f"/api/kbs/{kb}/search", "POST", {"query": "vacation"}),
+        (f"/api/kbs/{kb}", "DELETE", None),
+    ]:
+        status, body = api(kiln_url, org["outsider"], method, path, body)
+        assert status == 404, (path, body)
+    status, listing = api(kiln_url, org["outsider"], "GET", "/api/kbs")
+    assert kb not in {k["id"] for k in listing["data"]}
+    # Members read but do not change.
+    status, body = upload(kiln_url, org["member"], kb, "x.txt", b"member upload")
+    assert status == 403, body
+
+
+def ledger(url, admin_key, key_id):
+    status, rows = api(url, admin_key, "GET", "/api/ledger?limit=1000")
+    assert status == 200, rows
+    return [r for r in rows["data"] if r.get("key_id") == key_id]
+
+
+def test_every_embedding_is_metered_to_the_key_that_caused_it(kiln_url, admin_key, org, handbook):
+    kb, docs = handbook
+    status, me = api(kiln_url, org["admin"], "GET", "/api/me")
+    admin_key_id = me["key"]["id"]
+    rows = ledger(kiln_url, admin_key, admin_key_id)
+    ingest = [r for r in rows if r["endpoint"] == "/api/kbs/ingest"]
+    assert ingest, rows
+    assert all(r["model"] == "all-minilm-l6-v2" and r["prompt_tokens"] > 0 for r in ingest)
+    status, me = api(kiln_url, org["member"], "GET", "/api/me")
+    before = [r for r in ledger(kiln_url, admin_key, me["key"]["id"]) if r["endpoint"] == "/api/kbs/search"]
+    search(kiln_url, org["member"], kb, "remote work days", "vector")
+    search(kiln_url, org["member"], kb, "remote work days", "bm25")
+    after = [r for r in ledger(kiln_url, admin_key, me["key"]["id"]) if r["endpoint"] == "/api/kbs/search"]
+    assert len(after) == len(before) + 1, "one query embedding for the vector search, none for BM25"
+
+
+def test_bad_uploads_get_clear_outcomes(kiln_url, org, handbook):
+    kb, docs = handbook
+    admin = org["admin"]
+    status, body = upload(kiln_url, admin, kb, "empty.txt", b"")
+    assert status == 400 and "empty" in body["error"]["message"], body
+    status, body = upload(kiln_url, admin, kb, "junk.txt", os.urandom(4096) + b"\0\0\0")
+    assert status == 400 and "unsupported" in body["error"]["message"].lower(), body
+    status, body = upload(kiln_url, admin, kb, "image.pdf", b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    assert status == 400, body
+    # Duplicate content is recognised.
+    status, body = upload(kiln_url, admin, kb, "again.md", VACATION.encode())
+    assert status == 200 and body["duplicate"] and body["id"] == docs["handbook.md"], body
+    # A corrupt PDF fails in the background with a code, indexing nothing.
+    status, body = upload(kiln_url, admin, kb, "broken.pdf", b"%PDF-1.7\n%garbage without objects\n")
+    assert status == 202, body
+    d = wait_final(kiln_url, admin, kb, body["id"])
+    assert d["status"] == "failed" and d["error_code"] == "corrupt", d
+    # A zip bomb disguised as a Word document.
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr("word/document.xml", b"<w:document>" + b" " * (300 << 20) + b"</w:document>")
+    status, body = upload(kiln_url, admin, kb, "bomb.docx", bomb.getvalue())
+    if status == 202:
+        d = wait_final(kiln_url, admin, kb, body["id"])
+        assert d["status"] == "failed" and d["error_code"] == "too_large", d
+    else:
+        assert status in (400, 413), body
+    # A 500 MB upload is refused from its Content-Length, before it is read.
+    parsed = urllib.parse.urlparse(kiln_url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    conn.putrequest("POST", f"/api/kbs/{kb}/documents?name=huge.txt")
+    conn.putheader("Authorization", f"Bearer {admin}")
+    conn.putheader("Content-Length", str(500 << 20))
+    conn.endheaders()
+    try:
+        conn.send(b"a" * 65536)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    resp = conn.getresponse()
+    assert resp.status == 413
+    assert json.loads(resp.read())["error"]["code"] == "payload_too_large"
+    conn.close()
+    # Search input is checked.
+    assert search(kiln_url, admin, kb, "", "bm25")[0] == 400
+    assert search(kiln_url, admin, kb, "x", "fuzzy")[0] == 400
+    assert search(kiln_url, admin, kb, "x", k=0)[0] == 400
+
+
+def test_replace_and_delete_reach_every_index(kiln_url, org):
+    admin = org["admin"]
+    status, kb = api(kiln_url, admin, "POST", "/api/kbs", {"name": f"versions-{uuid.uuid4().hex[:6]}"})
+    kb = kb["id"]
+    status, d = upload(kiln_url, admin, kb, "parking.txt", b"Parking permits cost forty euros per month.")
+    assert wait_final(kiln_url, admin, kb, d["id"])["status"] == "ready"
+    status, v2 = upload(kiln_url, admin, kb, "parking.txt", b"Parking is free for cyclists and costs nothing.", method="PUT", doc=d["id"])
+    assert status == 202 and v2["version"] == 2, v2
+    assert wait_final(kiln_url, admin, kb, d["id"])["live_version"] == 2
+    for mode in ("bm25", "vector"):
+        status, hits = search(kiln_url, admin, kb, "parking permits forty euros", mode)
+        assert all("forty" not in h["text"] for h in hits["data"]), mode
+    # Deleting a document while it is being ingested: it is gone, and stays gone.
+    long_text = " ".join(f"Clause {i} describes obligation number {i} of the tenant." for i in range(3000))
+    status, big = upload(kiln_url, admin, kb, "lease.txt", long_text.encode())
+    assert status == 202
+    status, _ = api(kiln_url, admin, "DELETE", f"/api/kbs/{kb}/documents/{big['id']}")
+    assert status == 200
+    time.sleep(1.0)
+    status, _ = api(kiln_url, admin, "GET", f"/api/kbs/{kb}/documents/{big['id']}")
+    assert status == 404
+    for mode in ("bm25", "vector"):
+        status, hits = search(kiln_url, admin, kb, "clause obligation tenant", mode)
+        assert all(h["document_id"] != big["id"] for h in hits["data"])
+    status, info = api(kiln_url, admin, "GET", f"/api/kbs/{kb}")
+    assert info["documents"] == 1
+    status, _ = api(kiln_url, admin, "DELETE", f"/api/kbs/{kb}")
+    assert status == 200
+    assert api(kiln_url, admin, "GET", f"/api/kbs/{kb}")[0] == 404
+
+
+def test_sigkill_during_ingestion_leaves_consistent_indexes(tmp_path):
+    db = tmp_path / "kiln.db"
+    kb_dir = tmp_path / "kb"
+    args = ("--embedding-model", "all-minilm-l6-v2", "--database", str(db), "--kb-dir", str(kb_dir))
+    kiln = start_kiln(*args)
+    admin = kiln.admin_key
+    try:
+        status, kb = api(kiln.url, admin, "POST", "/api/kbs", {"name": "crash"})
+        kb = kb["id"]
+        status, small = upload(kiln.url, admin, kb, "small.txt", b"The boiler room is on the lower level.")
+        assert wait_final(kiln.url, admin, kb, small["id"])["status"] == "ready"
+        text = "\n\n".join(
+            f"Section {i}. Valve {i} must be inspected every {i % 12 + 1} months by a certified engineer."
+            for i in range(1500)
+        )
+        status, big = upload(kiln.url, admin, kb, "maintenance.txt", text.encode())
+        assert status == 202
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            d = api(kiln.url, admin, "GET", f"/api/kbs/{kb}/documents/{big['id']}")[1]
+            if d["progress"]["done"] > 0:
+                break
+            time.sleep(0.05)
+        assert d["status"] == "ingesting", d
+        kiln.proc.send_signal(signal.SIGKILL)
+        kiln.proc.wait()
+    finally:
+        kiln.stop()
+    kiln = start_kiln(*args, expect_admin_key=False)
+    try:
+        # Before the resumed ingestion finishes, nothing of it is searchable.
+        status, hits = search(kiln.url, admin, kb, "valve inspected certified engineer", "bm25")
+        assert status == 200
+        if api(kiln.url, admin, "GET", f"/api/kbs/{kb}/documents/{big['id']}")[1]["status"] != "ready":
+            assert all(h["document_id"] != big["id"] for h in hits["data"])
+        d = wait_final(kiln.url, admin, kb, big["id"], timeout=600)
+        assert d["status"] == "ready" and d["version"] == 1, d
+        status, info = api(kiln.url, admin, "GET", f"/api/kbs/{kb}")
+        small_chunks = api(kiln.url, admin, "GET", f"/api/kbs/{kb}/documents/{small['id']}")[1]["chunks"]
+        assert info["chunks"] == d["chunks"] + small_chunks, (info, d)
+        for mode in ("bm25", "vector"):
+            status, hits = search(kiln.url, admin, kb, "Valve 777 must be inspected", mode, k=3)
+            assert hits["data"][0]["document_id"] == big["id"], (mode, hits)
+        status, hits = search(kiln.url, admin, kb, "boiler room lower level", "bm25", k=1)
+        assert hits["data"][0]["document_id"] == small["id"]
+    finally:
+        kiln.stop()
