@@ -33,6 +33,7 @@ impl Mode {
 /// Fusion settings. The defaults were tuned on the Vaswani queries not used
 /// for scoring (see `bench/rag_eval.py`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Fusion {
     /// The RRF constant: larger flattens the rank curve.
     pub k: f32,

@@ -378,3 +378,61 @@ fn reopening_repairs_a_stale_fulltext_index() {
     assert_eq!(hits.len(), 1);
     assert_eq!(hits[0].document_id, doc);
 }
+
+#[test]
+fn many_documents_ingest_together_and_fail_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let kb = KnowledgeBase::create(dir.path(), settings("kb5")).unwrap();
+    let mut jobs = Vec::new();
+    for i in 0..20 {
+        let d = kb
+            .add(upload(
+                &format!("note{i}.txt"),
+                &format!("Note {i} is about subject{i}."),
+            ))
+            .unwrap()
+            .document;
+        jobs.push((d.id, 1));
+    }
+    let broken = kb
+        .add(Upload {
+            name: "broken.pdf".into(),
+            bytes: b"%PDF-1.4\nnot really".to_vec(),
+            ..Default::default()
+        })
+        .unwrap()
+        .document;
+    jobs.insert(7, (broken.id.clone(), 1));
+    let e = HashEmbedder::new(10_000);
+    let statuses = kb.ingest_many(&jobs, &e).unwrap();
+    assert_eq!(statuses[7], Status::Failed);
+    assert_eq!(statuses.iter().filter(|s| **s == Status::Ready).count(), 20);
+    assert_eq!(
+        e.calls.load(Ordering::SeqCst),
+        1,
+        "20 one-chunk notes embed in one batch"
+    );
+    assert_eq!(kb.stats().chunks, 20);
+    let hits = kb
+        .search(&query("subject13", Mode::Bm25, Filter::default()), None)
+        .unwrap();
+    assert_eq!(hits[0].document_name, "note13.txt");
+
+    // When credit runs out part-way, what was fully embedded goes live and
+    // the rest stops, each whole.
+    let long: String = (0..300)
+        .map(|i| format!("Line {i} of the long file. "))
+        .collect();
+    let short = kb
+        .add(upload("short.txt", "A short memo about lunch."))
+        .unwrap()
+        .document;
+    let big = kb.add(upload("big.txt", &long)).unwrap().document;
+    let poor = HashEmbedder::new(33);
+    let statuses = kb
+        .ingest_many(&[(short.id.clone(), 1), (big.id.clone(), 1)], &poor)
+        .unwrap();
+    assert_eq!(statuses, [Status::Ready, Status::Stopped]);
+    assert_eq!(kb.document(&big.id).unwrap().live_version, None);
+    assert_eq!(kb.stats().chunks, 21);
+}

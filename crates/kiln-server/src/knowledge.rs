@@ -180,51 +180,83 @@ impl Knowledge {
     }
 }
 
-/// Runs queued ingestions one at a time (each embeds in batches; on two
-/// cores one ingestion keeps the machine busy, and chat requests interleave
-/// between its batches).
+/// Most document versions ingested together (one embedding stream, one
+/// commit).
+const INGEST_GROUP: usize = 64;
+
+/// Runs queued ingestions: whatever is waiting is taken together, grouped
+/// by knowledge base and payer, and each group is ingested in one pass
+/// (shared embedding batches, one commit), so a thousand small uploads do
+/// not cost a thousand commits. On two cores one ingestion keeps the
+/// machine busy; chat requests interleave between its embedding batches.
 pub fn spawn_worker(state: SharedState, mut jobs: mpsc::UnboundedReceiver<Job>) {
     tokio::spawn(async move {
-        while let Some(job) = jobs.recv().await {
-            let s = state.clone();
-            let done = tokio::task::spawn_blocking(move || run_job(&s, &job)).await;
-            if let Err(e) = done {
-                tracing::error!(error = %e, "an ingestion task failed");
+        while let Some(first) = jobs.recv().await {
+            let mut taken = vec![first];
+            while taken.len() < INGEST_GROUP {
+                match jobs.try_recv() {
+                    Ok(j) => taken.push(j),
+                    Err(_) => break,
+                }
+            }
+            let mut groups: BTreeMap<(String, String), Vec<Job>> = BTreeMap::new();
+            for j in taken {
+                groups
+                    .entry((j.kb.clone(), j.charge_to.clone()))
+                    .or_default()
+                    .push(j);
+            }
+            for ((kb, charge_to), group) in groups {
+                let s = state.clone();
+                let done =
+                    tokio::task::spawn_blocking(move || run_group(&s, &kb, &charge_to, &group))
+                        .await;
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "an ingestion task failed");
+                }
             }
         }
     });
 }
 
-fn run_job(state: &SharedState, job: &Job) {
+fn run_group(state: &SharedState, kb_id: &str, charge_to: &str, group: &[Job]) {
     let Some(knowledge) = state.knowledge.as_ref() else {
         return;
     };
-    let Some(kb) = knowledge.get(&job.kb, None) else {
+    let Some(kb) = knowledge.get(kb_id, None) else {
         return;
     };
-    let principal = match payer(state, &job.charge_to) {
-        Ok(p) => p,
-        Err(why) => {
-            let _ = kb.abandon(&job.doc, job.version, "payer_unavailable", &why);
-            return;
+    let abandon = |code: &str, why: &str| {
+        for j in group {
+            let _ = kb.abandon(&j.doc, j.version, code, why);
         }
     };
+    let principal = match payer(state, charge_to) {
+        Ok(p) => p,
+        Err(why) => return abandon("payer_unavailable", &why),
+    };
     let Some(embedder) = MeteredEmbedder::new(state.clone(), principal, INGEST_ENDPOINT) else {
-        let _ = kb.abandon(
-            &job.doc,
-            job.version,
+        return abandon(
             "model_unavailable",
             "the server has no embedding model loaded",
         );
-        return;
     };
-    match kb.ingest(&job.doc, job.version, &embedder) {
-        Ok(status) => {
-            tracing::info!(kb = %job.kb, doc = %job.doc, version = job.version, ?status, "ingestion ended")
+    let jobs: Vec<(String, i64)> = group.iter().map(|j| (j.doc.clone(), j.version)).collect();
+    match kb.ingest_many(&jobs, &embedder) {
+        Ok(statuses) => {
+            tracing::info!(
+                kb = kb_id,
+                documents = jobs.len(),
+                ready = statuses
+                    .iter()
+                    .filter(|s| **s == kiln_rag::kb::Status::Ready)
+                    .count(),
+                "ingestion ended"
+            )
         }
         Err(e) => {
-            tracing::error!(kb = %job.kb, doc = %job.doc, error = %e, "ingestion failed");
-            let _ = kb.abandon(&job.doc, job.version, "internal", &e.to_string());
+            tracing::error!(kb = kb_id, error = %e, "ingestion failed");
+            abandon("internal", &e.to_string());
         }
     }
 }

@@ -521,6 +521,25 @@ struct SearchRequest {
     mode: Option<String>,
     #[serde(default)]
     metadata: HashMap<String, String>,
+    /// Overrides of the fusion settings (for evaluation and tuning).
+    fusion: Option<Fusion>,
+}
+
+fn check_fusion(f: Option<Fusion>) -> Result<Fusion, ApiError> {
+    let f = f.unwrap_or_default();
+    let weights_ok = [f.bm25_weight, f.vector_weight]
+        .iter()
+        .all(|w| w.is_finite() && (0.0..=100.0).contains(w));
+    if !(f.k.is_finite() && (0.0..=10_000.0).contains(&f.k))
+        || !weights_ok
+        || !(1..=1000).contains(&f.candidates)
+    {
+        return Err(ApiError::invalid(
+            "fusion",
+            "`fusion` needs k in 0..=10000, weights in 0..=100 and candidates in 1..=1000",
+        ));
+    }
+    Ok(f)
 }
 
 async fn search(
@@ -552,7 +571,7 @@ async fn search(
         text: body.query,
         k,
         mode,
-        fusion: Fusion::default(),
+        fusion: check_fusion(body.fusion)?,
         filter: Filter {
             groups: visibility(&p),
             metadata,
