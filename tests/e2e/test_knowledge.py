@@ -342,3 +342,69 @@ def test_sigkill_during_ingestion_leaves_consistent_indexes(tmp_path):
         assert hits["data"][0]["document_id"] == small["id"]
     finally:
         kiln.stop()
+
+
+def test_grounded_answers_cite_their_sources_or_say_not_found(kiln_url, admin_key, org, handbook):
+    kb, docs = handbook
+    member = org["member"]
+    status, a = api(kiln_url, member, "POST", f"/api/kbs/{kb}/ask", {"question": "How many days of paid vacation do full-time employees receive?"})
+    assert status == 200, a
+    assert a["found"] is True and a["model"] == "smollm2-135m"
+    assert "25" in a["answer"], a
+    assert a["sentences"] and any(s["supported"] for s in a["sentences"]), a
+    assert a["citations"], a
+    for c in a["citations"]:
+        source = a["sources"][c["source"] - 1]
+        assert c["document_id"] == source["document_id"]
+        assert c["quote"] in source["text"]
+        assert c["end"] - c["start"] == len(c["quote"])
+        # The quote sits at its offsets inside the chunk.
+        offset = c["start"] - source["start"]
+        assert source["text"][offset : offset + len(c["quote"])] == c["quote"]
+    assert any(c["document_id"] == docs["handbook.md"] for c in a["citations"])
+    assert a["usage"]["completion_tokens"] > 0
+    generations = 1
+    # Not in the knowledge base, or not in its language: no guess. (When
+    # retrieval finds nothing relevant the model is not even asked.)
+    for q in ["What is the boiling point of mercury?", "员工每年有多少天带薪假期？"]:
+        status, a = api(kiln_url, member, "POST", f"/api/kbs/{kb}/ask", {"question": q})
+        assert status == 200, a
+        assert a["found"] is False and a["citations"] == [] and a["sentences"] == [], a
+        assert "does not contain" in a["answer"]
+        generations += a["usage"]["total_tokens"] > 0
+    # A member never gets an answer from a document it may not see.
+    status, a = api(kiln_url, member, "POST", f"/api/kbs/{kb}/ask", {"question": "Which salary band are senior engineers in?"})
+    assert status == 200
+    assert all(s["document_id"] != docs["salaries.html"] for s in a["sources"]), a
+    generations += a["usage"]["total_tokens"] > 0
+    # The generation is charged to the asking key.
+    status, me = api(kiln_url, member, "GET", "/api/me")
+    rows = ledger(kiln_url, admin_key, me["key"]["id"])
+    asked = [r for r in rows if r["endpoint"] == "/api/kbs/ask"]
+    assert asked and all(r["model"] == "smollm2-135m" and r["prompt_tokens"] > 0 for r in asked), rows
+    assert len(asked) == generations, "one ledger row per generation, none when the gate refused"
+
+
+def test_a_knowledge_base_through_the_openai_chat_api(kiln_url, org, handbook):
+    import openai
+
+    kb, docs = handbook
+    client = openai.OpenAI(base_url=kiln_url + "/v1", api_key=org["member"], max_retries=0, timeout=120)
+    status, info = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}")
+    r = client.chat.completions.create(
+        model="kb:" + info["name"],
+        messages=[{"role": "user", "content": "How many days per week may staff work from home?"}],
+    )
+    assert r.choices[0].message.content
+    extra = r.model_extra["knowledge_base"]
+    assert extra["found"] is True
+    assert any(c["document_id"] == docs["handbook.md"] for c in extra["citations"]), extra
+    stream = client.chat.completions.create(
+        model="kb:" + kb,
+        messages=[{"role": "user", "content": "What is the boiling point of mercury?"}],
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert "does not contain" in text
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="kb:no-such-kb", messages=[{"role": "user", "content": "hi"}])

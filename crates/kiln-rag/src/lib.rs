@@ -12,6 +12,8 @@
 //! - [`fulltext`]: a tantivy BM25 index on disk;
 //! - [`vector`]: the embedding index;
 //! - [`retrieve`]: hybrid retrieval with reciprocal rank fusion;
+//! - [`ground`]: the relevance gate, the prompt with numbered sources, and
+//!   the check of each answer sentence against them;
 //! - [`kb`]: one knowledge base on disk, keeping its document list and both
 //!   indexes consistent across crashes.
 //!
@@ -22,6 +24,7 @@ pub mod analyzer;
 pub mod chunk;
 pub mod extract;
 pub mod fulltext;
+pub mod ground;
 pub mod kb;
 pub mod retrieve;
 pub mod vector;

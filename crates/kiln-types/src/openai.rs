@@ -121,7 +121,7 @@ pub struct EmbeddingRequest {
 
 // --------------------------------------------------------------- responses
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,

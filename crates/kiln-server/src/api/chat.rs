@@ -43,6 +43,10 @@ pub async fn chat_completions(
 }
 
 async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response, ApiError> {
+    if let Some(kb) = req.model.strip_prefix(super::ask::KB_MODEL_PREFIX) {
+        let messages = chat_messages(&req.messages)?;
+        return super::ask::chat(call, &req, kb, &messages).await;
+    }
     let engine = call.state.text_model(&req.model)?.clone();
     call.principal.check_model(&req.model)?;
     generate::check_n(req.n)?;

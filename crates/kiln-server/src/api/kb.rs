@@ -11,6 +11,7 @@
 //! PUT    /api/kbs/{kb}/documents/{doc}     upload a new version (raw body)
 //! DELETE /api/kbs/{kb}/documents/{doc}     delete it from every index
 //! POST   /api/kbs/{kb}/search              {query, k, mode, metadata}
+//! POST   /api/kbs/{kb}/ask                 {question, model, sources, max_tokens, metadata}
 //! ```
 //!
 //! Any key of the tenant may read and search; creating, uploading and
@@ -61,6 +62,7 @@ pub fn routes() -> Router<SharedState> {
         .route("/api/kbs", get(list).post(create))
         .route("/api/kbs/{kb}", get(show).delete(delete))
         .route("/api/kbs/{kb}/search", post(search))
+        .route("/api/kbs/{kb}/ask", post(ask))
         .merge(uploads)
 }
 
@@ -98,7 +100,7 @@ fn scope(p: &Principal) -> Option<&str> {
 
 /// What the caller may see inside a knowledge base: admins everything,
 /// others the unrestricted documents and those of their key's groups.
-fn visibility(p: &Principal) -> Option<Vec<String>> {
+pub(super) fn visibility(p: &Principal) -> Option<Vec<String>> {
     if is_admin(p) {
         None
     } else {
@@ -114,7 +116,11 @@ fn may_see(groups: &Option<Vec<String>>, doc: &Document) -> bool {
 }
 
 /// Finds a knowledge base by id, or by name within the caller's tenant.
-fn find(state: &SharedState, p: &Principal, key: &str) -> Result<Arc<KnowledgeBase>, ApiError> {
+pub(super) fn find(
+    state: &SharedState,
+    p: &Principal,
+    key: &str,
+) -> Result<Arc<KnowledgeBase>, ApiError> {
     let k = knowledge(state)?;
     if let Some(kb) = k.get(key, scope(p)) {
         return Ok(kb);
@@ -125,7 +131,7 @@ fn find(state: &SharedState, p: &Principal, key: &str) -> Result<Arc<KnowledgeBa
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no knowledge base `{key}`")))
 }
 
-fn kb_error(e: KbError) -> ApiError {
+pub(super) fn kb_error(e: KbError) -> ApiError {
     match e {
         KbError::Invalid(m) => ApiError::new(ErrorCode::InvalidRequest, m),
         KbError::DocumentNotFound(d) => {
@@ -152,7 +158,7 @@ fn kb_error(e: KbError) -> ApiError {
 }
 
 /// Runs knowledge-base work on the blocking pool.
-async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+pub(super) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -530,10 +536,9 @@ fn check_fusion(f: Option<Fusion>) -> Result<Fusion, ApiError> {
     let weights_ok = [f.bm25_weight, f.vector_weight]
         .iter()
         .all(|w| w.is_finite() && (0.0..=100.0).contains(w));
-    if !(f.k.is_finite() && (0.0..=10_000.0).contains(&f.k))
-        || !weights_ok
-        || !(1..=1000).contains(&f.candidates)
-    {
+    let k_ok = f.k.is_finite() && (0.0..=10_000.0).contains(&f.k);
+    let ok = k_ok && weights_ok && (1..=1000).contains(&f.candidates);
+    if !ok {
         return Err(ApiError::invalid(
             "fusion",
             "`fusion` needs k in 0..=10000, weights in 0..=100 and candidates in 1..=1000",
@@ -587,4 +592,43 @@ async fn search(
     })
     .await?;
     Ok(Json(json!({"object": "list", "data": hits})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AskRequest {
+    question: String,
+    model: Option<String>,
+    /// Most sources given to the model (default 4).
+    sources: Option<usize>,
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    metadata: HashMap<String, String>,
+}
+
+async fn ask(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Extension(request_id): Extension<super::RequestId>,
+    Path(key): Path<String>,
+    ApiJson(body): ApiJson<AskRequest>,
+) -> Result<Response, ApiError> {
+    let kb = find(&state, &p, &key)?;
+    let mut metadata: Vec<(String, String)> = body.metadata.into_iter().collect();
+    metadata.sort();
+    let answer = super::ask::answer(
+        &state,
+        &p,
+        &request_id.0,
+        kb,
+        super::ask::Question {
+            text: body.question,
+            model: body.model,
+            sources: body.sources,
+            max_tokens: body.max_tokens,
+            metadata,
+        },
+    )
+    .await?;
+    Ok(Json(answer).into_response())
 }

@@ -5,6 +5,7 @@
 //! engine calls and never contain model logic.
 
 pub mod admin;
+mod ask;
 pub mod calls;
 mod chat;
 mod completions;
