@@ -408,3 +408,26 @@ def test_a_knowledge_base_through_the_openai_chat_api(kiln_url, org, handbook):
     assert "does not contain" in text
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="kb:no-such-kb", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_ingestion_stops_cleanly_when_the_budget_runs_out(kiln_url, database):
+    kiln_cli(database, "prices", "set", "all-minilm-l6-v2", "--input", "1", "--output", "0")
+    tenant = new_tenant(database)
+    # 0.0001 units at 1 per million tokens: 100 tokens of embeddings.
+    kiln_cli(database, "tenants", "credit", tenant, "0.0001")
+    admin = new_key(database, tenant, "--role", "tenant_admin")
+    status, kb = api(kiln_url, admin, "POST", "/api/kbs", {"name": "budget"})
+    kb = kb["id"]
+    status, small = upload(kiln_url, admin, kb, "memo.txt", b"Lunch is at noon.")
+    assert wait_final(kiln_url, admin, kb, small["id"])["status"] == "ready"
+    text = "\n\n".join(f"Paragraph {i} explains rule {i} of the cafeteria in some detail." for i in range(200))
+    status, big = upload(kiln_url, admin, kb, "rules.txt", text.encode())
+    assert status == 202
+    d = wait_final(kiln_url, admin, kb, big["id"])
+    assert d["status"] == "stopped" and d["error_code"] == "refused", d
+    assert "credit" in d["error"] or "budget" in d["error"], d
+    assert d["live_version"] is None and d["chunks"] == 0
+    status, info = api(kiln_url, admin, "GET", f"/api/kbs/{kb}")
+    assert info["chunks"] == 1, info
+    status, hits = search(kiln_url, admin, kb, "cafeteria rule paragraph", "bm25")
+    assert all(h["document_id"] != big["id"] for h in hits["data"])
