@@ -38,7 +38,7 @@ use crate::chunk::{self, ChunkOptions};
 use crate::extract::{self, ExtractError, Limits};
 use crate::fulltext::{Filter, FullText, IndexedChunk};
 use crate::retrieve::{self, Fusion, Mode};
-use crate::vector::FlatIndex;
+use crate::vector::VectorIndex;
 use sql::{chunk_rows, document_row, insert_version, open_db, ChunkRow, DOCUMENT_SELECT};
 
 mod ingest;
@@ -274,7 +274,7 @@ impl Access {
 struct Live {
     docs: HashMap<String, Access>,
     chunk_doc: HashMap<u64, String>,
-    vectors: FlatIndex,
+    vectors: VectorIndex,
 }
 
 impl Live {
@@ -401,7 +401,7 @@ impl KnowledgeBase {
         let kb = KnowledgeBase {
             dir: dir.to_path_buf(),
             live: RwLock::new(Live {
-                vectors: FlatIndex::new(settings.dimensions),
+                vectors: VectorIndex::new(settings.dimensions),
                 ..Default::default()
             }),
             settings,
@@ -435,7 +435,7 @@ impl KnowledgeBase {
     fn load(&self) -> Result<()> {
         let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
         let mut live = Live {
-            vectors: FlatIndex::new(self.settings.dimensions),
+            vectors: VectorIndex::new(self.settings.dimensions),
             ..Default::default()
         };
         let db = self.db();
