@@ -431,3 +431,24 @@ def test_ingestion_stops_cleanly_when_the_budget_runs_out(kiln_url, database):
     assert info["chunks"] == 1, info
     status, hits = search(kiln_url, admin, kb, "cafeteria rule paragraph", "bm25")
     assert all(h["document_id"] != big["id"] for h in hits["data"])
+
+
+def test_revoking_the_uploaders_key_stops_its_ingestion(kiln_url, admin_key, database):
+    tenant = new_tenant(database)
+    uploader = new_key(database, tenant, "--role", "tenant_admin")
+    status, me = api(kiln_url, uploader, "GET", "/api/me")
+    status, kb = api(kiln_url, uploader, "POST", "/api/kbs", {"name": "revoke"})
+    kb = kb["id"]
+    text = "\n\n".join(f"Article {i} sets out duty {i} of the contractor in plain words." for i in range(3000))
+    status, big = upload(kiln_url, uploader, kb, "contract.txt", text.encode())
+    assert status == 202
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        d = api(kiln_url, admin_key, "GET", f"/api/kbs/{kb}/documents/{big['id']}")[1]
+        if d["progress"]["done"] > 0:
+            break
+        time.sleep(0.05)
+    kiln_cli(database, "keys", "revoke", me["key"]["id"])
+    d = wait_final(kiln_url, admin_key, kb, big["id"])
+    assert d["status"] == "stopped" and "revoked" in d["error"], d
+    assert d["live_version"] is None

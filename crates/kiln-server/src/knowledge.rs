@@ -79,6 +79,7 @@ impl Knowledge {
             }
             match KnowledgeBase::open(&path) {
                 Ok(kb) => {
+                    let kb = kb.with_max_upload(max_upload_bytes);
                     for p in kb.pending().unwrap_or_default() {
                         let _ = tx.send(Job {
                             kb: kb.settings().id.clone(),
@@ -136,10 +137,12 @@ impl Knowledge {
             ));
         }
         let dir = self.root.join(&settings.id);
-        let kb = KnowledgeBase::create(&dir, settings).map_err(|e| {
-            tracing::error!(error = %e, "cannot create a knowledge base");
-            ApiError::internal()
-        })?;
+        let kb = KnowledgeBase::create(&dir, settings)
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot create a knowledge base");
+                ApiError::internal()
+            })?
+            .with_max_upload(self.max_upload_bytes);
         let kb = Arc::new(kb);
         bases.insert(kb.settings().id.clone(), kb.clone());
         Ok(kb)
@@ -322,6 +325,13 @@ impl MeteredEmbedder {
 
     fn embed_once(&self, batch: &[Vec<u32>], tokens: usize) -> Result<Vec<Vec<f32>>, ApiError> {
         let model = self.model().ok_or_else(ApiError::internal)?;
+        // A long ingestion looks at its payer again before every batch: a
+        // key revoked (or a tenant disabled) meanwhile stops it.
+        if let (true, Some(key)) = (self.wait_for_rate, &self.principal.key) {
+            if let Err(why) = payer(&self.state, &key.id) {
+                return Err(ApiError::new(ErrorCode::PermissionDenied, why));
+            }
+        }
         self.principal.check_model(&model.name)?;
         let call = CallContext::new(
             self.state.clone(),

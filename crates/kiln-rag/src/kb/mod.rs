@@ -414,6 +414,16 @@ impl KnowledgeBase {
         Ok(kb)
     }
 
+    /// Sets the largest upload accepted (the extraction limits follow:
+    /// extracted text and decompressed parts may be up to four times it).
+    pub fn with_max_upload(mut self, bytes: usize) -> Self {
+        self.limits.max_input_bytes = bytes;
+        self.limits.max_text_bytes = self.limits.max_text_bytes.max(bytes);
+        self.limits.max_uncompressed_bytes =
+            self.limits.max_uncompressed_bytes.max(bytes as u64 * 4);
+        self
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
