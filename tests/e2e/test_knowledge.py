@@ -452,3 +452,34 @@ def test_revoking_the_uploaders_key_stops_its_ingestion(kiln_url, admin_key, dat
     d = wait_final(kiln_url, admin_key, kb, big["id"])
     assert d["status"] == "stopped" and "revoked" in d["error"], d
     assert d["live_version"] is None
+
+
+def test_the_kiln_kb_command_line(kiln_url, org, tmp_path):
+    import subprocess
+
+    from conftest import kiln_binary
+
+    env = dict(os.environ, KILN_URL=kiln_url, KILN_API_KEY=org["admin"])
+
+    def kb(*args):
+        done = subprocess.run([str(kiln_binary()), "kb", *args], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    kb("create", name)
+    (tmp_path / "guide.md").write_text(VACATION)
+    (tmp_path / "empty.txt").write_text("")
+    kb("add", name, str(tmp_path / "guide.md"), "--group", "staff", "--meta", "kind:guide")
+    listing = kb("ls", name)
+    assert "guide.md" in listing and "ready" in listing
+    assert name in kb("ls")
+    assert "25 days of paid vacation" in kb("search", name, "paid vacation days", "--k", "1")
+    answer = kb("ask", name, "How many days of paid vacation do full-time employees receive?")
+    assert "guide.md (chars" in answer, answer
+    refused = subprocess.run(
+        [str(kiln_binary()), "kb", "add", name, str(tmp_path / "empty.txt")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0 and "empty" in refused.stderr
+    kb("rm", name)
+    assert name not in kb("ls")

@@ -31,7 +31,7 @@ pub enum Command {
     Keys(crate::commands::admin::KeysArgs),
     /// Manage model prices per million tokens.
     Prices(crate::commands::admin::PricesArgs),
-    /// Knowledge bases on a running server: create, add, ls, rm, search.
+    /// Knowledge bases on a running server: create, add, ls, rm, search, ask.
     Kb(crate::commands::kb::KbArgs),
     /// Usage report from the ledger, as a table or CSV.
     Usage(crate::commands::admin::UsageArgs),

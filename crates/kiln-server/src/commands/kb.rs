@@ -7,6 +7,7 @@
 //! kiln kb ls                                           # knowledge bases
 //! kiln kb ls handbook                                  # its documents
 //! kiln kb search handbook "parental leave"
+//! kiln kb ask handbook "How long is parental leave?"      # answer with citations
 //! kiln kb rm handbook doc_1234                         # one document
 //! kiln kb rm handbook                                  # the whole knowledge base
 //! ```
@@ -70,6 +71,14 @@ pub enum KbCommand {
     Rm {
         kb: String,
         document: Option<String>,
+    },
+    /// Ask a question: a grounded answer with citations, or "not found".
+    Ask {
+        kb: String,
+        question: String,
+        /// The text model that answers (default: the server's choice).
+        #[arg(long)]
+        model: Option<String>,
     },
     /// Search a knowledge base.
     Search {
@@ -231,6 +240,38 @@ async fn run_async(args: &KbArgs) -> anyhow::Result<()> {
                     h["end"],
                     h["score"].as_f64().unwrap_or(0.0),
                     h["text"].as_str().unwrap_or("")
+                );
+            }
+        }
+        KbCommand::Ask {
+            kb,
+            question,
+            model,
+        } => {
+            let mut body = json!({"question": question});
+            if let Some(m) = model {
+                body["model"] = json!(m);
+            }
+            let a = api
+                .json(Method::POST, &format!("/api/kbs/{}/ask", enc(kb)), body)
+                .await?;
+            println!("{}", a["answer"].as_str().unwrap_or(""));
+            for s in a["sentences"].as_array().into_iter().flatten() {
+                if s["supported"].as_bool() != Some(true) {
+                    println!(
+                        "  (unsupported by the sources: {})",
+                        s["text"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            for c in a["citations"].as_array().into_iter().flatten() {
+                println!(
+                    "[{}] {} (chars {}-{}): \"{}\"",
+                    c["source"],
+                    c["document_name"].as_str().unwrap_or(""),
+                    c["start"],
+                    c["end"],
+                    c["quote"].as_str().unwrap_or("")
                 );
             }
         }
