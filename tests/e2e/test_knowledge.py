@@ -16,7 +16,7 @@ import zipfile
 
 import pytest
 
-from conftest import kiln_cli, start_kiln
+from conftest import kiln_binary, kiln_cli, start_kiln
 from test_metering import api, new_key, new_tenant
 
 VACATION = """# Employee handbook
@@ -483,3 +483,43 @@ def test_the_kiln_kb_command_line(kiln_url, org, tmp_path):
     assert refused.returncode != 0 and "empty" in refused.stderr
     kb("rm", name)
     assert name not in kb("ls")
+
+
+def test_an_upstream_reranker_orders_results_and_is_metered(tmp_path):
+    import subprocess
+
+    mock_bin = kiln_binary().parent / "kiln-mock-upstream"
+    mock = subprocess.Popen([str(mock_bin), "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = mock.stderr.readline()
+        mock_url = line.strip().rsplit(" ", 1)[-1]
+        config = tmp_path / "kiln.toml"
+        config.write_text(f'[rerank]\nurl = "{mock_url}/v1/rerank"\nmodel = "mock-rerank"\n')
+        kiln = start_kiln(
+            "--config", str(config), "--embedding-model", "all-minilm-l6-v2",
+            "--database", str(tmp_path / "kiln.db"), "--kb-dir", str(tmp_path / "kb"),
+        )
+        try:
+            admin = kiln.admin_key
+            status, kb = api(kiln.url, admin, "POST", "/api/kbs", {"name": "rr"})
+            kb = kb["id"]
+            for name, text in [
+                ("a.txt", b"Solar panels convert sunlight into electricity on the roof."),
+                ("b.txt", b"Wind turbines convert wind into electricity offshore."),
+                ("c.txt", b"The canteen serves soup on Fridays."),
+            ]:
+                status, d = upload(kiln.url, admin, kb, name, text)
+                assert wait_final(kiln.url, admin, kb, d["id"])["status"] == "ready"
+            status, hits = search(kiln.url, admin, kb, "wind electricity offshore", "hybrid", k=3)
+            assert status == 200, hits
+            scores = [h["rerank"] for h in hits["data"]]
+            assert scores == sorted(scores, reverse=True) and scores[0] == 1.0, hits
+            assert hits["data"][0]["document_name"] == "b.txt"
+            status, rows = api(kiln.url, admin, "GET", "/api/ledger?limit=100")
+            reranks = [r for r in rows["data"] if r["endpoint"] == "/api/kbs/rerank"]
+            assert len(reranks) == 1 and reranks[0]["model"] == "mock-rerank" and reranks[0]["prompt_tokens"] > 0, reranks
+        finally:
+            kiln.stop()
+    finally:
+        mock.terminate()
+        mock.wait()

@@ -7,7 +7,9 @@
 //! words (`--tokens`, at most `max_tokens`), streamed as SSE when asked, with
 //! a usage chunk when `stream_options.include_usage` is set; the prompt's
 //! whitespace-separated words are its `prompt_tokens`. `POST /v1/embeddings`
-//! answers one 8-dimensional vector per input. `GET /v1/models` lists `mock`.
+//! answers one 8-dimensional vector per input. `POST /v1/rerank` scores each
+//! of `documents` by the share of the query's words it contains (the shape
+//! vLLM and Text Embeddings Inference answer). `GET /v1/models` lists `mock`.
 //!
 //! Prints `mock upstream listening on http://ADDR` once bound.
 
@@ -184,6 +186,39 @@ async fn embeddings(body: Bytes) -> Response {
     )
 }
 
+async fn rerank(body: Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return bad("the body is not JSON");
+    };
+    let (Some(query), Some(docs)) = (req["query"].as_str(), req["documents"].as_array()) else {
+        return bad("`query` (a string) and `documents` (an array) are required");
+    };
+    let words = |t: &str| -> Vec<String> {
+        t.split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect()
+    };
+    let q = words(query);
+    let mut tokens = 0;
+    let mut results: Vec<Value> = Vec::with_capacity(docs.len());
+    for (index, d) in docs.iter().enumerate() {
+        let text = d.as_str().or_else(|| d["text"].as_str()).unwrap_or("");
+        let w = words(text);
+        tokens += q.len() + w.len();
+        let shared = q.iter().filter(|x| w.contains(x)).count();
+        let score = shared as f64 / q.len().max(1) as f64;
+        results.push(json!({"index": index, "relevance_score": score}));
+    }
+    results.sort_by(|a, b| {
+        let s = |v: &Value| v["relevance_score"].as_f64().unwrap_or(0.0);
+        s(b).total_cmp(&s(a))
+    });
+    json_response(
+        &json!({"model": req["model"], "results": results, "usage": {"total_tokens": tokens}}),
+    )
+}
+
 async fn models() -> Response {
     json_response(
         &json!({"object": "list", "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "mock"}]}),
@@ -204,6 +239,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
             .route("/v1/embeddings", post(embeddings))
+            .route("/v1/rerank", post(rerank))
             .route("/v1/models", get(models))
             .with_state(mock);
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;

@@ -332,6 +332,7 @@ mod tests {
             score: 1.0,
             bm25: None,
             vector: None,
+            rerank: None,
         }
     }
 

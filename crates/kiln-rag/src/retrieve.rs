@@ -54,6 +54,18 @@ impl Default for Fusion {
     }
 }
 
+/// The optional last stage: a model that scores (query, passage) pairs
+/// jointly — a cross-encoder, or an upstream rerank endpoint. The server's
+/// implementation meters each call to the caller's key.
+pub trait Reranker: Send + Sync {
+    fn model(&self) -> &str;
+    /// One relevance score per passage, higher is better.
+    fn rerank(&self, query: &str, passages: &[&str]) -> Result<Vec<f32>, crate::kb::EmbedError>;
+}
+
+/// Fused candidates a reranker sees (at least `k`).
+pub const RERANK_CANDIDATES: usize = 30;
+
 /// A fused candidate: its score and where it ranked on each side (1-based).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Fused {

@@ -436,3 +436,51 @@ fn many_documents_ingest_together_and_fail_alone() {
     assert_eq!(kb.document(&big.id).unwrap().live_version, None);
     assert_eq!(kb.stats().chunks, 21);
 }
+
+/// Scores passages by how many of the query's words they contain, reversed
+/// for the test: the passage with the fewest shared words first.
+struct ContrarianReranker;
+
+impl kiln_rag::retrieve::Reranker for ContrarianReranker {
+    fn model(&self) -> &str {
+        "contrarian"
+    }
+    fn rerank(&self, query: &str, passages: &[&str]) -> Result<Vec<f32>, EmbedError> {
+        let q: Vec<String> = query.split_whitespace().map(str::to_lowercase).collect();
+        Ok(passages
+            .iter()
+            .map(|p| {
+                let p = p.to_lowercase();
+                -(q.iter().filter(|w| p.contains(w.as_str())).count() as f32)
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn a_reranker_orders_the_fused_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let kb = KnowledgeBase::create(dir.path(), settings("kb6")).unwrap();
+    let e = HashEmbedder::new(10_000);
+    for (name, text) in [
+        ("a.txt", "red apples and green apples"),
+        ("b.txt", "red cars"),
+        ("c.txt", "red apples"),
+    ] {
+        let d = kb.add(upload(name, text)).unwrap().document;
+        kb.ingest(&d.id, 1, &e).unwrap();
+    }
+    let q = Query {
+        k: 2,
+        ..query("red apples", Mode::Bm25, Filter::default())
+    };
+    let plain = kb.search(&q, None).unwrap();
+    assert_eq!(plain.len(), 2);
+    assert!(plain.iter().all(|h| h.rerank.is_none()));
+    let reranked = kb
+        .search_reranked(&q, None, Some(&ContrarianReranker))
+        .unwrap();
+    assert_eq!(reranked.len(), 2);
+    assert_eq!(reranked[0].document_name, "b.txt", "{reranked:?}");
+    assert_eq!(reranked[0].rerank, Some(-1.0));
+}

@@ -113,6 +113,7 @@ impl ServeArgs {
             no_auth: self.no_auth.then_some(true),
             lease_seconds: None,
             upstreams: None,
+            rerank: None,
         }
     }
 }

@@ -429,3 +429,188 @@ impl Embedder for MeteredEmbedder {
         }
     }
 }
+
+/// The ledger endpoint of a knowledge-base search's rerank call.
+pub const RERANK_ENDPOINT: &str = "/api/kbs/rerank";
+/// How long a rerank call may take.
+const RERANK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An upstream rerank endpoint (`[rerank]` in the configuration): vLLM's,
+/// Text Embeddings Inference's or any server speaking the common
+/// `{model, query, documents}` → `{results: [{index, relevance_score}]}`
+/// shape.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RerankConfig {
+    /// The endpoint's full URL, e.g. `http://host:8000/v1/rerank`.
+    pub url: String,
+    /// The model name sent, and metered and priced under.
+    pub model: String,
+    /// An environment variable holding the upstream's API key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+}
+
+impl RerankConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let uri: hyper::Uri = self
+            .url
+            .parse()
+            .map_err(|e| format!("rerank url `{}`: {e}", self.url))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(format!(
+                "rerank url `{}` must be http://HOST[:PORT]/PATH (TLS to upstreams is not built in)",
+                self.url
+            ));
+        }
+        crate::config::validate_plain_name("rerank model", &self.model)
+    }
+}
+
+/// The configured rerank endpoint, each call metered to `principal`. Used
+/// from blocking threads only.
+pub struct UpstreamReranker {
+    state: SharedState,
+    principal: Arc<Principal>,
+    config: RerankConfig,
+    runtime: tokio::runtime::Handle,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<hyper::body::Bytes>,
+    >,
+}
+
+impl UpstreamReranker {
+    /// `None` when no reranker is configured.
+    pub fn new(state: SharedState, principal: Arc<Principal>) -> Option<UpstreamReranker> {
+        let config = state.rerank.clone()?;
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        Some(UpstreamReranker {
+            state,
+            principal,
+            config,
+            runtime,
+            client,
+        })
+    }
+
+    /// Tokens the call is charged when the upstream reports none: the query
+    /// once per passage plus the passages, by the embedding tokenizer.
+    fn estimate(&self, query: &str, passages: &[&str]) -> usize {
+        let count = |t: &str| {
+            self.state
+                .models
+                .embedding
+                .as_ref()
+                .map_or(t.split_whitespace().count(), |m| {
+                    m.embedder.tokenize(t).len()
+                })
+        };
+        let q = count(query);
+        passages.iter().map(|p| q + count(p)).sum()
+    }
+
+    async fn post(&self, body: Vec<u8>) -> Result<serde_json::Value, String> {
+        use http_body_util::BodyExt;
+        let mut req =
+            hyper::Request::post(&self.config.url).header("content-type", "application/json");
+        if let Some(var) = &self.config.api_key_env {
+            if let Ok(key) = std::env::var(var) {
+                req = req.header("authorization", format!("Bearer {key}"));
+            }
+        }
+        let req = req
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(RERANK_TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| "the rerank upstream did not answer in time".to_string())?
+            .map_err(|e| format!("cannot reach the rerank upstream: {e}"))?;
+        let status = resp.status();
+        let bytes = tokio::time::timeout(RERANK_TIMEOUT, resp.into_body().collect())
+            .await
+            .map_err(|_| "the rerank upstream did not answer in time".to_string())?
+            .map_err(|e| format!("reading the rerank answer: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!(
+                "the rerank upstream answered {}: {}",
+                status.as_u16(),
+                String::from_utf8_lossy(&bytes)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            ));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| format!("the rerank answer is not JSON: {e}"))
+    }
+}
+
+impl kiln_rag::retrieve::Reranker for UpstreamReranker {
+    fn model(&self) -> &str {
+        &self.config.model
+    }
+
+    fn rerank(&self, query: &str, passages: &[&str]) -> Result<Vec<f32>, EmbedError> {
+        let estimate = self.estimate(query, passages);
+        let call = CallContext::new(
+            self.state.clone(),
+            format!("kb-{}", uuid::Uuid::new_v4().simple()),
+            RERANK_ENDPOINT,
+            self.config.model.clone(),
+            self.principal.clone(),
+        );
+        self.principal
+            .check_model(&self.config.model)
+            .map_err(|e| EmbedError::Refused(e.message))?;
+        self.runtime
+            .block_on(call.admit_to(estimate, 0, "rerank"))
+            .map_err(|e| EmbedError::Refused(e.message))?;
+        let body = serde_json::json!({
+            "model": self.config.model,
+            "query": query,
+            "documents": passages,
+        });
+        let answer = serde_json::to_vec(&body)
+            .map_err(|e| e.to_string())
+            .and_then(|b| self.runtime.block_on(self.post(b)));
+        let parsed = answer.and_then(|v| {
+            let mut scores = vec![f32::NAN; passages.len()];
+            for r in v["results"].as_array().into_iter().flatten() {
+                let (Some(i), Some(s)) = (r["index"].as_u64(), r["relevance_score"].as_f64())
+                else {
+                    return Err("a rerank result lacks index or relevance_score".to_string());
+                };
+                match scores.get_mut(i as usize) {
+                    Some(slot) => *slot = s as f32,
+                    None => return Err(format!("a rerank result's index {i} is out of range")),
+                }
+            }
+            if scores.iter().any(|s| s.is_nan()) {
+                return Err("the rerank upstream did not score every passage".to_string());
+            }
+            let used = v["usage"]["total_tokens"]
+                .as_u64()
+                .map_or(estimate, |t| t as usize);
+            Ok((scores, used))
+        });
+        match parsed {
+            Ok((scores, used)) => {
+                self.runtime
+                    .block_on(call.embedded(used))
+                    .map_err(|e| EmbedError::Failed(e.message))?;
+                Ok(scores)
+            }
+            Err(why) => {
+                call.failed(
+                    ErrorCode::UpstreamError.as_str(),
+                    crate::api::calls::Used::default(),
+                );
+                Err(EmbedError::Failed(why))
+            }
+        }
+    }
+}

@@ -67,6 +67,7 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
     let auth = Arc::new(Auth::new(db.clone(), anonymous).context("cannot read keys")?);
     let meter = Meter::new(db.clone(), replica_id).context("cannot read the platform currency")?;
     let mut state = AppState::new(models, metrics, auth, meter);
+    state.rerank = cfg.rerank.clone();
     let mut jobs = None;
     if state.models.embedding.is_some() {
         let (knowledge, rx) =

@@ -248,6 +248,9 @@ pub struct Hit {
     pub bm25: Option<(usize, f32)>,
     /// (rank, cosine similarity) on the vector side, when found there.
     pub vector: Option<(usize, f32)>,
+    /// The reranker's score, when a reranker ordered the results.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rerank: Option<f32>,
 }
 
 /// Who may see a live document's chunks, and its metadata for filters.

@@ -7,6 +7,17 @@ impl KnowledgeBase {
     /// Searches the knowledge base. Vector and hybrid modes embed the query
     /// through `embedder`.
     pub fn search(&self, q: &Query, embedder: Option<&dyn Embedder>) -> Result<Vec<Hit>> {
+        self.search_reranked(q, embedder, None)
+    }
+
+    /// [`KnowledgeBase::search`], then, with a reranker, the best
+    /// [`retrieve::RERANK_CANDIDATES`] fused hits reordered by its scores.
+    pub fn search_reranked(
+        &self,
+        q: &Query,
+        embedder: Option<&dyn Embedder>,
+        reranker: Option<&dyn retrieve::Reranker>,
+    ) -> Result<Vec<Hit>> {
         if q.k == 0 || q.text.trim().is_empty() {
             return Ok(Vec::new());
         }
@@ -46,7 +57,11 @@ impl KnowledgeBase {
         } else {
             Vec::new()
         };
-        let fused = retrieve::fuse(&bm25, &vector, &q.fusion, q.k);
+        let limit = match reranker {
+            Some(_) => q.k.max(retrieve::RERANK_CANDIDATES),
+            None => q.k,
+        };
+        let fused = retrieve::fuse(&bm25, &vector, &q.fusion, limit);
         let mut hits = Vec::with_capacity(fused.len());
         let db = self.db();
         let mut stmt = db.prepare(
@@ -88,8 +103,31 @@ impl KnowledgeBase {
                 score,
                 bm25: f.bm25,
                 vector: f.vector,
+                rerank: None,
             });
         }
+        if let Some(r) = reranker.filter(|_| !hits.is_empty()) {
+            let passages: Vec<&str> = hits.iter().map(|h| h.text.as_str()).collect();
+            let scores = r.rerank(&q.text, &passages)?;
+            if scores.len() != hits.len() || scores.iter().any(|s| !s.is_finite()) {
+                return Err(KbError::Embed(EmbedError::Failed(format!(
+                    "the reranker `{}` returned {} scores for {} passages",
+                    r.model(),
+                    scores.len(),
+                    hits.len()
+                ))));
+            }
+            for (h, s) in hits.iter_mut().zip(scores) {
+                h.rerank = Some(s);
+                h.score = s;
+            }
+            hits.sort_by(|a, b| {
+                b.score
+                    .total_cmp(&a.score)
+                    .then(a.chunk_id.cmp(&b.chunk_id))
+            });
+        }
+        hits.truncate(q.k);
         Ok(hits)
     }
 

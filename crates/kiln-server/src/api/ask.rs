@@ -121,10 +121,14 @@ pub async fn answer(
         },
     };
     let embedder = MeteredEmbedder::new(state.clone(), principal.clone(), SEARCH_ENDPOINT);
+    let reranker = crate::knowledge::UpstreamReranker::new(state.clone(), principal.clone());
     let hits = blocking(move || {
-        kb.search(
+        kb.search_reranked(
             &query,
             embedder.as_ref().map(|e| e as &dyn kiln_rag::kb::Embedder),
+            reranker
+                .as_ref()
+                .map(|r| r as &dyn kiln_rag::retrieve::Reranker),
         )
         .map_err(kb_error)
     })

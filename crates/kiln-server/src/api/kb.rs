@@ -583,10 +583,14 @@ async fn search(
         },
     };
     let embedder = MeteredEmbedder::new(state.clone(), p.clone(), SEARCH_ENDPOINT);
+    let reranker = crate::knowledge::UpstreamReranker::new(state.clone(), p.clone());
     let hits = blocking(move || {
-        kb.search(
+        kb.search_reranked(
             &q,
             embedder.as_ref().map(|e| e as &dyn kiln_rag::kb::Embedder),
+            reranker
+                .as_ref()
+                .map(|r| r as &dyn kiln_rag::retrieve::Reranker),
         )
         .map_err(kb_error)
     })

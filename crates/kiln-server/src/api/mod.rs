@@ -46,6 +46,8 @@ pub struct AppState {
     pub meter: Meter,
     /// Knowledge bases; `None` without an embedding model.
     pub knowledge: Option<Arc<crate::knowledge::Knowledge>>,
+    /// The upstream reranker knowledge-base searches use, if configured.
+    pub rerank: Option<crate::knowledge::RerankConfig>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -59,6 +61,7 @@ impl AppState {
             auth,
             meter,
             knowledge: None,
+            rerank: None,
         }
     }
 

@@ -58,6 +58,9 @@ pub struct ConfigLayer {
     /// `[[upstreams]]` tables: models served by other OpenAI-compatible
     /// servers (TOML only).
     pub upstreams: Option<Vec<crate::upstream::UpstreamConfig>>,
+    /// `[rerank]`: an upstream rerank endpoint for knowledge-base searches
+    /// (TOML only).
+    pub rerank: Option<crate::knowledge::RerankConfig>,
 }
 
 impl ConfigLayer {
@@ -84,7 +87,8 @@ impl ConfigLayer {
             database,
             no_auth,
             lease_seconds,
-            upstreams
+            upstreams,
+            rerank
         );
     }
 
@@ -176,6 +180,7 @@ impl ConfigLayer {
                 "a whole number of seconds",
             )?,
             upstreams: None,
+            rerank: None,
         })
     }
 
@@ -221,6 +226,7 @@ pub struct ServeConfig {
     /// How long this replica's lease lasts without renewal.
     pub lease: std::time::Duration,
     pub upstreams: Vec<crate::upstream::UpstreamConfig>,
+    pub rerank: Option<crate::knowledge::RerankConfig>,
     /// The TOML file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -376,10 +382,14 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
             }
         }
     }
+    if let Some(r) = &layer.rerank {
+        r.validate().map_err(ConfigError::Invalid)?;
+    }
     let home = layer.home.unwrap_or_else(default_home);
     let kb_dir = layer.kb_dir.unwrap_or_else(|| home.join("kb"));
     Ok(ServeConfig {
         upstreams,
+        rerank: layer.rerank,
         no_auth: layer.no_auth.unwrap_or(false),
         lease: std::time::Duration::from_secs(lease_seconds),
         database: layer
