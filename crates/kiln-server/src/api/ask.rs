@@ -24,11 +24,10 @@ use kiln_rag::retrieve::{Fusion, Mode};
 use serde::Serialize;
 
 use super::calls::CallContext;
-use super::kb::{blocking, kb_error, visibility};
+use super::kb::visibility;
 use super::{generate, SharedState};
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::knowledge::{MeteredEmbedder, SEARCH_ENDPOINT};
 
 /// Chat completions with the model `kb:<name or id>` answer from that
 /// knowledge base.
@@ -120,19 +119,7 @@ pub async fn answer(
             metadata: q.metadata,
         },
     };
-    let embedder = MeteredEmbedder::new(state.clone(), principal.clone(), SEARCH_ENDPOINT);
-    let reranker = crate::knowledge::UpstreamReranker::new(state.clone(), principal.clone());
-    let hits = blocking(move || {
-        kb.search_reranked(
-            &query,
-            embedder.as_ref().map(|e| e as &dyn kiln_rag::kb::Embedder),
-            reranker
-                .as_ref()
-                .map(|r| r as &dyn kiln_rag::retrieve::Reranker),
-        )
-        .map_err(kb_error)
-    })
-    .await?;
+    let hits = super::kb::metered_search(state, principal, kb, query).await?;
     let mut sources: Vec<Hit> = hits
         .into_iter()
         .filter(|h| ground::is_relevant(&q.text, h, &thresholds))

@@ -582,9 +582,21 @@ async fn search(
             metadata,
         },
     };
+    let hits = metered_search(&state, &p, kb, q).await?;
+    Ok(Json(json!({"object": "list", "data": hits})).into_response())
+}
+
+/// Runs a search on the blocking pool with the caller's metered embedder
+/// and, when one is configured, the upstream reranker.
+pub(super) async fn metered_search(
+    state: &SharedState,
+    p: &Arc<Principal>,
+    kb: Arc<KnowledgeBase>,
+    q: Query,
+) -> Result<Vec<kiln_rag::kb::Hit>, ApiError> {
     let embedder = MeteredEmbedder::new(state.clone(), p.clone(), SEARCH_ENDPOINT);
     let reranker = crate::knowledge::UpstreamReranker::new(state.clone(), p.clone());
-    let hits = blocking(move || {
+    blocking(move || {
         kb.search_reranked(
             &q,
             embedder.as_ref().map(|e| e as &dyn kiln_rag::kb::Embedder),
@@ -594,8 +606,7 @@ async fn search(
         )
         .map_err(kb_error)
     })
-    .await?;
-    Ok(Json(json!({"object": "list", "data": hits})).into_response())
+    .await
 }
 
 #[derive(Debug, Deserialize)]
