@@ -504,8 +504,8 @@ def main() -> None:
     state_path = workdir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if state and state.get("limit_docs") != args.limit_docs:
-        raise SystemExit(f"{workdir} holds a run with --limit-docs {state.get('limit_docs')}; "
-                         "use another --reuse-dir")
+        held = f"--limit-docs {state['limit_docs']}" if state.get("limit_docs") else "all documents"
+        raise SystemExit(f"{workdir} holds a run with {held}; use another --reuse-dir")
 
     def save():
         state_path.write_text(json.dumps(state, indent=1))
