@@ -43,7 +43,8 @@ CITATION_MARK = re.compile(r"\[\s*\d+(?:\s*,\s*\d+)*\s*\]")
 # A first sentence that says the sources lack the answer, in words Kiln's
 # check for the exact refusal may not know.
 SAYS_LACKING = re.compile(r"\b(?:do|does|did)\s+not\s+(?:contain|include|provide|mention|answer|address)\b"
-                          r"|\bno\s+information\b", re.I)
+                          r"|\bno\s+information\b|\bnot\s+(?:applicable|relevant)\b|\bcannot\s+(?:be\s+)?answer",
+                          re.I)
 
 
 # ---------------------------------------------------------------- the data
