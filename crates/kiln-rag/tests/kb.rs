@@ -371,12 +371,60 @@ fn reopening_repairs_a_stale_fulltext_index() {
         )
         .unwrap();
     }
+    // ... and the crash came before the version was marked ready.
+    {
+        let db = rusqlite::Connection::open(dir.path().join("kb.sqlite")).unwrap();
+        let n = db
+            .execute("UPDATE versions SET status = 'ingesting'", [])
+            .unwrap();
+        assert_eq!(n, 1);
+    }
     let kb = KnowledgeBase::open(dir.path()).unwrap();
     let hits = kb
         .search(&query("quantum", Mode::Bm25, Filter::default()), None)
         .unwrap();
     assert_eq!(hits.len(), 1);
     assert_eq!(hits[0].document_id, doc);
+    assert_eq!(kb.document(&doc).unwrap().status, Status::Ready);
+    assert!(kb.pending().unwrap().is_empty(), "a live version is not ingested again");
+}
+
+#[test]
+fn a_ready_document_is_found_by_full_text_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let kb = KnowledgeBase::create(dir.path(), settings("kb7")).unwrap();
+    let e = HashEmbedder::new(100_000);
+    let words: Vec<String> = (0..40).map(|i| format!("zebrafinch{i}")).collect();
+    let docs: Vec<String> = words
+        .iter()
+        .map(|w| {
+            kb.add(upload(&format!("{w}.txt"), &format!("The {w} sings at dawn.")))
+                .unwrap()
+                .document
+                .id
+        })
+        .collect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for d in &docs {
+                kb.ingest(d, 1, &e).unwrap();
+            }
+        });
+        // Whenever a document says it is ready, full-text search finds it.
+        let mut seen = vec![false; docs.len()];
+        while seen.iter().any(|s| !s) {
+            for (i, d) in docs.iter().enumerate() {
+                if seen[i] || kb.document(d).unwrap().status != Status::Ready {
+                    continue;
+                }
+                seen[i] = true;
+                let hits = kb
+                    .search(&query(&words[i], Mode::Bm25, Filter::default()), None)
+                    .unwrap();
+                assert_eq!(names(&hits), [format!("{}.txt", words[i])], "{d}");
+            }
+        }
+    });
 }
 
 #[test]

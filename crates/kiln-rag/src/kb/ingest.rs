@@ -216,11 +216,13 @@ impl KnowledgeBase {
                     }
                     ids.push(these);
                     let tokens: i64 = d.chunks.iter().map(|c| c.tokens as i64).sum();
+                    // The version stays `ingesting` until the full-text
+                    // index has it too; a crash in between is finished by
+                    // the next open.
                     tx.execute(
-                        "UPDATE versions SET status = 'ready', chunks = ?3, tokens = ?4, finished_ms = ?5,
-                            error_code = NULL, error = NULL
+                        "UPDATE versions SET chunks = ?3, tokens = ?4, error_code = NULL, error = NULL
                          WHERE doc_id = ?1 AND version = ?2",
-                        params![doc, version, d.chunks.len() as i64, tokens, now],
+                        params![doc, version, d.chunks.len() as i64, tokens],
                     )?;
                     tx.execute(
                         "UPDATE documents SET live_version = ?2, updated_ms = ?3 WHERE id = ?1",
@@ -281,10 +283,16 @@ impl KnowledgeBase {
             .map(String::as_str)
             .collect();
         // If this fails the database already says the versions are live; the
-        // next open re-adds them to the full-text index.
+        // next open re-adds them to the full-text index. Until then they are
+        // found by vector search only.
         if let Err(e) = self.fulltext.replace(&remove, &indexed) {
             tracing::error!(kb = %self.settings.id, error = %e, "full-text update failed; it is redone when the knowledge base next opens");
         }
+        let live_versions: Vec<(&str, i64)> = live_now
+            .iter()
+            .map(|(d, _)| (jobs[d.job].0.as_str(), jobs[d.job].1))
+            .collect();
+        self.mark_ready(&live_versions)?;
         for (d, info) in &live_now {
             if let Some(v) = info.live_version {
                 let _ = std::fs::remove_file(self.file_path(&jobs[d.job].0, v));

@@ -563,6 +563,14 @@ impl KnowledgeBase {
             let remove: Vec<&str> = remove.iter().map(String::as_str).collect();
             self.fulltext.replace(&remove, &indexed)?;
         }
+        // A version that went live in the database but was not yet marked
+        // ready when the process stopped is complete now.
+        db.execute(
+            "UPDATE versions SET status = 'ready', finished_ms = ?1
+             WHERE status IN ('queued', 'ingesting')
+               AND EXISTS (SELECT 1 FROM documents d WHERE d.id = versions.doc_id AND d.live_version = versions.version)",
+            params![now_ms()],
+        )?;
         drop(db);
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = live;
         Ok(())
@@ -769,6 +777,21 @@ impl KnowledgeBase {
             )
             .optional()?
             .is_some_and(|s| !Status::parse(&s).is_final()))
+    }
+
+    /// Marks versions that are live in every index as ready.
+    fn mark_ready(&self, versions: &[(&str, i64)]) -> Result<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let now = now_ms();
+        for (doc, version) in versions {
+            tx.execute(
+                "UPDATE versions SET status = 'ready', finished_ms = ?3 WHERE doc_id = ?1 AND version = ?2",
+                params![doc, version, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn set_status(
