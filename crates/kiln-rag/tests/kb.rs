@@ -386,7 +386,10 @@ fn reopening_repairs_a_stale_fulltext_index() {
     assert_eq!(hits.len(), 1);
     assert_eq!(hits[0].document_id, doc);
     assert_eq!(kb.document(&doc).unwrap().status, Status::Ready);
-    assert!(kb.pending().unwrap().is_empty(), "a live version is not ingested again");
+    assert!(
+        kb.pending().unwrap().is_empty(),
+        "a live version is not ingested again"
+    );
 }
 
 #[test]
@@ -398,10 +401,13 @@ fn a_ready_document_is_found_by_full_text_at_once() {
     let docs: Vec<String> = words
         .iter()
         .map(|w| {
-            kb.add(upload(&format!("{w}.txt"), &format!("The {w} sings at dawn.")))
-                .unwrap()
-                .document
-                .id
+            kb.add(upload(
+                &format!("{w}.txt"),
+                &format!("The {w} sings at dawn."),
+            ))
+            .unwrap()
+            .document
+            .id
         })
         .collect();
     std::thread::scope(|s| {
