@@ -173,6 +173,31 @@ def test_groups_and_tenants_see_only_what_they_may(kiln_url, org, handbook):
     assert len(listing["data"]) == 3
     status, info = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}")
     assert info["documents"] == 3
+    # Paging, newest first, shows each visible document once and no other.
+    for who, expect in (("member", 3), ("hr", 4)):
+        seen, after = [], None
+        while True:
+            path = f"/api/kbs/{kb}/documents?limit=1" + (f"&after={after}" if after else "")
+            status, page = api(kiln_url, org[who], "GET", path)
+            assert status == 200, page
+            assert len(page["data"]) == 1 and page["last_id"] == page["data"][0]["id"]
+            seen.append(page["last_id"])
+            if not page["has_more"]:
+                break
+            after = page["last_id"]
+        assert len(seen) == len(set(seen)) == expect, who
+        _, full = api(kiln_url, org[who], "GET", f"/api/kbs/{kb}/documents")
+        assert [d["id"] for d in full["data"]] == seen and full["has_more"] is False
+    # Continuing after a hidden document reads as continuing after none.
+    status, hidden = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}/documents?after={secret}")
+    status_missing, missing = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}/documents?after=doc_nope")
+    assert status == status_missing == 400
+    assert hidden["error"]["message"].replace(secret, "X") == missing["error"]["message"].replace("doc_nope", "X")
+    status, ready = api(kiln_url, org["hr"], "GET", f"/api/kbs/{kb}/documents?status=failed")
+    assert status == 200 and ready["data"] == []
+    for bad in ("limit=0", "limit=1001", "status=done", "colour=red"):
+        status, body = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}/documents?{bad}")
+        assert status == 400 and body["error"]["type"] == "invalid_request_error", (bad, body)
     status, hidden = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}/documents/{secret}")
     status_missing, missing = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}/documents/doc_nope")
     assert status == status_missing == 404

@@ -39,7 +39,10 @@ use crate::extract::{self, ExtractError, Limits};
 use crate::fulltext::{Filter, FullText, IndexedChunk};
 use crate::retrieve::{self, Fusion, Mode};
 use crate::vector::VectorIndex;
-use sql::{chunk_rows, document_row, insert_version, open_db, ChunkRow, DOCUMENT_SELECT};
+use sql::{
+    chunk_rows, document_row, insert_version, open_db, visibility_param, ChunkRow, DOCUMENT_SELECT,
+    VISIBLE,
+};
 
 mod ingest;
 mod search;
@@ -189,6 +192,27 @@ pub struct Document {
 pub struct Progress {
     pub done: i64,
     pub total: i64,
+}
+
+/// Which documents [`KnowledgeBase::list_documents`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct DocumentQuery {
+    /// Only documents one of these groups may see (unrestricted ones are
+    /// seen by all); `None` lists every document.
+    pub groups: Option<Vec<String>>,
+    /// Only documents whose latest version has this status.
+    pub status: Option<Status>,
+    /// Continue after this document (the last one of the previous page).
+    /// A document the caller may not see is not found.
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct DocumentPage {
+    pub documents: Vec<Document>,
+    /// Whether more documents follow the last one.
+    pub has_more: bool,
 }
 
 /// A new document (or version) as uploaded.
@@ -728,12 +752,58 @@ impl KnowledgeBase {
 
     /// Every document, newest first.
     pub fn documents(&self) -> Result<Vec<Document>> {
+        let page = self.list_documents(&DocumentQuery {
+            limit: usize::MAX,
+            ..Default::default()
+        })?;
+        Ok(page.documents)
+    }
+
+    /// One page of documents, newest first, as `query` selects them.
+    pub fn list_documents(&self, query: &DocumentQuery) -> Result<DocumentPage> {
+        let groups = visibility_param(query.groups.as_deref());
+        let status = query.status.map(Status::as_str);
         let db = self.db();
+        let cursor = match &query.after {
+            None => None,
+            Some(after) => Some(
+                db.query_row(
+                    &format!("SELECT d.created_ms FROM documents d WHERE d.id = ?1 AND {VISIBLE}"),
+                    params![after, groups],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()?
+                .ok_or_else(|| KbError::DocumentNotFound(after.clone()))?,
+            ),
+        };
         let mut stmt = db.prepare(&format!(
-            "{DOCUMENT_SELECT} ORDER BY d.created_ms DESC, d.id"
+            "{DOCUMENT_SELECT} WHERE {VISIBLE} AND (?3 IS NULL OR v.status = ?3)
+               AND (?4 IS NULL OR d.created_ms < ?4 OR (d.created_ms = ?4 AND d.id > ?1))
+             ORDER BY d.created_ms DESC, d.id LIMIT ?5"
         ))?;
-        let rows = stmt.query_map([], document_row)?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        // One more than asked, to know whether there are more.
+        let fetch = query.limit.saturating_add(1).min(i64::MAX as usize) as i64;
+        let rows = stmt.query_map(
+            params![query.after, groups, status, cursor, fetch],
+            document_row,
+        )?;
+        let mut documents: Vec<Document> = rows.collect::<std::result::Result<_, _>>()?;
+        let has_more = documents.len() > query.limit;
+        documents.truncate(query.limit);
+        Ok(DocumentPage {
+            documents,
+            has_more,
+        })
+    }
+
+    /// How many documents the holder of `groups` may see (`None`: all).
+    pub fn count_documents(&self, groups: Option<&[String]>) -> Result<usize> {
+        let n: i64 = self.db().query_row(
+            &format!("SELECT COUNT(*) FROM documents d WHERE {VISIBLE}"),
+            params![Option::<String>::None, visibility_param(groups)],
+            |r| r.get(0),
+        )?;
+        Ok(n as usize)
     }
 
     pub fn document(&self, doc: &str) -> Result<Document> {

@@ -49,7 +49,19 @@ CREATE TABLE IF NOT EXISTS chunks (
     vector BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id, version);
+CREATE INDEX IF NOT EXISTS documents_listing ON documents(created_ms DESC, id);
 ";
+
+/// Whether the caller may see document `d`: parameter `?2` is `NULL` (sees
+/// everything) or a JSON array of the caller's groups; a document without
+/// groups is seen by all.
+pub(super) const VISIBLE: &str = "(?2 IS NULL OR d.groups = '[]'
+    OR EXISTS (SELECT 1 FROM json_each(d.groups) g WHERE g.value IN (SELECT value FROM json_each(?2))))";
+
+/// The `?2` parameter of [`VISIBLE`].
+pub(super) fn visibility_param(groups: Option<&[String]>) -> Option<String> {
+    groups.map(|g| serde_json::to_string(g).unwrap_or_else(|_| "[]".into()))
+}
 
 pub(super) struct ChunkRow {
     pub(super) id: u64,

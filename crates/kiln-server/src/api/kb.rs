@@ -5,7 +5,8 @@
 //! POST   /api/kbs                          create {name, description, chunking}
 //! GET    /api/kbs/{kb}                     one knowledge base (by id or name)
 //! DELETE /api/kbs/{kb}                     delete it and all its documents
-//! GET    /api/kbs/{kb}/documents           documents with their ingestion state
+//! GET    /api/kbs/{kb}/documents           documents with their ingestion state, newest first;
+//!                                          ?limit= (100, at most 1000) &after=ID &status=S
 //! POST   /api/kbs/{kb}/documents?name=F    upload (raw body); &group=G, &meta=KEY:VALUE repeatable
 //! GET    /api/kbs/{kb}/documents/{doc}     one document (progress while ingesting)
 //! PUT    /api/kbs/{kb}/documents/{doc}     upload a new version (raw body)
@@ -25,14 +26,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use kiln_rag::chunk::ChunkOptions;
 use kiln_rag::fulltext::Filter;
-use kiln_rag::kb::{Document, KbError, KnowledgeBase, Query, Settings, Upload};
+use kiln_rag::kb::{
+    Document, DocumentQuery, KbError, KnowledgeBase, Query as KbQuery, Settings, Status, Upload,
+};
 use kiln_rag::retrieve::{Fusion, Mode};
 use kiln_store::accounts::Role;
 use kiln_types::error::ErrorCode;
@@ -186,14 +190,9 @@ fn kb_json(kb: &KnowledgeBase, visible_documents: usize) -> serde_json::Value {
     })
 }
 
-fn visible_documents(kb: &KnowledgeBase, p: &Principal) -> Result<Vec<Document>, ApiError> {
-    let groups = visibility(p);
-    Ok(kb
-        .documents()
-        .map_err(kb_error)?
-        .into_iter()
-        .filter(|d| may_see(&groups, d))
-        .collect())
+fn count_visible(kb: &KnowledgeBase, p: &Principal) -> Result<usize, ApiError> {
+    kb.count_documents(visibility(p).as_deref())
+        .map_err(kb_error)
 }
 
 async fn list(
@@ -204,7 +203,7 @@ async fn list(
     let data = blocking(move || {
         bases
             .iter()
-            .map(|kb| Ok(kb_json(kb, visible_documents(kb, &p)?.len())))
+            .map(|kb| Ok(kb_json(kb, count_visible(kb, &p)?)))
             .collect::<Result<Vec<_>, ApiError>>()
     })
     .await?;
@@ -289,7 +288,7 @@ async fn show(
     Path(key): Path<String>,
 ) -> Result<Response, ApiError> {
     let kb = find(&state, &p, &key)?;
-    let body = blocking(move || Ok(kb_json(&kb, visible_documents(&kb, &p)?.len()))).await?;
+    let body = blocking(move || Ok(kb_json(&kb, count_visible(&kb, &p)?))).await?;
     Ok(Json(body).into_response())
 }
 
@@ -308,14 +307,60 @@ async fn delete(
     Ok(Json(json!({"id": id, "object": "knowledge_base", "deleted": true})).into_response())
 }
 
+/// Documents listed per page by default, and at most.
+const DOCUMENTS_PAGE: usize = 100;
+const DOCUMENTS_PAGE_MAX: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocumentsParams {
+    limit: Option<usize>,
+    /// The last document id of the previous page.
+    after: Option<String>,
+    status: Option<Status>,
+}
+
+/// `GET /api/kbs/{kb}/documents?limit=&after=&status=`: newest first, in
+/// pages, with `has_more` and `last_id` to ask for the next.
 async fn list_documents(
     State(state): State<SharedState>,
     Extension(p): Caller,
     Path(key): Path<String>,
+    params: Result<Query<DocumentsParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let limit = params.limit.unwrap_or(DOCUMENTS_PAGE);
+    if !(1..=DOCUMENTS_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("limit must be between 1 and {DOCUMENTS_PAGE_MAX}"),
+        ));
+    }
     let kb = find(&state, &p, &key)?;
-    let docs = blocking(move || visible_documents(&kb, &p)).await?;
-    Ok(Json(json!({"object": "list", "data": docs})).into_response())
+    let query = DocumentQuery {
+        groups: visibility(&p),
+        status: params.status,
+        after: params.after,
+        limit,
+    };
+    let page = blocking(move || {
+        kb.list_documents(&query).map_err(|e| match e {
+            KbError::DocumentNotFound(d) => ApiError::invalid(
+                "after",
+                format!("no document `{d}` to continue after; list again from the start"),
+            ),
+            e => kb_error(e),
+        })
+    })
+    .await?;
+    Ok(Json(json!({
+        "object": "list",
+        "first_id": page.documents.first().map(|d| &d.id),
+        "last_id": page.documents.last().map(|d| &d.id),
+        "has_more": page.has_more,
+        "data": page.documents,
+    }))
+    .into_response())
 }
 
 struct UploadParams {
@@ -572,7 +617,7 @@ async fn search(
     }
     let mut metadata: Vec<(String, String)> = body.metadata.into_iter().collect();
     metadata.sort();
-    let q = Query {
+    let q = KbQuery {
         text: body.query,
         k,
         mode,
@@ -592,7 +637,7 @@ pub(super) async fn metered_search(
     state: &SharedState,
     p: &Arc<Principal>,
     kb: Arc<KnowledgeBase>,
-    q: Query,
+    q: KbQuery,
 ) -> Result<Vec<kiln_rag::kb::Hit>, ApiError> {
     let embedder = MeteredEmbedder::new(state.clone(), p.clone(), SEARCH_ENDPOINT);
     let reranker = crate::knowledge::UpstreamReranker::new(state.clone(), p.clone());

@@ -195,24 +195,29 @@ async fn run_async(args: &KbArgs) -> anyhow::Result<()> {
             }
         }
         KbCommand::Ls { kb: Some(kb) } => {
-            let list = api
-                .json(
-                    Method::GET,
-                    &format!("/api/kbs/{}/documents", enc(kb)),
-                    Value::Null,
-                )
-                .await?;
             println!("ID\tNAME\tVERSION\tSTATUS\tCHUNKS\tERROR");
-            for d in list["data"].as_array().into_iter().flatten() {
-                println!(
-                    "{}\t{}\t{}\t{}\t{}\t{}",
-                    d["id"].as_str().unwrap_or(""),
-                    d["name"].as_str().unwrap_or(""),
-                    d["version"],
-                    d["status"].as_str().unwrap_or(""),
-                    d["chunks"],
-                    d["error"].as_str().unwrap_or("")
-                );
+            let mut after: Option<String> = None;
+            loop {
+                let mut path = format!("/api/kbs/{}/documents?limit=1000", enc(kb));
+                if let Some(a) = &after {
+                    path.push_str(&format!("&after={}", enc(a)));
+                }
+                let page = api.json(Method::GET, &path, Value::Null).await?;
+                for d in page["data"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        d["id"].as_str().unwrap_or(""),
+                        d["name"].as_str().unwrap_or(""),
+                        d["version"],
+                        d["status"].as_str().unwrap_or(""),
+                        d["chunks"],
+                        d["error"].as_str().unwrap_or("")
+                    );
+                }
+                match page["last_id"].as_str() {
+                    Some(last) if page["has_more"] == true => after = Some(last.to_string()),
+                    _ => break,
+                }
             }
         }
         KbCommand::Rm { kb, document } => {
