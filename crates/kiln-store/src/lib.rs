@@ -2,7 +2,8 @@
 //!
 //! Each concern is a query trait with one implementation per database —
 //! [`CallLog`] (the usage ledger), [`Accounts`] (tenants and API keys),
-//! [`Billing`] (prices, credits, budget reservations, replica leases) — and
+//! [`Billing`] (prices, credits, budget reservations, replica leases),
+//! [`KbDirectory`] (which replica serves each knowledge base) — and
 //! [`Database`] is all of them, so the server holds an `Arc<dyn Database>`
 //! and does not care which database is behind it:
 //! - [`Store`]: SQLite in WAL mode, the single-machine default;
@@ -19,6 +20,7 @@
 pub mod accounts;
 pub mod billing;
 mod calls;
+pub mod directory;
 mod error;
 pub mod money;
 mod postgres;
@@ -31,6 +33,7 @@ pub use calls::{
     endpoint, now_ms, CallLog, CallRecord, GroupBy, LedgerEntry, ModelUsage, Outcome, UsageQuery,
     UsageRow,
 };
+pub use directory::{KbDirectory, KbEntry};
 pub use error::{Result, StoreError};
 pub use postgres::{is_postgres_url, PgStore, PG_SCHEMA_VERSION};
 pub use sqlite::{default_db_path, Store, SCHEMA_VERSION};
@@ -48,6 +51,6 @@ pub fn open_database(spec: &std::path::Path) -> Result<std::sync::Arc<dyn Databa
 }
 
 /// Everything a server needs from its database, as one object.
-pub trait Database: CallLog + Accounts + Billing {}
+pub trait Database: CallLog + Accounts + Billing + KbDirectory {}
 
-impl<T: CallLog + Accounts + Billing> Database for T {}
+impl<T: CallLog + Accounts + Billing + KbDirectory> Database for T {}

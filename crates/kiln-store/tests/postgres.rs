@@ -84,6 +84,7 @@ on_postgres!(prices_are_checked);
 on_postgres!(reservations_settle_exactly);
 on_postgres!(lapsed_leases_are_recovered);
 on_postgres!(usage_reports_group);
+on_postgres!(kb_directory);
 
 /// Two stores (two replicas' pools) race for one budget.
 #[test]

@@ -50,3 +50,8 @@ fn lapsed_leases_are_recovered() -> TestResult {
 fn usage_reports_group() -> TestResult {
     suite::usage_reports_group(&fresh())
 }
+
+#[test]
+fn kb_directory() -> TestResult {
+    suite::kb_directory(&fresh())
+}

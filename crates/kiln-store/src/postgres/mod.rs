@@ -9,6 +9,7 @@
 
 mod accounts;
 mod billing;
+mod directory;
 mod ledger;
 
 use std::sync::{Condvar, Mutex, PoisonError};
@@ -48,6 +49,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "key_groups",
         sql: include_str!("../../migrations/postgres/0003_key_groups.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "knowledge_bases",
+        sql: include_str!("../../migrations/postgres/0004_knowledge_bases.sql"),
     },
 ];
 

@@ -15,6 +15,7 @@ use crate::error::{Result, StoreError};
 
 mod accounts;
 mod billing;
+mod directory;
 mod ledger;
 
 /// How long a writer waits for another writer's lock before failing.
@@ -53,6 +54,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 5,
         name: "key_groups",
         sql: include_str!("../../migrations/sqlite/0005_key_groups.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "knowledge_bases",
+        sql: include_str!("../../migrations/sqlite/0006_knowledge_bases.sql"),
     },
 ];
 

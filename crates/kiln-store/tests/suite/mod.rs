@@ -7,7 +7,7 @@ use std::sync::Arc;
 use kiln_store::accounts::{secret_hash, Limits, NewKey, NewTenant, Role, TenantUpdate};
 use kiln_store::billing::{Caller, CreditKind, NewCredit, Refusal, ReservationRequest, Settlement};
 use kiln_store::money::{Money, Prices, TokenCounts};
-use kiln_store::{Database, GroupBy, Outcome, StoreError, UsageQuery, INTERRUPTED};
+use kiln_store::{Database, GroupBy, KbEntry, Outcome, StoreError, UsageQuery, INTERRUPTED};
 
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -534,5 +534,52 @@ pub fn usage_reports_group(db: &dyn Database) -> TestResult {
     assert!(future.is_empty());
     assert_eq!(db.recent_calls(Some(&b.id), 10)?.len(), 2);
     assert_eq!(db.recent_calls(None, 10)?.len(), 5);
+    Ok(())
+}
+
+/// The knowledge-base directory: names unique per tenant across replicas,
+/// lookups by id or by name within the tenant, re-announcing moves the URL.
+pub fn kb_directory(db: &dyn Database) -> TestResult {
+    let entry = |id: &str, tenant: &str, name: &str, url: Option<&str>| KbEntry {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        name: name.into(),
+        replica_url: url.map(String::from),
+        created_at_ms: 1,
+    };
+    let a = entry("kb_a", "t1", "handbook", Some("http://10.0.0.1:8080"));
+    db.register_kb(&a)?;
+    db.register_kb(&entry("kb_b", "t2", "handbook", None))?;
+    assert!(matches!(
+        db.register_kb(&entry("kb_c", "t1", "handbook", None)),
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        db.announce_kb(&entry("kb_c", "t1", "handbook", None)),
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(db.kb_entry(Some("t1"), "kb_a")?, Some(a.clone()));
+    assert_eq!(db.kb_entry(Some("t1"), "handbook")?, Some(a.clone()));
+    assert_eq!(db.kb_entry(None, "kb_a")?, Some(a.clone()));
+    // Another tenant's knowledge base is not found, by id or by name.
+    assert_eq!(db.kb_entry(Some("t2"), "kb_a")?, None);
+    assert_eq!(
+        db.kb_entry(Some("t2"), "handbook")?.map(|e| e.id),
+        Some("kb_b".into())
+    );
+    assert_eq!(db.kb_entry(None, "handbook")?, None);
+    let moved = entry("kb_a", "t1", "handbook", Some("http://10.0.0.2:8080"));
+    db.announce_kb(&moved)?;
+    assert_eq!(db.kb_entry(Some("t1"), "kb_a")?, Some(moved));
+    db.announce_kb(&entry("kb_d", "t1", "manuals", None))?;
+    let names = |t: Option<&str>| -> Result<Vec<String>, StoreError> {
+        Ok(db.kb_entries(t)?.into_iter().map(|e| e.id).collect())
+    };
+    assert_eq!(names(Some("t1"))?, ["kb_a", "kb_d"]);
+    assert_eq!(names(None)?.len(), 3);
+    db.unregister_kb("kb_a")?;
+    db.unregister_kb("kb_a")?;
+    assert_eq!(db.kb_entry(Some("t1"), "handbook")?, None);
+    db.register_kb(&entry("kb_e", "t1", "handbook", None))?;
     Ok(())
 }
