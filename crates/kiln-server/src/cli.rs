@@ -72,6 +72,9 @@ pub struct ServeArgs {
     /// Directory of the knowledge bases [env: KILN_KB_DIR] (default $KILN_HOME/kb).
     #[arg(long, value_name = "DIR")]
     pub kb_dir: Option<PathBuf>,
+    /// The URL other replicas reach this one at, to forward requests for its knowledge bases [env: KILN_ADVERTISE_URL].
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
     /// Largest knowledge-base document upload in MiB [env: KILN_KB_MAX_UPLOAD_MB].
     #[arg(long, value_name = "MIB")]
     pub kb_max_upload_mb: Option<usize>,
@@ -105,6 +108,7 @@ impl ServeArgs {
             kv_cache_mb: self.kv_cache_mb,
             max_body_bytes: self.max_body_bytes,
             kb_dir: self.kb_dir.clone(),
+            advertise_url: self.advertise_url.clone(),
             kb_max_upload_mb: self.kb_max_upload_mb,
             threads: self.threads,
             log: self.log.clone(),

@@ -3,10 +3,15 @@
 //!
 //! Each knowledge base is a directory under `$KILN_HOME/kb/` (see
 //! [`kiln_rag::kb`]); the server opens them all at start and queues the
-//! ingestions a previous run left unfinished. In this phase a knowledge base
-//! lives on the replica that created it: with several replicas, send its
-//! `/api/kbs` calls to that replica (its id is in the knowledge base's
-//! settings, and `GET /api/kbs` on any replica lists only its own).
+//! ingestions a previous run left unfinished.
+//!
+//! In this phase a knowledge base lives on the replica that created it. The
+//! database's knowledge-base directory ([`kiln_store::KbDirectory`]) says
+//! which replica that is (its `--advertise-url`), so any replica sharing the
+//! database finds every knowledge base, keeps names unique per tenant, and
+//! forwards a request for one it does not hold to the replica that does
+//! ([`crate::forward`]); that replica authenticates and meters it as if it
+//! had been sent there directly.
 //!
 //! Every embedding a knowledge base makes — chunks during ingestion, the
 //! query of a search — is a metered call charged to the key that caused it
@@ -16,10 +21,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use kiln_rag::kb::{EmbedError, Embedder, KnowledgeBase, Settings};
+use kiln_store::{Database, KbEntry};
 use kiln_types::error::ErrorCode;
 use tokio::sync::mpsc;
 
@@ -27,6 +33,7 @@ use crate::api::calls::CallContext;
 use crate::api::SharedState;
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::forward::Forwarder;
 
 /// The ledger endpoint of embeddings made while ingesting a document.
 pub const INGEST_ENDPOINT: &str = "/api/kbs/ingest";
@@ -51,6 +58,10 @@ pub struct Knowledge {
     bases: RwLock<BTreeMap<String, Arc<KnowledgeBase>>>,
     jobs: mpsc::UnboundedSender<Job>,
     max_upload_bytes: usize,
+    db: Arc<dyn Database>,
+    /// Where other replicas reach this one; set once the server listens.
+    advertise_url: OnceLock<Option<String>>,
+    forwarder: Forwarder,
 }
 
 impl Knowledge {
@@ -60,6 +71,7 @@ impl Knowledge {
     pub fn open(
         root: &Path,
         max_upload_bytes: usize,
+        db: Arc<dyn Database>,
     ) -> anyhow::Result<(Knowledge, mpsc::UnboundedReceiver<Job>)> {
         std::fs::create_dir_all(root)?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -101,9 +113,29 @@ impl Knowledge {
                 bases: RwLock::new(bases),
                 jobs: tx,
                 max_upload_bytes,
+                db,
+                advertise_url: OnceLock::new(),
+                forwarder: Forwarder::new(),
             },
             rx,
         ))
+    }
+
+    /// Lists every knowledge base this replica holds in the database's
+    /// directory, reachable at `url` (again at each start: the URL may have
+    /// changed, or the directory may predate them). Call once, when the
+    /// server listens.
+    pub fn advertise(&self, url: Option<String>) {
+        let url = self.advertise_url.get_or_init(|| url);
+        for kb in self.list(None) {
+            if let Err(e) = self.db.announce_kb(&directory_entry(kb.settings(), url)) {
+                tracing::error!(kb = %kb.settings().id, error = %e, "cannot list a knowledge base in the database's directory; only requests sent to this replica reach it");
+            }
+        }
+    }
+
+    fn own_url(&self) -> Option<&String> {
+        self.advertise_url.get().and_then(Option::as_ref)
     }
 
     /// The knowledge base `id` if `tenant` owns it (`None`: any tenant).
@@ -136,13 +168,20 @@ impl Knowledge {
                 format!("a knowledge base named `{}` already exists", settings.name),
             ));
         }
+        // Names are unique across replicas: the directory decides.
+        let listed = directory_entry(&settings, &self.own_url().cloned());
+        self.db
+            .register_kb(&listed)
+            .map_err(crate::error::store_unavailable)?;
         let dir = self.root.join(&settings.id);
-        let kb = KnowledgeBase::create(&dir, settings)
-            .map_err(|e| {
+        let kb = match KnowledgeBase::create(&dir, settings) {
+            Ok(kb) => kb.with_max_upload(self.max_upload_bytes),
+            Err(e) => {
                 tracing::error!(error = %e, "cannot create a knowledge base");
-                ApiError::internal()
-            })?
-            .with_max_upload(self.max_upload_bytes);
+                let _ = self.db.unregister_kb(&listed.id);
+                return Err(ApiError::internal());
+            }
+        };
         let kb = Arc::new(kb);
         bases.insert(kb.settings().id.clone(), kb.clone());
         Ok(kb)
@@ -160,6 +199,9 @@ impl Knowledge {
         let Some(kb) = kb else {
             return Ok(());
         };
+        if let Err(e) = self.db.unregister_kb(id) {
+            tracing::warn!(kb = %id, error = %e, "cannot remove a deleted knowledge base from the database's directory");
+        }
         let dir = kb.dir().to_path_buf();
         drop(kb);
         let trash = self.root.join(format!(".trash-{id}"));
@@ -173,6 +215,86 @@ impl Knowledge {
         Ok(())
     }
 
+    /// Where the knowledge base `key` (an id, or a name within `tenant`)
+    /// is served when this replica does not hold it: the serving replica's
+    /// URL. `Ok(None)` when no replica has it (or only this one, which then
+    /// answers itself).
+    pub fn owner(&self, tenant: Option<&str>, key: &str) -> Result<Option<String>, ApiError> {
+        let Some(e) = self
+            .db
+            .kb_entry(tenant, key)
+            .map_err(crate::error::store_unavailable)?
+        else {
+            return Ok(None);
+        };
+        if self.get(&e.id, None).is_some() {
+            return Ok(None);
+        }
+        match e.replica_url {
+            // Listed as this replica's, but its files are not here.
+            Some(url) if Some(&url) == self.own_url() => Ok(None),
+            Some(url) => Ok(Some(url)),
+            None => Err(ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                format!(
+                    "knowledge base `{key}` is held by another replica that advertises no address \
+                     (start it with --advertise-url); send the request to that replica"
+                ),
+            )),
+        }
+    }
+
+    /// Sends `req` to the replica at `url` and relays its answer.
+    pub async fn forward(
+        &self,
+        url: &str,
+        req: axum::extract::Request,
+    ) -> axum::response::Response {
+        let by = self.own_url().map_or("unadvertised", String::as_str);
+        self.forwarder.send(url, req, by).await
+    }
+
+    /// Knowledge bases of `tenant` (`None`: all) other replicas hold.
+    pub fn held_elsewhere(&self, tenant: Option<&str>) -> Result<Vec<KbEntry>, ApiError> {
+        Ok(self
+            .db
+            .kb_entries(tenant)
+            .map_err(crate::error::store_unavailable)?
+            .into_iter()
+            .filter(|e| self.get(&e.id, None).is_none())
+            .collect())
+    }
+
+    /// How the replica holding `e` describes it to the caller whose request
+    /// `headers` are; when it cannot, what the directory knows and why.
+    pub async fn describe_remote(
+        &self,
+        e: &KbEntry,
+        headers: &axum::http::HeaderMap,
+    ) -> serde_json::Value {
+        let by = self.own_url().map_or("unadvertised", String::as_str);
+        let why = match &e.replica_url {
+            Some(url) if Some(url) != self.own_url() => {
+                let path = format!("/api/kbs/{}", e.id);
+                match self.forwarder.get_json(url, &path, headers, by).await {
+                    Ok(described) => return described,
+                    Err(why) => why,
+                }
+            }
+            Some(_) => "listed as this replica's, but its files are not here".into(),
+            None => "its replica advertises no address".into(),
+        };
+        serde_json::json!({
+            "id": e.id,
+            "object": "knowledge_base",
+            "name": e.name,
+            "tenant_id": e.tenant_id,
+            "created_at": e.created_at_ms / 1000,
+            "replica_url": e.replica_url,
+            "unavailable": why,
+        })
+    }
+
     /// The largest upload accepted, in bytes.
     pub fn max_upload_bytes(&self) -> usize {
         self.max_upload_bytes
@@ -180,6 +302,17 @@ impl Knowledge {
 
     pub fn enqueue(&self, job: Job) {
         let _ = self.jobs.send(job);
+    }
+}
+
+/// The directory entry of a knowledge base this replica holds.
+fn directory_entry(s: &Settings, advertise_url: &Option<String>) -> KbEntry {
+    KbEntry {
+        id: s.id.clone(),
+        tenant_id: s.tenant.clone(),
+        name: s.name.clone(),
+        replica_url: advertise_url.clone(),
+        created_at_ms: s.created_ms,
     }
 }
 

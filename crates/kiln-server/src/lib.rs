@@ -14,6 +14,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod forward;
 pub mod knowledge;
 pub mod metrics;
 pub mod ratelimit;

@@ -70,9 +70,12 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
     state.rerank = cfg.rerank.clone();
     let mut jobs = None;
     if state.models.embedding.is_some() {
-        let (knowledge, rx) =
-            crate::knowledge::Knowledge::open(&cfg.kb_dir, cfg.kb_max_upload_bytes)
-                .context("cannot open the knowledge bases")?;
+        let (knowledge, rx) = crate::knowledge::Knowledge::open(
+            &cfg.kb_dir,
+            cfg.kb_max_upload_bytes,
+            db.clone(),
+        )
+        .context("cannot open the knowledge bases")?;
         state.knowledge = Some(Arc::new(knowledge));
         jobs = Some(rx);
     }
@@ -172,6 +175,13 @@ async fn serve(
     state.auth.spawn_epoch_watch();
     if let Some(jobs) = jobs {
         crate::knowledge::spawn_worker(state.clone(), jobs);
+    }
+    if let Some(k) = &state.knowledge {
+        let url = cfg
+            .advertise_url
+            .as_deref()
+            .map(|u| crate::config::with_port(u, bound.port()));
+        k.advertise(url);
     }
     let app = api::router(state.clone(), cfg.max_body_bytes);
     // Tests and scripts read the port from this line.

@@ -339,3 +339,197 @@ fn two_replicas_share_budgets_limits_and_recovery() {
     drop(b);
     c.finish();
 }
+
+/// Polls a document through `port` until its ingestion is over.
+fn wait_ready(port: u16, key: &str, kb: &str, doc: &str) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let d = admin(
+            port,
+            key,
+            "GET",
+            &format!("/api/kbs/{kb}/documents/{doc}"),
+            Value::Null,
+        )?;
+        if !matches!(d["status"].as_str(), Some("queued" | "ingesting")) {
+            return Ok(d);
+        }
+        ensure(Instant::now() < deadline, || {
+            format!("still ingesting: {d}")
+        })?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A knowledge base lives on the replica that created it; the other
+/// replica finds it in the database's directory and forwards every call
+/// (uploads, searches, answers through the chat API) there, where it is
+/// authenticated and metered once.
+#[test]
+fn a_knowledge_base_is_reached_through_either_replica() {
+    let Some(schema) = Schema::new() else {
+        return;
+    };
+    let url = schema.url();
+    let data = Arc::new(tempfile::tempdir().unwrap());
+    let (kb_a, kb_b) = (data.path().join("kb-a"), data.path().join("kb-b"));
+    let replica = |kb_dir: &std::path::Path| {
+        let args = [
+            "--model",
+            CHAT_MODEL,
+            "--embedding-model",
+            common::EMBEDDING_MODEL,
+            "--database",
+            url.as_str(),
+            "--kb-dir",
+            kb_dir.to_str().unwrap(),
+            "--advertise-url",
+            "http://127.0.0.1",
+        ];
+        Server::start_with(data.clone(), &args, &[])
+    };
+    let mut a = replica(&kb_a).expect("replica A starts");
+    let b = replica(&kb_b).expect("replica B starts");
+    let admin_key = a.admin_key.clone().expect("admin key");
+    let (_, key_id, key) = tenant(
+        a.port,
+        &admin_key,
+        "library",
+        None,
+        json!({"role": "tenant_admin"}),
+    )
+    .expect("tenant");
+    let (_, _, outsider) = tenant(
+        b.port,
+        &admin_key,
+        "elsewhere",
+        None,
+        json!({"role": "tenant_admin"}),
+    )
+    .expect("other tenant");
+    let mut c = Checks::new();
+
+    c.run("names are unique across replicas", || {
+        admin(
+            a.port,
+            &key,
+            "POST",
+            "/api/kbs",
+            json!({"name": "handbook"}),
+        )?;
+        let again = call(
+            b.port,
+            &key,
+            "POST",
+            "/api/kbs",
+            &json!({"name": "handbook"}),
+            "dup",
+        )?;
+        again.expect_error(409, "conflict").map(|_| ())
+    });
+
+    c.run(
+        "an upload through B is ingested on A and metered once",
+        || {
+            let auth = format!("Bearer {key}");
+            let r = request(
+                b.port,
+                "POST",
+                "/api/kbs/handbook/documents?name=leave.md",
+                &[("Authorization", &auth)],
+                b"# Leave\nEvery employee receives twenty-five days of paid vacation per year.\n",
+            )?;
+            ensure(r.status == 202, || format!("{} {}", r.status, r.text()))?;
+            let doc = r.json()?["id"].as_str().context("doc id")?.to_string();
+            let d = wait_ready(b.port, &key, "handbook", &doc)?;
+            ensure(d["status"] == "ready", || d.to_string())?;
+            ensure(
+                std::fs::read_dir(&kb_a)?.count() == 1 && std::fs::read_dir(&kb_b)?.count() == 0,
+                || "the files are not only on A".into(),
+            )?;
+            let ledger = admin(
+                a.port,
+                &admin_key,
+                "GET",
+                "/api/ledger?limit=1000",
+                Value::Null,
+            )?;
+            let ingest = ledger["data"]
+                .as_array()
+                .context("ledger")?
+                .iter()
+                .filter(|r| r["key_id"] == key_id.as_str() && r["endpoint"] == "/api/kbs/ingest")
+                .count();
+            ensure(ingest == 1, || format!("{ingest} ingestion rows: {ledger}"))
+        },
+    );
+
+    c.run("B lists, searches and answers from A's knowledge base", || {
+        let list = admin(b.port, &key, "GET", "/api/kbs", Value::Null)?;
+        let kbs = list["data"].as_array().context("data")?;
+        ensure(
+            kbs.len() == 1 && kbs[0]["name"] == "handbook" && kbs[0]["documents"] == 1,
+            || list.to_string(),
+        )?;
+        let hits = admin(
+            b.port,
+            &key,
+            "POST",
+            "/api/kbs/handbook/search",
+            json!({"query": "paid vacation days", "k": 3}),
+        )?;
+        ensure(hits["data"][0]["document_name"] == "leave.md", || hits.to_string())?;
+        let answer = admin(
+            b.port,
+            &key,
+            "POST",
+            "/v1/chat/completions",
+            json!({"model": "kb:handbook", "max_tokens": 24,
+                   "messages": [{"role": "user", "content": "How many vacation days do employees get?"}]}),
+        )?;
+        ensure(answer["object"] == "chat.completion", || answer.to_string())?;
+        ensure(answer["knowledge_base"].is_object(), || answer.to_string())
+    });
+
+    c.run(
+        "another tenant cannot tell it exists through either replica",
+        || {
+            for port in [a.port, b.port] {
+                let r = call(
+                    port,
+                    &outsider,
+                    "POST",
+                    "/api/kbs/handbook/search",
+                    &json!({"query": "vacation"}),
+                    "o",
+                )?;
+                r.expect_error(404, "not_found")?;
+                let list = admin(port, &outsider, "GET", "/api/kbs", Value::Null)?;
+                ensure(list["data"] == json!([]), || list.to_string())?;
+            }
+            Ok(())
+        },
+    );
+
+    a.kill9().expect("SIGKILL replica A");
+    c.run(
+        "with A gone, B says the knowledge base cannot be reached",
+        || {
+            let r = call(
+                b.port,
+                &key,
+                "POST",
+                "/api/kbs/handbook/search",
+                &json!({"query": "vacation"}),
+                "gone",
+            )?;
+            let message = r.expect_error(503, "service_unavailable")?;
+            ensure(message.contains("cannot be reached"), || message)?;
+            let list = admin(b.port, &key, "GET", "/api/kbs", Value::Null)?;
+            ensure(list["data"][0]["unavailable"].is_string(), || {
+                list.to_string()
+            })
+        },
+    );
+    c.finish();
+}

@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use axum::http::HeaderMap;
 use kiln_engine::engine::{EngineHandle, GenerateRequest};
 use kiln_engine::sampler::SamplingParams;
 use kiln_engine::template::ChatMessage;
@@ -28,6 +29,7 @@ use super::kb::visibility;
 use super::{generate, SharedState};
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::forward::FORWARDED_BY;
 
 /// Chat completions with the model `kb:<name or id>` answer from that
 /// knowledge base.
@@ -217,6 +219,39 @@ pub async fn answer(
 /// is the question; the answer comes back as the assistant message, with
 /// the checked sentences and citations in an extra `citations` field (and
 /// in the last stream chunk when streamed).
+/// A chat request for a knowledge base another replica holds, sent there
+/// (see [`crate::forward`]); `None` when this replica answers it.
+pub async fn to_serving_replica(
+    state: &SharedState,
+    principal: &Principal,
+    headers: &HeaderMap,
+    body: &serde_json::Value,
+) -> Option<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let kb = body["model"].as_str()?.strip_prefix(KB_MODEL_PREFIX)?;
+    let k = state.knowledge.as_ref()?;
+    if headers.contains_key(FORWARDED_BY) || super::kb::find(state, principal, kb).is_ok() {
+        return None;
+    }
+    let (k2, tenant, key) = (
+        k.clone(),
+        super::kb::scope(principal).map(String::from),
+        kb.to_string(),
+    );
+    let owner = super::kb::blocking(move || k2.owner(tenant.as_deref(), &key)).await;
+    let url = match owner {
+        Ok(Some(url)) => url,
+        Ok(None) => return None,
+        Err(e) => return Some(e.into_response()),
+    };
+    let mut req = axum::extract::Request::new(axum::body::Body::from(body.to_string()));
+    *req.method_mut() = axum::http::Method::POST;
+    *req.uri_mut() = axum::http::Uri::from_static("/v1/chat/completions");
+    *req.headers_mut() = headers.clone();
+    req.headers_mut().remove(axum::http::header::CONTENT_LENGTH);
+    Some(k.forward(&url, req).await)
+}
+
 pub async fn chat(
     call: &CallContext,
     req: &kiln_types::openai::ChatCompletionRequest,

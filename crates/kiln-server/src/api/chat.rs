@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kiln_engine::engine::{Completion, GenerateRequest, TokenLogprob};
@@ -27,8 +28,14 @@ pub async fn chat_completions(
     State(state): State<SharedState>,
     Extension(request_id): Extension<RequestId>,
     Extension(principal): Extension<Arc<Principal>>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
 ) -> Response {
+    if let Some(forwarded) =
+        super::ask::to_serving_replica(&state, &principal, &headers, &body).await
+    {
+        return forwarded;
+    }
     let (call, body) =
         match route(state, request_id, principal, ENDPOINT, Endpoint::Chat, body).await {
             Routed::Done(response) => return response,

@@ -27,8 +27,9 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{Path, Query, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -47,12 +48,13 @@ use super::SharedState;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
+use crate::forward::FORWARDED_BY;
 use crate::knowledge::{Job, Knowledge, MeteredEmbedder, SEARCH_ENDPOINT};
 
 /// Most results one search returns.
 const MAX_K: usize = 100;
 
-pub fn routes() -> Router<SharedState> {
+pub fn routes(state: SharedState) -> Router<SharedState> {
     let uploads = Router::new()
         .route("/api/kbs/{kb}/documents", get(list_documents).post(upload))
         .route(
@@ -62,18 +64,51 @@ pub fn routes() -> Router<SharedState> {
         // Uploads are limited by the knowledge bases' own setting, checked
         // against Content-Length before anything is read.
         .layer(axum::extract::DefaultBodyLimit::disable());
-    Router::new()
-        .route("/api/kbs", get(list).post(create))
+    let per_kb = Router::new()
         .route("/api/kbs/{kb}", get(show).delete(delete))
         .route("/api/kbs/{kb}/search", post(search))
         .route("/api/kbs/{kb}/ask", post(ask))
         .merge(uploads)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            to_serving_replica,
+        ));
+    Router::new()
+        .route("/api/kbs", get(list).post(create))
+        .merge(per_kb)
+}
+
+/// Sends a request for a knowledge base another replica holds to that
+/// replica (see [`crate::forward`]); anything else is served here.
+async fn to_serving_replica(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path(params): Path<HashMap<String, String>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let (Some(key), Ok(k)) = (params.get("kb"), knowledge(&state)) else {
+        return next.run(req).await;
+    };
+    if req.headers().contains_key(FORWARDED_BY) || find(&state, &p, key).is_ok() {
+        return next.run(req).await;
+    }
+    let (k, tenant, key) = (k.clone(), scope(&p).map(String::from), key.clone());
+    let owner = {
+        let k = k.clone();
+        blocking(move || k.owner(tenant.as_deref(), &key)).await
+    };
+    match owner {
+        Ok(Some(url)) => k.forward(&url, req).await,
+        Ok(None) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 type Caller = Extension<Arc<Principal>>;
 
-fn knowledge(state: &SharedState) -> Result<&Knowledge, ApiError> {
-    state.knowledge.as_deref().ok_or_else(|| {
+fn knowledge(state: &SharedState) -> Result<&Arc<Knowledge>, ApiError> {
+    state.knowledge.as_ref().ok_or_else(|| {
         ApiError::new(
             ErrorCode::ServiceUnavailable,
             "knowledge bases need an embedding model: start the server with --embedding-model",
@@ -98,7 +133,7 @@ fn require_admin(p: &Principal, what: &str) -> Result<(), ApiError> {
 
 /// The tenant whose knowledge bases the caller sees (`None`: all, for the
 /// platform admin).
-fn scope(p: &Principal) -> Option<&str> {
+pub(super) fn scope(p: &Principal) -> Option<&str> {
     (p.role() != Role::PlatformAdmin).then_some(p.tenant.id.as_str())
 }
 
@@ -195,18 +230,32 @@ fn count_visible(kb: &KnowledgeBase, p: &Principal) -> Result<usize, ApiError> {
         .map_err(kb_error)
 }
 
+/// `GET /api/kbs`: the knowledge bases this replica holds, and those the
+/// database's directory lists on other replicas (as their replicas describe
+/// them, or with `unavailable` saying why they cannot).
 async fn list(
     State(state): State<SharedState>,
+    headers: HeaderMap,
     Extension(p): Caller,
 ) -> Result<Response, ApiError> {
-    let bases = knowledge(&state)?.list(scope(&p));
-    let data = blocking(move || {
-        bases
+    let k = knowledge(&state)?.clone();
+    let bases = k.list(scope(&p));
+    let tenant = scope(&p).map(String::from);
+    let (mut data, elsewhere) = blocking(move || {
+        let here = bases
             .iter()
             .map(|kb| Ok(kb_json(kb, count_visible(kb, &p)?)))
-            .collect::<Result<Vec<_>, ApiError>>()
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let elsewhere = k.held_elsewhere(tenant.as_deref())?;
+        Ok((here, elsewhere))
     })
     .await?;
+    // A forwarded listing stops here: the other replicas list their own.
+    if !headers.contains_key(FORWARDED_BY) {
+        let k = knowledge(&state)?;
+        let described = elsewhere.iter().map(|e| k.describe_remote(e, &headers));
+        data.extend(futures::future::join_all(described).await);
+    }
     Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
@@ -278,7 +327,8 @@ async fn create(
         chunking,
         created_ms: kiln_store::now_ms(),
     };
-    let kb = k.create(settings)?;
+    let k = k.clone();
+    let kb = blocking(move || k.create(settings)).await?;
     Ok((StatusCode::CREATED, Json(kb_json(&kb, 0))).into_response())
 }
 

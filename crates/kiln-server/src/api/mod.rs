@@ -127,7 +127,7 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         ));
     let admin_api =
         admin::routes()
-            .merge(kb::routes())
+            .merge(kb::routes(state.clone()))
             .route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 authenticate_admin_api,

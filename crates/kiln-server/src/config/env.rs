@@ -26,6 +26,9 @@ pub const KILN_KV_CACHE_MB: &str = "KILN_KV_CACHE_MB";
 pub const KILN_MAX_BODY_BYTES: &str = "KILN_MAX_BODY_BYTES";
 /// Directory of the knowledge bases. Default `$KILN_HOME/kb`.
 pub const KILN_KB_DIR: &str = "KILN_KB_DIR";
+/// The URL other replicas reach this one at (e.g. `http://10.0.0.5:8080`),
+/// to forward requests for the knowledge bases it holds. Default: none.
+pub const KILN_ADVERTISE_URL: &str = "KILN_ADVERTISE_URL";
 /// Largest document upload to a knowledge base, in MiB. Default 64.
 pub const KILN_KB_MAX_UPLOAD_MB: &str = "KILN_KB_MAX_UPLOAD_MB";
 /// Compute threads for the engine. Default: all cores.
@@ -57,6 +60,7 @@ pub const ALL: &[&str] = &[
     KILN_KV_CACHE_MB,
     KILN_MAX_BODY_BYTES,
     KILN_KB_DIR,
+    KILN_ADVERTISE_URL,
     KILN_KB_MAX_UPLOAD_MB,
     KILN_THREADS,
     KILN_LOG,

@@ -48,6 +48,7 @@ pub struct ConfigLayer {
     pub kv_cache_mb: Option<usize>,
     pub max_body_bytes: Option<usize>,
     pub kb_dir: Option<PathBuf>,
+    pub advertise_url: Option<String>,
     pub kb_max_upload_mb: Option<usize>,
     pub threads: Option<usize>,
     pub log: Option<String>,
@@ -80,6 +81,7 @@ impl ConfigLayer {
             kv_cache_mb,
             max_body_bytes,
             kb_dir,
+            advertise_url,
             kb_max_upload_mb,
             threads,
             log,
@@ -146,6 +148,7 @@ impl ConfigLayer {
                 "a number of bytes",
             )?,
             kb_dir: nonempty(env::KILN_KB_DIR).map(PathBuf::from),
+            advertise_url: nonempty(env::KILN_ADVERTISE_URL),
             kb_max_upload_mb: parse(
                 env::KILN_KB_MAX_UPLOAD_MB,
                 nonempty(env::KILN_KB_MAX_UPLOAD_MB),
@@ -214,6 +217,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Where knowledge bases live.
     pub kb_dir: PathBuf,
+    /// The base URL other replicas forward knowledge-base requests to.
+    pub advertise_url: Option<String>,
     /// Largest knowledge-base upload, in bytes.
     pub kb_max_upload_bytes: usize,
     pub threads: Option<usize>,
@@ -385,6 +390,10 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
     if let Some(r) = &layer.rerank {
         r.validate().map_err(ConfigError::Invalid)?;
     }
+    let advertise_url = match layer.advertise_url {
+        None => None,
+        Some(u) => Some(check_advertise_url(u.trim())?),
+    };
     let home = layer.home.unwrap_or_else(default_home);
     let kb_dir = layer.kb_dir.unwrap_or_else(|| home.join("kb"));
     Ok(ServeConfig {
@@ -406,11 +415,49 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
         max_body_bytes,
         kb_max_upload_bytes: kb_max_upload_mb << 20,
         kb_dir,
+        advertise_url,
         threads: layer.threads,
         log,
         embedding_concurrency,
         config_file,
     })
+}
+
+/// An advertised URL with `port` added when it names none.
+pub fn with_port(url: &str, port: u16) -> String {
+    let host = url.trim_start_matches("http://");
+    let has_port = match host.rsplit_once(':') {
+        // `[::1]` has colons of its own; a port follows the bracket.
+        Some((h, p)) => {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.starts_with('[') || h.ends_with(']'))
+        }
+        None => false,
+    };
+    if has_port {
+        url.to_string()
+    } else {
+        format!("{url}:{port}")
+    }
+}
+
+/// An advertised URL: `http://HOST[:PORT]` with nothing after it (TLS
+/// between replicas is not supported yet); without a port, the port the
+/// server listens on is added.
+fn check_advertise_url(url: &str) -> Result<String, ConfigError> {
+    let url = url.trim_end_matches('/');
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "advertise_url `{url}` must start with http:// (replicas talk plain HTTP to each other)"
+        ))
+    })?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+        return Err(ConfigError::Invalid(format!(
+            "advertise_url `{url}` must be http://HOST[:PORT] with no path"
+        )));
+    }
+    Ok(url.to_string())
 }
 
 #[cfg(test)]
@@ -497,5 +544,26 @@ mod tests {
         std::fs::write(&file, "prot = 1\n").map_err(|e| ConfigError::Invalid(e.to_string()))?;
         assert!(ConfigLayer::from_toml(&file).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn advertised_urls_are_plain_http_with_the_bound_port_filled_in() {
+        assert_eq!(
+            check_advertise_url("http://10.0.0.5:8080/").ok().as_deref(),
+            Some("http://10.0.0.5:8080")
+        );
+        for bad in [
+            "10.0.0.5:8080",
+            "https://a:1",
+            "http://",
+            "http://a/b",
+            "http://u@a",
+        ] {
+            assert!(check_advertise_url(bad).is_err(), "{bad}");
+        }
+        assert_eq!(with_port("http://a", 81), "http://a:81");
+        assert_eq!(with_port("http://a:8080", 81), "http://a:8080");
+        assert_eq!(with_port("http://[::1]", 81), "http://[::1]:81");
+        assert_eq!(with_port("http://[::1]:9", 81), "http://[::1]:9");
     }
 }
