@@ -320,6 +320,29 @@ def test_replace_and_delete_reach_every_index(kiln_url, org):
     assert api(kiln_url, admin, "GET", f"/api/kbs/{kb}")[0] == 404
 
 
+def test_a_knowledge_base_whose_files_were_removed_frees_its_name(tmp_path):
+    import shutil
+    args = ("--embedding-model", "all-minilm-l6-v2", "--database", str(tmp_path / "kiln.db"),
+            "--kb-dir", str(tmp_path / "kb"))
+    kiln = start_kiln(*args)
+    admin = kiln.admin_key
+    try:
+        status, kb = api(kiln.url, admin, "POST", "/api/kbs", {"name": "notes"})
+        assert status == 201, kb
+        assert api(kiln.url, admin, "POST", "/api/kbs", {"name": "notes"})[0] == 409
+    finally:
+        kiln.stop()
+    shutil.rmtree(tmp_path / "kb" / kb["id"])
+    kiln = start_kiln(*args, expect_admin_key=False)
+    try:
+        status, listing = api(kiln.url, admin, "GET", "/api/kbs")
+        assert listing["data"] == [], listing
+        status, again = api(kiln.url, admin, "POST", "/api/kbs", {"name": "notes"})
+        assert status == 201, again
+    finally:
+        kiln.stop()
+
+
 def test_sigkill_during_ingestion_leaves_consistent_indexes(tmp_path):
     db = tmp_path / "kiln.db"
     kb_dir = tmp_path / "kb"

@@ -125,11 +125,32 @@ impl Knowledge {
     /// directory, reachable at `url` (again at each start: the URL may have
     /// changed, or the directory may predate them). Call once, when the
     /// server listens.
-    pub fn advertise(&self, url: Option<String>) {
+    ///
+    /// Entries whose files are gone are dropped: on a database only this
+    /// replica uses (`shared` false), every entry it does not hold; on a
+    /// shared one, those listed at this replica's own URL.
+    pub fn advertise(&self, url: Option<String>, shared: bool) {
         let url = self.advertise_url.get_or_init(|| url);
         for kb in self.list(None) {
             if let Err(e) = self.db.announce_kb(&directory_entry(kb.settings(), url)) {
                 tracing::error!(kb = %kb.settings().id, error = %e, "cannot list a knowledge base in the database's directory; only requests sent to this replica reach it");
+            }
+        }
+        let listed = match self.db.kb_entries(None) {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the database's knowledge-base directory");
+                return;
+            }
+        };
+        for e in listed {
+            let gone = self.get(&e.id, None).is_none()
+                && (!shared || (url.is_some() && e.replica_url == *url));
+            if gone {
+                tracing::warn!(kb = %e.id, name = %e.name, "a listed knowledge base's files are gone; it is removed from the directory");
+                if let Err(err) = self.db.unregister_kb(&e.id) {
+                    tracing::warn!(kb = %e.id, error = %err, "cannot remove it");
+                }
             }
         }
     }

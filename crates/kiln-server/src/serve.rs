@@ -181,7 +181,11 @@ async fn serve(
             .advertise_url
             .as_deref()
             .map(|u| crate::config::with_port(u, bound.port()));
-        k.advertise(url);
+        let shared = cfg
+            .database
+            .to_str()
+            .is_some_and(kiln_store::is_postgres_url);
+        k.advertise(url, shared);
     }
     let app = api::router(state.clone(), cfg.max_body_bytes);
     // Tests and scripts read the port from this line.
