@@ -70,12 +70,9 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
     state.rerank = cfg.rerank.clone();
     let mut jobs = None;
     if state.models.embedding.is_some() {
-        let (knowledge, rx) = crate::knowledge::Knowledge::open(
-            &cfg.kb_dir,
-            cfg.kb_max_upload_bytes,
-            db.clone(),
-        )
-        .context("cannot open the knowledge bases")?;
+        let (knowledge, rx) =
+            crate::knowledge::Knowledge::open(&cfg.kb_dir, cfg.kb_max_upload_bytes, db.clone())
+                .context("cannot open the knowledge bases")?;
         state.knowledge = Some(Arc::new(knowledge));
         jobs = Some(rx);
     }
@@ -185,7 +182,11 @@ async fn serve(
             .database
             .to_str()
             .is_some_and(kiln_store::is_postgres_url);
-        k.advertise(url, shared);
+        // The store is synchronous: off the async threads.
+        let k = k.clone();
+        tokio::task::spawn_blocking(move || k.advertise(url, shared))
+            .await
+            .context("listing the knowledge bases in the directory failed")?;
     }
     let app = api::router(state.clone(), cfg.max_body_bytes);
     // Tests and scripts read the port from this line.
