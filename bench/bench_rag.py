@@ -539,6 +539,18 @@ def kiln_create_kb(api: Http, name: str) -> str:
     return kb["id"]
 
 
+def all_documents(api, kb: str) -> list[dict]:
+    """Every document of a knowledge base, through the paged listing."""
+    docs, after = [], None
+    while True:
+        path = f"/api/kbs/{kb}/documents?limit=1000" + (f"&after={after}" if after else "")
+        page = api.call("GET", path)[1]
+        docs += page["data"]
+        if not page.get("has_more"):
+            return docs
+        after = page["last_id"]
+
+
 def kiln_ingest(kiln: Kiln, api: Http, kb_id: str, passages: list[str], upload_threads: int) -> dict:
     """Uploads every passage and waits until all are chunks. On a resumed
     knowledge base the earlier uploads answer `duplicate` and Kiln finishes
@@ -585,8 +597,7 @@ def kiln_ingest(kiln: Kiln, api: Http, kb_id: str, passages: list[str], upload_t
         # The call lists every document: keep polling under ~5% of a core.
         time.sleep(max(0.5, 20 * polls[-1]))
     poll_end = time.perf_counter()
-    _, docs = api.call("GET", f"/api/kbs/{kb_id}/documents")
-    docs = docs.get("data", [])
+    docs = all_documents(api, kb_id)
     statuses = collections.Counter(d["status"] for d in docs)
     errors = collections.Counter(f"{d.get('error_code')}: {d.get('error')}" for d in docs if d.get("error"))
     # Kiln's own clock: the last document's move to ready (same machine clock).

@@ -194,6 +194,18 @@ def default_binary() -> Path:
 
 # ---------------------------------------------------------------- ingestion
 
+def all_documents(api, kb: str) -> list[dict]:
+    """Every document of a knowledge base, through the paged listing."""
+    docs, after = [], None
+    while True:
+        path = f"/api/kbs/{kb}/documents?limit=1000" + (f"&after={after}" if after else "")
+        page = api.call("GET", path)[1]
+        docs += page["data"]
+        if not page.get("has_more"):
+            return docs
+        after = page["last_id"]
+
+
 def find_or_create_kb(api: Api) -> str:
     try:
         return api.call("GET", f"/api/kbs/{KB_NAME}")[1]["id"]
@@ -227,7 +239,7 @@ def ingest(api: Api, server: KilnServer, state: dict, passages: list[tuple[str, 
     while True:
         if not server.alive():
             raise SystemExit(f"kiln serve exited during ingestion; its output:\n{server.tail()}")
-        docs = [d for d in api.call("GET", f"/api/kbs/{kb}/documents")[1]["data"] if d["id"] in wanted]
+        docs = [d for d in all_documents(api, kb) if d["id"] in wanted]
         done = [d for d in docs if d["status"] in TERMINAL]
         now = time.monotonic()
         if len(done) == len(wanted) or now - last_print > 20:

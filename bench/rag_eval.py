@@ -263,6 +263,18 @@ def upload(api: Api, kb: str, docs: list[tuple[str, str]]) -> tuple[dict[str, st
     return ids, refused
 
 
+def all_documents(api, kb: str) -> list[dict]:
+    """Every document of a knowledge base, through the paged listing."""
+    docs, after = [], None
+    while True:
+        path = f"/api/kbs/{kb}/documents?limit=1000" + (f"&after={after}" if after else "")
+        page = api.call("GET", path)[1]
+        docs += page["data"]
+        if not page.get("has_more"):
+            return docs
+        after = page["last_id"]
+
+
 def wait_ingested(api: Api, kiln: Kiln, kb: str, expected: set[str], timeout_s: float) -> list[dict]:
     """Polls until every expected document is in a final state; returns their records."""
     t0 = time.monotonic()
@@ -271,7 +283,7 @@ def wait_ingested(api: Api, kiln: Kiln, kb: str, expected: set[str], timeout_s: 
     while True:
         if not kiln.alive():
             raise SystemExit(f"kiln serve exited during ingestion; its output:\n{kiln.tail()}")
-        docs = [d for d in api.call("GET", f"/api/kbs/{kb}/documents")[1]["data"] if d["id"] in expected]
+        docs = [d for d in all_documents(api, kb) if d["id"] in expected]
         done = [d for d in docs if d["status"] in TERMINAL]
         now = time.monotonic()
         if len(done) == len(expected) or now - last_print >= 30:
