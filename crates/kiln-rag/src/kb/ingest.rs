@@ -288,6 +288,7 @@ impl KnowledgeBase {
         if let Err(e) = self.fulltext.replace(&remove, &indexed) {
             tracing::error!(kb = %self.settings.id, error = %e, "full-text update failed; it is redone when the knowledge base next opens");
         }
+        self.save_vector_graph();
         let live_versions: Vec<(&str, i64)> = live_now
             .iter()
             .map(|(d, _)| (jobs[d.job].0.as_str(), jobs[d.job].1))

@@ -8,11 +8,21 @@
 //! then explores layer 0 best-first with a candidate list of `ef`.
 //! Removal leaves a tombstone: the node still routes searches but is never
 //! returned; the owner rebuilds when tombstones pile up.
+//!
+//! The graph can be written to a file and read back ([`file`]), so a large
+//! index need not be rebuilt every time its owner opens.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use super::dot;
+
+mod file;
+
+pub use file::{row_fingerprint, GraphFileError, SavedGraph, StaleGraph, FORMAT_VERSION};
+
+/// The highest layer a node can be drawn on.
+const MAX_LEVEL: usize = 16;
 
 /// Build settings.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +75,9 @@ pub struct Hnsw {
     top: usize,
     rng: u64,
     tombstones: usize,
+    /// Wrapping sum of [`row_fingerprint`] over the live nodes, kept up to
+    /// date on insert and remove: what a saved graph is checked against.
+    fingerprint: u64,
 }
 
 impl Hnsw {
@@ -81,6 +94,7 @@ impl Hnsw {
             top: 0,
             rng: 0x9E37_79B9_7F4A_7C15,
             tombstones: 0,
+            fingerprint: 0,
         }
     }
 
@@ -143,7 +157,7 @@ impl Hnsw {
 
     fn random_level(&mut self) -> usize {
         let ml = 1.0 / (self.params.m.max(2) as f64).ln();
-        ((-self.next_random().ln() * ml) as usize).min(16)
+        ((-self.next_random().ln() * ml) as usize).min(MAX_LEVEL)
     }
 
     /// Best-first search of one layer from `entry`; the `ef` most similar
@@ -221,6 +235,7 @@ impl Hnsw {
         self.removed.push(false);
         self.links.push(vec![Vec::new(); level + 1]);
         self.by_id.insert(id, node);
+        self.fingerprint = self.fingerprint.wrapping_add(row_fingerprint(id, v));
         let Some(mut entry) = self.entry else {
             self.entry = Some(node);
             self.top = level;
@@ -270,6 +285,9 @@ impl Hnsw {
         };
         self.removed[node as usize] = true;
         self.tombstones += 1;
+        self.fingerprint = self
+            .fingerprint
+            .wrapping_sub(row_fingerprint(id, self.row(node)));
         true
     }
 

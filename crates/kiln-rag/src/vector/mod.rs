@@ -11,14 +11,18 @@
 //!
 //! Vectors are L2-normalised on the way in, so similarity is a dot product.
 //! The vectors' durable copy is the knowledge base's database; the index is
-//! rebuilt from it when the knowledge base opens.
+//! rebuilt from it when the knowledge base opens, except that an HNSW graph
+//! saved to a file ([`persist`]) is reused when it matches those vectors
+//! exactly, which spares rebuilding a large graph.
 
 pub mod hnsw;
+pub mod persist;
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
 use hnsw::Hnsw;
+pub use persist::{store_graph, write_atomically, NotRestored, Opened, Restore};
 
 /// Vectors past which searches use the HNSW graph.
 pub const APPROXIMATE_FROM: usize = 20_000;
@@ -52,6 +56,10 @@ impl PartialOrd for Scored {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
+}
+
+fn wrong_dims(found: usize, dims: usize) -> String {
+    format!("a vector of {found} dimensions cannot go into an index of {dims}")
 }
 
 /// Scales `v` to unit length (a zero vector stays zero).
@@ -106,11 +114,7 @@ impl FlatIndex {
     /// length is refused.
     pub fn insert(&mut self, id: u64, vector: &[f32]) -> Result<(), String> {
         if vector.len() != self.dims {
-            return Err(format!(
-                "a vector of {} dimensions cannot go into an index of {}",
-                vector.len(),
-                self.dims
-            ));
+            return Err(wrong_dims(vector.len(), self.dims));
         }
         let mut v = vector.to_vec();
         normalize(&mut v);
@@ -264,11 +268,7 @@ impl VectorIndex {
             }
             VectorIndex::Graph { graph, .. } => {
                 if vector.len() != graph.dims() {
-                    return Err(format!(
-                        "a vector of {} dimensions cannot go into an index of {}",
-                        vector.len(),
-                        graph.dims()
-                    ));
+                    return Err(wrong_dims(vector.len(), graph.dims()));
                 }
                 let mut v = vector.to_vec();
                 normalize(&mut v);
