@@ -240,7 +240,7 @@ def test_every_embedding_is_metered_to_the_key_that_caused_it(kiln_url, admin_ke
     assert len(after) == len(before) + 1, "one query embedding for the vector search, none for BM25"
 
 
-def test_bad_uploads_get_clear_outcomes(kiln_url, org, handbook):
+def test_bad_uploads_get_clear_outcomes(kiln_url, admin_key, org, handbook):
     kb, docs = handbook
     admin = org["admin"]
     status, body = upload(kiln_url, admin, kb, "empty.txt", b"")
@@ -249,9 +249,21 @@ def test_bad_uploads_get_clear_outcomes(kiln_url, org, handbook):
     assert status == 400 and "unsupported" in body["error"]["message"].lower(), body
     status, body = upload(kiln_url, admin, kb, "image.pdf", b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
     assert status == 400, body
-    # Duplicate content is recognised.
-    status, body = upload(kiln_url, admin, kb, "again.md", VACATION.encode())
+    # The same upload again is recognised; the same bytes under another
+    # name are another document, ready without embedding anything again.
+    status, body = upload(kiln_url, admin, kb, "handbook.md", VACATION.encode(), meta=["dept:handbook"])
     assert status == 200 and body["duplicate"] and body["id"] == docs["handbook.md"], body
+    admin_id = api(kiln_url, admin, "GET", "/api/me")[1]["key"]["id"]
+
+    def ingest_rows():
+        return sum(r["endpoint"] == "/api/kbs/ingest" for r in ledger(kiln_url, admin_key, admin_id))
+
+    before = ingest_rows()
+    status, body = upload(kiln_url, admin, kb, "again.md", VACATION.encode())
+    assert status == 202 and not body["duplicate"] and body["id"] != docs["handbook.md"], body
+    assert wait_final(kiln_url, admin, kb, body["id"])["status"] == "ready"
+    assert ingest_rows() == before, "the copy's vectors were reused, not embedded (and charged) again"
+    assert api(kiln_url, admin, "DELETE", f"/api/kbs/{kb}/documents/{body['id']}")[0] == 200
     # A corrupt PDF fails in the background with a code, indexing nothing.
     status, body = upload(kiln_url, admin, kb, "broken.pdf", b"%PDF-1.7\n%garbage without objects\n")
     assert status == 202, body

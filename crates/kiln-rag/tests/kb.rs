@@ -151,15 +151,41 @@ fn ingest_search_replace_delete() {
         assert_eq!(hits[0].heading, "Leave");
     }
 
-    // Duplicate content is not added twice.
+    // The same upload again is not added twice.
     let dup = kb
         .add(upload(
-            "copy.txt",
+            "expenses.txt",
             "Travel expenses are reimbursed within 30 days of the claim.",
         ))
         .unwrap();
     assert!(dup.duplicate);
     assert_eq!(dup.document.id, b.document.id);
+    // The same bytes under another name are another document, ingested
+    // without embedding anything again.
+    let copy = kb
+        .add(upload(
+            "copy.txt",
+            "Travel expenses are reimbursed within 30 days of the claim.",
+        ))
+        .unwrap();
+    assert!(!copy.duplicate);
+    let left = e.budget.load(Ordering::SeqCst);
+    assert_eq!(kb.ingest(&copy.document.id, 1, &e).unwrap(), Status::Ready);
+    assert_eq!(
+        e.budget.load(Ordering::SeqCst),
+        left,
+        "nothing embedded again"
+    );
+    let hits = kb
+        .search(
+            &query("reimbursed claim", Mode::Bm25, Filter::default()),
+            None,
+        )
+        .unwrap();
+    let mut found = names(&hits);
+    found.sort();
+    assert_eq!(found, ["copy.txt", "expenses.txt"]);
+    kb.delete(&copy.document.id).unwrap();
 
     // A new version replaces the old one in every index.
     let r = kb
@@ -537,4 +563,47 @@ fn a_reranker_orders_the_fused_candidates() {
     assert_eq!(reranked.len(), 2);
     assert_eq!(reranked[0].document_name, "b.txt", "{reranked:?}");
     assert_eq!(reranked[0].rerank, Some(-1.0));
+}
+
+#[test]
+fn a_new_version_embeds_only_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let kb = KnowledgeBase::create(dir.path(), settings("kb8")).unwrap();
+    let e = HashEmbedder::new(100_000);
+    let paragraphs: Vec<String> = (0..12)
+        .map(|i| format!("Section {i}. Valve {i} is inspected every {} months by the plant engineer on duty.", i + 1))
+        .collect();
+    let v1 = paragraphs.join("\n\n");
+    let d = kb.add(upload("valves.txt", &v1)).unwrap().document;
+    let before = e.budget.load(Ordering::SeqCst);
+    kb.ingest(&d.id, 1, &e).unwrap();
+    let first = before - e.budget.load(Ordering::SeqCst);
+    let chunks = kb.document(&d.id).unwrap().chunks as usize;
+    assert!(
+        chunks >= 4 && first == chunks,
+        "{first} inputs for {chunks} chunks"
+    );
+    // Change the last paragraph only.
+    let mut changed = paragraphs.clone();
+    changed[11] = "Section 11. Valve 11 is replaced every ten years.".into();
+    kb.replace(&d.id, changed.join("\n\n").into_bytes(), "")
+        .unwrap();
+    let before = e.budget.load(Ordering::SeqCst);
+    assert_eq!(kb.ingest(&d.id, 2, &e).unwrap(), Status::Ready);
+    let second = before - e.budget.load(Ordering::SeqCst);
+    assert!(
+        second >= 1 && second < chunks / 2,
+        "{second} of {chunks} chunks embedded again"
+    );
+    let hits = kb
+        .search(
+            &query("replaced every ten years", Mode::Bm25, Filter::default()),
+            None,
+        )
+        .unwrap();
+    assert_eq!(names(&hits)[0], "valves.txt");
+    assert_eq!(
+        kb.document(&d.id).unwrap().progress.done,
+        kb.document(&d.id).unwrap().chunks
+    );
 }

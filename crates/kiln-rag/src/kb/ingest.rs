@@ -48,11 +48,16 @@ impl KnowledgeBase {
                 Err(e) => statuses[i] = self.record_failure(doc, *version, &e)?,
             }
         }
-        // Embed every chunk, batch by batch, across documents.
+        // Embed every chunk not embedded before, batch by batch, across
+        // documents.
         let inputs: Vec<(usize, usize)> = prepared
             .iter()
             .enumerate()
-            .flat_map(|(p, d)| (0..d.inputs.len()).map(move |i| (p, i)))
+            .flat_map(|(p, d)| {
+                (0..d.inputs.len())
+                    .filter(|&i| d.vectors[i].is_none())
+                    .map(move |i| (p, i))
+            })
             .collect();
         let mut failure: Option<KbError> = None;
         for batch in inputs.chunks(EMBED_BATCH) {
@@ -81,27 +86,19 @@ impl KnowledgeBase {
                 }
             };
             let mut touched = Vec::new();
-            for ((p, _), v) in batch.iter().zip(out) {
-                prepared[*p].vectors.push(v);
-                touched.push(*p);
+            for (&(p, i), v) in batch.iter().zip(out) {
+                prepared[p].vectors[i] = Some(v);
+                touched.push(p);
             }
             touched.dedup();
             for p in touched {
                 let d = &prepared[p];
                 let (doc, version) = &jobs[d.job];
-                self.set_progress(
-                    doc,
-                    *version,
-                    Progress {
-                        done: d.vectors.len() as i64,
-                        total: d.chunks.len() as i64,
-                    },
-                )?;
+                self.set_progress(doc, *version, d.progress())?;
             }
         }
-        let (complete, incomplete): (Vec<Prepared>, Vec<Prepared>) = prepared
-            .into_iter()
-            .partition(|d| d.vectors.len() == d.chunks.len());
+        let (complete, incomplete): (Vec<Prepared>, Vec<Prepared>) =
+            prepared.into_iter().partition(Prepared::is_complete);
         if let Some(e) = &failure {
             for d in &incomplete {
                 let (doc, version) = &jobs[d.job];
@@ -153,20 +150,35 @@ impl KnowledgeBase {
             .iter()
             .map(|c| embedding_input(&c.heading, &c.text, c.tokens, max, &count))
             .collect();
-        self.set_progress(
-            doc,
-            version,
-            Progress {
-                done: 0,
-                total: chunks.len() as i64,
-            },
-        )?;
-        Ok(Prepared {
+        let vectors = self.known_vectors(&inputs)?;
+        let prepared = Prepared {
             job: 0,
             chunks,
             inputs,
-            vectors: Vec::new(),
-        })
+            vectors,
+        };
+        self.set_progress(doc, version, prepared.progress())?;
+        Ok(prepared)
+    }
+
+    /// The vectors of inputs embedded before (by a live chunk of any
+    /// document, with this knowledge base's model), so a new version that
+    /// changes a few passages, or the same text under another name, is
+    /// embedded (and charged) only for what is new.
+    fn known_vectors(&self, inputs: &[String]) -> Result<Vec<Option<Vec<f32>>>> {
+        let db = self.db();
+        let mut stmt =
+            db.prepare_cached("SELECT vector FROM chunks WHERE input_hash = ?1 LIMIT 1")?;
+        let mut out = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let found = stmt
+                .query_row(params![input_hash(input)], |r| r.get::<_, Vec<u8>>(0))
+                .optional()?
+                .map(|b| vector_from_bytes(&b))
+                .filter(|v| v.len() == self.settings.dimensions);
+            out.push(found);
+        }
+        Ok(out)
     }
 
     /// Makes fully embedded versions their documents' searchable ones, all
@@ -193,14 +205,20 @@ impl KnowledgeBase {
             let now = now_ms();
             {
                 let mut insert = tx.prepare(
-                    "INSERT INTO chunks (doc_id, version, ord, start_char, end_char, heading, text, tokens, vector)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT INTO chunks (doc_id, version, ord, start_char, end_char, heading, text, tokens, vector, input_hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?;
                 for (d, _) in &live_now {
                     let (doc, version) = &jobs[d.job];
                     tx.execute("DELETE FROM chunks WHERE doc_id = ?1", params![doc])?;
                     let mut these = Vec::with_capacity(d.chunks.len());
-                    for (i, (c, v)) in d.chunks.iter().zip(&d.vectors).enumerate() {
+                    for (i, ((c, v), input)) in d
+                        .chunks
+                        .iter()
+                        .zip(d.vectors())
+                        .zip(&d.inputs)
+                        .enumerate()
+                    {
                         insert.execute(params![
                             doc,
                             version,
@@ -210,7 +228,8 @@ impl KnowledgeBase {
                             c.heading,
                             c.text,
                             c.tokens as i64,
-                            vector_bytes(v)
+                            vector_bytes(v),
+                            input_hash(input)
                         ])?;
                         these.push(tx.last_insert_rowid() as u64);
                     }
@@ -262,7 +281,7 @@ impl KnowledgeBase {
             for (n, (d, info)) in live_now.iter().enumerate() {
                 let doc = &jobs[d.job].0;
                 live.remove_doc(doc);
-                for (&id, v) in ids[n].iter().zip(&d.vectors) {
+                for (&id, v) in ids[n].iter().zip(d.vectors()) {
                     live.vectors.insert(id, v).map_err(KbError::Storage)?;
                     live.chunk_doc.insert(id, doc.clone());
                 }
@@ -331,5 +350,24 @@ struct Prepared {
     chunks: Vec<chunk::Chunk>,
     /// What is embedded and full-text indexed per chunk.
     inputs: Vec<String>,
-    vectors: Vec<Vec<f32>>,
+    /// Per chunk, once known (reused, or embedded now).
+    vectors: Vec<Option<Vec<f32>>>,
+}
+
+impl Prepared {
+    fn is_complete(&self) -> bool {
+        self.vectors.iter().all(Option::is_some)
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            done: self.vectors.iter().filter(|v| v.is_some()).count() as i64,
+            total: self.chunks.len() as i64,
+        }
+    }
+
+    /// The vectors of a complete version.
+    fn vectors(&self) -> impl Iterator<Item = &Vec<f32>> {
+        self.vectors.iter().flatten()
+    }
 }

@@ -41,7 +41,8 @@ use crate::fulltext::{Filter, FullText, IndexedChunk};
 use crate::retrieve::{self, Fusion, Mode};
 use crate::vector::{self, Opened, VectorIndex, APPROXIMATE_FROM};
 use sql::{
-    chunk_rows, document_row, insert_version, open_db, visibility_param, ChunkRow, DOCUMENT_SELECT,
+    chunk_rows, document_row, input_hash, insert_version, open_db, visibility_param, ChunkRow,
+    DOCUMENT_SELECT,
     VISIBLE,
 };
 
@@ -673,8 +674,11 @@ impl KnowledgeBase {
     }
 
     /// Adds a document; its ingestion is queued (run it with
-    /// [`KnowledgeBase::ingest`]). Content already in the knowledge base
-    /// (the same bytes as a document's latest version) is not added again.
+    /// [`KnowledgeBase::ingest`]). The same upload again (the same bytes
+    /// under the same name, groups and metadata as a document's latest
+    /// version) is not added twice: the existing document is returned as a
+    /// duplicate. The same bytes under another name, groups or metadata make
+    /// a new document, whose vectors are reused rather than embedded again.
     pub fn add(&self, upload: Upload) -> Result<Added> {
         check_name(&upload.name)?;
         check_labels("group", upload.groups.iter().cloned())?;
@@ -682,9 +686,9 @@ impl KnowledgeBase {
         self.check_upload(&upload.bytes, &upload.name)?;
         let sha = hex::encode(Sha256::digest(&upload.bytes));
         let _commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(doc) = self.find_by_sha(&sha)? {
+        if let Some(document) = self.find_same(&sha, &upload)? {
             return Ok(Added {
-                document: self.document(&doc)?,
+                document,
                 duplicate: true,
             });
         }
@@ -777,17 +781,32 @@ impl KnowledgeBase {
         Ok(())
     }
 
-    fn find_by_sha(&self, sha: &str) -> Result<Option<String>> {
-        Ok(self
-            .db()
-            .query_row(
+    /// A document whose latest version is this upload again: the same
+    /// bytes, name, groups and metadata (and not failed or stopped).
+    fn find_same(&self, sha: &str, upload: &Upload) -> Result<Option<Document>> {
+        let ids: Vec<String> = {
+            let db = self.db();
+            let mut stmt = db.prepare(
                 "SELECT v.doc_id FROM versions v JOIN documents d ON d.id = v.doc_id
-                 WHERE v.sha256 = ?1 AND v.version = d.latest_version AND v.status NOT IN ('failed', 'stopped')
-                 LIMIT 1",
-                params![sha],
-                |r| r.get(0),
-            )
-            .optional()?)
+                 WHERE v.sha256 = ?1 AND v.version = d.latest_version AND d.name = ?2
+                   AND v.status NOT IN ('failed', 'stopped')",
+            )?;
+            let rows = stmt.query_map(params![sha, upload.name], |r| r.get(0))?;
+            rows.collect::<std::result::Result<_, _>>()?
+        };
+        let sorted = |g: &[String]| {
+            let mut g = g.to_vec();
+            g.sort();
+            g.dedup();
+            g
+        };
+        for id in ids {
+            let d = self.document(&id)?;
+            if sorted(&d.groups) == sorted(&upload.groups) && d.metadata == upload.metadata {
+                return Ok(Some(d));
+            }
+        }
+        Ok(None)
     }
 
     /// Deletes a document: it leaves every index at once, and an ingestion

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     heading TEXT NOT NULL,
     text TEXT NOT NULL,
     tokens INTEGER NOT NULL,
-    vector BLOB NOT NULL
+    vector BLOB NOT NULL,
+    input_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id, version);
 CREATE INDEX IF NOT EXISTS documents_listing ON documents(created_ms DESC, id);
@@ -148,5 +149,20 @@ pub(super) fn open_db(path: &Path) -> Result<Connection> {
     conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
     conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")?;
     conn.execute_batch(SCHEMA)?;
+    // Added after the first release: the hash of what a chunk's vector was
+    // computed from, to reuse it for identical text.
+    let has_hash = conn
+        .prepare("SELECT 1 FROM pragma_table_info('chunks') WHERE name = 'input_hash'")?
+        .exists([])?;
+    if !has_hash {
+        conn.execute_batch("ALTER TABLE chunks ADD COLUMN input_hash TEXT")?;
+    }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS chunks_input ON chunks(input_hash)")?;
     Ok(conn)
+}
+
+/// The key under which a chunk's vector is found again: a hash of exactly
+/// what was embedded.
+pub(super) fn input_hash(input: &str) -> String {
+    hex::encode(&Sha256::digest(input.as_bytes())[..16])
 }
