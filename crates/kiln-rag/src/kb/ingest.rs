@@ -212,12 +212,8 @@ impl KnowledgeBase {
                     let (doc, version) = &jobs[d.job];
                     tx.execute("DELETE FROM chunks WHERE doc_id = ?1", params![doc])?;
                     let mut these = Vec::with_capacity(d.chunks.len());
-                    for (i, ((c, v), input)) in d
-                        .chunks
-                        .iter()
-                        .zip(d.vectors())
-                        .zip(&d.inputs)
-                        .enumerate()
+                    for (i, ((c, v), input)) in
+                        d.chunks.iter().zip(d.vectors()).zip(&d.inputs).enumerate()
                     {
                         insert.execute(params![
                             doc,
