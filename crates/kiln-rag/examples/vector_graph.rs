@@ -14,22 +14,10 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use kiln_rag::vector::{write_atomically, Opened, VectorIndex, APPROXIMATE_FROM};
+use kiln_rag::vector::{
+    pseudo_random_vectors, write_atomically, Opened, VectorIndex, APPROXIMATE_FROM,
+};
 use sha2::{Digest, Sha256};
-
-/// Deterministic pseudo-random vectors in [-0.5, 0.5), not normalised.
-fn random_vectors(n: usize, dims: usize, seed: u64) -> Vec<Vec<f32>> {
-    let mut state = seed;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    };
-    (0..n)
-        .map(|_| (0..dims).map(|_| next()).collect())
-        .collect()
-}
 
 fn open(
     path: &std::path::Path,
@@ -54,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("vectors.hnsw");
-    let vectors = random_vectors(n, dims, 7);
+    let vectors = pseudo_random_vectors(n, dims, 7);
     println!("{n} vectors of {dims} dimensions");
 
     let started = Instant::now();
@@ -115,7 +103,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     let loaded = loaded.context("no open")?;
-    let queries = random_vectors(200, dims, 99);
+    let queries = pseudo_random_vectors(200, dims, 99);
     let same = queries
         .iter()
         .all(|q| built.search(q, 10, &|_| true) == loaded.search(q, 10, &|_| true));

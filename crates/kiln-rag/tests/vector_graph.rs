@@ -11,44 +11,14 @@ use std::path::Path;
 
 use kiln_rag::chunk::ChunkOptions;
 use kiln_rag::fulltext::Filter;
-use kiln_rag::kb::{EmbedError, Embedder, KnowledgeBase, Query, Settings, Status, Upload};
+use kiln_rag::kb::{KnowledgeBase, Query, Settings, Status, Upload};
 use kiln_rag::retrieve::{Fusion, Mode};
 
-const DIMS: usize = 64;
+mod common;
+
+use common::{HashEmbedder, DIMS};
+
 const THRESHOLD: usize = 4;
-
-/// Feature-hashed bag of words: deterministic, no weights.
-struct HashEmbedder;
-
-impl Embedder for HashEmbedder {
-    fn model(&self) -> &str {
-        "hash-64"
-    }
-    fn dimensions(&self) -> usize {
-        DIMS
-    }
-    fn max_tokens(&self) -> usize {
-        256
-    }
-    fn count_tokens(&self, text: &str) -> usize {
-        text.split_whitespace().count()
-    }
-    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        Ok(texts
-            .iter()
-            .map(|t| {
-                let mut v = vec![0f32; DIMS];
-                for w in t.split_whitespace() {
-                    let h = w.bytes().fold(1469598103934665603u64, |h, b| {
-                        (h ^ b as u64).wrapping_mul(1099511628211)
-                    });
-                    v[(h % DIMS as u64) as usize] += 1.0;
-                }
-                v
-            })
-            .collect())
-    }
-}
 
 fn settings() -> Settings {
     Settings {
@@ -81,7 +51,10 @@ fn add(kb: &KnowledgeBase, i: usize) -> String {
         })
         .unwrap();
     let id = added.document.id;
-    assert_eq!(kb.ingest(&id, 1, &HashEmbedder).unwrap(), Status::Ready);
+    assert_eq!(
+        kb.ingest(&id, 1, &HashEmbedder::new(usize::MAX)).unwrap(),
+        Status::Ready
+    );
     id
 }
 
@@ -96,7 +69,7 @@ fn finds(kb: &KnowledgeBase, i: usize) -> bool {
                 fusion: Fusion::default(),
                 filter: Filter::default(),
             },
-            Some(&HashEmbedder),
+            Some(&HashEmbedder::new(usize::MAX)),
         )
         .unwrap();
     hits.first()

@@ -341,6 +341,22 @@ fn build<'a>(dims: usize, rows: impl Iterator<Item = (u64, &'a [f32])>) -> Hnsw 
     graph
 }
 
+/// Deterministic pseudo-random vectors with components in [-0.5, 0.5), not
+/// normalised (a linear congruential generator), for tests and benchmarks.
+#[doc(hidden)]
+pub fn pseudo_random_vectors(n: usize, dims: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut state = seed;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    };
+    (0..n)
+        .map(|_| (0..dims).map(|_| next()).collect())
+        .collect()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -380,20 +396,9 @@ mod tests {
 
     /// Deterministic pseudo-random unit vectors.
     fn random_vectors(n: usize, dims: usize, seed: u64) -> Vec<Vec<f32>> {
-        let mut state = seed;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
-        (0..n)
-            .map(|_| {
-                let mut v: Vec<f32> = (0..dims).map(|_| next()).collect();
-                normalize(&mut v);
-                v
-            })
-            .collect()
+        let mut vectors = pseudo_random_vectors(n, dims, seed);
+        vectors.iter_mut().for_each(|v| normalize(v));
+        vectors
     }
 
     #[test]

@@ -219,16 +219,7 @@ mod tests {
     /// Deterministic pseudo-random vectors, not normalised (as a database
     /// holds them).
     fn random_vectors(n: usize, seed: u64) -> Vec<Vec<f32>> {
-        let mut state = seed;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
-        (0..n)
-            .map(|_| (0..DIMS).map(|_| next()).collect())
-            .collect()
+        crate::vector::pseudo_random_vectors(n, DIMS, seed)
     }
 
     /// An approximate index with removals and a replacement behind it,

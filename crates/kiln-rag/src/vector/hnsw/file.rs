@@ -467,20 +467,9 @@ mod tests {
 
     /// Deterministic pseudo-random unit vectors.
     fn random_vectors(n: usize, seed: u64) -> Vec<Vec<f32>> {
-        let mut state = seed;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
-        (0..n)
-            .map(|_| {
-                let mut v: Vec<f32> = (0..DIMS).map(|_| next()).collect();
-                normalize(&mut v);
-                v
-            })
-            .collect()
+        let mut vectors = crate::vector::pseudo_random_vectors(n, DIMS, seed);
+        vectors.iter_mut().for_each(|v| normalize(v));
+        vectors
     }
 
     /// A graph of 60 nodes, 5 of them removed, with the live rows.
