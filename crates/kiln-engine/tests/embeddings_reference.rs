@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
 use kiln_engine::bert::BertEmbedder;
+use kiln_engine::kernels::KernelVariant;
 use kiln_engine::EngineError;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -260,6 +261,63 @@ fn embeddings_match_sentence_transformers_singly_and_batched() -> anyhow::Result
         1.0 - worst_batched,
         1.0 - worst_batch_vs_single
     );
+    Ok(())
+}
+
+/// Each kernel variant this CPU runs (scalar, AVX2, AVX-512), forced in
+/// turn: the SIMD variants give the same bits as each other, every variant
+/// stays within float noise of the portable one and matches
+/// sentence-transformers. A variant the CPU lacks is refused, not faked.
+#[test]
+fn every_kernel_variant_gives_the_same_vectors() -> anyhow::Result<()> {
+    let fixture = fixture()?;
+    let inputs: Vec<Vec<u32>> = fixture
+        .sentences
+        .iter()
+        .map(|c| c.token_ids.clone())
+        .collect();
+    let dir = model_dir();
+    let portable = BertEmbedder::load_with_kernels(&dir, KernelVariant::Scalar)?.embed(&inputs)?;
+    let mut simd: Option<(KernelVariant, Vec<Vec<f32>>)> = None;
+    for variant in KernelVariant::ALL {
+        let embedder = match BertEmbedder::load_with_kernels(&dir, variant) {
+            Ok(e) => e,
+            Err(EngineError::InvalidRequest(_)) if !variant.is_available() => {
+                eprintln!("{}: not available on this CPU", variant.name());
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let vectors = embedder.embed(&inputs)?;
+        let mut worst = 0f32;
+        for ((v, p), case) in vectors.iter().zip(&portable).zip(&fixture.sentences) {
+            worst = worst.max(max_abs_diff(v, p));
+            let cos = cosine(v, &case.embedding);
+            ensure!(
+                cos >= MIN_COSINE,
+                "{}: {:?} cosine {cos}",
+                variant.name(),
+                case.text
+            );
+        }
+        eprintln!("{}: worst |diff| vs scalar {worst:.2e}", variant.name());
+        ensure!(
+            worst < 1e-5,
+            "{} differs from scalar by {worst}",
+            variant.name()
+        );
+        if variant != KernelVariant::Scalar {
+            match &simd {
+                Some((first, expected)) => ensure!(
+                    &vectors == expected,
+                    "{} and {} give different bits",
+                    variant.name(),
+                    first.name()
+                ),
+                None => simd = Some((variant, vectors)),
+            }
+        }
+    }
     Ok(())
 }
 

@@ -1,80 +1,62 @@
-//! The BERT encoder forward pass on candle tensors, layer by layer as
+//! The BERT encoder forward pass on `f32` slices, layer by layer as
 //! HuggingFace `BertModel` computes it, followed by sentence-transformers'
 //! pooling and L2 normalisation.
 //!
-//! Shapes: token rows are kept flat as `[batch * seq, hidden]` for the dense
-//! layers and reshaped to `[batch, heads, seq, head_dim]` only for attention.
-//! Padding is invisible to real tokens: padded keys get an additive
-//! `f32::MIN` bias before the softmax (as HF's extended attention mask), and
-//! pooling averages only unpadded rows, so a sentence's vector does not depend
-//! on what it was batched with (up to float rounding).
+//! Layout: a batch is packed without padding. The tokens of all inputs are
+//! the rows of one `[tokens, hidden]` matrix for the dense layers (query, key
+//! and value fused into one product); attention runs per (input, head) on
+//! that input's own rows, so no work is spent on padding and no mask is
+//! needed. Pooling averages each input's rows.
 //!
-//! Invariant: every weight was shape-checked at load, so a forward pass can
-//! only fail on a batch the caller failed to validate (ids, lengths).
+//! Invariants:
+//! - Every weight was shape-checked at load and packed for
+//!   [`super::matmul`]; a forward pass only fails on a batch the caller
+//!   failed to validate (ids, lengths), and then with an error, not a panic.
+//! - A vector depends only on its own input: with the AVX-512 and AVX2
+//!   kernels each output value is computed the same way whatever the batch,
+//!   its order or the thread count, so an input embeds to the same bits alone
+//!   or batched (with the portable kernels, the `gemm` crate's blocking may
+//!   change the rounding with the batch size).
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::bert::config::{BertConfig, Pooling};
+use crate::bert::isa::{multiversion, Arith, Isa};
+use crate::bert::math::{add_layer_norm, softmax, LayerNorm};
+use crate::bert::matmul::{gemm_block_generic, matmul, Epilogue, PackedMatrix};
 use crate::error::{EngineError, Result};
 
-/// A dense layer, `y = x W^T + b`; `W^T` is kept contiguous (`[in, out]`).
-struct Linear {
-    weight_t: Tensor,
-    bias: Tensor,
-}
-
-impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?)
-    }
-}
-
-/// LayerNorm over the last dimension (biased variance, as torch).
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?)
-    }
-}
-
 struct EncoderLayer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attention_out: Linear,
+    /// Query, key and value in one: `hidden → 3 * hidden`.
+    qkv: PackedMatrix,
+    attention_out: PackedMatrix,
     attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: PackedMatrix,
+    output: PackedMatrix,
     output_norm: LayerNorm,
 }
 
-/// The loaded encoder: embeddings, layers and the pooling mode.
+/// The loaded encoder: embeddings, layers, the pooling mode and the
+/// instruction set its kernels run with.
 pub(crate) struct BertEncoder {
-    word_embeddings: Tensor,
-    position_embeddings: Tensor,
+    /// `vocab_size × hidden`, row-major.
+    word_embeddings: Vec<f32>,
+    /// `max_position_embeddings × hidden`, row-major.
+    position_embeddings: Vec<f32>,
     /// Row 0 of the token-type table: every input is a single segment.
-    token_type_row: Tensor,
+    token_type_row: Vec<f32>,
     embeddings_norm: LayerNorm,
     layers: Vec<EncoderLayer>,
     heads: usize,
     head_dim: usize,
     hidden: usize,
+    intermediate: usize,
     pooling: Pooling,
-    device: Device,
+    isa: Isa,
 }
 
 /// Named tensors from `model.safetensors`, checked and converted on access.
@@ -110,36 +92,77 @@ impl WeightFile<'_> {
         }
     }
 
-    fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
-        Ok(Linear {
-            weight_t: self
-                .get(&format!("{name}.weight"), &[out_dim, in_dim])?
-                .t()?
-                .contiguous()?,
-            bias: self.get(&format!("{name}.bias"), &[out_dim])?,
-        })
+    /// The tensor's values, row-major.
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(self.get(name, shape)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// `name.weight` (`out_dim × in_dim`) and `name.bias` (`out_dim`).
+    fn linear_parts(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<[Vec<f32>; 2]> {
+        Ok([
+            self.values(&format!("{name}.weight"), &[out_dim, in_dim])?,
+            self.values(&format!("{name}.bias"), &[out_dim])?,
+        ])
+    }
+
+    fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<PackedMatrix> {
+        let [weight, bias] = self.linear_parts(name, out_dim, in_dim)?;
+        Ok(PackedMatrix::from_linear(&weight, &bias, out_dim, in_dim))
+    }
+
+    /// Several linears with the same input, as one with their outputs
+    /// concatenated.
+    fn fused_linear(
+        &self,
+        names: &[String],
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<PackedMatrix> {
+        let (mut weight, mut bias) = (Vec::new(), Vec::new());
+        for name in names {
+            let [w, b] = self.linear_parts(name, out_dim, in_dim)?;
+            weight.extend_from_slice(&w);
+            bias.extend_from_slice(&b);
+        }
+        Ok(PackedMatrix::from_linear(
+            &weight,
+            &bias,
+            out_dim * names.len(),
+            in_dim,
+        ))
     }
 
     fn layer_norm(&self, name: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
         Ok(LayerNorm {
-            weight: self.get(&format!("{name}.weight"), &[dim])?,
-            bias: self.get(&format!("{name}.bias"), &[dim])?,
-            eps,
+            weight: self.values(&format!("{name}.weight"), &[dim])?,
+            bias: self.values(&format!("{name}.bias"), &[dim])?,
+            eps: eps as f32,
         })
     }
 }
 
+/// Where one input's rows are in the packed batch.
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    len: usize,
+}
+
 impl BertEncoder {
-    /// Loads and shape-checks every weight in `model.safetensors`.
-    pub(crate) fn load(path: &Path, config: &BertConfig, pooling: Pooling) -> Result<BertEncoder> {
-        let device = Device::Cpu;
+    /// Loads, shape-checks and packs every weight in `model.safetensors`.
+    pub(crate) fn load(
+        path: &Path,
+        config: &BertConfig,
+        pooling: Pooling,
+        isa: Isa,
+    ) -> Result<BertEncoder> {
         if !path.is_file() {
             return Err(EngineError::bad_file(
                 path,
                 "file is missing; pull the model again",
             ));
         }
-        let tensors = candle_core::safetensors::load(path, &device).map_err(|e| {
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
             EngineError::bad_file(path, format!("not a readable safetensors file: {e}"))
         })?;
         let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") {
@@ -157,17 +180,16 @@ impl BertEncoder {
             config.intermediate_size,
             config.layer_norm_eps,
         );
-        let token_types = w.get(
+        let token_types = w.values(
             "embeddings.token_type_embeddings.weight",
             &[config.type_vocab_size, h],
         )?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{l}");
+            let qkv = ["query", "key", "value"].map(|n| format!("{p}.attention.self.{n}"));
             layers.push(EncoderLayer {
-                query: w.linear(&format!("{p}.attention.self.query"), h, h)?,
-                key: w.linear(&format!("{p}.attention.self.key"), h, h)?,
-                value: w.linear(&format!("{p}.attention.self.value"), h, h)?,
+                qkv: w.fused_linear(&qkv, h, h)?,
                 attention_out: w.linear(&format!("{p}.attention.output.dense"), h, h)?,
                 attention_norm: w.layer_norm(&format!("{p}.attention.output.LayerNorm"), h, eps)?,
                 intermediate: w.linear(&format!("{p}.intermediate.dense"), i, h)?,
@@ -176,117 +198,290 @@ impl BertEncoder {
             });
         }
         Ok(BertEncoder {
-            word_embeddings: w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
-            position_embeddings: w.get(
+            word_embeddings: w
+                .values("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            position_embeddings: w.values(
                 "embeddings.position_embeddings.weight",
                 &[config.max_position_embeddings, h],
             )?,
-            token_type_row: token_types.get(0)?,
+            token_type_row: token_types[..h].to_vec(),
             embeddings_norm: w.layer_norm("embeddings.LayerNorm", h, eps)?,
             layers,
             heads: config.num_attention_heads,
             head_dim: config.head_dim(),
             hidden: h,
+            intermediate: i,
             pooling,
-            device,
+            isa,
         })
     }
 
     /// Embeds one batch. Every input must be non-empty, no longer than the
-    /// position table, with ids inside the vocabulary (the caller checks).
-    /// Returns one L2-normalised vector per input.
+    /// position table, with ids inside the vocabulary (the caller checks;
+    /// a violation is [`EngineError::InvalidRequest`]). Returns one
+    /// L2-normalised vector per input.
     pub(crate) fn embed_batch(&self, inputs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        let batch = inputs.len();
-        let seq = inputs.iter().map(|ids| ids.len()).max().unwrap_or(0);
-        if batch == 0 || seq == 0 {
+        let h = self.hidden;
+        let vocab = self.word_embeddings.len() / h;
+        let positions = self.position_embeddings.len() / h;
+        let mut spans = Vec::with_capacity(inputs.len());
+        let mut tokens = 0;
+        for (index, input) in inputs.iter().enumerate() {
+            if input.is_empty() || input.len() > positions {
+                return Err(EngineError::InvalidRequest(format!(
+                    "input {index} has {} tokens; 1 to {positions} are allowed",
+                    input.len()
+                )));
+            }
+            if let Some(&id) = input.iter().find(|&&id| id as usize >= vocab) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "input {index} contains token id {id}, outside the vocabulary of {vocab}"
+                )));
+            }
+            spans.push(Span {
+                start: tokens,
+                len: input.len(),
+            });
+            tokens += input.len();
+        }
+        if tokens == 0 {
             return Ok(Vec::new());
         }
-        let mut ids = Vec::with_capacity(batch * seq);
-        let mut mask = Vec::with_capacity(batch * seq);
-        for input in inputs {
-            ids.extend_from_slice(input);
-            ids.resize(ids.len() + seq - input.len(), 0);
-            mask.extend((0..seq).map(|t| if t < input.len() { 1f32 } else { 0f32 }));
-        }
-        let ids = Tensor::from_vec(ids, batch * seq, &self.device)?;
-        let mask = Tensor::from_vec(mask, (batch, seq), &self.device)?;
+        // Run on a pool thread, so the parallel steps below are forked from
+        // inside the pool rather than each injected from outside.
+        Ok(rayon::scope(|_| self.forward(inputs, &spans, tokens)))
+    }
 
-        let mut x = self.embeddings(&ids, batch, seq)?;
-        // Additive bias per key: 0 for tokens, f32::MIN for padding.
-        let bias =
-            ((mask.ones_like()? - &mask)? * f64::from(f32::MIN))?.reshape((batch, 1, 1, seq))?;
+    fn forward(&self, inputs: &[&[u32]], spans: &[Span], tokens: usize) -> Vec<Vec<f32>> {
+        let h = self.hidden;
+        let mut x = vec![0f32; tokens * h];
+        self.embeddings(inputs, &mut x);
+        // Query/key/value plus attention output by head, or the FFN's inner
+        // activations: never both at once.
+        let mut wide = vec![0f32; tokens * self.intermediate.max(4 * h)];
+        let mut context = vec![0f32; tokens * h];
+        let mut projected = vec![0f32; tokens * h];
         for layer in &self.layers {
-            x = self.layer(layer, &x, &bias, batch, seq)?;
+            self.layer(
+                layer,
+                spans,
+                &mut x,
+                &mut wide,
+                &mut context,
+                &mut projected,
+            );
         }
-        let x = x.reshape((batch, seq, self.hidden))?;
-        let pooled = match self.pooling {
-            Pooling::Mean => {
-                let m = mask.unsqueeze(2)?;
-                let summed = x.broadcast_mul(&m)?.sum(1)?;
-                let counts = m.sum(1)?.clamp(1e-9f32, f32::MAX)?;
-                summed.broadcast_div(&counts)?
-            }
-            Pooling::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
-        };
-        let norms = pooled
-            .sqr()?
-            .sum_keepdim(1)?
-            .sqrt()?
-            .clamp(1e-12f32, f32::MAX)?;
-        Ok(pooled.broadcast_div(&norms)?.to_vec2::<f32>()?)
+        self.pool(&x, spans)
     }
 
     /// Word + absolute position + token-type-0 embeddings, then LayerNorm.
-    fn embeddings(&self, ids: &Tensor, batch: usize, seq: usize) -> Result<Tensor> {
-        let words = self
-            .word_embeddings
-            .embedding(ids)?
-            .reshape((batch, seq, self.hidden))?;
-        let positions = self.position_embeddings.narrow(0, 0, seq)?;
-        let x = words
-            .broadcast_add(&positions)?
-            .broadcast_add(&self.token_type_row)?
-            .reshape((batch * seq, self.hidden))?;
-        self.embeddings_norm.forward(&x)
+    fn embeddings(&self, inputs: &[&[u32]], x: &mut [f32]) {
+        let h = self.hidden;
+        let rows: Vec<(u32, usize)> = inputs
+            .iter()
+            .flat_map(|ids| ids.iter().enumerate().map(|(p, &id)| (id, p)))
+            .collect();
+        const ROWS_PER_TASK: usize = 64;
+        x.par_chunks_mut(ROWS_PER_TASK * h)
+            .zip(rows.par_chunks(ROWS_PER_TASK))
+            .for_each(|(x, rows)| {
+                for (out, &(id, p)) in x.chunks_exact_mut(h).zip(rows) {
+                    let word = &self.word_embeddings[id as usize * h..(id as usize + 1) * h];
+                    let position = &self.position_embeddings[p * h..(p + 1) * h];
+                    for (((o, w), q), t) in out
+                        .iter_mut()
+                        .zip(word)
+                        .zip(position)
+                        .zip(&self.token_type_row)
+                    {
+                        *o = w + q + t;
+                    }
+                }
+                add_layer_norm(self.isa, x, None, &self.embeddings_norm);
+            });
     }
 
     fn layer(
         &self,
         layer: &EncoderLayer,
-        x: &Tensor,
-        bias: &Tensor,
-        batch: usize,
-        seq: usize,
-    ) -> Result<Tensor> {
-        let split_heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((batch, seq, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        spans: &[Span],
+        x: &mut Vec<f32>,
+        wide: &mut [f32],
+        context: &mut [f32],
+        projected: &mut Vec<f32>,
+    ) {
+        let (h, isa) = (self.hidden, self.isa);
+        let tokens = x.len() / h;
+        {
+            let (qkv, rest) = wide.split_at_mut(tokens * 3 * h);
+            let by_head = &mut rest[..tokens * h];
+            matmul(isa, x, tokens, &layer.qkv, qkv, Epilogue::Plain);
+            self.attention(spans, qkv, by_head, context);
+        }
+        let norm = Epilogue::AddNorm {
+            residual: x,
+            norm: &layer.attention_norm,
         };
-        let q = split_heads(layer.query.forward(x)?)?;
-        let k = split_heads(layer.key.forward(x)?)?;
-        let v = split_heads(layer.value.forward(x)?)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
-        let probs = softmax_last_dim(&scores)?;
-        let context = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((batch * seq, self.hidden))?;
-        let attended = layer
-            .attention_norm
-            .forward(&(layer.attention_out.forward(&context)? + x)?)?;
-        let inner = layer.intermediate.forward(&attended)?.gelu_erf()?;
-        layer
-            .output_norm
-            .forward(&(layer.output.forward(&inner)? + &attended)?)
+        matmul(isa, context, tokens, &layer.attention_out, projected, norm);
+        std::mem::swap(x, projected);
+
+        let inner = &mut wide[..tokens * self.intermediate];
+        matmul(isa, x, tokens, &layer.intermediate, inner, Epilogue::Gelu);
+        let norm = Epilogue::AddNorm {
+            residual: x,
+            norm: &layer.output_norm,
+        };
+        matmul(isa, inner, tokens, &layer.output, projected, norm);
+        std::mem::swap(x, projected);
+    }
+
+    /// Scaled dot-product attention per (input, head). Each task writes its
+    /// `len × head_dim` result to its own slice of `by_head` (input by input,
+    /// head by head); those are then interleaved into `context`'s rows.
+    fn attention(&self, spans: &[Span], qkv: &[f32], by_head: &mut [f32], context: &mut [f32]) {
+        let (h, d, isa) = (self.hidden, self.head_dim, self.isa);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut tasks = Vec::with_capacity(spans.len() * self.heads);
+        let mut rest = &mut *by_head;
+        for &span in spans {
+            for head in 0..self.heads {
+                let (out, tail) = std::mem::take(&mut rest).split_at_mut(span.len * d);
+                tasks.push((span, head, out));
+                rest = tail;
+            }
+        }
+        tasks
+            .into_par_iter()
+            .for_each_init(AttentionScratch::new, |scratch, (span, head, out)| {
+                let rows = &qkv[span.start * 3 * h..(span.start + span.len) * 3 * h];
+                attend(isa, rows, span.len, h, head * d, d, scale, out, scratch);
+            });
+
+        let mut per_input = Vec::with_capacity(spans.len());
+        let mut rest = &mut *context;
+        for &span in spans {
+            let (rows, tail) = std::mem::take(&mut rest).split_at_mut(span.len * h);
+            per_input.push((span, rows));
+            rest = tail;
+        }
+        per_input.into_par_iter().for_each(|(span, rows)| {
+            let heads = &by_head[span.start * h..(span.start + span.len) * h];
+            for (head, part) in heads.chunks_exact(span.len * d).enumerate() {
+                for (row, part) in rows.chunks_exact_mut(h).zip(part.chunks_exact(d)) {
+                    row[head * d..(head + 1) * d].copy_from_slice(part);
+                }
+            }
+        });
+    }
+
+    /// One vector per input: the mean of its rows, or its first row, then
+    /// L2-normalised.
+    fn pool(&self, x: &[f32], spans: &[Span]) -> Vec<Vec<f32>> {
+        let h = self.hidden;
+        spans
+            .iter()
+            .map(|span| {
+                let rows = &x[span.start * h..(span.start + span.len) * h];
+                let mut v = match self.pooling {
+                    Pooling::Mean => {
+                        let mut sum = vec![0f32; h];
+                        for row in rows.chunks_exact(h) {
+                            for (s, r) in sum.iter_mut().zip(row) {
+                                *s += r;
+                            }
+                        }
+                        let count = span.len as f32;
+                        sum.iter_mut().for_each(|s| *s /= count);
+                        sum
+                    }
+                    Pooling::Cls => rows[..h].to_vec(),
+                };
+                let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt().max(1e-12);
+                v.iter_mut().for_each(|a| *a /= norm);
+                v
+            })
+            .collect()
     }
 }
 
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let exp = x.broadcast_sub(&max)?.exp()?;
-    let sum = exp.sum_keepdim(D::Minus1)?;
-    Ok(exp.broadcast_div(&sum)?)
+/// Per-task buffers for [`attend`], reused across the tasks a rayon job runs.
+struct AttentionScratch {
+    keys: PackedMatrix,
+    values: PackedMatrix,
+    scores: Vec<f32>,
+}
+
+impl AttentionScratch {
+    fn new() -> AttentionScratch {
+        AttentionScratch {
+            keys: PackedMatrix::new(),
+            values: PackedMatrix::new(),
+            scores: Vec::new(),
+        }
+    }
+}
+
+/// One head of one input: `softmax(Q Kᵀ · scale) V` into `out` (`len × d`).
+/// `rows` are the input's `len` rows of query | key | value (`3 * hidden`
+/// wide); the head's columns start at `col` within each of the three.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_generic<A: Arith>(
+    rows: &[f32],
+    len: usize,
+    hidden: usize,
+    col: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+    scratch: &mut AttentionScratch,
+) {
+    let ld = 3 * hidden;
+    let queries = &rows[col..];
+    let keys = &rows[hidden + col..];
+    let values = &rows[2 * hidden + col..];
+    scratch.keys.pack_transposed(keys, ld, len, d);
+    scratch.scores.clear();
+    scratch.scores.resize(len * len, 0.0);
+    let scores = &mut scratch.scores;
+    gemm_block_generic::<A>(
+        queries,
+        ld,
+        len,
+        &scratch.keys,
+        0,
+        usize::MAX,
+        scores,
+        len,
+        false,
+    );
+    for row in scores.chunks_exact_mut(len) {
+        softmax::<A>(row, scale);
+    }
+    scratch.values.pack_rows(values, ld, len, d);
+    gemm_block_generic::<A>(
+        scores,
+        len,
+        len,
+        &scratch.values,
+        0,
+        usize::MAX,
+        out,
+        d,
+        false,
+    );
+}
+
+multiversion! {
+    /// [`attend_generic`] for `isa`.
+    fn attend = attend_generic(
+        rows: &[f32],
+        len: usize,
+        hidden: usize,
+        col: usize,
+        d: usize,
+        scale: f32,
+        out: &mut [f32],
+        scratch: &mut AttentionScratch,
+    );
 }

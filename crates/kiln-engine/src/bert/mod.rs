@@ -1,12 +1,16 @@
 //! Sentence embeddings with a sentence-transformers BERT model
-//! (all-MiniLM-L6-v2 and its kin), on candle CPU tensors.
+//! (all-MiniLM-L6-v2 and its kin), on the CPU with Kiln's own kernels.
 //!
 //! [`BertEmbedder`] owns a model directory as sentence-transformers lays it
 //! out: `config.json`, `tokenizer.json`, `model.safetensors`,
 //! `sentence_bert_config.json` and `1_Pooling/config.json`. It computes what
 //! `SentenceTransformer.encode(..., normalize_embeddings)` computes for such a
-//! model: WordPiece tokens ([`wordpiece`]), the BERT encoder with a padding
-//! mask, mean (or CLS) pooling and L2 normalisation (`encoder`).
+//! model: WordPiece tokens ([`wordpiece`]), the BERT encoder, mean (or CLS)
+//! pooling and L2 normalisation (`encoder`). The encoder packs a batch
+//! without padding and runs on f32 slices: packed-panel matrix products
+//! (`matmul`: AVX-512 or AVX2 tiles chosen at run time in `isa`, the `gemm`
+//! crate on other CPUs) and vectorised element-wise math (`math`), spread
+//! over the rayon pool.
 //!
 //! Unlike sentence-transformers, nothing is silently truncated: an input over
 //! [`BertEmbedder::max_tokens`] is refused with
@@ -27,20 +31,24 @@
 
 mod config;
 mod encoder;
+mod isa;
+mod math;
+mod matmul;
 pub mod wordpiece;
 
 use std::path::Path;
 
 use crate::bert::config::BertConfig;
 use crate::bert::encoder::BertEncoder;
+use crate::bert::isa::Isa;
 use crate::bert::wordpiece::WordPieceTokenizer;
 use crate::error::{EngineError, Result};
+use crate::kernels::KernelVariant;
 
-/// Most padded tokens (inputs x longest input) in one forward pass; bounds the
-/// attention scores to about `heads * budget * 256 * 4` bytes.
-const TOKEN_BUDGET: usize = 8192;
-/// Most inputs in one forward pass.
-const MAX_BATCH: usize = 64;
+/// Most tokens in one forward pass (one input may exceed it alone). Bounds
+/// the activations to about `7 * hidden * 4` bytes a token: 44 MB at
+/// hidden 384.
+const TOKEN_BUDGET: usize = 4096;
 
 /// A loaded sentence-embedding model. Immutable, `Send + Sync`: share it
 /// behind an `Arc` and call [`BertEmbedder::embed`] from any thread.
@@ -70,8 +78,28 @@ impl std::fmt::Debug for BertEmbedder {
 impl BertEmbedder {
     /// Loads a sentence-transformers model directory. A missing, unreadable
     /// or inconsistent file is [`EngineError::BadModelFile`] naming the file
-    /// and what is wrong with it.
+    /// and what is wrong with it. The kernels are the variant
+    /// [`KernelVariant::selected`] names (`KILN_KERNELS`, else the CPU's best).
     pub fn load(dir: &Path) -> Result<Self> {
+        let isa = Isa::new(KernelVariant::selected()).unwrap_or(Isa::Portable);
+        Self::load_with(dir, isa)
+    }
+
+    /// [`BertEmbedder::load`] with the kernels forced to `variant` (tests,
+    /// benchmarks). A variant this CPU cannot run is
+    /// [`EngineError::InvalidRequest`]. Every variant gives the same vectors
+    /// up to float rounding (bit for bit between the SIMD ones).
+    pub fn load_with_kernels(dir: &Path, variant: KernelVariant) -> Result<Self> {
+        let isa = Isa::new(variant).ok_or_else(|| {
+            EngineError::InvalidRequest(format!(
+                "the {} kernels need CPU features this machine lacks",
+                variant.name()
+            ))
+        })?;
+        Self::load_with(dir, isa)
+    }
+
+    fn load_with(dir: &Path, isa: Isa) -> Result<Self> {
         let config = BertConfig::load(&dir.join("config.json"))?;
         let max_tokens = config::load_max_tokens(&dir.join("sentence_bert_config.json"), &config)?;
         let pooling = config::load_pooling(&dir.join("1_Pooling").join("config.json"), &config)?;
@@ -87,7 +115,7 @@ impl BertEmbedder {
                 ),
             ));
         }
-        let encoder = BertEncoder::load(&dir.join("model.safetensors"), &config, pooling)?;
+        let encoder = BertEncoder::load(&dir.join("model.safetensors"), &config, pooling, isa)?;
         Ok(BertEmbedder {
             tokenizer,
             encoder,
@@ -128,29 +156,23 @@ impl BertEmbedder {
     /// [`EngineError::InvalidRequest`] naming the input and the limit.
     ///
     /// Returns one L2-normalised vector per input, in input order. Inputs are
-    /// grouped by length and padded within each group; a vector does not
-    /// depend on the other inputs beyond float rounding.
+    /// packed into forward passes of up to 4096 tokens without
+    /// padding; a vector does not depend on the other inputs (with the AVX2
+    /// and AVX-512 kernels it is the same bits alone or batched).
     pub fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         for (index, input) in inputs.iter().enumerate() {
             self.check_input(index, input)?;
         }
-        // Sort by length so each forward pass pads little.
-        let mut order: Vec<usize> = (0..inputs.len()).collect();
-        order.sort_by_key(|&i| inputs[i].len());
-        let mut out = vec![Vec::new(); inputs.len()];
+        let mut out = Vec::with_capacity(inputs.len());
         let mut start = 0;
-        while start < order.len() {
+        while start < inputs.len() {
             let mut end = start + 1;
-            while end < order.len()
-                && end - start < MAX_BATCH
-                && (end - start + 1) * inputs[order[end]].len() <= TOKEN_BUDGET
-            {
+            let mut tokens = inputs[start].len();
+            while end < inputs.len() && tokens + inputs[end].len() <= TOKEN_BUDGET {
+                tokens += inputs[end].len();
                 end += 1;
             }
-            let group: Vec<&[u32]> = order[start..end]
-                .iter()
-                .map(|&i| inputs[i].as_slice())
-                .collect();
+            let group: Vec<&[u32]> = inputs[start..end].iter().map(Vec::as_slice).collect();
             let vectors = self.encoder.embed_batch(&group)?;
             if vectors.len() != group.len() {
                 return Err(EngineError::Tensor(candle_core::Error::Msg(format!(
@@ -159,9 +181,7 @@ impl BertEmbedder {
                     group.len()
                 ))));
             }
-            for (&i, vector) in order[start..end].iter().zip(vectors) {
-                out[i] = vector;
-            }
+            out.extend(vectors);
             start = end;
         }
         Ok(out)
