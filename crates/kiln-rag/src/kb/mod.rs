@@ -42,8 +42,7 @@ use crate::retrieve::{self, Fusion, Mode};
 use crate::vector::{self, Opened, VectorIndex, APPROXIMATE_FROM};
 use sql::{
     chunk_rows, document_row, input_hash, insert_version, open_db, visibility_param, ChunkRow,
-    DOCUMENT_SELECT,
-    VISIBLE,
+    DOCUMENT_SELECT, VISIBLE,
 };
 
 mod ingest;

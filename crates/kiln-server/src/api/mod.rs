@@ -125,13 +125,12 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
             state.clone(),
             authenticate_model_api,
         ));
-    let admin_api =
-        admin::routes()
-            .merge(kb::routes(state.clone()))
-            .route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                authenticate_admin_api,
-            ));
+    let admin_api = admin::routes()
+        .merge(kb::routes(state.clone()))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate_admin_api,
+        ));
     Router::new()
         .merge(model_api)
         .merge(admin_api)
