@@ -296,7 +296,10 @@ def peer_worker() -> int:
             # Embedding every passage again would double an hour-long run:
             # time the same pipeline's embedding on a sample, and index the
             # vectors Kiln computed for the same texts with the same model.
-            sb = batches[:max(1, cmd["embed_sample"] // EMBED_BATCH)]
+            # The sample's batches are spread evenly over the corpus, so its
+            # mix of passage lengths is the corpus's.
+            want = max(1, min(len(batches), cmd["embed_sample"] // EMBED_BATCH))
+            sb = [batches[i * len(batches) // want] for i in range(want)]
             ts = time.perf_counter()
             for _ in pipelined_embed(http_, sb):
                 pass
