@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::constrain::{Grammar, MaskCache, Matcher, TokenTrie};
 use crate::error::{EngineError, Result};
 use crate::model::kv::{blocks_for, BlockTable, KvPool, BLOCK_TOKENS};
 use crate::model::transformer::BatchItem;
@@ -90,6 +91,9 @@ pub struct GenerateRequest {
     pub priority: i32,
     /// Whom the request serves; tenants share the queue and the batch fairly.
     pub tenant: String,
+    /// Output that must follow this grammar (JSON, tool calls): only the
+    /// tokens it allows are sampled, and generation ends when it is complete.
+    pub grammar: Option<Arc<Grammar>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +264,8 @@ impl EngineHandle {
             step_tokens: options.step_tokens.max(options.max_batch).max(1),
             arrivals: 0,
             preemptions: shared.preemptions.clone(),
+            trie: None,
+            masks: MaskCache::new(MASK_CACHE_ENTRIES),
         };
         std::thread::Builder::new()
             .name(format!("kiln-engine-{}", model.info().name))
@@ -276,6 +282,16 @@ impl EngineHandle {
     /// the messages is never read as control tokens.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         self.shared.model.chat_prompt(messages)
+    }
+
+    /// [`EngineHandle::chat_prompt`] with tools offered (see
+    /// [`TextModel::chat_prompt_with_tools`]).
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[crate::tools::ToolSpec],
+    ) -> Result<Vec<u32>> {
+        self.shared.model.chat_prompt_with_tools(messages, tools)
     }
 
     /// Queues a request. Fails at once with `Busy` when the queue (or the
@@ -381,6 +397,8 @@ struct Sequence {
     text: StopWatcher,
     /// Tokens never sampled (end-of-generation tokens under `ignore_eos`).
     banned: Vec<u32>,
+    /// Where a constrained output stands.
+    matcher: Option<Matcher>,
     arrival: u64,
     enqueued: Instant,
     /// Prompt positions found in the prefix cache at first admission.
@@ -419,7 +437,13 @@ struct Scheduler {
     step_tokens: usize,
     arrivals: u64,
     preemptions: Arc<AtomicUsize>,
+    /// The vocabulary by bytes, built at the first constrained request.
+    trie: Option<TokenTrie>,
+    masks: MaskCache,
 }
+
+/// Allowed-token sets kept per model (each is a bit per vocabulary entry).
+const MASK_CACHE_ENTRIES: usize = 2048;
 
 impl Scheduler {
     fn run(mut self) {
@@ -465,7 +489,8 @@ impl Scheduler {
 
     fn enqueue(&mut self, job: Job) {
         let sampler = Sampler::new(job.request.sampling.clone(), &job.request.prompt);
-        let banned = if job.request.ignore_eos {
+        let matcher = job.request.grammar.clone().map(Matcher::new);
+        let banned = if job.request.ignore_eos && matcher.is_none() {
             self.model.tokenizer().eog_tokens().to_vec()
         } else {
             Vec::new()
@@ -479,6 +504,7 @@ impl Scheduler {
             cache: BlockTable::new(),
             sampler,
             banned,
+            matcher,
             arrival: self.arrivals,
             enqueued: job.enqueued,
             cached: 0,
@@ -694,6 +720,22 @@ impl Scheduler {
         let model = &self.model;
         let tokenizer = model.tokenizer();
         let ctx = model.info().context_length;
+        if let Some(matcher) = &self.running[i].matcher {
+            let trie = self.trie.get_or_insert_with(|| TokenTrie::new(tokenizer));
+            let allowed = self.masks.allowed(trie, matcher);
+            if allowed.is_empty() {
+                let seq = &mut self.running[i];
+                let _ = seq.events.send(Err(EngineError::InvalidRequest(
+                    "the output format allows no token of this model's vocabulary here".into(),
+                )));
+                return true;
+            }
+            for (id, l) in logits.iter_mut().enumerate() {
+                if !allowed.contains(id as u32) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let seq = &mut self.running[i];
         let now = Instant::now();
         seq.first_token.get_or_insert(now);
@@ -703,7 +745,14 @@ impl Scheduler {
             .sample(logits, &seq.banned, req.logprobs.unwrap_or(0));
         seq.sampler.accept(picked.id);
         seq.tokens.push(picked.id);
-        let is_eog = tokenizer.is_eog(picked.id) && !req.ignore_eos;
+        let constrained = seq.matcher.is_some();
+        let is_eog = tokenizer.is_eog(picked.id) && (constrained || !req.ignore_eos);
+        // The grammar took the token (the mask allowed it); a complete
+        // output ends here, without waiting for end-of-generation.
+        let complete = match &mut seq.matcher {
+            Some(m) if !is_eog => m.advance(tokenizer.token_bytes(picked.id)) && m.complete(),
+            _ => false,
+        };
         let logprob = req.logprobs.map(|_| TokenLogprob {
             token: token_text(model, picked.id),
             bytes: tokenizer.token_bytes(picked.id).to_vec(),
@@ -720,6 +769,10 @@ impl Scheduler {
             || seq.tokens.len() > kv_capacity;
         let (released, stopped) = if is_eog {
             (seq.text.finish(), true)
+        } else if complete {
+            let (mut released, _) = seq.text.push(tokenizer.token_bytes(picked.id));
+            released.push_str(&seq.text.finish());
+            (released, true)
         } else {
             let (mut released, stopped) = seq.text.push(tokenizer.token_bytes(picked.id));
             if out_of_room && !stopped {

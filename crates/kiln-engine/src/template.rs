@@ -18,11 +18,18 @@ use minijinja::{Environment, ErrorKind, Value};
 use serde::Serialize;
 
 use crate::error::{EngineError, Result};
+use crate::tools::ToolCall;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// Calls an assistant made (a later request's history).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For a `tool` message: the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -30,7 +37,32 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
+    }
+
+    /// The message as a template sees it, with `content` in its place:
+    /// tool calls in OpenAI's shape, arguments as an object when they parse.
+    fn for_template(&self, content: String) -> Value {
+        let calls: Vec<serde_json::Value> = self
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let arguments = serde_json::from_str::<serde_json::Value>(&c.arguments)
+                    .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
+                serde_json::json!({"id": c.id, "type": "function",
+                    "function": {"name": c.name, "arguments": arguments}})
+            })
+            .collect();
+        let mut m = serde_json::json!({"role": self.role, "content": content});
+        if !calls.is_empty() {
+            m["tool_calls"] = serde_json::Value::Array(calls);
+        }
+        if let Some(id) = &self.tool_call_id {
+            m["tool_call_id"] = serde_json::Value::String(id.clone());
+        }
+        Value::from_serialize(&m)
     }
 }
 
@@ -109,27 +141,38 @@ impl ChatTemplate {
         self.origin
     }
 
+    /// Whether the template renders tools itself (it reads `tools`).
+    pub fn supports_tools(&self) -> bool {
+        self.env
+            .get_template("chat")
+            .is_ok_and(|t| t.undeclared_variables(false).contains("tools"))
+    }
+
     /// Renders `messages`, ending with the assistant's turn opener when
-    /// `add_generation_prompt` is set.
+    /// `add_generation_prompt` is set. `tools` (OpenAI's shape) are given
+    /// to a template that reads them.
     pub fn render(
         &self,
         messages: &[ChatMessage],
+        tools: &[serde_json::Value],
         add_generation_prompt: bool,
     ) -> Result<Vec<RenderedPiece>> {
         let nonce = placeholder_nonce();
         let placeholder = |i: usize| format!("\u{F8F0}{nonce}:{i}\u{F8F1}");
-        let masked: Vec<ChatMessage> = messages
+        let masked: Vec<Value> = messages
             .iter()
             .enumerate()
-            .map(|(i, m)| ChatMessage::new(m.role.clone(), placeholder(i)))
+            .map(|(i, m)| m.for_template(placeholder(i)))
             .collect();
         let tmpl = self
             .env
             .get_template("chat")
             .map_err(|e| EngineError::Template(e.to_string()))?;
+        let tools = (!tools.is_empty()).then(|| Value::from_serialize(tools));
         let rendered = tmpl
             .render(minijinja::context! {
                 messages => masked,
+                tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token.clone(),
                 eos_token => self.eos_token.clone(),
@@ -205,7 +248,7 @@ mod tests {
         let t = t.as_ref().map_err(String::clone);
         let Ok(t) = t else { panic!("template") };
         let msgs = [ChatMessage::new("user", "hi <|im_end|> there")];
-        let pieces = t.render(&msgs, true).unwrap_or_default();
+        let pieces = t.render(&msgs, &[], true).unwrap_or_default();
         assert_eq!(
             text_of(&pieces),
             "<|im_start|>user\nhi <|im_end|> there<|im_end|>\n<|im_start|>assistant\n"
@@ -225,7 +268,7 @@ mod tests {
             ChatMessage::new("assistant", "Hello"),
             ChatMessage::new("user", "Bye"),
         ];
-        let text = text_of(&t.render(&msgs, true).unwrap_or_default());
+        let text = text_of(&t.render(&msgs, &[], true).unwrap_or_default());
         assert_eq!(
             text,
             "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
@@ -238,7 +281,7 @@ mod tests {
         let Ok(t) = ChatTemplate::new(Some(src), "llama", String::new(), String::new()) else {
             panic!("template")
         };
-        let err = t.render(&[ChatMessage::new("assistant", "x")], true);
+        let err = t.render(&[ChatMessage::new("assistant", "x")], &[], true);
         assert!(matches!(err, Err(EngineError::Template(m)) if m.contains("first message")));
     }
 
@@ -254,11 +297,48 @@ mod tests {
     }
 
     #[test]
+    fn a_template_with_tools_gets_them_and_the_calls() {
+        let src = "{% if tools %}T:{{ tools | tojson }}\n{% endif %}{% for m in messages %}{{ m.role }}:{{ m.content }}{% for c in m.tool_calls or [] %}[{{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}{% if m.tool_call_id %}({{ m.tool_call_id }}){% endif %}\n{% endfor %}".to_string();
+        let Ok(t) = ChatTemplate::new(Some(src), "qwen2", String::new(), String::new()) else {
+            panic!("template")
+        };
+        assert!(t.supports_tools());
+        let Ok(plain) = ChatTemplate::new(None, "llama", String::new(), String::new()) else {
+            panic!("template")
+        };
+        assert!(!plain.supports_tools());
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls.push(ToolCall {
+            id: "c1".into(),
+            name: "now".into(),
+            arguments: "{\"tz\":\"UTC\"}".into(),
+        });
+        let mut result = ChatMessage::new("tool", "12:00");
+        result.tool_call_id = Some("c1".into());
+        let tools = [serde_json::json!({"type": "function", "function": {"name": "now"}})];
+        let text = text_of(
+            &t.render(
+                &[ChatMessage::new("user", "t?"), call, result],
+                &tools,
+                false,
+            )
+            .unwrap_or_default(),
+        );
+        assert!(text.starts_with("T:[{"), "{text}");
+        assert!(
+            text.contains("assistant:[now {\"tz\":\"UTC\"}]") && text.contains("tool:12:00(c1)"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn python_string_methods_work() {
         let src = "{% for m in messages %}{{ m['content'].strip() }}{% endfor %}".to_string();
         let Ok(t) = ChatTemplate::new(Some(src), "qwen2", String::new(), String::new()) else {
             panic!("template")
         };
-        assert!(t.render(&[ChatMessage::new("user", "x")], false).is_ok());
+        assert!(t
+            .render(&[ChatMessage::new("user", "x")], &[], false)
+            .is_ok());
     }
 }

@@ -14,6 +14,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::{dtype_name, GgufFile};
 use crate::template::{ChatMessage, ChatTemplate, RenderedPiece, TemplateOrigin};
 use crate::tokenizer::{Segment, Tokenizer};
+use crate::tools::{fold_tools, ToolSpec};
 use kv::KvPool;
 use transformer::{BatchItem, SequenceCache, Transformer};
 
@@ -114,12 +115,70 @@ impl TextModel {
 
     /// Renders and tokenizes a chat, ending with the assistant's turn opener.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.render_prompt(messages, &[])
+    }
+
+    /// [`TextModel::chat_prompt`] with `tools` offered and tool calls and
+    /// results in the history: through the template when it renders tools,
+    /// else in Kiln's built-in form ([`crate::tools::fold_tools`]).
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+    ) -> Result<Vec<u32>> {
+        let history = messages
+            .iter()
+            .any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+        if tools.is_empty() && !history {
+            return self.render_prompt(messages, &[]);
+        }
+        if !self.template.supports_tools() {
+            return self.render_prompt(&fold_tools(messages, tools), &[]);
+        }
+        // The template writes these as its own text, where control tokens
+        // would be real: none may spell one.
+        let specs: Vec<serde_json::Value> = tools.iter().map(ToolSpec::to_openai).collect();
+        for (i, spec) in specs.iter().enumerate() {
+            self.refuse_control_text(&spec.to_string(), &format!("tools[{i}]"))?;
+        }
+        for (i, m) in messages.iter().enumerate() {
+            for c in &m.tool_calls {
+                let what = format!("message {i}'s tool call");
+                self.refuse_control_text(&c.name, &what)?;
+                self.refuse_control_text(&c.arguments, &what)?;
+                self.refuse_control_text(&c.id, &what)?;
+            }
+            if let Some(id) = &m.tool_call_id {
+                self.refuse_control_text(id, &format!("message {i}'s tool_call_id"))?;
+            }
+        }
+        self.render_prompt(messages, &specs)
+    }
+
+    fn refuse_control_text(&self, text: &str, what: &str) -> Result<()> {
+        let ids = self
+            .tokenizer
+            .encode_segments(&[Segment::Template(text)], false);
+        match ids.iter().find(|&&id| self.tokenizer.is_control(id)) {
+            Some(&id) => Err(EngineError::InvalidRequest(format!(
+                "{what} contains `{}`, a control token of this model",
+                self.tokenizer.token_str(id)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn render_prompt(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<Vec<u32>> {
         if messages.is_empty() {
             return Err(EngineError::InvalidRequest(
                 "`messages` must not be empty".into(),
             ));
         }
-        let pieces = self.template.render(messages, true)?;
+        let pieces = self.template.render(messages, tools, true)?;
         // A template that writes the BOS token itself must not get a second one.
         let bos_text = self
             .tokenizer

@@ -115,6 +115,7 @@ async fn run(call: &CallContext, req: CompletionRequest) -> Result<Response, Api
         ignore_eos: req.ignore_eos.unwrap_or(false),
         priority: generate::priority(req.priority, call.principal.priority())?,
         tenant: call.principal.tenant.id.clone(),
+        grammar: None,
     })?;
     let mut chunks = TextChunks {
         id: format!("cmpl-{}", call.request_id),
