@@ -6,16 +6,20 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use kiln_engine::engine::FinishReason;
 use kiln_engine::engine::{Completion, GenerateRequest, TokenLogprob};
 use kiln_engine::template::ChatMessage;
+use kiln_engine::tools::{parse_output, Piece, ToolCallParser};
 use kiln_types::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessageIn, TokenLogprobOut, TopLogprobOut,
+    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessageIn, FunctionCallOut,
+    TokenLogprobOut, ToolCallDelta, ToolCallOut, TopLogprobOut,
 };
 use serde_json::Value;
 
 use super::calls::CallContext;
 use super::generate::{self, ChunkWriter};
+use super::output::{self, OutputRules};
 use super::{finish_call, route, unix_now, RequestId, Routed, SharedState};
 use crate::auth::Principal;
 use crate::error::ApiError;
@@ -51,6 +55,12 @@ pub async fn chat_completions(
 
 async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response, ApiError> {
     if let Some(kb) = req.model.strip_prefix(super::ask::KB_MODEL_PREFIX) {
+        if req.tools.is_some() || req.response_format.is_some() {
+            return Err(ApiError::invalid(
+                "tools",
+                "a knowledge-base model answers in prose with citations; `tools` and `response_format` are not supported with it",
+            ));
+        }
         let messages = chat_messages(&req.messages)?;
         return super::ask::chat(call, &req, kb, &messages).await;
     }
@@ -60,6 +70,13 @@ async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response,
     let messages = chat_messages(&req.messages)?;
     let sampling = generate::sampling_params(&req.sampling)?;
     let stop = generate::stop_strings(&req.stop)?;
+    let rules = output::output_rules(&req)?;
+    if rules.forced && !stop.is_empty() {
+        return Err(ApiError::invalid(
+            "stop",
+            "`stop` cannot be used when the output's form is forced (`response_format` or a required tool call): it ends where its JSON ends",
+        ));
+    }
     let top_logprobs = generate::top_logprobs(req.top_logprobs, "top_logprobs")?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (true, _) => Some(top_logprobs),
@@ -75,8 +92,10 @@ async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response,
         (Some(n), _) => (Some(n), "max_completion_tokens"),
         (None, n) => (n, "max_tokens"),
     };
+    let tools = rules.tools.clone();
     let prompt = generate::tokenize_blocking(&engine, move |e| {
-        e.chat_prompt(&messages).map_err(ApiError::from)
+        e.chat_prompt_with_tools(&messages, &tools)
+            .map_err(ApiError::from)
     })
     .await?;
     let ctx = engine.model().info().context_length;
@@ -91,6 +110,7 @@ async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response,
         ignore_eos: req.ignore_eos.unwrap_or(false),
         priority: generate::priority(req.priority, call.principal.priority())?,
         tenant: call.principal.tenant.id.clone(),
+        grammar: rules.grammar.clone(),
     })?;
     let id = format!("chatcmpl-{}", call.request_id);
     let created = unix_now();
@@ -105,10 +125,14 @@ async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response,
                 .as_ref()
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
+            calls: rules.tool_calls.then(ToolCallParser::new),
+            calls_sent: 0,
         };
         return Ok(generate::sse_response(call.clone(), stream, writer));
     }
     let done = generate::collect(call, stream).await?;
+    let finish = done.completion.finish_reason;
+    let (message, finish_reason) = assistant_message(done.text, &rules, finish);
     let body = ChatCompletion {
         id,
         object: "chat.completion".into(),
@@ -116,18 +140,58 @@ async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response,
         model: req.model,
         choices: vec![ChatChoice {
             index: 0,
-            message: AssistantMessage {
-                role: "assistant".into(),
-                content: done.text,
-            },
+            message,
             logprobs: logprobs.map(|_| ChatLogprobs {
                 content: done.logprobs.into_iter().map(logprob_out).collect(),
             }),
-            finish_reason: done.completion.finish_reason.as_str().into(),
+            finish_reason,
         }],
         usage: generate::usage(&done.completion),
     };
     Ok(Json(body).into_response())
+}
+
+/// The assistant's message: with tool calls, the text split into prose and
+/// calls, and `tool_calls` as the finish reason when it made any.
+fn assistant_message(
+    text: String,
+    rules: &OutputRules,
+    finish: FinishReason,
+) -> (AssistantMessage, String) {
+    if !rules.tool_calls {
+        let message = AssistantMessage {
+            role: "assistant".into(),
+            content: Some(text),
+            tool_calls: None,
+        };
+        return (message, finish.as_str().into());
+    }
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    for piece in parse_output(&text) {
+        match piece {
+            Piece::Text(t) => content.push_str(&t),
+            Piece::Call { name, arguments } => calls.push(ToolCallOut {
+                id: output::call_id(),
+                kind: "function".into(),
+                function: FunctionCallOut { name, arguments },
+            }),
+        }
+    }
+    let reason = finish_reason(finish, !calls.is_empty());
+    let message = AssistantMessage {
+        role: "assistant".into(),
+        content: (!content.is_empty() || calls.is_empty()).then_some(content),
+        tool_calls: (!calls.is_empty()).then_some(calls),
+    };
+    (message, reason)
+}
+
+fn finish_reason(finish: FinishReason, called: bool) -> String {
+    match finish {
+        FinishReason::Stop if called => "tool_calls".into(),
+        other => other.as_str().into(),
+    }
 }
 
 /// Wire messages to the engine's: roles checked, content parts joined.
@@ -146,16 +210,29 @@ fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiErro
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
+                "tool" => "tool",
                 other => {
                     return Err(ApiError::invalid(
                         "messages",
                         format!(
-                            "message {i} has role `{other}`; the roles supported are system, user and assistant"
+                            "message {i} has role `{other}`; the roles supported are system, user, assistant and tool"
                         ),
                     ))
                 }
             };
-            Ok(ChatMessage::new(role, content_text(i, &m.content)?))
+            let mut message = ChatMessage::new(role, content_text(i, &m.content)?);
+            if role == "assistant" {
+                message.tool_calls = output::history_calls(i, m.tool_calls.as_ref())?;
+            } else if m.tool_calls.as_ref().is_some_and(|c| !c.is_null()) {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!("message {i}: only assistant messages carry `tool_calls`"),
+                ));
+            }
+            if role == "tool" {
+                message.tool_call_id = m.tool_call_id.clone();
+            }
+            Ok(message)
         })
         .collect()
 }
@@ -210,9 +287,51 @@ struct ChatChunks {
     model: String,
     logprobs: bool,
     include_usage: bool,
+    /// Splits the text into prose and tool calls, when tools may be called.
+    calls: Option<ToolCallParser>,
+    calls_sent: usize,
 }
 
 impl ChatChunks {
+    fn delta(&self, delta: ChatDelta, logprobs: Option<ChatLogprobs>) -> String {
+        self.chunk(
+            vec![ChatChunkChoice {
+                index: 0,
+                delta,
+                logprobs,
+                finish_reason: None,
+            }],
+            None,
+        )
+    }
+
+    /// Chunks for pieces of split text: prose as content, each call whole.
+    fn pieces(&mut self, pieces: Vec<Piece>) -> Vec<String> {
+        let mut out = Vec::new();
+        for piece in pieces {
+            let delta = match piece {
+                Piece::Text(text) => ChatDelta {
+                    content: Some(text),
+                    ..ChatDelta::default()
+                },
+                Piece::Call { name, arguments } => {
+                    self.calls_sent += 1;
+                    ChatDelta {
+                        tool_calls: Some(vec![ToolCallDelta {
+                            index: self.calls_sent - 1,
+                            id: output::call_id(),
+                            kind: "function".into(),
+                            function: FunctionCallOut { name, arguments },
+                        }]),
+                        ..ChatDelta::default()
+                    }
+                }
+            };
+            out.push(self.delta(delta, None));
+        }
+        out
+    }
+
     fn chunk(
         &self,
         choices: Vec<ChatChunkChoice>,
@@ -238,6 +357,7 @@ impl ChunkWriter for ChatChunks {
                 delta: ChatDelta {
                     role: Some("assistant".into()),
                     content: Some(String::new()),
+                    tool_calls: None,
                 },
                 logprobs: None,
                 finish_reason: None,
@@ -247,6 +367,10 @@ impl ChunkWriter for ChatChunks {
     }
 
     fn token(&mut self, text: String, logprob: Option<TokenLogprob>) -> Vec<String> {
+        if let Some(parser) = &mut self.calls {
+            let pieces = parser.push(&text);
+            return self.pieces(pieces);
+        }
         if text.is_empty() && !(self.logprobs && logprob.is_some()) {
             return Vec::new();
         }
@@ -263,6 +387,7 @@ impl ChunkWriter for ChatChunks {
                 delta: ChatDelta {
                     role: None,
                     content: Some(text),
+                    tool_calls: None,
                 },
                 logprobs,
                 finish_reason: None,
@@ -272,15 +397,19 @@ impl ChunkWriter for ChatChunks {
     }
 
     fn finish(&mut self, c: &Completion) -> Vec<String> {
-        let mut out = vec![self.chunk(
+        let mut out = match self.calls.as_mut().map(ToolCallParser::finish) {
+            Some(rest) => self.pieces(rest),
+            None => Vec::new(),
+        };
+        out.push(self.chunk(
             vec![ChatChunkChoice {
                 index: 0,
                 delta: ChatDelta::default(),
                 logprobs: None,
-                finish_reason: Some(c.finish_reason.as_str().into()),
+                finish_reason: Some(finish_reason(c.finish_reason, self.calls_sent > 0)),
             }],
             None,
-        )];
+        ));
         if self.include_usage {
             out.push(self.chunk(Vec::new(), Some(generate::usage(c))));
         }
@@ -313,6 +442,10 @@ mod tests {
     #[test]
     fn empty_messages_and_unknown_roles_are_refused() {
         assert!(chat_messages(&[]).is_err());
-        assert!(chat_messages(&msgs(json!([{"role": "tool", "content": "x"}]))).is_err());
+        assert!(chat_messages(&msgs(json!([{"role": "robot", "content": "x"}]))).is_err());
+        assert!(chat_messages(&msgs(
+            json!([{"role": "user", "content": "x", "tool_calls": []}])
+        ))
+        .is_err());
     }
 }

@@ -13,6 +13,7 @@ mod embeddings;
 mod generate;
 mod info;
 mod kb;
+mod output;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
