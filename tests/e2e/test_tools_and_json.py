@@ -132,7 +132,7 @@ def test_streamed_tool_calls_match_the_whole_response(client):
     kw = dict(messages=[{"role": "user", "content": "What time is it, and the weather in Rome?"}],
               tools=[WEATHER, CLOCK], tool_choice="required", seed=11, max_tokens=150, temperature=0)
     whole = ask(client, **kw).choices[0]
-    calls, content, finish = {}, "", None
+    calls, pieces, content, finish = {}, {}, "", None
     for chunk in ask(client, stream=True, **kw):
         if not chunk.choices:
             continue
@@ -140,12 +140,16 @@ def test_streamed_tool_calls_match_the_whole_response(client):
         content += delta.content or ""
         for tc in delta.tool_calls or []:
             slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            if not slot["name"]:
+                assert tc.id and tc.type == "function" and tc.function.name, "the first delta names the call"
             slot["name"] += tc.function.name or ""
             slot["arguments"] += tc.function.arguments or ""
+            pieces[tc.index] = pieces.get(tc.index, 0) + 1
         finish = chunk.choices[0].finish_reason or finish
     assert finish == whole.finish_reason
     expected = [{"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls or []]
     assert [calls[i] for i in sorted(calls)] == expected
+    assert max(pieces.values()) > 3, "arguments stream in pieces, not whole"
     assert content == (whole.message.content or "")
 
 

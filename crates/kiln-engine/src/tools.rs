@@ -133,18 +133,99 @@ pub fn fold_tools(messages: &[ChatMessage], tools: &[ToolSpec]) -> Vec<ChatMessa
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Piece {
     Text(String),
-    Call { name: String, arguments: String },
+    /// A call begins; its name is known.
+    CallStart {
+        name: String,
+    },
+    /// More of the current call's arguments, as JSON text.
+    Arguments(String),
 }
 
-/// Splits generated text into prose and tool calls as it arrives. Text that
-/// might be the start of `<tool_call>` is held back until it is known; a
-/// call is released when its closing tag arrives. A call that does not parse
-/// is released as text.
+/// Where a call in progress stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// Reading `{"name": "…", "arguments": ` (nothing released yet).
+    Header,
+    /// Releasing the arguments' JSON as it comes.
+    Arguments(Scan),
+    /// The arguments ended; waiting for the closing tag.
+    Tail,
+    /// The call is not laid out as usual: it is read whole at its closing
+    /// tag.
+    Whole,
+}
+
+/// Where a JSON value being read stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Scan {
+    started: bool,
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    /// A number or literal (no brackets, no quotes).
+    bare: bool,
+}
+
+impl Scan {
+    /// Takes `c`; `Some(true)` when it was the value's last character,
+    /// `Some(false)` when the value goes on, `None` when `c` is not part of
+    /// it (it ended just before).
+    fn take(&mut self, c: char) -> Option<bool> {
+        if !self.started {
+            if c.is_whitespace() {
+                return Some(false);
+            }
+            self.started = true;
+            match c {
+                '{' | '[' => self.depth = 1,
+                '"' => self.in_string = true,
+                _ => self.bare = true,
+            }
+            return Some(false);
+        }
+        if self.bare {
+            return if c.is_alphanumeric() || matches!(c, '.' | '-' | '+') {
+                Some(false)
+            } else {
+                None
+            };
+        }
+        if self.in_string {
+            if self.escaped {
+                self.escaped = false;
+            } else if c == '\\' {
+                self.escaped = true;
+            } else if c == '"' {
+                self.in_string = false;
+                return Some(self.depth == 0);
+            }
+            return Some(false);
+        }
+        match c {
+            '"' => self.in_string = true,
+            '{' | '[' => self.depth += 1,
+            '}' | ']' => {
+                self.depth = self.depth.saturating_sub(1);
+                return Some(self.depth == 0);
+            }
+            _ => {}
+        }
+        Some(false)
+    }
+}
+
+/// Splits generated text into prose and tool calls as it arrives.
+///
+/// Text that might be the start of `<tool_call>` is held back until it is
+/// known. A call laid out as `{"name": …, "arguments": …}` is released as it
+/// comes: its name once known, then its arguments piece by piece. A call laid
+/// out otherwise is released whole at its closing tag, and one that does not
+/// parse then is released as text.
 #[derive(Debug, Default)]
 pub struct ToolCallParser {
-    /// Text not released yet: a possible opening tag, or a call in progress.
+    /// Text not released yet: a possible opening tag, or a call's unread part.
     pending: String,
-    in_call: bool,
+    call: Option<Call>,
     /// A call just ended: whitespace now is held, not prose yet.
     after_call: bool,
 }
@@ -158,17 +239,10 @@ impl ToolCallParser {
         self.pending.push_str(text);
         let mut out = Vec::new();
         loop {
-            if self.in_call {
-                let Some(end) = self.pending.find(TOOL_CALL_CLOSE) else {
+            if let Some(state) = self.call {
+                if !self.step_call(state, &mut out) {
                     return out;
-                };
-                let body: String = self.pending[..end].to_string();
-                self.pending.drain(..end + TOOL_CALL_CLOSE.len());
-                self.in_call = false;
-                out.push(parse_call(&body).unwrap_or_else(|| {
-                    Piece::Text(format!("{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"))
-                }));
-                self.after_call = true;
+                }
                 continue;
             }
             if self.after_call {
@@ -189,7 +263,7 @@ impl ToolCallParser {
                         out.push(Piece::Text(self.pending[..start].to_string()));
                     }
                     self.pending.drain(..start + TOOL_CALL_OPEN.len());
-                    self.in_call = true;
+                    self.call = Some(Call::Header);
                 }
                 None => {
                     // Keep back a tail that may still become the opening tag.
@@ -205,17 +279,96 @@ impl ToolCallParser {
         }
     }
 
-    /// The end of the text: whatever is held back, as text (an unfinished
-    /// call included, tag and all).
+    /// Moves the call in progress on; false when it needs more text.
+    fn step_call(&mut self, state: Call, out: &mut Vec<Piece>) -> bool {
+        match state {
+            Call::Header => match header(&self.pending) {
+                Header::Incomplete => false,
+                Header::Other => {
+                    self.call = Some(Call::Whole);
+                    true
+                }
+                Header::Done { name, len } => {
+                    out.push(Piece::CallStart { name });
+                    self.pending.drain(..len);
+                    self.call = Some(Call::Arguments(Scan::default()));
+                    true
+                }
+            },
+            Call::Arguments(mut scan) => {
+                // Whitespace before the value is not part of it.
+                let (mut lead, mut used, mut ended) = (0, 0, false);
+                for (i, c) in self.pending.char_indices() {
+                    let started = scan.started;
+                    match scan.take(c) {
+                        Some(last) => {
+                            used = i + c.len_utf8();
+                            if !started && !scan.started {
+                                lead = used;
+                            }
+                            if last {
+                                ended = true;
+                                break;
+                            }
+                        }
+                        None => {
+                            ended = true;
+                            break;
+                        }
+                    }
+                }
+                let taken = self.pending[lead..used].to_string();
+                self.pending.drain(..used);
+                if !taken.is_empty() {
+                    out.push(Piece::Arguments(taken));
+                }
+                self.call = Some(if ended {
+                    Call::Tail
+                } else {
+                    Call::Arguments(scan)
+                });
+                ended
+            }
+            Call::Tail | Call::Whole => {
+                let Some(end) = self.pending.find(TOOL_CALL_CLOSE) else {
+                    return false;
+                };
+                let body: String = self.pending[..end].to_string();
+                self.pending.drain(..end + TOOL_CALL_CLOSE.len());
+                if state == Call::Whole {
+                    match parse_call(&body) {
+                        Some((name, arguments)) => {
+                            out.push(Piece::CallStart { name });
+                            out.push(Piece::Arguments(arguments));
+                        }
+                        None => out.push(Piece::Text(format!(
+                            "{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"
+                        ))),
+                    }
+                }
+                self.call = None;
+                self.after_call = true;
+                true
+            }
+        }
+    }
+
+    /// The end of the text: whatever is held back. Prose and an unfinished
+    /// call's unreleased text come out as text (the call's tag included when
+    /// nothing of it was released).
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut rest = std::mem::take(&mut self.pending);
         if std::mem::take(&mut self.after_call) && rest.trim().is_empty() {
             rest.clear();
         }
-        let rest = if std::mem::take(&mut self.in_call) {
-            format!("{TOOL_CALL_OPEN}{rest}")
-        } else {
-            rest
+        let rest = match self.call.take() {
+            Some(Call::Header | Call::Whole) => format!("{TOOL_CALL_OPEN}{rest}"),
+            Some(Call::Arguments(_)) if !rest.is_empty() => {
+                return vec![Piece::Arguments(rest)];
+            }
+            // What is left of a call whose arguments were released is its tail.
+            Some(_) => String::new(),
+            None => rest,
         };
         if rest.is_empty() {
             Vec::new()
@@ -225,12 +378,95 @@ impl ToolCallParser {
     }
 }
 
-/// Splits a whole generated text (see [`ToolCallParser`]).
-pub fn parse_output(text: &str) -> Vec<Piece> {
+enum Header {
+    Incomplete,
+    /// Not `{"name": "…", "arguments": `.
+    Other,
+    /// The name, and the header's length in bytes.
+    Done {
+        name: String,
+        len: usize,
+    },
+}
+
+/// Reads `{"name": "<name>", "arguments": ` (any whitespace) off `text`.
+fn header(text: &str) -> Header {
+    let mut at = 0;
+    let skip_ws = |at: &mut usize| {
+        *at += text[*at..].len() - text[*at..].trim_start().len();
+    };
+    let expect = |at: &mut usize, lit: &str| -> Option<bool> {
+        skip_ws(at);
+        let rest = &text[*at..];
+        if rest.starts_with(lit) {
+            *at += lit.len();
+            Some(true)
+        } else if lit.starts_with(rest) {
+            None
+        } else {
+            Some(false)
+        }
+    };
+    for lit in ["{", "\"name\"", ":"] {
+        match expect(&mut at, lit) {
+            None => return Header::Incomplete,
+            Some(false) => return Header::Other,
+            Some(true) => {}
+        }
+    }
+    skip_ws(&mut at);
+    let rest = &text[at..];
+    if rest.is_empty() {
+        return Header::Incomplete;
+    }
+    if !rest.starts_with('"') {
+        return Header::Other;
+    }
+    let mut scan = Scan::default();
+    let mut end = None;
+    for (i, c) in rest.char_indices() {
+        if scan.take(c) == Some(true) {
+            end = Some(i + 1);
+            break;
+        }
+    }
+    let Some(end) = end else {
+        return Header::Incomplete;
+    };
+    let Ok(name) = serde_json::from_str::<String>(&rest[..end]) else {
+        return Header::Other;
+    };
+    at += end;
+    for lit in [",", "\"arguments\"", ":"] {
+        match expect(&mut at, lit) {
+            None => return Header::Incomplete,
+            Some(false) => return Header::Other,
+            Some(true) => {}
+        }
+    }
+    Header::Done { name, len: at }
+}
+
+/// Prose and calls `(name, arguments)` of a whole generated text (see
+/// [`ToolCallParser`]).
+pub fn split_output(text: &str) -> (String, Vec<(String, String)>) {
     let mut p = ToolCallParser::new();
-    let mut out = p.push(text);
-    out.extend(p.finish());
-    out
+    let mut pieces = p.push(text);
+    pieces.extend(p.finish());
+    let mut prose = String::new();
+    let mut calls: Vec<(String, String)> = Vec::new();
+    for piece in pieces {
+        match piece {
+            Piece::Text(t) => prose.push_str(&t),
+            Piece::CallStart { name } => calls.push((name, String::new())),
+            Piece::Arguments(a) => {
+                if let Some(last) = calls.last_mut() {
+                    last.1.push_str(&a);
+                }
+            }
+        }
+    }
+    (prose, calls)
 }
 
 /// The length of the longest suffix of `text` that is a proper prefix of `tag`.
@@ -241,9 +477,9 @@ fn partial_suffix(text: &str, tag: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// `{"name": ..., "arguments": ...}` (or `parameters`); arguments given as a
-/// JSON string are taken as that string.
-fn parse_call(body: &str) -> Option<Piece> {
+/// `{"name": ..., "arguments": ...}` (or `parameters`) in any layout;
+/// arguments given as a JSON string are taken as that string.
+fn parse_call(body: &str) -> Option<(String, String)> {
     let v: Value = serde_json::from_str(body.trim()).ok()?;
     let name = v.get("name")?.as_str()?.to_string();
     let arguments = match v.get("arguments").or_else(|| v.get("parameters")) {
@@ -251,64 +487,73 @@ fn parse_call(body: &str) -> Option<Piece> {
         Some(Value::String(s)) => s.clone(),
         Some(other) => other.to_string(),
     };
-    Some(Piece::Call { name, arguments })
+    Some((name, arguments))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn calls(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, a)| (n.to_string(), a.to_string()))
+            .collect()
+    }
+
     #[test]
     fn text_then_calls_in_any_split() {
-        let text = "Let me look.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": [1, \"<\"]}}\n</tool_call>\n<tool_call>{\"name\":\"g\",\"arguments\":\"{}\"}</tool_call>";
-        let whole = parse_output(text);
+        let text = "Let me look.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": [1, \"</tool_call>}\"]}}\n</tool_call>\n<tool_call>{\"arguments\":{},\"name\":\"g\"}</tool_call>";
+        let whole = split_output(text);
         assert_eq!(
             whole,
-            vec![
-                Piece::Text("Let me look.\n".into()),
-                Piece::Call {
-                    name: "f".into(),
-                    arguments: "{\"x\":[1,\"<\"]}".into()
-                },
-                Piece::Call {
-                    name: "g".into(),
-                    arguments: "{}".into()
-                },
-            ]
+            (
+                "Let me look.\n".to_string(),
+                calls(&[("f", "{\"x\": [1, \"</tool_call>}\"]}"), ("g", "{}")])
+            )
         );
-        // Fed a character at a time, the same pieces come out (text merged).
+        // Fed a character at a time, the same comes out, and the first
+        // call's arguments arrive in many pieces.
         let mut p = ToolCallParser::new();
         let mut pieces = Vec::new();
         for c in text.chars() {
             pieces.extend(p.push(&c.to_string()));
         }
         pieces.extend(p.finish());
-        let mut merged: Vec<Piece> = Vec::new();
+        let args = pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Arguments(_)))
+            .count();
+        assert!(args > 10, "{pieces:?}");
+        let mut prose = String::new();
+        let mut got: Vec<(String, String)> = Vec::new();
         for piece in pieces {
-            match (merged.last_mut(), piece) {
-                (Some(Piece::Text(a)), Piece::Text(b)) => a.push_str(&b),
-                (_, piece) => merged.push(piece),
+            match piece {
+                Piece::Text(t) => prose.push_str(&t),
+                Piece::CallStart { name } => got.push((name, String::new())),
+                Piece::Arguments(a) => got.last_mut().map_or((), |l| l.1.push_str(&a)),
             }
         }
-        assert_eq!(merged, whole);
+        assert_eq!((prose, got), whole);
     }
 
     #[test]
     fn broken_or_unfinished_calls_stay_text() {
         assert_eq!(
-            parse_output("a <tool_ b"),
-            vec![Piece::Text("a <tool_ b".into())]
+            split_output("a <tool_ b"),
+            ("a <tool_ b".to_string(), vec![])
         );
         assert_eq!(
-            parse_output("<tool_call>{oops}</tool_call>"),
-            vec![Piece::Text("<tool_call>{oops}</tool_call>".into())]
+            split_output("<tool_call>{oops}</tool_call>"),
+            ("<tool_call>{oops}</tool_call>".to_string(), vec![])
         );
         assert_eq!(
-            parse_output("x<tool_call>{\"name\""),
-            vec![
-                Piece::Text("x".into()),
-                Piece::Text("<tool_call>{\"name\"".into())
-            ]
+            split_output("x<tool_call>{\"name\""),
+            ("x<tool_call>{\"name\"".to_string(), vec![])
+        );
+        // Cut inside the arguments: the call is there with what was written.
+        assert_eq!(
+            split_output("<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1"),
+            (String::new(), calls(&[("f", "{\"a\": 1")]))
         );
     }
 

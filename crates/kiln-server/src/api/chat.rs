@@ -9,11 +9,11 @@ use axum::{Extension, Json};
 use kiln_engine::engine::FinishReason;
 use kiln_engine::engine::{Completion, GenerateRequest, TokenLogprob};
 use kiln_engine::template::ChatMessage;
-use kiln_engine::tools::{parse_output, Piece, ToolCallParser};
+use kiln_engine::tools::{split_output, Piece, ToolCallParser};
 use kiln_types::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessageIn, FunctionCallOut,
-    TokenLogprobOut, ToolCallDelta, ToolCallOut, TopLogprobOut,
+    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessageIn, FunctionCallDelta,
+    FunctionCallOut, TokenLogprobOut, ToolCallDelta, ToolCallOut, TopLogprobOut,
 };
 use serde_json::Value;
 
@@ -166,18 +166,15 @@ fn assistant_message(
         };
         return (message, finish.as_str().into());
     }
-    let mut content = String::new();
-    let mut calls = Vec::new();
-    for piece in parse_output(&text) {
-        match piece {
-            Piece::Text(t) => content.push_str(&t),
-            Piece::Call { name, arguments } => calls.push(ToolCallOut {
-                id: output::call_id(),
-                kind: "function".into(),
-                function: FunctionCallOut { name, arguments },
-            }),
-        }
-    }
+    let (content, calls) = split_output(&text);
+    let calls: Vec<ToolCallOut> = calls
+        .into_iter()
+        .map(|(name, arguments)| ToolCallOut {
+            id: output::call_id(),
+            kind: "function".into(),
+            function: FunctionCallOut { name, arguments },
+        })
+        .collect();
     let reason = finish_reason(finish, !calls.is_empty());
     let message = AssistantMessage {
         role: "assistant".into(),
@@ -305,7 +302,8 @@ impl ChatChunks {
         )
     }
 
-    /// Chunks for pieces of split text: prose as content, each call whole.
+    /// Chunks for pieces of split text: prose as content; a call's id, type
+    /// and name when it starts, then its arguments as they come.
     fn pieces(&mut self, pieces: Vec<Piece>) -> Vec<String> {
         let mut out = Vec::new();
         for piece in pieces {
@@ -314,18 +312,11 @@ impl ChatChunks {
                     content: Some(text),
                     ..ChatDelta::default()
                 },
-                Piece::Call { name, arguments } => {
+                Piece::CallStart { name } => {
                     self.calls_sent += 1;
-                    ChatDelta {
-                        tool_calls: Some(vec![ToolCallDelta {
-                            index: self.calls_sent - 1,
-                            id: output::call_id(),
-                            kind: "function".into(),
-                            function: FunctionCallOut { name, arguments },
-                        }]),
-                        ..ChatDelta::default()
-                    }
+                    self.call_delta(Some(output::call_id()), Some(name), String::new())
                 }
+                Piece::Arguments(arguments) => self.call_delta(None, None, arguments),
             };
             out.push(self.delta(delta, None));
         }
@@ -346,6 +337,18 @@ impl ChatChunks {
             usage,
         };
         serde_json::to_string(&chunk).unwrap_or_default()
+    }
+
+    fn call_delta(&self, id: Option<String>, name: Option<String>, arguments: String) -> ChatDelta {
+        ChatDelta {
+            tool_calls: Some(vec![ToolCallDelta {
+                index: self.calls_sent.saturating_sub(1),
+                kind: id.as_ref().map(|_| "function".to_string()),
+                id,
+                function: FunctionCallDelta { name, arguments },
+            }]),
+            ..ChatDelta::default()
+        }
     }
 }
 
