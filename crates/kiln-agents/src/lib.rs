@@ -1,4 +1,5 @@
-//! Kiln's built-in agent tools.
+//! Kiln's agents: declarations, the loop that runs one ([`run_agent`]),
+//! and the built-in tools.
 //!
 //! An agent loop asks the model for a tool call, looks the tool up in a
 //! [`ToolBox`] by name and calls it with the model's JSON arguments. Every
@@ -60,11 +61,16 @@
 //!    the output is flagged as truncated. Bodies that are not UTF-8 are
 //!    decoded lossily, with a note saying so.
 
+mod agent;
 mod calculator;
 mod clock;
 mod http;
 mod tool;
 
+pub use agent::{
+    run_agent, AgentSpec, ChatModel, Event, ModelError, ModelFuture, ModelReply, ModelRequest,
+    Outcome, RequestedCall, Run, SpecError, MAX_STEPS, MAX_TOOL_TEXT,
+};
 pub use calculator::{evaluate, CalcError, Calculator};
 pub use clock::{CurrentTime, UtcOffset};
 pub use http::address::{classify_ip, parse_host, parse_ipv4_inet_aton, Host, IpVerdict};
