@@ -3,7 +3,8 @@
 //! the wire into the tools offered in the prompt and the grammar the
 //! engine decodes under.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_engine::constrain::{Grammar, ToolSchema};
 use kiln_engine::tools::{ToolCall, ToolSpec};
@@ -48,17 +49,22 @@ pub fn output_rules(req: &ChatCompletionRequest) -> Result<OutputRules, ApiError
             "`response_format` cannot be combined with tools the model may call; use `tool_choice: \"none\"` or leave one of them out",
         ));
     }
-    let specs = |tools: &[(ToolSpec, bool)]| tools.iter().map(|(t, _)| t.clone()).collect();
     if let Some(grammar) = format {
         return Ok(OutputRules {
             tools: Vec::new(),
-            grammar: Some(Arc::new(grammar)),
+            grammar: Some(grammar),
             tool_calls: false,
             forced: true,
         });
     }
-    if !calling {
+    let (only, free_text, parallel) = match &choice {
+        Choice::Auto => (None, true, parallel),
+        Choice::Required => (None, false, parallel),
+        Choice::Named(name) => (Some(name.as_str()), false, false),
         // `none`: the tools stay out of the prompt, so the model answers in prose.
+        Choice::None => return Ok(OutputRules::default()),
+    };
+    if !calling {
         return Ok(OutputRules::default());
     }
     let schemas = |only: Option<&str>| -> Vec<ToolSchema> {
@@ -72,20 +78,41 @@ pub fn output_rules(req: &ChatCompletionRequest) -> Result<OutputRules, ApiError
             })
             .collect()
     };
-    let (schemas, free_text, parallel) = match &choice {
-        Choice::Auto => (schemas(None), true, parallel),
-        Choice::Required => (schemas(None), false, parallel),
-        Choice::Named(name) => (schemas(Some(name)), false, false),
-        Choice::None => unreachable!("handled above"),
-    };
-    let grammar = Grammar::tool_calls(&schemas, free_text, parallel)
-        .map_err(|e| ApiError::invalid("tools", e.to_string()))?;
+    let key = serde_json::json!(["tools", req.tools, only, free_text, parallel]).to_string();
+    let grammar = cached(key, || {
+        Grammar::tool_calls(&schemas(only), free_text, parallel)
+            .map_err(|e| ApiError::invalid("tools", e.to_string()))
+    })?;
     Ok(OutputRules {
-        tools: specs(&tools),
-        grammar: Some(Arc::new(grammar)),
+        tools: tools.into_iter().map(|(t, _)| t).collect(),
+        grammar: Some(grammar),
         tool_calls: true,
         forced: !free_text,
     })
+}
+
+/// Compiled grammars kept at most.
+const GRAMMAR_CACHE: usize = 256;
+
+/// The grammar compiled from `key`'s request fields: compiled once and shared
+/// by later requests that send the same fields (an agent's tools, a client's
+/// format), so they also share the token masks the engine cached for it.
+/// Bounded: emptied when full.
+fn cached(
+    key: String,
+    compile: impl FnOnce() -> Result<Grammar, ApiError>,
+) -> Result<Arc<Grammar>, ApiError> {
+    static GRAMMARS: OnceLock<Mutex<HashMap<String, Arc<Grammar>>>> = OnceLock::new();
+    let cache = GRAMMARS.get_or_init(Default::default);
+    if let Some(g) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(g.clone());
+    }
+    let grammar = Arc::new(compile()?);
+    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if map.len() >= GRAMMAR_CACHE {
+        map.clear();
+    }
+    Ok(map.entry(key).or_insert(grammar).clone())
 }
 
 /// `tools`: each `{"type": "function", "function": {"name", "description",
@@ -197,14 +224,16 @@ fn tool_choice(choice: Option<&Value>, tools: &[(ToolSpec, bool)]) -> Result<Cho
 
 /// `response_format`: `text`, `json_object`, or `json_schema` with
 /// `{"name", "schema", "strict"}`.
-fn response_format(format: Option<&Value>) -> Result<Option<Grammar>, ApiError> {
+fn response_format(format: Option<&Value>) -> Result<Option<Arc<Grammar>>, ApiError> {
     let bad = |msg: String| ApiError::invalid("response_format", msg);
     let Some(format) = format.filter(|f| !f.is_null()) else {
         return Ok(None);
     };
     match format.get("type").and_then(Value::as_str) {
         Some("text") => Ok(None),
-        Some("json_object") => Ok(Some(Grammar::json_object())),
+        Some("json_object") => {
+            cached("json_object".into(), || Ok(Grammar::json_object())).map(Some)
+        }
         Some("json_schema") => {
             let Some(spec) = format.get("json_schema").filter(|s| s.is_object()) else {
                 return Err(bad(
@@ -216,7 +245,10 @@ fn response_format(format: Option<&Value>) -> Result<Option<Grammar>, ApiError> 
                 .cloned()
                 .unwrap_or(Value::Object(Default::default()));
             let strict = spec.get("strict").and_then(Value::as_bool).unwrap_or(false);
-            let grammar = Grammar::json_schema(&schema, strict).map_err(|e| bad(e.to_string()))?;
+            let key = serde_json::json!(["json_schema", schema, strict]).to_string();
+            let grammar = cached(key, || {
+                Grammar::json_schema(&schema, strict).map_err(|e| bad(e.to_string()))
+            })?;
             let loose: Vec<&str> = grammar.unenforced().collect();
             if !loose.is_empty() {
                 tracing::debug!(keywords = ?loose, "response_format keywords left unenforced");
@@ -301,6 +333,23 @@ mod tests {
         assert!(named.as_ref().is_ok_and(|r| r.forced));
         let json = output_rules(&req(json!({"response_format": {"type": "json_object"}})));
         assert!(json.as_ref().is_ok_and(|r| r.forced && !r.tool_calls));
+    }
+
+    #[test]
+    fn repeated_requests_share_one_compiled_grammar() {
+        let grammar = |extra: Value| output_rules(&req(extra)).ok().and_then(|r| r.grammar);
+        let fmt = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "p",
+            "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}});
+        let (a, b) = (grammar(fmt.clone()), grammar(fmt));
+        assert!(matches!((&a, &b), (Some(a), Some(b)) if Arc::ptr_eq(a, b)));
+        let (c, d) = (
+            grammar(json!({"tools": weather()})),
+            grammar(json!({"tools": weather(), "tool_choice": "required"})),
+        );
+        assert!(
+            matches!((&c, &d), (Some(c), Some(d)) if !Arc::ptr_eq(c, d)),
+            "another choice, another grammar"
+        );
     }
 
     #[test]
