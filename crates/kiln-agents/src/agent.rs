@@ -238,12 +238,12 @@ pub async fn run_agent(
         .collect();
     let mut events = Vec::new();
     let mut tokens: u64 = 0;
-    let mut last_prompt: u64 = 0;
+    // The next prompt holds at least the last prompt and its reply.
+    let mut next_prompt: u64 = 0;
     for step in 0..spec.max_steps {
-        // The next call's worst case: a prompt at least as long as the last
-        // one plus a full reply.
+        // The next call's worst case: that prompt plus a full reply.
         if let Some(limit) = spec.max_tokens {
-            if tokens + last_prompt + u64::from(spec.step_tokens) > limit {
+            if tokens + next_prompt + u64::from(spec.step_tokens) > limit {
                 return Run {
                     outcome: Outcome::TokenBudget,
                     messages,
@@ -271,7 +271,7 @@ pub async fn run_agent(
             }
         };
         tokens += reply.prompt_tokens + reply.completion_tokens;
-        last_prompt = reply.prompt_tokens + reply.completion_tokens;
+        next_prompt = reply.prompt_tokens + reply.completion_tokens;
         events.push(Event::Model {
             step,
             prompt_tokens: reply.prompt_tokens,

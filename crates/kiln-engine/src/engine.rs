@@ -901,7 +901,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of `stop`.
-fn longest_suffix_prefix(text: &[u8], stop: &[u8]) -> usize {
+pub(crate) fn longest_suffix_prefix(text: &[u8], stop: &[u8]) -> usize {
     let max = stop.len().saturating_sub(1).min(text.len());
     (1..=max)
         .rev()

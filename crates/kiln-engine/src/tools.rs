@@ -20,6 +20,7 @@
 use serde_json::Value;
 
 use crate::constrain::{TOOL_CALL_CLOSE, TOOL_CALL_OPEN};
+use crate::engine::longest_suffix_prefix;
 use crate::template::ChatMessage;
 
 /// A function offered to the model.
@@ -266,8 +267,10 @@ impl ToolCallParser {
                     self.call = Some(Call::Header);
                 }
                 None => {
-                    // Keep back a tail that may still become the opening tag.
-                    let keep = partial_suffix(&self.pending, TOOL_CALL_OPEN);
+                    // Keep back a tail that may still become the opening tag
+                    // (ASCII, so the cut falls between characters).
+                    let keep =
+                        longest_suffix_prefix(self.pending.as_bytes(), TOOL_CALL_OPEN.as_bytes());
                     let release = self.pending.len() - keep;
                     if release > 0 {
                         out.push(Piece::Text(self.pending[..release].to_string()));
@@ -467,14 +470,6 @@ pub fn split_output(text: &str) -> (String, Vec<(String, String)>) {
         }
     }
     (prose, calls)
-}
-
-/// The length of the longest suffix of `text` that is a proper prefix of `tag`.
-fn partial_suffix(text: &str, tag: &str) -> usize {
-    (1..tag.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && text.ends_with(&tag[..n]))
-        .unwrap_or(0)
 }
 
 /// `{"name": ..., "arguments": ...}` (or `parameters`) in any layout;

@@ -58,6 +58,15 @@ impl Isa {
         }
     }
 
+    /// Every variant this CPU runs, for tests that force each one.
+    #[cfg(test)]
+    pub(super) fn all_available() -> Vec<Isa> {
+        KernelVariant::ALL
+            .into_iter()
+            .filter_map(Isa::new)
+            .collect()
+    }
+
     /// Rows per tile: as many as the variant's registers hold accumulators
     /// for (the portable variant's is the `gemm` crate's, about 8).
     pub(super) fn tile_rows(self) -> usize {

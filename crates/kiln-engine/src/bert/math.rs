@@ -259,15 +259,7 @@ multiversion! {
 mod tests {
     use super::*;
     use crate::bert::isa::{Isa, Portable, PORTABLE_FUSED};
-    use crate::kernels::KernelVariant;
     use candle_core::cpu::erf::erf_f64;
-
-    fn isas() -> Vec<Isa> {
-        KernelVariant::ALL
-            .into_iter()
-            .filter_map(Isa::new)
-            .collect()
-    }
 
     fn softmax_rows<A: Arith>(x: &mut [f32], n: usize) {
         for row in x.chunks_exact_mut(n) {
@@ -323,7 +315,7 @@ mod tests {
             .iter()
             .map(|x| x * std::f32::consts::FRAC_1_SQRT_2)
             .collect();
-        for isa in isas() {
+        for isa in Isa::all_available() {
             let mut erf = zs.clone();
             one_plus_erf_in_place(isa, &mut erf);
             let mut g = xs.clone();
@@ -408,7 +400,10 @@ mod tests {
             assert!((row.iter().map(|&p| f64::from(p)).sum::<f64>() - 1.0).abs() < 1e-6);
         }
         let mut first_simd: Option<[Vec<f32>; 3]> = None;
-        for isa in isas().into_iter().filter(|&i| i != Isa::Portable) {
+        for isa in Isa::all_available()
+            .into_iter()
+            .filter(|&i| i != Isa::Portable)
+        {
             let got = run(isa);
             if PORTABLE_FUSED {
                 assert!(got == portable, "{isa:?} differs from portable");

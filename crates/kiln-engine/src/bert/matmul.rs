@@ -315,14 +315,6 @@ pub(super) fn matmul(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::KernelVariant;
-
-    fn isas() -> Vec<Isa> {
-        KernelVariant::ALL
-            .into_iter()
-            .filter_map(Isa::new)
-            .collect()
-    }
 
     /// Deterministic values in [-1, 1).
     fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -374,7 +366,7 @@ mod tests {
             let packed = PackedMatrix::from_linear(&w, &bias, n, k);
             let want = reference(&x, &w, &bias, m, n, k);
             let mut simd: Option<Vec<f32>> = None;
-            for isa in isas() {
+            for isa in Isa::all_available() {
                 for pool in &pools {
                     let mut got = vec![f32::NAN; m * n];
                     pool.install(|| matmul(isa, &x, m, &packed, &mut got, Epilogue::Plain));
@@ -419,7 +411,7 @@ mod tests {
         let no_bias = PackedMatrix::from_linear(&w, &vec![0.0; n], n, k);
         assert!(from_rows.data == no_bias.data && from_rows.bias == no_bias.bias);
         let packed = PackedMatrix::from_linear(&w, &bias, n, k);
-        for isa in isas() {
+        for isa in Isa::all_available() {
             let mut plain = vec![0f32; m * n];
             matmul(isa, &x, m, &packed, &mut plain, Epilogue::Plain);
             let mut gelu = vec![0f32; m * n];

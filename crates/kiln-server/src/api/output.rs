@@ -64,7 +64,7 @@ pub fn output_rules(req: &ChatCompletionRequest) -> Result<OutputRules, ApiError
         // `none`: the tools stay out of the prompt, so the model answers in prose.
         Choice::None => return Ok(OutputRules::default()),
     };
-    if !calling {
+    if tools.is_empty() {
         return Ok(OutputRules::default());
     }
     let schemas = |only: Option<&str>| -> Vec<ToolSchema> {
