@@ -17,6 +17,9 @@ export KILN_TEST_HOME="${KILN_TEST_HOME:-$HOME/.cache/kiln/home}"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/kiln/pip}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kiln/target}"
 export KILN_BIN="$CARGO_TARGET_DIR/debug/kiln"
+# A one-off run from a fresh clone gains nothing from incremental caches,
+# and they were the largest part of the target directory.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 mkdir -p "$KILN_TEST_HOME" "$PIP_CACHE_DIR" "$CARGO_TARGET_DIR"
 
 suite_start=$SECONDS
@@ -78,6 +81,8 @@ postgres() {
     echo "$out"
 }
 
+# A full disk shows up as odd I/O errors deep in a test; say up front.
+df -h "$CARGO_TARGET_DIR" "${TMPDIR:-/tmp}" 2>/dev/null || true
 phase "python test deps" python_deps
 phase "postgresql" postgres
 phase "cargo build (debug)" cargo build --workspace
