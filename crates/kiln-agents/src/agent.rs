@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -51,6 +52,12 @@ pub struct AgentSpec {
     pub step_tokens: u32,
     #[serde(default)]
     pub temperature: Option<f32>,
+    /// The first step's `tool_choice` (`"auto"`, `"none"`, `"required"` or
+    /// `{"type": "function", "function": {"name": ...}}`); later steps use
+    /// `auto`, so a model made to call a tool can still answer. Small models
+    /// seldom call a tool unless made to.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
 }
 
 fn default_max_steps() -> u32 {
@@ -114,6 +121,9 @@ impl AgentSpec {
         {
             return bad("temperature", "must be between 0 and 2".into());
         }
+        if let Some(choice) = &self.tool_choice {
+            self.check_tool_choice(choice)?;
+        }
         for (i, tool) in self.tools.iter().enumerate() {
             if tools.get(tool).is_none() {
                 return bad(
@@ -132,6 +142,43 @@ impl AgentSpec {
     }
 }
 
+impl AgentSpec {
+    fn check_tool_choice(&self, choice: &Value) -> Result<(), SpecError> {
+        let bad = |message: String| {
+            Err(SpecError {
+                field: "tool_choice".into(),
+                message,
+            })
+        };
+        match choice {
+            Value::String(s) if s == "auto" || s == "none" => Ok(()),
+            Value::String(s) if s == "required" => match self.tools.is_empty() {
+                true => bad("`required` needs at least one tool in `tools`".into()),
+                false => Ok(()),
+            },
+            Value::Object(o) => {
+                let name = o
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str);
+                match (o.get("type").and_then(Value::as_str), name) {
+                    (Some("function"), Some(name)) if self.tools.iter().any(|t| t == name) => {
+                        Ok(())
+                    }
+                    (Some("function"), Some(name)) => bad(format!(
+                        "names `{}`, which is not in `tools`",
+                        name.chars().take(64).collect::<String>()
+                    )),
+                    _ => bad(
+                        "must be {\"type\": \"function\", \"function\": {\"name\": ...}}".into(),
+                    ),
+                }
+            }
+            _ => bad("must be \"auto\", \"none\", \"required\" or a named function".into()),
+        }
+    }
+}
+
 /// One model call of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelRequest {
@@ -140,6 +187,8 @@ pub struct ModelRequest {
     pub messages: Vec<Value>,
     /// OpenAI function definitions.
     pub tools: Vec<Value>,
+    /// OpenAI `tool_choice`; `None` is `auto`.
+    pub tool_choice: Option<Value>,
     pub max_tokens: u32,
     pub temperature: Option<f32>,
 }
@@ -187,6 +236,14 @@ pub enum Outcome {
     TokenBudget,
     /// The model could not be called.
     ModelFailed(String),
+    /// Someone asked the run to stop; it stopped before its next step.
+    Cancelled,
+    /// The run may not go on (its key was revoked, its tenant disabled).
+    Stopped(String),
+    /// The journal could not be written (the store failed, or another
+    /// replica took the run over): this worker stops, and the run is
+    /// whatever its journal says.
+    Interrupted(String),
 }
 
 /// What happened in a run, step by step.
@@ -215,18 +272,162 @@ pub struct Run {
     pub tokens: u64,
 }
 
-/// Runs `spec` on `input` until it answers or a limit stops it.
+/// What a journaled step does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    Model,
+    Tool,
+}
+
+impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Model => "model",
+            StepKind::Tool => "tool",
+        }
+    }
+}
+
+/// A step about to run, as the journal records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepStart {
+    /// 0, 1, 2, ...: a run takes the same steps in the same order when it is
+    /// replayed, so the number names the step.
+    pub seq: u32,
+    pub kind: StepKind,
+    /// The model or tool.
+    pub name: String,
+    pub input: Value,
+}
+
+/// What the journal knows of a step being begun.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Begun {
+    /// Run it; `key` is the same on every attempt.
+    Run { key: String, attempt: u32 },
+    /// It ran before and this is what it gave: use that, do not run it again.
+    Recorded { ok: bool, output: Value },
+}
+
+/// Why a journal refused a step.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    #[error("the run was cancelled")]
+    Cancelled,
+    /// The run may not go on, for this reason.
+    #[error("{0}")]
+    Stopped(String),
+    #[error("{0}")]
+    Lost(String),
+}
+
+pub type JournalFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, JournalError>> + Send + 'a>>;
+
+/// Where a durable run's steps are recorded: each step's input before it
+/// runs, its output before the next one starts.
+pub trait Journal: Send + Sync {
+    fn begin<'a>(&'a self, step: &'a StepStart) -> JournalFuture<'a, Begun>;
+    fn finish<'a>(&'a self, seq: u32, ok: bool, output: &'a Value) -> JournalFuture<'a, ()>;
+}
+
+/// A journaled step: what it was given and, once it ended, whether it
+/// succeeded and what it gave.
+pub type JournaledStep = (StepStart, Option<(bool, Value)>);
+
+/// A journal in memory: runs are not durable, but take the same path.
+#[derive(Debug, Default)]
+pub struct MemoryJournal {
+    steps: Mutex<Vec<JournaledStep>>,
+}
+
+impl MemoryJournal {
+    pub fn new() -> MemoryJournal {
+        MemoryJournal::default()
+    }
+
+    /// The steps so far.
+    pub fn steps(&self) -> Vec<JournaledStep> {
+        self.steps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Journal for MemoryJournal {
+    fn begin<'a>(&'a self, step: &'a StepStart) -> JournalFuture<'a, Begun> {
+        let mut steps = self.steps.lock().unwrap_or_else(PoisonError::into_inner);
+        let seq = step.seq as usize;
+        let begun = match steps.get(seq) {
+            Some((_, Some((ok, output)))) => Ok(Begun::Recorded {
+                ok: *ok,
+                output: output.clone(),
+            }),
+            Some((_, None)) => Ok(Begun::Run {
+                key: seq.to_string(),
+                attempt: 2,
+            }),
+            None if seq == steps.len() => {
+                steps.push((step.clone(), None));
+                Ok(Begun::Run {
+                    key: seq.to_string(),
+                    attempt: 1,
+                })
+            }
+            None => Err(JournalError::Lost(format!(
+                "step {seq} begun after step {}",
+                steps.len()
+            ))),
+        };
+        Box::pin(std::future::ready(begun))
+    }
+
+    fn finish<'a>(&'a self, seq: u32, ok: bool, output: &'a Value) -> JournalFuture<'a, ()> {
+        let mut steps = self.steps.lock().unwrap_or_else(PoisonError::into_inner);
+        let done = match steps.get_mut(seq as usize) {
+            Some(step) => {
+                step.1.get_or_insert((ok, output.clone()));
+                Ok(())
+            }
+            None => Err(JournalError::Lost(format!("step {seq} was never begun"))),
+        };
+        Box::pin(std::future::ready(done))
+    }
+}
+
+/// Runs `spec` on `input` until it answers or a limit stops it, keeping its
+/// steps in memory.
 pub async fn run_agent(
     spec: &AgentSpec,
     input: &str,
     model: &dyn ChatModel,
     tools: &ToolBox,
 ) -> Run {
-    let mut messages = Vec::new();
+    run_durable(spec, input, model, tools, &MemoryJournal::new()).await
+}
+
+/// Runs `spec` on `input` through `journal`: steps the journal has
+/// recorded are replayed from it (not run again), so a run resumed after a
+/// crash continues from its last finished step, and a step begun but not
+/// finished is run again with the same idempotency key.
+pub async fn run_durable(
+    spec: &AgentSpec,
+    input: &str,
+    model: &dyn ChatModel,
+    tools: &ToolBox,
+    journal: &dyn Journal,
+) -> Run {
+    let mut run = Run {
+        outcome: Outcome::StepLimit,
+        messages: Vec::new(),
+        events: Vec::new(),
+        tokens: 0,
+    };
     if !spec.instructions.is_empty() {
-        messages.push(json!({"role": "system", "content": spec.instructions}));
+        run.messages
+            .push(json!({"role": "system", "content": spec.instructions}));
     }
-    messages.push(json!({"role": "user", "content": input}));
+    run.messages.push(json!({"role": "user", "content": input}));
     let definitions: Vec<Value> = tools
         .definitions()
         .into_iter()
@@ -236,43 +437,69 @@ pub async fn run_agent(
                 .is_some_and(|n| spec.tools.iter().any(|t| t == n))
         })
         .collect();
-    let mut events = Vec::new();
-    let mut tokens: u64 = 0;
+    let mut seq: u32 = 0;
     // The next prompt holds at least the last prompt and its reply.
     let mut next_prompt: u64 = 0;
+    let mut tool_choice = spec.tool_choice.clone();
     for step in 0..spec.max_steps {
         // The next call's worst case: that prompt plus a full reply.
         if let Some(limit) = spec.max_tokens {
-            if tokens + next_prompt + u64::from(spec.step_tokens) > limit {
-                return Run {
-                    outcome: Outcome::TokenBudget,
-                    messages,
-                    events,
-                    tokens,
-                };
+            if run.tokens + next_prompt + u64::from(spec.step_tokens) > limit {
+                run.outcome = Outcome::TokenBudget;
+                return run;
             }
         }
         let request = ModelRequest {
             model: spec.model.clone(),
-            messages: messages.clone(),
+            messages: run.messages.clone(),
             tools: definitions.clone(),
+            tool_choice: tool_choice.clone(),
             max_tokens: spec.step_tokens,
             temperature: spec.temperature,
         };
-        let reply = match model.chat(&request).await {
-            Ok(r) => r,
-            Err(e) => {
-                return Run {
-                    outcome: Outcome::ModelFailed(e.0),
-                    messages,
-                    events,
-                    tokens,
+        let start = StepStart {
+            seq,
+            kind: StepKind::Model,
+            name: spec.model.clone(),
+            input: json!({
+                "step": step,
+                "messages": request.messages.len(),
+                "tool_choice": request.tool_choice,
+                "max_tokens": request.max_tokens,
+            }),
+        };
+        seq += 1;
+        let reply = match journaled(journal, &start, |_| async {
+            match model.chat(&request).await {
+                Ok(reply) => (true, reply_json(&reply)),
+                Err(e) => (false, json!({"error": e.0})),
+            }
+        })
+        .await
+        {
+            Ok((true, output)) => match reply_from_json(&output) {
+                Some(reply) => reply,
+                None => {
+                    run.outcome = Outcome::Interrupted(format!(
+                        "step {} of the journal does not hold a model reply",
+                        start.seq
+                    ));
+                    return run;
                 }
+            },
+            Ok((false, output)) => {
+                let why = output["error"].as_str().unwrap_or("the model call failed");
+                run.outcome = Outcome::ModelFailed(why.to_string());
+                return run;
+            }
+            Err(e) => {
+                run.outcome = stopped(e);
+                return run;
             }
         };
-        tokens += reply.prompt_tokens + reply.completion_tokens;
+        run.tokens += reply.prompt_tokens + reply.completion_tokens;
         next_prompt = reply.prompt_tokens + reply.completion_tokens;
-        events.push(Event::Model {
+        run.events.push(Event::Model {
             step,
             prompt_tokens: reply.prompt_tokens,
             completion_tokens: reply.completion_tokens,
@@ -280,14 +507,14 @@ pub async fn run_agent(
         });
         if reply.tool_calls.is_empty() {
             let answer = reply.content.unwrap_or_default();
-            messages.push(json!({"role": "assistant", "content": answer}));
-            return Run {
-                outcome: Outcome::Answered(answer),
-                messages,
-                events,
-                tokens,
-            };
+            run.messages
+                .push(json!({"role": "assistant", "content": answer}));
+            run.outcome = Outcome::Answered(answer);
+            return run;
         }
+        // Forcing a call once is a way to start; forcing every step would
+        // never let the model answer.
+        tool_choice = None;
         let calls: Vec<Value> = reply
             .tool_calls
             .iter()
@@ -296,24 +523,107 @@ pub async fn run_agent(
                     "function": {"name": c.name, "arguments": c.arguments}})
             })
             .collect();
-        messages.push(json!({"role": "assistant", "content": reply.content, "tool_calls": calls}));
+        run.messages
+            .push(json!({"role": "assistant", "content": reply.content, "tool_calls": calls}));
         for call in &reply.tool_calls {
-            let (text, ok, truncated) = call_tool(spec, tools, call).await;
-            events.push(Event::Tool {
+            let start = StepStart {
+                seq,
+                kind: StepKind::Tool,
+                name: call.name.clone(),
+                input: json!({"id": call.id, "arguments": call.arguments}),
+            };
+            seq += 1;
+            let result = journaled(journal, &start, |key| async move {
+                let (text, ok, truncated) = call_tool(spec, tools, call, &key).await;
+                (ok, json!({"text": text, "truncated": truncated}))
+            })
+            .await;
+            let (ok, output) = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    run.outcome = stopped(e);
+                    return run;
+                }
+            };
+            let text = output["text"].as_str().unwrap_or_default().to_string();
+            run.events.push(Event::Tool {
                 step,
                 name: call.name.clone(),
                 ok,
-                truncated,
+                truncated: output["truncated"].as_bool().unwrap_or(false),
             });
-            messages.push(json!({"role": "tool", "tool_call_id": call.id, "content": text}));
+            run.messages
+                .push(json!({"role": "tool", "tool_call_id": call.id, "content": text}));
         }
     }
-    Run {
-        outcome: Outcome::StepLimit,
-        messages,
-        events,
-        tokens,
+    run
+}
+
+/// Begins a step in the journal, runs it unless the journal has its
+/// output, and records the output.
+async fn journaled<F, Fut>(
+    journal: &dyn Journal,
+    start: &StepStart,
+    work: F,
+) -> Result<(bool, Value), JournalError>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = (bool, Value)>,
+{
+    match journal.begin(start).await? {
+        Begun::Recorded { ok, output } => Ok((ok, output)),
+        Begun::Run { key, attempt } => {
+            if attempt > 1 {
+                tracing::info!(
+                    step = start.seq,
+                    attempt,
+                    "running again a step whose worker stopped before it ended"
+                );
+            }
+            let (ok, output) = work(key).await;
+            journal.finish(start.seq, ok, &output).await?;
+            Ok((ok, output))
+        }
     }
+}
+
+fn stopped(e: JournalError) -> Outcome {
+    match e {
+        JournalError::Cancelled => Outcome::Cancelled,
+        JournalError::Stopped(why) => Outcome::Stopped(why),
+        JournalError::Lost(why) => Outcome::Interrupted(why),
+    }
+}
+
+fn reply_json(reply: &ModelReply) -> Value {
+    json!({
+        "content": reply.content,
+        "tool_calls": reply.tool_calls.iter().map(|c| json!({
+            "id": c.id, "name": c.name, "arguments": c.arguments,
+        })).collect::<Vec<_>>(),
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+    })
+}
+
+fn reply_from_json(v: &Value) -> Option<ModelReply> {
+    let calls = v["tool_calls"]
+        .as_array()?
+        .iter()
+        .map(|c| {
+            Some(RequestedCall {
+                id: c["id"].as_str()?.to_string(),
+                name: c["name"].as_str()?.to_string(),
+                arguments: c["arguments"].as_str()?.to_string(),
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(ModelReply {
+        content: v["content"].as_str().map(str::to_string),
+        tool_calls: calls,
+        prompt_tokens: v["prompt_tokens"].as_u64()?,
+        completion_tokens: v["completion_tokens"].as_u64()?,
+    })
 }
 
 /// Runs one requested call; its output or its error as the text the model
@@ -322,6 +632,7 @@ async fn call_tool(
     spec: &AgentSpec,
     tools: &ToolBox,
     call: &RequestedCall,
+    key: &str,
 ) -> (String, bool, bool) {
     if !spec.tools.contains(&call.name) {
         let text = format!(
@@ -341,7 +652,7 @@ async fn call_tool(
             )
         }
     };
-    match tools.call(&call.name, &args).await {
+    match tools.call_keyed(&call.name, &args, Some(key)).await {
         Ok(out) => {
             let (text, cut) = cap(out.text);
             (text, true, out.truncated || cut)
@@ -518,6 +829,154 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_replayed_run_takes_recorded_steps_from_the_journal() {
+        let agent = spec(
+            r#"{"name": "maths", "model": "m", "tools": ["calculator"], "tool_choice": "required"}"#,
+        );
+        let journal = MemoryJournal::new();
+        let model = Scripted::new(vec![
+            Ok(call("c1", "calculator", r#"{"expression": "6*7"}"#)),
+            Ok(answer("42")),
+        ]);
+        let first = run_durable(&agent, "6*7?", &model, &toolbox(), &journal).await;
+        assert_eq!(first.outcome, Outcome::Answered("42".into()));
+        {
+            let seen = model.seen.lock().unwrap();
+            assert_eq!(seen[0].tool_choice, Some(json!("required")));
+            assert_eq!(seen[1].tool_choice, None, "auto after the first call");
+        }
+        let steps = journal.steps();
+        let kinds: Vec<StepKind> = steps.iter().map(|(s, _)| s.kind).collect();
+        assert_eq!(kinds, [StepKind::Model, StepKind::Tool, StepKind::Model]);
+        assert!(steps.iter().all(|(_, out)| out.is_some()));
+
+        // Every step recorded: the replay calls nothing and ends the same.
+        let silent = Scripted::new(Vec::new());
+        let again = run_durable(&agent, "6*7?", &silent, &toolbox(), &journal).await;
+        assert_eq!(again, first);
+        assert!(silent.seen.lock().unwrap().is_empty());
+    }
+
+    /// Counts its calls and the keys it was given.
+    struct Effect {
+        keys: Mutex<Vec<String>>,
+    }
+
+    impl crate::Tool for Effect {
+        fn name(&self) -> &str {
+            "effect"
+        }
+        fn description(&self) -> &str {
+            "has an effect"
+        }
+        fn parameters(&self) -> Value {
+            json!({"type": "object"})
+        }
+        fn call<'a>(&'a self, _: &'a Value) -> crate::ToolFuture<'a> {
+            Box::pin(async { Ok(crate::ToolOutput::text("unkeyed")) })
+        }
+        fn call_keyed<'a>(&'a self, _: &'a Value, key: &'a str) -> crate::ToolFuture<'a> {
+            self.keys.lock().unwrap().push(key.to_string());
+            Box::pin(async move { Ok(crate::ToolOutput::text(format!("done once for {key}"))) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_step_begun_but_not_finished_runs_again_with_its_key() {
+        let effect = std::sync::Arc::new(Effect {
+            keys: Mutex::new(Vec::new()),
+        });
+        struct Shared(std::sync::Arc<Effect>);
+        impl crate::Tool for Shared {
+            fn name(&self) -> &str {
+                self.0.name()
+            }
+            fn description(&self) -> &str {
+                self.0.description()
+            }
+            fn parameters(&self) -> Value {
+                self.0.parameters()
+            }
+            fn call<'a>(&'a self, args: &'a Value) -> crate::ToolFuture<'a> {
+                self.0.call(args)
+            }
+            fn call_keyed<'a>(&'a self, args: &'a Value, key: &'a str) -> crate::ToolFuture<'a> {
+                self.0.call_keyed(args, key)
+            }
+        }
+        let tools = ToolBox::new().with(Shared(effect.clone()));
+        let agent = AgentSpec::from_json(
+            r#"{"name": "a", "model": "m", "tools": ["effect"]}"#,
+            &tools,
+        )
+        .unwrap();
+        // The model step ended and the tool step began; then the worker died.
+        let journal = MemoryJournal::new();
+        let first = call("c1", "effect", "{}");
+        let start = |seq, kind, name: &str| StepStart {
+            seq,
+            kind,
+            name: name.into(),
+            input: json!({}),
+        };
+        let model_step = start(0, StepKind::Model, "m");
+        journal.begin(&model_step).await.unwrap();
+        journal.finish(0, true, &reply_json(&first)).await.unwrap();
+        journal
+            .begin(&start(1, StepKind::Tool, "effect"))
+            .await
+            .unwrap();
+
+        let model = Scripted::new(vec![Ok(answer("ok"))]);
+        let run = run_durable(&agent, "go", &model, &tools, &journal).await;
+        assert_eq!(run.outcome, Outcome::Answered("ok".into()));
+        assert_eq!(
+            *effect.keys.lock().unwrap(),
+            ["1"],
+            "run again, once, keyed"
+        );
+        assert_eq!(
+            model.seen.lock().unwrap().len(),
+            1,
+            "step 0 was not re-asked"
+        );
+        assert_eq!(run.tokens, 60 + 85);
+    }
+
+    /// A journal whose run was cancelled (or lost) before step `at`.
+    struct StopsAt(MemoryJournal, u32, JournalError);
+
+    impl Journal for StopsAt {
+        fn begin<'a>(&'a self, step: &'a StepStart) -> JournalFuture<'a, Begun> {
+            if step.seq >= self.1 {
+                return Box::pin(std::future::ready(Err(self.2.clone())));
+            }
+            self.0.begin(step)
+        }
+        fn finish<'a>(&'a self, seq: u32, ok: bool, output: &'a Value) -> JournalFuture<'a, ()> {
+            self.0.finish(seq, ok, output)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_or_lost_run_stops_before_its_next_step() {
+        let agent = spec(r#"{"name": "a", "model": "m", "tools": ["calculator"]}"#);
+        for (error, outcome) in [
+            (JournalError::Cancelled, Outcome::Cancelled),
+            (
+                JournalError::Lost("taken over".into()),
+                Outcome::Interrupted("taken over".into()),
+            ),
+        ] {
+            let journal = StopsAt(MemoryJournal::new(), 1, error);
+            let model = Scripted::new(vec![Ok(call("1", "calculator", r#"{"expression": "2"}"#))]);
+            let run = run_durable(&agent, "x", &model, &toolbox(), &journal).await;
+            assert_eq!(run.outcome, outcome);
+            assert_eq!(journal.0.steps().len(), 1, "the tool step never began");
+        }
+    }
+
     #[test]
     fn declarations_are_checked_field_by_field() {
         let tools = toolbox();
@@ -541,6 +1000,18 @@ mod tests {
                 "temperature",
             ),
             (r#"{"name": "a", "model": "m", "toolz": []}"#, "(document)"),
+            (
+                r#"{"name": "a", "model": "m", "tool_choice": "required"}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"name": "a", "model": "m", "tools": ["calculator"], "tool_choice": {"type": "function", "function": {"name": "current_time"}}}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"name": "a", "model": "m", "tool_choice": "always"}"#,
+                "tool_choice",
+            ),
         ];
         for (json, field) in cases {
             let err = AgentSpec::from_json(json, &tools).unwrap_err();

@@ -26,6 +26,13 @@ pub trait Tool: Send + Sync {
     fn parameters(&self) -> Value;
     /// Runs the tool. `args` is the model's arguments object.
     fn call<'a>(&'a self, args: &'a Value) -> ToolFuture<'a>;
+    /// Runs the tool as one step of a durable run: `key` is the same on
+    /// every attempt of the step, so a tool with effects elsewhere can pass
+    /// it on (as an `Idempotency-Key` header, say) and take effect once.
+    fn call_keyed<'a>(&'a self, args: &'a Value, key: &'a str) -> ToolFuture<'a> {
+        let _ = key;
+        self.call(args)
+    }
 }
 
 /// What a tool returns to the model.
@@ -161,6 +168,17 @@ impl ToolBox {
 
     /// Calls the tool `name` with `args`, which must be a JSON object.
     pub async fn call(&self, name: &str, args: &Value) -> Result<ToolOutput, ToolError> {
+        self.call_keyed(name, args, None).await
+    }
+
+    /// [`ToolBox::call`] as a step of a durable run, with the step's
+    /// idempotency key (see [`Tool::call_keyed`]).
+    pub async fn call_keyed(
+        &self,
+        name: &str,
+        args: &Value,
+        key: Option<&str>,
+    ) -> Result<ToolOutput, ToolError> {
         let Some(tool) = self.tools.get(name) else {
             let available = if self.tools.is_empty() {
                 "none".to_owned()
@@ -178,7 +196,10 @@ impl ToolBox {
                 json_kind(args)
             )));
         }
-        let result = tool.call(args).await;
+        let result = match key {
+            Some(key) => tool.call_keyed(args, key).await,
+            None => tool.call(args).await,
+        };
         if let Err(e) = &result {
             tracing::debug!(tool = name, code = e.code(), "tool call failed");
         }

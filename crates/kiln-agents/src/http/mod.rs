@@ -30,6 +30,9 @@ use self::net::{ConnectTarget, Connector, Resolver, TcpConnector, TokioResolver}
 use self::url::{HttpUrl, UrlError};
 use crate::tool::{parse_args, truncate_for_message, Tool, ToolError, ToolFuture, ToolOutput};
 
+/// The header a durable run's POST carries its step's key in.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
 /// Most headers the model may set on one request.
 const MAX_MODEL_HEADERS: usize = 32;
 /// Most addresses taken from one resolution.
@@ -692,23 +695,41 @@ impl Tool for HttpRequest {
     }
 
     fn call<'a>(&'a self, args: &'a Value) -> ToolFuture<'a> {
-        Box::pin(async move {
-            let args: HttpArgs = parse_args(args)?;
-            let request = self.prepare(args)?;
-            let timeout = self.config.timeout;
-            let result = match tokio::time::timeout(timeout, self.fetch(request)).await {
-                Ok(result) => result,
-                Err(_) => Err(ToolError::Timeout(timeout)),
-            };
-            // Defence in depth: no error text may carry a secret value.
-            result.map_err(|e| match e {
-                ToolError::RequestFailed(m) => ToolError::RequestFailed(self.config.redact(&m)),
-                ToolError::Refused(m) => ToolError::Refused(self.config.redact(&m)),
-                ToolError::InvalidArguments(m) => {
-                    ToolError::InvalidArguments(self.config.redact(&m))
-                }
-                other => other,
-            })
+        Box::pin(self.call_with(args, None))
+    }
+
+    /// A POST carries the step's key as `Idempotency-Key` (replacing one the
+    /// model set), so a server that honours it applies a retried step once.
+    fn call_keyed<'a>(&'a self, args: &'a Value, key: &'a str) -> ToolFuture<'a> {
+        Box::pin(self.call_with(args, Some(key)))
+    }
+}
+
+impl HttpRequest {
+    async fn call_with(&self, args: &Value, key: Option<&str>) -> Result<ToolOutput, ToolError> {
+        let args: HttpArgs = parse_args(args)?;
+        let mut request = self.prepare(args)?;
+        if let (Some(key), true) = (key, request.method == Method::POST) {
+            request
+                .headers
+                .retain(|(name, _)| name.as_str() != IDEMPOTENCY_KEY);
+            if let Ok(value) = HeaderValue::from_str(key) {
+                request
+                    .headers
+                    .push((HeaderName::from_static(IDEMPOTENCY_KEY), value));
+            }
+        }
+        let timeout = self.config.timeout;
+        let result = match tokio::time::timeout(timeout, self.fetch(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(ToolError::Timeout(timeout)),
+        };
+        // Defence in depth: no error text may carry a secret value.
+        result.map_err(|e| match e {
+            ToolError::RequestFailed(m) => ToolError::RequestFailed(self.config.redact(&m)),
+            ToolError::Refused(m) => ToolError::Refused(self.config.redact(&m)),
+            ToolError::InvalidArguments(m) => ToolError::InvalidArguments(self.config.redact(&m)),
+            other => other,
         })
     }
 }
