@@ -3,7 +3,8 @@
 //! Each concern is a query trait with one implementation per database —
 //! [`CallLog`] (the usage ledger), [`Accounts`] (tenants and API keys),
 //! [`Billing`] (prices, credits, budget reservations, replica leases),
-//! [`KbDirectory`] (which replica serves each knowledge base) — and
+//! [`KbDirectory`] (which replica serves each knowledge base), [`Runs`]
+//! (agents, workflows and the journal of their durable runs) — and
 //! [`Database`] is all of them, so the server holds an `Arc<dyn Database>`
 //! and does not care which database is behind it:
 //! - [`Store`]: SQLite in WAL mode, the single-machine default;
@@ -24,6 +25,7 @@ pub mod directory;
 mod error;
 pub mod money;
 mod postgres;
+pub mod runs;
 mod sqlite;
 
 pub use accounts::Accounts;
@@ -36,6 +38,7 @@ pub use calls::{
 pub use directory::{KbDirectory, KbEntry};
 pub use error::{Result, StoreError};
 pub use postgres::{is_postgres_url, PgStore, PG_SCHEMA_VERSION};
+pub use runs::Runs;
 pub use sqlite::{default_db_path, Store, SCHEMA_VERSION};
 
 /// Connections each server keeps to PostgreSQL.
@@ -51,6 +54,6 @@ pub fn open_database(spec: &std::path::Path) -> Result<std::sync::Arc<dyn Databa
 }
 
 /// Everything a server needs from its database, as one object.
-pub trait Database: CallLog + Accounts + Billing + KbDirectory {}
+pub trait Database: CallLog + Accounts + Billing + KbDirectory + Runs {}
 
-impl<T: CallLog + Accounts + Billing + KbDirectory> Database for T {}
+impl<T: CallLog + Accounts + Billing + KbDirectory + Runs> Database for T {}

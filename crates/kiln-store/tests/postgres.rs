@@ -85,6 +85,13 @@ on_postgres!(reservations_settle_exactly);
 on_postgres!(lapsed_leases_are_recovered);
 on_postgres!(usage_reports_group);
 on_postgres!(kb_directory);
+on_postgres!(definitions_are_versioned);
+on_postgres!(runs_lifecycle);
+on_postgres!(runs_are_scoped_by_tenant);
+on_postgres!(steps_are_journaled_once);
+on_postgres!(a_taken_over_run_refuses_its_old_owner);
+on_postgres!(only_lapsed_or_released_runs_are_claimed);
+on_postgres!(cancel_rules);
 
 /// Two stores (two replicas' pools) race for one budget.
 #[test]
@@ -95,6 +102,93 @@ fn concurrent_reservations_from_two_replicas_never_overspend() -> TestResult {
     let a: Arc<dyn Database> = Arc::new(fresh.store());
     let b: Arc<dyn Database> = Arc::new(fresh.store());
     suite::concurrent_reservations_never_overspend(&[a, b])
+}
+
+/// Two stores (two replicas' pools) race for one set of lapsed runs.
+#[test]
+fn concurrent_claims_from_two_replicas_take_each_run_once() -> TestResult {
+    let Some(fresh) = Fresh::new() else {
+        return Ok(());
+    };
+    let a: Arc<dyn Database> = Arc::new(fresh.store());
+    let b: Arc<dyn Database> = Arc::new(fresh.store());
+    suite::concurrent_claims_take_each_run_once(&[a, b])
+}
+
+/// Two replicas save one definition at once: no version is made twice.
+#[test]
+fn concurrent_saves_from_two_replicas_make_distinct_versions() -> TestResult {
+    let Some(fresh) = Fresh::new() else {
+        return Ok(());
+    };
+    let a: Arc<dyn Database> = Arc::new(fresh.store());
+    let b: Arc<dyn Database> = Arc::new(fresh.store());
+    suite::concurrent_saves_make_distinct_versions(&[a, b])
+}
+
+/// Enum text the schema would refuse, read back anyway, is a bad row.
+#[test]
+fn unknown_run_enum_text_is_a_bad_row() -> TestResult {
+    use kiln_store::runs::{DefinitionKind, NewRun, NewStep, RunQuery};
+    use kiln_store::Runs as _;
+    let Some(fresh) = Fresh::new() else {
+        return Ok(());
+    };
+    let store = fresh.store();
+    store.create_run(
+        &NewRun {
+            id: "run-1".into(),
+            tenant_id: "t1".into(),
+            key_id: None,
+            kind: DefinitionKind::Agent,
+            name: "a".into(),
+            version: 1,
+            input: "{}".into(),
+        },
+        "r1",
+        1,
+    )?;
+    store.begin_step(
+        "r1",
+        &NewStep {
+            run_id: "run-1".into(),
+            seq: 0,
+            kind: "tool".into(),
+            name: "t".into(),
+            input: "{}".into(),
+        },
+        2,
+    )?;
+    let mut c = postgres::Client::connect(&fresh.url(), postgres::NoTls)?;
+    assert!(c
+        .execute("UPDATE runs SET status = 'exploded'", &[])
+        .is_err());
+    c.batch_execute(
+        "ALTER TABLE runs DROP CONSTRAINT runs_status_check;
+         ALTER TABLE run_steps DROP CONSTRAINT run_steps_state_check;
+         UPDATE runs SET status = 'exploded';
+         UPDATE run_steps SET state = 'melted';",
+    )?;
+    let err = store.run(None, "run-1").err().ok_or("must fail")?;
+    assert!(
+        matches!(err, StoreError::BadRow { table: "runs", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("exploded"), "{err}");
+    assert!(store.runs(&RunQuery::default()).is_err());
+    let err = store.steps("run-1").err().ok_or("must fail")?;
+    assert!(
+        matches!(
+            err,
+            StoreError::BadRow {
+                table: "run_steps",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("melted"), "{err}");
+    Ok(())
 }
 
 #[test]

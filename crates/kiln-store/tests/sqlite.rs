@@ -55,3 +55,61 @@ fn usage_reports_group() -> TestResult {
 fn kb_directory() -> TestResult {
     suite::kb_directory(&fresh())
 }
+
+#[test]
+fn definitions_are_versioned() -> TestResult {
+    suite::definitions_are_versioned(&fresh())
+}
+
+#[test]
+fn concurrent_saves_on_a_shared_file_make_distinct_versions() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    let first: Arc<dyn Database> = Arc::new(Store::open(&path)?);
+    let second: Arc<dyn Database> = Arc::new(Store::open(&path)?);
+    suite::concurrent_saves_make_distinct_versions(&[first, second])
+}
+
+#[test]
+fn runs_lifecycle() -> TestResult {
+    suite::runs_lifecycle(&fresh())
+}
+
+#[test]
+fn runs_are_scoped_by_tenant() -> TestResult {
+    suite::runs_are_scoped_by_tenant(&fresh())
+}
+
+#[test]
+fn steps_are_journaled_once() -> TestResult {
+    suite::steps_are_journaled_once(&fresh())
+}
+
+#[test]
+fn a_taken_over_run_refuses_its_old_owner() -> TestResult {
+    suite::a_taken_over_run_refuses_its_old_owner(&fresh())
+}
+
+#[test]
+fn only_lapsed_or_released_runs_are_claimed() -> TestResult {
+    suite::only_lapsed_or_released_runs_are_claimed(&fresh())
+}
+
+#[test]
+fn cancel_rules() -> TestResult {
+    suite::cancel_rules(&fresh())
+}
+
+#[test]
+fn concurrent_claims_take_each_run_once() -> TestResult {
+    suite::concurrent_claims_take_each_run_once(&[Arc::new(fresh())])
+}
+
+#[test]
+fn concurrent_claims_on_a_shared_file_take_each_run_once() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    let first: Arc<dyn Database> = Arc::new(Store::open(&path)?);
+    let second: Arc<dyn Database> = Arc::new(Store::open(&path)?);
+    suite::concurrent_claims_take_each_run_once(&[first, second])
+}

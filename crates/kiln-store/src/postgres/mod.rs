@@ -11,6 +11,7 @@ mod accounts;
 mod billing;
 mod directory;
 mod ledger;
+mod runs;
 
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -54,6 +55,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "knowledge_bases",
         sql: include_str!("../../migrations/postgres/0004_knowledge_bases.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "runs",
+        sql: include_str!("../../migrations/postgres/0005_runs.sql"),
     },
 ];
 

@@ -17,6 +17,7 @@ mod accounts;
 mod billing;
 mod directory;
 mod ledger;
+mod runs;
 
 /// How long a writer waits for another writer's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,6 +60,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 6,
         name: "knowledge_bases",
         sql: include_str!("../../migrations/sqlite/0006_knowledge_bases.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "runs",
+        sql: include_str!("../../migrations/sqlite/0007_runs.sql"),
     },
 ];
 
