@@ -33,6 +33,10 @@ pub enum Command {
     Prices(crate::commands::admin::PricesArgs),
     /// Knowledge bases on a running server: create, add, ls, rm, search, ask.
     Kb(crate::commands::kb::KbArgs),
+    /// Agents on a running server: create (YAML or JSON), ls, show, rm.
+    Agents(crate::commands::agents::AgentsArgs),
+    /// Runs of agents on a running server: start, ls, show, cancel.
+    Runs(crate::commands::agents::RunsArgs),
     /// Usage report from the ledger, as a table or CSV.
     Usage(crate::commands::admin::UsageArgs),
 }
@@ -185,6 +189,8 @@ pub fn run() -> anyhow::Result<()> {
         Command::Prices(args) => crate::commands::admin::prices(&args),
         Command::Usage(args) => crate::commands::admin::usage(&args),
         Command::Kb(args) => crate::commands::kb::run(&args),
+        Command::Agents(args) => crate::commands::agents::run_agents(&args),
+        Command::Runs(args) => crate::commands::agents::run_runs(&args),
     }
 }
 

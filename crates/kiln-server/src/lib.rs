@@ -19,5 +19,6 @@ pub mod knowledge;
 pub mod metrics;
 pub mod ratelimit;
 pub mod registry;
+pub mod runs;
 pub mod serve;
 pub mod upstream;

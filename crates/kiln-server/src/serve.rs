@@ -103,7 +103,8 @@ fn lease_until(lease: Duration) -> i64 {
 
 /// Renews this replica's lease at a fifth of its length, settles the open
 /// reservations of replicas whose lease lapsed (this machine's previous run
-/// included), and retries settlements that failed.
+/// included), retries settlements that failed, and takes over the agent
+/// runs nobody drives.
 fn spawn_lease_keeper(state: Arc<AppState>, lease: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(lease / 5);
@@ -127,6 +128,7 @@ fn spawn_lease_keeper(state: Arc<AppState>, lease: Duration) {
                 m.retry_pending();
             })
             .await;
+            crate::runs::claim_orphans(&state).await;
         }
     });
 }
@@ -199,6 +201,16 @@ async fn serve(
     // Every connection has ended: settle what is left, then let go.
     let m = &state.meter;
     m.retry_pending();
+    // Unfinished runs go back to the pool: the next replica to look (or
+    // this machine's next start) resumes them from their journals.
+    match m.db.release_runs(&m.replica_id) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            runs = n,
+            "let go of unfinished runs for another replica to resume"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot let go of this replica's runs"),
+    }
     if let Err(e) = m.db.drop_lease(&m.replica_id) {
         tracing::warn!(error = %e, "cannot drop this replica's lease");
     }

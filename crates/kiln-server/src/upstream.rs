@@ -287,7 +287,7 @@ fn prepare(endpoint: Endpoint, body: &mut Value, up: &Upstream) -> Result<u64, A
     Ok(max)
 }
 
-fn upstream_error(up: &Upstream, what: String) -> ApiError {
+pub(crate) fn upstream_error(up: &Upstream, what: String) -> ApiError {
     tracing::warn!(upstream = %up.name, "{what}");
     ApiError::new(
         ErrorCode::UpstreamError,

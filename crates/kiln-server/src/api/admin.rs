@@ -57,7 +57,7 @@ pub fn routes() -> Router<SharedState> {
 type Caller = Extension<Arc<Principal>>;
 
 /// Runs a store call on the blocking pool.
-async fn store<T, F>(state: &SharedState, f: F) -> Result<T, ApiError>
+pub(crate) async fn store<T, F>(state: &SharedState, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&dyn Database) -> kiln_store::Result<T> + Send + 'static,

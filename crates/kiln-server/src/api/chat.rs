@@ -64,13 +64,73 @@ async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response,
         let messages = chat_messages(&req.messages)?;
         return super::ask::chat(call, &req, kb, &messages).await;
     }
+    if req.stream.unwrap_or(false) {
+        let started = start(call, &req).await?;
+        let writer = ChatChunks {
+            id: started.id,
+            created: started.created,
+            model: req.model.clone(),
+            logprobs: started.logprobs.is_some(),
+            include_usage: req
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            calls: started.rules.tool_calls.then(ToolCallParser::new),
+            calls_sent: 0,
+        };
+        return Ok(generate::sse_response(call.clone(), started.stream, writer));
+    }
+    let body = complete(call, req).await?;
+    Ok(Json(body).into_response())
+}
+
+/// A generation submitted to the engine, with what its response needs.
+struct Started {
+    stream: kiln_engine::engine::GenerationStream,
+    rules: OutputRules,
+    logprobs: Option<usize>,
+    id: String,
+    created: u64,
+}
+
+/// A whole (not streamed) chat completion from the embedded engine, for an
+/// admitted-on-demand `call`: the API's own path, and the one agents' steps
+/// take.
+pub(crate) async fn complete(
+    call: &CallContext,
+    req: ChatCompletionRequest,
+) -> Result<ChatCompletion, ApiError> {
+    let started = start(call, &req).await?;
+    let done = generate::collect(call, started.stream).await?;
+    let finish = done.completion.finish_reason;
+    let (message, finish_reason) = assistant_message(done.text, &started.rules, finish);
+    Ok(ChatCompletion {
+        id: started.id,
+        object: "chat.completion".into(),
+        created: started.created,
+        model: req.model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message,
+            logprobs: started.logprobs.map(|_| ChatLogprobs {
+                content: done.logprobs.into_iter().map(logprob_out).collect(),
+            }),
+            finish_reason,
+        }],
+        usage: generate::usage(&done.completion),
+    })
+}
+
+/// Checks the request, renders and admits its prompt, and submits it.
+async fn start(call: &CallContext, req: &ChatCompletionRequest) -> Result<Started, ApiError> {
     let engine = call.state.text_model(&req.model)?.clone();
     call.principal.check_model(&req.model)?;
     generate::check_n(req.n)?;
     let messages = chat_messages(&req.messages)?;
     let sampling = generate::sampling_params(&req.sampling)?;
     let stop = generate::stop_strings(&req.stop)?;
-    let rules = output::output_rules(&req)?;
+    let rules = output::output_rules(req)?;
     if rules.forced && !stop.is_empty() {
         return Err(ApiError::invalid(
             "stop",
@@ -112,43 +172,13 @@ async fn run(call: &CallContext, req: ChatCompletionRequest) -> Result<Response,
         tenant: call.principal.tenant.id.clone(),
         grammar: rules.grammar.clone(),
     })?;
-    let id = format!("chatcmpl-{}", call.request_id);
-    let created = unix_now();
-    if req.stream.unwrap_or(false) {
-        let writer = ChatChunks {
-            id,
-            created,
-            model: req.model.clone(),
-            logprobs: logprobs.is_some(),
-            include_usage: req
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
-            calls: rules.tool_calls.then(ToolCallParser::new),
-            calls_sent: 0,
-        };
-        return Ok(generate::sse_response(call.clone(), stream, writer));
-    }
-    let done = generate::collect(call, stream).await?;
-    let finish = done.completion.finish_reason;
-    let (message, finish_reason) = assistant_message(done.text, &rules, finish);
-    let body = ChatCompletion {
-        id,
-        object: "chat.completion".into(),
-        created,
-        model: req.model,
-        choices: vec![ChatChoice {
-            index: 0,
-            message,
-            logprobs: logprobs.map(|_| ChatLogprobs {
-                content: done.logprobs.into_iter().map(logprob_out).collect(),
-            }),
-            finish_reason,
-        }],
-        usage: generate::usage(&done.completion),
-    };
-    Ok(Json(body).into_response())
+    Ok(Started {
+        stream,
+        rules,
+        logprobs,
+        id: format!("chatcmpl-{}", call.request_id),
+        created: unix_now(),
+    })
 }
 
 /// The assistant's message: with tool calls, the text split into prose and
@@ -166,7 +196,17 @@ fn assistant_message(
         };
         return (message, finish.as_str().into());
     }
-    let (content, calls) = split_output(&text);
+    let (content, mut calls) = split_output(&text);
+    if finish == FinishReason::Length {
+        // `max_tokens` cut the last call short: a call whose arguments do
+        // not parse is no call at all.
+        while calls
+            .last()
+            .is_some_and(|(_, args)| serde_json::from_str::<Value>(args).is_err())
+        {
+            calls.pop();
+        }
+    }
     let calls: Vec<ToolCallOut> = calls
         .into_iter()
         .map(|(name, arguments)| ToolCallOut {

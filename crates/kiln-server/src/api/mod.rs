@@ -5,6 +5,7 @@
 //! engine calls and never contain model logic.
 
 pub mod admin;
+mod agents;
 mod ask;
 pub mod calls;
 mod chat;
@@ -128,6 +129,7 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
         ));
     let admin_api = admin::routes()
         .merge(kb::routes(state.clone()))
+        .merge(agents::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate_admin_api,
@@ -265,6 +267,15 @@ async fn observe(State(state): State<SharedState>, mut req: Request, next: Next)
         response.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     response
+}
+
+/// A whole chat completion from the embedded engine for an internal call
+/// (an agent's step), metered through `call`.
+pub(crate) async fn chat_complete(
+    call: &calls::CallContext,
+    req: kiln_types::openai::ChatCompletionRequest,
+) -> Result<kiln_types::openai::ChatCompletion, ApiError> {
+    chat::complete(call, req).await
 }
 
 /// Where a model request goes.

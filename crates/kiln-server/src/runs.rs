@@ -1,0 +1,550 @@
+//! Durable agent runs: the store as the journal, the served models as the
+//! agent's model (every step metered to the run's key), and the task that
+//! drives each run this replica owns.
+//!
+//! A run is started by a request and driven by a task on the replica that
+//! made it, which owns it (see [`kiln_store::runs`]). Every step goes
+//! through the journal: its input is recorded before it runs and its output
+//! before the next one starts, so after a crash the replica that claims the
+//! run (this machine's next start, or another replica once this one's lease
+//! has lapsed) replays the finished steps from the journal and runs again
+//! only the step that was interrupted, with the same idempotency key.
+//!
+//! Before each step the journal checks that the run was not cancelled and
+//! that its key and tenant may still spend: a key revoked mid-run ends the
+//! run as `failed`, saying so, before its next step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_agents::{
+    AgentSpec, Begun, Calculator, ChatModel, CurrentTime, Journal, JournalError, JournalFuture,
+    ModelError, ModelFuture, ModelReply, ModelRequest, Outcome, RequestedCall, StepStart, ToolBox,
+};
+use kiln_store::runs::{DefinitionKind, NewStep, RunRecord, RunStatus, StepRecord, StepState};
+use kiln_store::StoreError;
+use serde_json::{json, Value};
+
+use crate::api::calls::{CallContext, Used};
+use crate::api::SharedState;
+use crate::auth::Principal;
+use crate::error::ApiError;
+
+/// The endpoint an agent's model calls are recorded under in the ledger.
+pub const RUNS_ENDPOINT: &str = "/api/runs";
+
+/// Largest upstream reply an agent step reads.
+const MAX_UPSTREAM_REPLY: usize = 16 * 1024 * 1024;
+
+/// How long a step waits for the store to come back before the run is
+/// left for a later claim.
+const STORE_RETRY: Duration = Duration::from_secs(30);
+
+/// The tools every agent may be given.
+pub fn toolbox() -> ToolBox {
+    ToolBox::new().with(Calculator).with(CurrentTime::new())
+}
+
+/// Reads and checks an agent declaration against the tools and models this
+/// server has.
+pub fn agent_spec(state: &SharedState, body: &str) -> Result<AgentSpec, ApiError> {
+    let spec = AgentSpec::from_json(body, &toolbox())
+        .map_err(|e| ApiError::invalid("agent", e.to_string()))?;
+    let served = state.models.text.contains_key(&spec.model)
+        || state.models.upstream.contains_key(&spec.model);
+    if !served {
+        return Err(ApiError::invalid(
+            "agent",
+            format!(
+                "agent `model`: `{}` is not a chat model this server serves",
+                spec.model
+            ),
+        ));
+    }
+    Ok(spec)
+}
+
+/// Who a run acts as: its key, if that key (and its tenant) may still be
+/// used, else why not.
+async fn principal_for(state: &SharedState, run: &RunRecord) -> Result<Arc<Principal>, String> {
+    let db = state.db().clone();
+    let (tenant_id, key_id) = (run.tenant_id.clone(), run.key_id.clone());
+    let found = tokio::task::spawn_blocking(move || -> kiln_store::Result<_> {
+        let tenant = db.tenant(&tenant_id)?;
+        let key = match key_id {
+            Some(id) => Some(db.key(&id)?),
+            None => None,
+        };
+        Ok((tenant, key))
+    })
+    .await
+    .map_err(|_| "the key check did not finish".to_string())?
+    .map_err(|e| format!("the key could not be checked: {e}"))?;
+    let (Some(tenant), key) = found else {
+        return Err("the run's tenant no longer exists".into());
+    };
+    if tenant.disabled_at_ms.is_some() {
+        return Err(format!("the tenant `{}` is disabled", tenant.name));
+    }
+    let key = match key {
+        None => None,
+        Some(None) => return Err("the run's API key no longer exists".into()),
+        Some(Some(k)) => {
+            if let Some(why) = k.unusable_because(kiln_store::now_ms()) {
+                return Err(format!("the run's API key {why}"));
+            }
+            Some(k)
+        }
+    };
+    Ok(Arc::new(Principal { tenant, key }))
+}
+
+/// Runs a store call on the blocking pool, retrying while the store is
+/// unavailable (for up to [`STORE_RETRY`]); a refusal by the store (the run
+/// is not ours any more) is not retried.
+async fn with_store<T, F>(state: &SharedState, f: F) -> Result<T, JournalError>
+where
+    T: Send + 'static,
+    F: Fn(&dyn kiln_store::Database) -> kiln_store::Result<T> + Send + Sync + 'static,
+{
+    let f = Arc::new(f);
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let db = state.db().clone();
+        let g = f.clone();
+        let result = tokio::task::spawn_blocking(move || g(&*db))
+            .await
+            .map_err(|_| JournalError::Lost("a journal write did not finish".into()))?;
+        match result {
+            Ok(v) => return Ok(v),
+            Err(
+                e @ (StoreError::Conflict(_) | StoreError::NotFound(_) | StoreError::Invalid(_)),
+            ) => return Err(JournalError::Lost(e.to_string())),
+            Err(e) if started.elapsed() >= STORE_RETRY => {
+                return Err(JournalError::Lost(format!(
+                    "the journal is unavailable: {e}"
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the run journal is unavailable; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The store as a run's journal.
+struct StoreJournal {
+    state: SharedState,
+    run_id: String,
+    owner: String,
+}
+
+impl StoreJournal {
+    async fn begin_step(&self, step: &StepStart) -> Result<Begun, JournalError> {
+        let id = self.run_id.clone();
+        let run = with_store(&self.state, move |db| db.run(None, &id)).await?;
+        let Some(run) = run else {
+            return Err(JournalError::Lost("the run was deleted".into()));
+        };
+        if run.cancel_requested || run.status == RunStatus::Cancelled {
+            return Err(JournalError::Cancelled);
+        }
+        if run.owner.as_deref() != Some(self.owner.as_str()) || run.status != RunStatus::Running {
+            return Err(JournalError::Lost(
+                "the run is no longer this replica's to run".into(),
+            ));
+        }
+        principal_for(&self.state, &run)
+            .await
+            .map_err(JournalError::Stopped)?;
+        let new = NewStep {
+            run_id: self.run_id.clone(),
+            seq: i64::from(step.seq),
+            kind: step.kind.as_str().to_string(),
+            name: step.name.clone(),
+            input: step.input.to_string(),
+        };
+        let owner = self.owner.clone();
+        let record = with_store(&self.state, move |db| {
+            db.begin_step(&owner, &new, kiln_store::now_ms())
+        })
+        .await?;
+        begun(&record)
+    }
+}
+
+fn begun(record: &StepRecord) -> Result<Begun, JournalError> {
+    let output = || -> Result<Value, JournalError> {
+        let text = record.output.as_deref().unwrap_or("null");
+        serde_json::from_str(text).map_err(|e| {
+            JournalError::Lost(format!(
+                "step {} of the journal has an unreadable output: {e}",
+                record.seq
+            ))
+        })
+    };
+    Ok(match record.state {
+        StepState::Started => Begun::Run {
+            key: record.idempotency_key.clone(),
+            attempt: u32::try_from(record.attempts).unwrap_or(u32::MAX),
+        },
+        StepState::Done => Begun::Recorded {
+            ok: true,
+            output: output()?,
+        },
+        StepState::Failed => Begun::Recorded {
+            ok: false,
+            output: output()?,
+        },
+    })
+}
+
+impl Journal for StoreJournal {
+    fn begin<'a>(&'a self, step: &'a StepStart) -> JournalFuture<'a, Begun> {
+        Box::pin(self.begin_step(step))
+    }
+
+    fn finish<'a>(&'a self, seq: u32, ok: bool, output: &'a Value) -> JournalFuture<'a, ()> {
+        Box::pin(async move {
+            let (owner, run_id, text) =
+                (self.owner.clone(), self.run_id.clone(), output.to_string());
+            let state = if ok {
+                StepState::Done
+            } else {
+                StepState::Failed
+            };
+            with_store(&self.state, move |db| {
+                db.finish_step(
+                    &owner,
+                    &run_id,
+                    i64::from(seq),
+                    state,
+                    &text,
+                    kiln_store::now_ms(),
+                )
+            })
+            .await
+            .map(|_| ())
+        })
+    }
+}
+
+/// The served models as an agent's model: each step is one chat call,
+/// admitted, metered and recorded against the run's key like any other.
+struct ServedModel {
+    state: SharedState,
+    run: RunRecord,
+}
+
+impl ServedModel {
+    async fn step(&self, request: &ModelRequest) -> Result<ModelReply, ModelError> {
+        let principal = principal_for(&self.state, &self.run)
+            .await
+            .map_err(ModelError)?;
+        let mut body = json!({
+            "model": request.model,
+            "messages": request.messages,
+            "max_tokens": request.max_tokens,
+            "stream": false,
+        });
+        if !request.tools.is_empty() {
+            body["tools"] = Value::Array(request.tools.clone());
+        }
+        if let Some(choice) = &request.tool_choice {
+            body["tool_choice"] = choice.clone();
+        }
+        if let Some(t) = request.temperature {
+            body["temperature"] = json!(t);
+        }
+        // One id per model step, so the ledger ties each call to its step.
+        let n = request
+            .messages
+            .iter()
+            .filter(|m| m["role"] == "assistant")
+            .count();
+        let call = CallContext::new(
+            self.state.clone(),
+            format!("{}-m{n}", self.run.id),
+            RUNS_ENDPOINT,
+            request.model.clone(),
+            principal,
+        );
+        let result = match self.state.models.upstream.get(&request.model).cloned() {
+            Some(up) => upstream_step(&call, &up, body).await,
+            None => match crate::extract::from_value(body) {
+                Ok(req) => crate::api::chat_complete(&call, req)
+                    .await
+                    .and_then(|c| serde_json::to_value(c).map_err(|_| ApiError::internal())),
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(completion) => reply_from(&completion).ok_or_else(|| {
+                ModelError(format!(
+                    "the model `{}` gave a reply without a message",
+                    request.model
+                ))
+            }),
+            Err(e) => {
+                call.failed(e.code.as_str(), Used::default());
+                Err(ModelError(e.message))
+            }
+        }
+    }
+}
+
+impl ChatModel for ServedModel {
+    fn chat<'a>(&'a self, request: &'a ModelRequest) -> ModelFuture<'a> {
+        Box::pin(self.step(request))
+    }
+}
+
+/// A step on a model an upstream serves: proxied (and metered) like a
+/// client's call, its JSON reply read back.
+async fn upstream_step(
+    call: &CallContext,
+    up: &Arc<crate::upstream::Upstream>,
+    body: Value,
+) -> Result<Value, ApiError> {
+    let response = crate::upstream::proxy(call, up, crate::upstream::Endpoint::Chat, body).await?;
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), MAX_UPSTREAM_REPLY)
+        .await
+        .map_err(|e| crate::upstream::upstream_error(up, format!("reading the reply: {e}")))?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| crate::upstream::upstream_error(up, format!("the reply is not JSON: {e}")))?;
+    if !status.is_success() {
+        let message = value["error"]["message"]
+            .as_str()
+            .unwrap_or("the upstream refused the call");
+        return Err(crate::upstream::upstream_error(up, message.to_string()));
+    }
+    Ok(value)
+}
+
+/// An OpenAI chat completion (JSON) as the agent loop's reply.
+fn reply_from(completion: &Value) -> Option<ModelReply> {
+    let message = completion["choices"].get(0)?.get("message")?;
+    let tool_calls = match message.get("tool_calls") {
+        Some(Value::Array(calls)) => calls
+            .iter()
+            .map(|c| {
+                Some(RequestedCall {
+                    id: c["id"].as_str()?.to_string(),
+                    name: c["function"]["name"].as_str()?.to_string(),
+                    arguments: c["function"]["arguments"].as_str()?.to_string(),
+                })
+            })
+            .collect::<Option<Vec<_>>>()?,
+        _ => Vec::new(),
+    };
+    Some(ModelReply {
+        content: message["content"].as_str().map(str::to_string),
+        tool_calls,
+        prompt_tokens: completion["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+        completion_tokens: completion["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+    })
+}
+
+/// Drives a run this replica owns to its end (or until it is no longer
+/// this replica's), then records how it ended.
+pub async fn drive(state: SharedState, run: RunRecord) {
+    let owner = state.meter.replica_id.clone();
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let (status, result, error) = match drive_once(&state, &run, &owner).await {
+            Ended::Finished(status, result, error) => (status, result, error),
+            Ended::NotOurs(why) => {
+                tracing::info!(run = %run.id, reason = %why, "stopped working on a run");
+                return;
+            }
+            Ended::StoreDown(why) => {
+                // Still ours: try again later from the journal.
+                tracing::warn!(run = %run.id, reason = %why, "the run's journal is unavailable; resuming later");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(60));
+                continue;
+            }
+        };
+        let (id, o) = (run.id.clone(), owner.clone());
+        let finished = with_store(&state, move |db| {
+            db.finish_run(
+                &o,
+                &id,
+                status,
+                result.as_deref(),
+                error.as_deref(),
+                kiln_store::now_ms(),
+            )
+        })
+        .await;
+        match finished {
+            Ok(r) => tracing::info!(run = %r.id, status = r.status.as_str(), "run ended"),
+            Err(e) => {
+                tracing::warn!(run = %run.id, error = %e, "could not record the end of a run")
+            }
+        }
+        return;
+    }
+}
+
+enum Ended {
+    Finished(RunStatus, Option<String>, Option<String>),
+    NotOurs(String),
+    StoreDown(String),
+}
+
+async fn drive_once(state: &SharedState, run: &RunRecord, owner: &str) -> Ended {
+    let failed = |why: String| Ended::Finished(RunStatus::Failed, None, Some(why));
+    if run.kind != DefinitionKind::Agent {
+        return failed(format!(
+            "runs of a {} are not supported yet",
+            run.kind.as_str()
+        ));
+    }
+    let (tenant, name, version) = (run.tenant_id.clone(), run.name.clone(), run.version);
+    let def = with_store(state, move |db| {
+        db.definition(&tenant, DefinitionKind::Agent, &name, Some(version))
+    })
+    .await;
+    let def = match def {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            return failed(format!(
+                "version {} of agent `{}` is gone",
+                run.version, run.name
+            ))
+        }
+        Err(e) => return Ended::StoreDown(e.to_string()),
+    };
+    let spec = match AgentSpec::from_json(&def.body, &toolbox()) {
+        Ok(s) => s,
+        Err(e) => {
+            return failed(format!(
+                "version {} of the agent cannot run here: {e}",
+                run.version
+            ))
+        }
+    };
+    let input: String = serde_json::from_str(&run.input).unwrap_or_else(|_| run.input.clone());
+    let model = ServedModel {
+        state: state.clone(),
+        run: run.clone(),
+    };
+    let journal = StoreJournal {
+        state: state.clone(),
+        run_id: run.id.clone(),
+        owner: owner.to_string(),
+    };
+    let done = kiln_agents::run_durable(&spec, &input, &model, &toolbox(), &journal).await;
+    let tokens = done.tokens;
+    match done.outcome {
+        Outcome::Answered(answer) => Ended::Finished(
+            RunStatus::Succeeded,
+            Some(json!({"answer": answer, "tokens": tokens}).to_string()),
+            None,
+        ),
+        Outcome::StepLimit => failed(format!(
+            "the agent took its {} steps without answering",
+            spec.max_steps
+        )),
+        Outcome::TokenBudget => failed(format!(
+            "the next step could have gone past the run's budget of {} tokens ({tokens} used)",
+            spec.max_tokens.unwrap_or(0)
+        )),
+        Outcome::ModelFailed(why) => failed(format!("the model call failed: {why}")),
+        Outcome::Stopped(why) => failed(format!("the run was stopped: {why}")),
+        Outcome::Cancelled => Ended::Finished(RunStatus::Cancelled, None, Some("cancelled".into())),
+        Outcome::Interrupted(why) => {
+            let id = run.id.clone();
+            match with_store(state, move |db| db.run(None, &id)).await {
+                Ok(Some(r)) if r.owner.as_deref() == Some(owner) && !r.status.is_final() => {
+                    Ended::StoreDown(why)
+                }
+                _ => Ended::NotOurs(why),
+            }
+        }
+    }
+}
+
+/// Takes over the runs nobody drives (their replica stopped or died) and
+/// drives them; called at start and then with every lease renewal.
+pub async fn claim_orphans(state: &SharedState) {
+    let owner = state.meter.replica_id.clone();
+    let claimed = with_store(state, move |db| {
+        db.claim_runs(&owner, kiln_store::now_ms(), 16)
+    })
+    .await;
+    match claimed {
+        Ok(runs) => {
+            for run in runs {
+                tracing::info!(run = %run.id, steps = run.steps, "resuming a run from its journal");
+                tokio::spawn(drive(state.clone(), run));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot look for runs to resume"),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_read_from_completions() {
+        let c = json!({
+            "choices": [{"message": {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": "{\"expression\":\"1+1\"}"}}
+            ]}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 7},
+        });
+        let r = reply_from(&c).unwrap();
+        assert_eq!(r.content, None);
+        assert_eq!(r.tool_calls[0].name, "calculator");
+        assert_eq!((r.prompt_tokens, r.completion_tokens), (12, 7));
+        assert!(reply_from(&json!({"choices": []})).is_none());
+        let bad_call = json!({"choices": [{"message": {"tool_calls": [{"id": 1}]}}]});
+        assert!(reply_from(&bad_call).is_none());
+    }
+
+    #[test]
+    fn journal_records_become_replays() {
+        let mut record = StepRecord {
+            run_id: "run-1".into(),
+            seq: 2,
+            kind: "tool".into(),
+            name: "calculator".into(),
+            input: "{}".into(),
+            output: None,
+            state: StepState::Started,
+            idempotency_key: "run-1:2".into(),
+            attempts: 2,
+            started_at_ms: 0,
+            finished_at_ms: None,
+        };
+        assert_eq!(
+            begun(&record).unwrap(),
+            Begun::Run {
+                key: "run-1:2".into(),
+                attempt: 2
+            }
+        );
+        record.state = StepState::Done;
+        record.output = Some(r#"{"text": "2"}"#.into());
+        assert_eq!(
+            begun(&record).unwrap(),
+            Begun::Recorded {
+                ok: true,
+                output: json!({"text": "2"})
+            }
+        );
+        record.output = Some("{".into());
+        assert!(begun(&record).is_err());
+    }
+}
