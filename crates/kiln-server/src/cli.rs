@@ -122,6 +122,7 @@ impl ServeArgs {
             lease_seconds: None,
             upstreams: None,
             rerank: None,
+            http_tool: None,
         }
     }
 }

@@ -18,8 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_agents::{
-    AgentSpec, Begun, Calculator, ChatModel, CurrentTime, Journal, JournalError, JournalFuture,
-    ModelError, ModelFuture, ModelReply, ModelRequest, Outcome, RequestedCall, StepStart, ToolBox,
+    AgentSpec, Begun, Calculator, ChatModel, CurrentTime, HttpRequest, HttpRequestConfig, Journal,
+    JournalError, JournalFuture, ModelError, ModelFuture, ModelReply, ModelRequest, Outcome,
+    RequestedCall, SecretHeader, StepStart, ToolBox,
 };
 use kiln_store::runs::{DefinitionKind, NewStep, RunRecord, RunStatus, StepRecord, StepState};
 use kiln_store::StoreError;
@@ -29,6 +30,56 @@ use crate::api::calls::{CallContext, Used};
 use crate::api::SharedState;
 use crate::auth::Principal;
 use crate::error::ApiError;
+
+/// Fault injection for the crash tests: with `KILN_CRASH_AT=POINT:N` in
+/// its environment, the process kills itself with SIGKILL the `N`th time
+/// (from 1) a run passes `POINT`. The points are the journal's writes:
+/// `begun` (a step's input is journaled, its work not started), `worked`
+/// (its work is done, its output not journaled), `finished` (its output is
+/// journaled) and `ending` (every step is journaled, the run's end is not).
+/// Unset, it costs one look at a `OnceLock`.
+mod crash {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    pub const VARIABLE: &str = "KILN_CRASH_AT";
+
+    static PLAN: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static PASSED: AtomicU64 = AtomicU64::new(0);
+
+    fn plan() -> &'static Option<(String, u64)> {
+        PLAN.get_or_init(|| {
+            let text = std::env::var(VARIABLE).ok()?;
+            let (point, n) = text.split_once(':').unwrap_or((text.as_str(), "1"));
+            let n = n.trim().parse().ok().filter(|&n| n > 0)?;
+            tracing::warn!(
+                point,
+                n,
+                "{VARIABLE} is set: this process will kill itself there"
+            );
+            Some((point.trim().to_string(), n))
+        })
+    }
+
+    pub fn point(name: &str) {
+        let Some((point, n)) = plan() else {
+            return;
+        };
+        if point != name || PASSED.fetch_add(1, Ordering::SeqCst) + 1 != *n {
+            return;
+        }
+        eprintln!("{VARIABLE}: killing this process at `{name}` #{n}");
+        let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        // Never go on past the point.
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+}
 
 /// The endpoint an agent's model calls are recorded under in the ledger.
 pub const RUNS_ENDPOINT: &str = "/api/runs";
@@ -40,15 +91,98 @@ const MAX_UPSTREAM_REPLY: usize = 16 * 1024 * 1024;
 /// left for a later claim.
 const STORE_RETRY: Duration = Duration::from_secs(30);
 
-/// The tools every agent may be given.
-pub fn toolbox() -> ToolBox {
+/// `[http_tool]` in the configuration file: where agents' `http_request`
+/// tool may go. Secret header values come from environment variables, so
+/// they are in neither the file nor any journal or log.
+///
+/// ```toml
+/// [http_tool]
+/// allow = ["api.example.com", "*.corp.example"]
+/// allow_private = false        # loopback and private ranges stay barred
+/// timeout_seconds = 10
+/// max_response_kb = 64
+/// [[http_tool.secret_headers]]
+/// host = "api.example.com"
+/// header = "Authorization"
+/// value_env = "EXAMPLE_API_TOKEN"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpToolConfig {
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub allow_private: bool,
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
+    #[serde(default)]
+    pub max_response_kb: Option<usize>,
+    #[serde(default)]
+    pub secret_headers: Vec<SecretHeaderConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretHeaderConfig {
+    pub host: String,
+    pub header: String,
+    pub value_env: String,
+}
+
+impl HttpToolConfig {
+    /// The tool's settings; an error names what is wrong (never a secret).
+    pub fn build(&self) -> Result<HttpRequestConfig, String> {
+        let mut config =
+            HttpRequestConfig::with_allowed_hosts(self.allow.iter().map(String::as_str))
+                .map_err(|e| format!("[http_tool] {e}"))?;
+        config.allow_private = self.allow_private;
+        if let Some(t) = self.timeout_seconds {
+            if !(1..=600).contains(&t) {
+                return Err("[http_tool] timeout_seconds must be between 1 and 600".into());
+            }
+            config.timeout = Duration::from_secs(t);
+        }
+        if let Some(kb) = self.max_response_kb {
+            if !(1..=16 * 1024).contains(&kb) {
+                return Err("[http_tool] max_response_kb must be between 1 and 16384".into());
+            }
+            config.max_response_bytes = kb * 1024;
+        }
+        for h in &self.secret_headers {
+            let value = std::env::var(&h.value_env).map_err(|_| {
+                format!(
+                    "[http_tool] the secret header `{}` reads the environment variable `{}`, which is not set",
+                    h.header, h.value_env
+                )
+            })?;
+            let secret = SecretHeader::new(&h.host, &h.header, value)
+                .map_err(|e| format!("[http_tool] {e}"))?;
+            config.secret_headers.push(secret);
+        }
+        config.validate().map_err(|e| format!("[http_tool] {e}"))?;
+        Ok(config)
+    }
+}
+
+/// The tools agents may be given on this server: the calculator and the
+/// clock, and `http_request` when the operator configured where it may go.
+pub fn toolbox(http: Option<&HttpToolConfig>) -> Result<ToolBox, String> {
+    let mut tools = default_toolbox();
+    if let Some(h) = http {
+        let tool = HttpRequest::new(h.build()?).map_err(|e| format!("[http_tool] {e}"))?;
+        tools.register(tool);
+    }
+    Ok(tools)
+}
+
+/// The tools without `http_request`.
+pub fn default_toolbox() -> ToolBox {
     ToolBox::new().with(Calculator).with(CurrentTime::new())
 }
 
 /// Reads and checks an agent declaration against the tools and models this
 /// server has.
 pub fn agent_spec(state: &SharedState, body: &str) -> Result<AgentSpec, ApiError> {
-    let spec = AgentSpec::from_json(body, &toolbox())
+    let spec = AgentSpec::from_json(body, &state.tools)
         .map_err(|e| ApiError::invalid("agent", e.to_string()))?;
     let served = state.models.text.contains_key(&spec.model)
         || state.models.upstream.contains_key(&spec.model);
@@ -172,7 +306,11 @@ impl StoreJournal {
             db.begin_step(&owner, &new, kiln_store::now_ms())
         })
         .await?;
-        begun(&record)
+        let begun = begun(&record)?;
+        if matches!(begun, Begun::Run { .. }) {
+            crash::point("begun");
+        }
+        Ok(begun)
     }
 }
 
@@ -216,7 +354,8 @@ impl Journal for StoreJournal {
             } else {
                 StepState::Failed
             };
-            with_store(&self.state, move |db| {
+            crash::point("worked");
+            let written = with_store(&self.state, move |db| {
                 db.finish_step(
                     &owner,
                     &run_id,
@@ -227,7 +366,9 @@ impl Journal for StoreJournal {
                 )
             })
             .await
-            .map(|_| ())
+            .map(|_| ());
+            crash::point("finished");
+            written
         })
     }
 }
@@ -371,6 +512,7 @@ pub async fn drive(state: SharedState, run: RunRecord) {
                 continue;
             }
         };
+        crash::point("ending");
         let (id, o) = (run.id.clone(), owner.clone());
         let finished = with_store(&state, move |db| {
             db.finish_run(
@@ -422,7 +564,7 @@ async fn drive_once(state: &SharedState, run: &RunRecord, owner: &str) -> Ended 
         }
         Err(e) => return Ended::StoreDown(e.to_string()),
     };
-    let spec = match AgentSpec::from_json(&def.body, &toolbox()) {
+    let spec = match AgentSpec::from_json(&def.body, &state.tools) {
         Ok(s) => s,
         Err(e) => {
             return failed(format!(
@@ -441,7 +583,7 @@ async fn drive_once(state: &SharedState, run: &RunRecord, owner: &str) -> Ended 
         run_id: run.id.clone(),
         owner: owner.to_string(),
     };
-    let done = kiln_agents::run_durable(&spec, &input, &model, &toolbox(), &journal).await;
+    let done = kiln_agents::run_durable(&spec, &input, &model, &state.tools, &journal).await;
     let tokens = done.tokens;
     match done.outcome {
         Outcome::Answered(answer) => Ended::Finished(

@@ -68,6 +68,7 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
     let meter = Meter::new(db.clone(), replica_id).context("cannot read the platform currency")?;
     let mut state = AppState::new(models, metrics, auth, meter);
     state.rerank = cfg.rerank.clone();
+    state.tools = crate::runs::toolbox(cfg.http_tool.as_ref()).map_err(|e| anyhow::anyhow!(e))?;
     let mut jobs = None;
     if state.models.embedding.is_some() {
         let (knowledge, rx) =

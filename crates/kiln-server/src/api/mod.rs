@@ -50,6 +50,8 @@ pub struct AppState {
     pub knowledge: Option<Arc<crate::knowledge::Knowledge>>,
     /// The upstream reranker knowledge-base searches use, if configured.
     pub rerank: Option<crate::knowledge::RerankConfig>,
+    /// The tools agents may be given.
+    pub tools: kiln_agents::ToolBox,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -64,6 +66,7 @@ impl AppState {
             meter,
             knowledge: None,
             rerank: None,
+            tools: crate::runs::default_toolbox(),
         }
     }
 

@@ -62,6 +62,9 @@ pub struct ConfigLayer {
     /// `[rerank]`: an upstream rerank endpoint for knowledge-base searches
     /// (TOML only).
     pub rerank: Option<crate::knowledge::RerankConfig>,
+    /// `[http_tool]`: the hosts agents' `http_request` tool may reach
+    /// (TOML only; without it agents have no such tool).
+    pub http_tool: Option<crate::runs::HttpToolConfig>,
 }
 
 impl ConfigLayer {
@@ -90,7 +93,8 @@ impl ConfigLayer {
             no_auth,
             lease_seconds,
             upstreams,
-            rerank
+            rerank,
+            http_tool
         );
     }
 
@@ -184,6 +188,7 @@ impl ConfigLayer {
             )?,
             upstreams: None,
             rerank: None,
+            http_tool: None,
         })
     }
 
@@ -232,6 +237,7 @@ pub struct ServeConfig {
     pub lease: std::time::Duration,
     pub upstreams: Vec<crate::upstream::UpstreamConfig>,
     pub rerank: Option<crate::knowledge::RerankConfig>,
+    pub http_tool: Option<crate::runs::HttpToolConfig>,
     /// The TOML file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -390,6 +396,9 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
     if let Some(r) = &layer.rerank {
         r.validate().map_err(ConfigError::Invalid)?;
     }
+    if let Some(h) = &layer.http_tool {
+        h.build().map_err(ConfigError::Invalid)?;
+    }
     let advertise_url = match layer.advertise_url {
         None => None,
         Some(u) => Some(check_advertise_url(u.trim())?),
@@ -399,6 +408,7 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
     Ok(ServeConfig {
         upstreams,
         rerank: layer.rerank,
+        http_tool: layer.http_tool,
         no_auth: layer.no_auth.unwrap_or(false),
         lease: std::time::Duration::from_secs(lease_seconds),
         database: layer

@@ -1,0 +1,205 @@
+"""Durable runs under crashes: `kiln serve` kills itself with a real
+SIGKILL at each journaling point of a run (`KILN_CRASH_AT`), is started
+again, and must finish the run from its journal with every side effect
+taken exactly once.
+
+The run's model is a scripted OpenAI-compatible upstream (a stand-in for a
+vLLM-style server, which cannot run here): its first reply calls the
+`http_request` tool to POST to an effects server on loopback, which honours
+`Idempotency-Key` and counts what it applied; its second reply answers.
+So a run is three steps: model (seq 0), tool (seq 1), model (seq 2)."""
+
+import json
+import threading
+import time
+import urllib.error
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import start_kiln
+from test_metering import api
+
+MODEL = "scripted"
+
+
+class Effects:
+    """What the effects server saw: every request's key, and the effects
+    applied (one per distinct key)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = []
+        self.applied = {}
+
+
+def serve(handler_class):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def effects():
+    seen = Effects()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length).decode()
+            key = self.headers.get("idempotency-key")
+            with seen.lock:
+                seen.requests.append(key)
+                first = key not in seen.applied
+                if first:
+                    seen.applied[key] = body
+                count = len(seen.applied)
+            reply = json.dumps({"applied": first, "effects": count}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+    server = serve(Handler)
+    yield seen, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scripted_model(effects):
+    _, effects_url = effects
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            length = int(self.headers.get("content-length") or 0)
+            req = json.loads(self.rfile.read(length))
+            messages = req["messages"]
+            prompt = sum(len(str(m.get("content") or "").split()) for m in messages)
+            tool_results = [m for m in messages if m["role"] == "tool"]
+            if not tool_results:
+                args = {"url": f"{effects_url}/charge", "method": "POST", "body": "charge 10"}
+                message = {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "http_request", "arguments": json.dumps(args)},
+                    }],
+                }
+                finish, completion = "tool_calls", 12
+            else:
+                message = {"role": "assistant", "content": "done: " + str(tool_results[-1]["content"])[:200]}
+                finish, completion = "stop", 8
+            reply = json.dumps({
+                "id": "chatcmpl-scripted",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": req["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion},
+            }).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+    server = serve(Handler)
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+AGENT = {
+    "name": "charger",
+    "model": MODEL,
+    "instructions": "Charge the customer, then confirm.",
+    "tools": ["http_request"],
+    "max_steps": 4,
+}
+
+# Every journaling point of each of the three steps, and the run's end.
+CRASHES = [f"{point}:{n}" for point in ("begun", "worked", "finished") for n in (1, 2, 3)] + ["ending:1"]
+
+
+def wait_for_exit(kiln, timeout=60):
+    try:
+        return kiln.proc.wait(timeout=timeout)
+    except Exception:
+        kiln.proc.kill()
+        raise
+
+
+@pytest.mark.parametrize("crash", CRASHES)
+def test_a_run_killed_at_every_journaling_point_ends_once_with_one_effect(
+    crash, tmp_path, monkeypatch, effects, scripted_model
+):
+    seen, _ = effects
+    config = tmp_path / "kiln.toml"
+    config.write_text(
+        "[[upstreams]]\n"
+        f'name = "scripted"\nbase_url = "{scripted_model}"\nmodels = ["{MODEL}"]\n'
+        "[http_tool]\n"
+        'allow = ["127.0.0.1"]\nallow_private = true\ntimeout_seconds = 10\n'
+    )
+    db = tmp_path / "kiln.db"
+    args = ("--config", str(config), "--database", str(db))
+    monkeypatch.setenv("KILN_LEASE_SECONDS", "2")
+    monkeypatch.setenv("KILN_CRASH_AT", crash)
+    kiln = start_kiln(*args)
+    key = kiln.admin_key
+    assert api(kiln.url, key, "POST", "/api/agents", AGENT)[0] == 201
+    try:
+        api(kiln.url, key, "POST", "/api/runs", {"agent": "charger", "input": "Charge 10 to account 7."})
+    except (urllib.error.URLError, ConnectionError):
+        pass  # killed before the answer went out: the run is in the store
+    code = wait_for_exit(kiln)
+    assert code == -9, f"the server was to SIGKILL itself at {crash}, but exited with {code}"
+    assert f"killing this process at `{crash.split(':')[0]}`" in "".join(kiln.log)
+
+    monkeypatch.delenv("KILN_CRASH_AT")
+    kiln = start_kiln(*args, expect_admin_key=False)
+    try:
+        status, runs = api(kiln.url, key, "GET", "/api/runs")
+        assert status == 200 and len(runs["data"]) == 1, runs
+        run_id = runs["data"][0]["id"]
+        deadline = time.monotonic() + 60
+        while True:
+            status, run = api(kiln.url, key, "GET", f"/api/runs/{run_id}")
+            if run["status"] not in ("running", "waiting"):
+                break
+            assert time.monotonic() < deadline, run
+            time.sleep(0.2)
+        assert run["status"] == "succeeded", run
+        journal = run["journal"]
+        assert [(s["seq"], s["kind"], s["state"]) for s in journal] == [
+            (0, "model", "done"), (1, "tool", "done"), (2, "model", "done")
+        ], journal
+        tool_key = f"{run_id}:1"
+        assert journal[1]["idempotency_key"] == tool_key
+        # Exactly one effect, whatever the crash; a step killed after it
+        # began (or after its work, before its output was journaled) ran
+        # again with the same key.
+        with seen.lock:
+            sent = [k for k in seen.requests if k == tool_key]
+            applied = [k for k in seen.applied if k == tool_key]
+        assert len(applied) == 1, seen.requests
+        point, n = crash.split(":")
+        interrupted_tool = n == "2" and point in ("begun", "worked")
+        assert journal[1]["attempts"] == (2 if interrupted_tool else 1), journal[1]
+        assert len(sent) == (2 if (point, n) == ("worked", "2") else 1), sent
+        assert '"applied"' in journal[1]["output"]["text"], journal[1]
+        assert run["result"]["answer"].startswith("done:"), run
+        # The model steps that had begun were re-asked once at most.
+        for step in (journal[0], journal[2]):
+            assert step["attempts"] <= 2, step
+    finally:
+        kiln.stop()
