@@ -82,15 +82,21 @@ def test_an_agent_calls_its_tool_and_every_step_is_journaled_and_metered(kiln_ur
         assert journal[-1]["kind"] == "model"
         assert run["result"]["answer"] == journal[-1]["output"]["content"]
 
-    # Each model step is one ledger row, charged to the member's key.
+    # Each model step and each tool step is one ledger row, charged to the
+    # member's key; tool calls cost nothing.
     status, ledger = api(kiln_url, admin, "GET", "/api/ledger?limit=200")
     assert status == 200
     rows = [r for r in ledger["data"] if str(r.get("request_id", "")).startswith(run["id"])]
-    model_steps = [s for s in journal if s["kind"] == "model"]
-    assert len(rows) == len(model_steps), rows
     assert all(r["endpoint"] == "/api/runs" for r in rows), rows
+    assert len({r["key_id"] for r in rows}) == 1, rows
+    model_rows = [r for r in rows if r["model"] == MODEL]
+    tool_rows = [r for r in rows if r["model"] == "tool:calculator"]
+    model_steps = [s for s in journal if s["kind"] == "model"]
+    assert len(model_rows) == len(model_steps), rows
+    assert len(tool_rows) == len([s for s in journal if s["kind"] == "tool"]), rows
+    assert all(r["prompt_tokens"] == 0 and r["backend"] == "tool" for r in tool_rows), tool_rows
     tokens = sum(s["output"]["prompt_tokens"] + s["output"]["completion_tokens"] for s in model_steps)
-    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) == tokens
+    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in model_rows) == tokens
 
 
 def test_declarations_are_versioned_checked_and_owned(kiln_url, database, team):

@@ -14,16 +14,18 @@
 //! that its key and tenant may still spend: a key revoked mid-run ends the
 //! run as `failed`, saying so, before its next step.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use kiln_agents::{
     AgentSpec, Begun, Calculator, ChatModel, CurrentTime, HttpRequest, HttpRequestConfig, Journal,
     JournalError, JournalFuture, ModelError, ModelFuture, ModelReply, ModelRequest, Outcome,
-    RequestedCall, SecretHeader, StepStart, ToolBox,
+    RequestedCall, SecretHeader, StepKind, StepStart, ToolBox,
 };
+use kiln_store::billing::Caller;
 use kiln_store::runs::{DefinitionKind, NewStep, RunRecord, RunStatus, StepRecord, StepState};
-use kiln_store::StoreError;
+use kiln_store::{CallRecord, Outcome as CallOutcome, StoreError};
 use serde_json::{json, Value};
 
 use crate::api::calls::{CallContext, Used};
@@ -274,6 +276,10 @@ struct StoreJournal {
     state: SharedState,
     run_id: String,
     owner: String,
+    /// Who the run's tool calls are recorded against.
+    caller: Caller,
+    /// Tool steps this worker is running: their tool and start.
+    tools_running: Mutex<HashMap<u32, (String, Instant)>>,
 }
 
 impl StoreJournal {
@@ -308,9 +314,57 @@ impl StoreJournal {
         .await?;
         let begun = begun(&record)?;
         if matches!(begun, Begun::Run { .. }) {
+            if step.kind == StepKind::Tool {
+                self.tools_running
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(step.seq, (step.name.clone(), Instant::now()));
+            }
             crash::point("begun");
         }
         Ok(begun)
+    }
+}
+
+impl StoreJournal {
+    /// A tool step that ran is recorded in the ledger against the run's
+    /// key (at no cost), beside the model calls: `tool:<name>`, endpoint
+    /// [`RUNS_ENDPOINT`]. The journal stays the record of what it did; a
+    /// failure here is logged, not fatal.
+    async fn record_tool_call(&self, seq: u32, ok: bool) {
+        let Some((tool, started)) = self
+            .tools_running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&seq)
+        else {
+            return;
+        };
+        let record = CallRecord {
+            created_at_ms: kiln_store::now_ms(),
+            request_id: format!("{}-t{seq}", self.run_id),
+            endpoint: RUNS_ENDPOINT.to_string(),
+            model: format!("tool:{tool}"),
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            outcome: if ok {
+                CallOutcome::Ok
+            } else {
+                CallOutcome::Error("tool_failed".into())
+            },
+            latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ttft_ms: None,
+            caller: Some(self.caller.clone()),
+            backend: "tool".into(),
+            prices: None,
+            cost: kiln_store::money::Money::ZERO,
+        };
+        let db = self.state.db().clone();
+        let recorded = tokio::task::spawn_blocking(move || db.record_call(&record)).await;
+        if let Ok(Err(e)) = recorded {
+            tracing::warn!(run = %self.run_id, error = %e, "could not record a tool call in the ledger");
+        }
     }
 }
 
@@ -368,6 +422,9 @@ impl Journal for StoreJournal {
             .await
             .map(|_| ());
             crash::point("finished");
+            if written.is_ok() {
+                self.record_tool_call(seq, ok).await;
+            }
             written
         })
     }
@@ -582,6 +639,11 @@ async fn drive_once(state: &SharedState, run: &RunRecord, owner: &str) -> Ended 
         state: state.clone(),
         run_id: run.id.clone(),
         owner: owner.to_string(),
+        caller: Caller {
+            tenant_id: run.tenant_id.clone(),
+            key_id: run.key_id.clone(),
+        },
+        tools_running: Mutex::new(HashMap::new()),
     };
     let done = kiln_agents::run_durable(&spec, &input, &model, &state.tools, &journal).await;
     let tokens = done.tokens;
