@@ -10,9 +10,12 @@ vLLM-style server, which cannot run here): its first reply calls the
 So a run is three steps: model (seq 0), tool (seq 1), model (seq 2)."""
 
 import json
+import os
+import subprocess
 import threading
 import time
 import urllib.error
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -143,13 +146,7 @@ def test_a_run_killed_at_every_journaling_point_ends_once_with_one_effect(
     crash, tmp_path, monkeypatch, effects, scripted_model
 ):
     seen, _ = effects
-    config = tmp_path / "kiln.toml"
-    config.write_text(
-        "[[upstreams]]\n"
-        f'name = "scripted"\nbase_url = "{scripted_model}"\nmodels = ["{MODEL}"]\n'
-        "[http_tool]\n"
-        'allow = ["127.0.0.1"]\nallow_private = true\ntimeout_seconds = 10\n'
-    )
+    config = kiln_config(tmp_path, scripted_model)
     db = tmp_path / "kiln.db"
     args = ("--config", str(config), "--database", str(db))
     monkeypatch.setenv("KILN_LEASE_SECONDS", "2")
@@ -203,3 +200,70 @@ def test_a_run_killed_at_every_journaling_point_ends_once_with_one_effect(
             assert step["attempts"] <= 2, step
     finally:
         kiln.stop()
+
+
+def kiln_config(tmp_path, scripted_model):
+    config = tmp_path / "kiln.toml"
+    config.write_text(
+        "[[upstreams]]\n"
+        f'name = "scripted"\nbase_url = "{scripted_model}"\nmodels = ["{MODEL}"]\n'
+        "[http_tool]\n"
+        'allow = ["127.0.0.1"]\nallow_private = true\ntimeout_seconds = 10\n'
+    )
+    return config
+
+
+@pytest.fixture
+def pg_database():
+    """A fresh schema in the PostgreSQL of KILN_TEST_PG_URL, as a Kiln
+    database URL; dropped afterwards."""
+    url = os.environ.get("KILN_TEST_PG_URL")
+    if not url:
+        if os.environ.get("KILN_SKIP_PG") == "1":
+            pytest.skip("KILN_SKIP_PG=1")
+        pytest.fail("KILN_TEST_PG_URL is not set: run `eval \"$(scripts/pg.sh start)\"` and export it")
+    schema = f"t_{uuid.uuid4().hex}"
+    subprocess.run(["psql", url, "-qc", f"CREATE SCHEMA {schema}"], check=True, capture_output=True)
+    sep = "&" if "?" in url else "?"
+    yield f"{url}{sep}options=-csearch_path%3D{schema}"
+    subprocess.run(["psql", url, "-qc", f"DROP SCHEMA {schema} CASCADE"], capture_output=True)
+
+
+def test_a_run_whose_replica_dies_is_taken_over_by_the_other(
+    tmp_path, monkeypatch, effects, scripted_model, pg_database
+):
+    """Two replicas on one PostgreSQL: the one driving a run is killed with
+    SIGKILL after its first step is journaled; once its lease lapses the
+    other takes the run over and finishes it, running no step twice."""
+    seen, _ = effects
+    args = ("--config", str(kiln_config(tmp_path, scripted_model)), "--database", pg_database)
+    monkeypatch.setenv("KILN_LEASE_SECONDS", "2")
+    survivor = start_kiln(*args)
+    key = survivor.admin_key
+    try:
+        assert api(survivor.url, key, "POST", "/api/agents", AGENT)[0] == 201
+        monkeypatch.setenv("KILN_CRASH_AT", "finished:1")
+        doomed = start_kiln(*args, expect_admin_key=False)
+        monkeypatch.delenv("KILN_CRASH_AT")
+        try:
+            api(doomed.url, key, "POST", "/api/runs", {"agent": "charger", "input": "Charge 10."})
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert wait_for_exit(doomed) == -9
+        status, runs = api(survivor.url, key, "GET", "/api/runs")
+        assert status == 200 and len(runs["data"]) == 1, runs
+        run_id = runs["data"][0]["id"]
+        deadline = time.monotonic() + 60
+        while True:
+            status, run = api(survivor.url, key, "GET", f"/api/runs/{run_id}")
+            if run["status"] not in ("running", "waiting"):
+                break
+            assert time.monotonic() < deadline, run
+            time.sleep(0.2)
+        assert run["status"] == "succeeded", run
+        assert [s["attempts"] for s in run["journal"]] == [1, 1, 1], run["journal"]
+        with seen.lock:
+            assert len([k for k in seen.requests if k == f"{run_id}:1"]) == 1
+        assert "resuming a run from its journal" in "".join(survivor.log)
+    finally:
+        survivor.stop()
