@@ -325,3 +325,44 @@ def test_the_cli_declares_from_yaml_and_follows_a_run(kiln_url, team, tmp_path):
     except urllib.error.HTTPError as e:
         assert e.code == 400
         assert "not valid YAML" in json.loads(e.read())["error"]["message"]
+
+
+def test_an_agent_searches_a_knowledge_base_as_its_key_sees_it(kiln_url, team):
+    from test_knowledge import upload, wait_final
+
+    _, admin, member = team
+    status, kb = api(kiln_url, admin, "POST", "/api/kbs", {"name": "policies"})
+    assert status == 201, kb
+    text = (
+        "# Travel policy\n\nEmployees book economy class for flights under six hours.\n\n"
+        "# Expenses\n\nMeals are reimbursed up to 40 euros a day with receipts.\n"
+    ).encode()
+    status, doc = upload(kiln_url, admin, "policies", "travel.md", text)
+    assert status in (200, 201, 202), doc
+    assert wait_final(kiln_url, admin, "policies", doc["id"])["status"] == "ready"
+    agent = {
+        "name": "librarian",
+        "model": MODEL,
+        "instructions": "Answer from the knowledge base `policies`.",
+        "tools": ["kb_search"],
+        "tool_choice": {"type": "function", "function": {"name": "kb_search"}},
+        "max_steps": 3,
+        "step_tokens": 64,
+        "temperature": 0,
+    }
+    assert api(kiln_url, admin, "POST", "/api/agents", agent)[0] == 201
+    status, run = api(
+        kiln_url, member, "POST", "/api/runs",
+        {"agent": "librarian", "input": "How much are meals reimbursed?", "wait": True},
+    )
+    assert status == 201, run
+    status, shown = api(kiln_url, member, "GET", f"/api/runs/{run['id']}")
+    step = shown["journal"][1]
+    assert (step["kind"], step["name"], step["state"]) == ("tool", "kb_search", "done"), shown["journal"]
+    # The schema offered the tenant's knowledge bases by name, so the forced
+    # call named this one, and the passages came back with their document.
+    assert json.loads(step["input"]["arguments"])["knowledge_base"] == "policies"
+    assert "travel.md" in step["output"]["text"], step
+    status, ledger = api(kiln_url, admin, "GET", "/api/ledger?limit=200")
+    searched = [r for r in ledger["data"] if r["model"] == "tool:kb_search" and r["request_id"].startswith(run["id"])]
+    assert len(searched) == 1, searched

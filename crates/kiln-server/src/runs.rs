@@ -178,7 +178,119 @@ pub fn toolbox(http: Option<&HttpToolConfig>) -> Result<ToolBox, String> {
 
 /// The tools without `http_request`.
 pub fn default_toolbox() -> ToolBox {
-    ToolBox::new().with(Calculator).with(CurrentTime::new())
+    ToolBox::new()
+        .with(Calculator)
+        .with(CurrentTime::new())
+        .with(KbSearch { bound: None })
+}
+
+/// Results one `kb_search` returns at most.
+const KB_SEARCH_MAX_K: u64 = 20;
+
+/// `kb_search`: searches one of the tenant's knowledge bases as the run's
+/// key sees it (its groups), the query embedding metered to that key. The
+/// server's tool box holds it unbound (for checking declarations); each run
+/// gets it bound to the run's key.
+struct KbSearch {
+    bound: Option<(SharedState, Arc<Principal>)>,
+}
+
+impl kiln_agents::Tool for KbSearch {
+    fn name(&self) -> &str {
+        "kb_search"
+    }
+
+    fn description(&self) -> &str {
+        "Searches a knowledge base of the organisation's documents and returns the most relevant passages with their document names."
+    }
+
+    fn parameters(&self) -> Value {
+        // Bound to a run, the names it may search are an enum: a model held
+        // to the schema can only name one that exists.
+        let mut kb = json!({"type": "string", "description": "The knowledge base's name."});
+        if let Some((state, p)) = &self.bound {
+            let names: Vec<String> = state
+                .knowledge
+                .as_ref()
+                .map(|k| k.list(Some(&p.tenant.id)))
+                .unwrap_or_default()
+                .iter()
+                .map(|kb| kb.settings().name.clone())
+                .collect();
+            if !names.is_empty() {
+                kb["enum"] = json!(names);
+            }
+        }
+        json!({
+            "type": "object",
+            "properties": {
+                "knowledge_base": kb,
+                "query": {"type": "string", "description": "What to look for."},
+                "k": {"type": "integer", "description": "How many passages (1 to 20, default 5)."},
+            },
+            "required": ["knowledge_base", "query"],
+            "additionalProperties": false,
+        })
+    }
+
+    fn call<'a>(&'a self, args: &'a Value) -> kiln_agents::ToolFuture<'a> {
+        Box::pin(async move {
+            let bad = |m: &str| kiln_agents::ToolError::InvalidArguments(m.to_string());
+            let Some((state, principal)) = &self.bound else {
+                return Err(kiln_agents::ToolError::RequestFailed(
+                    "kb_search is only available inside a run".into(),
+                ));
+            };
+            let kb = args["knowledge_base"]
+                .as_str()
+                .ok_or_else(|| bad("`knowledge_base` must be a string"))?;
+            let query = args["query"]
+                .as_str()
+                .filter(|q| !q.trim().is_empty())
+                .ok_or_else(|| bad("`query` must be a non-empty string"))?;
+            let k = match &args["k"] {
+                Value::Null => 5,
+                v => v
+                    .as_u64()
+                    .filter(|k| (1..=KB_SEARCH_MAX_K).contains(k))
+                    .ok_or_else(|| bad("`k` must be a whole number from 1 to 20"))?,
+            };
+            let hits = crate::api::kb_search(state, principal, kb, query, k as usize)
+                .await
+                .map_err(|e| kiln_agents::ToolError::RequestFailed(e.message))?;
+            if hits.is_empty() {
+                return Ok(kiln_agents::ToolOutput::text(
+                    "no passage of that knowledge base matches",
+                ));
+            }
+            let text = hits
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    format!(
+                        "[{}] {} ({}): {}",
+                        i + 1,
+                        h.document_name,
+                        h.heading,
+                        h.text
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n\n");
+            Ok(kiln_agents::ToolOutput::text(text))
+        })
+    }
+}
+
+/// The server's tools with `kb_search` bound to a run's key.
+fn tools_for_run(state: &SharedState, principal: Arc<Principal>) -> ToolBox {
+    let mut tools = state.tools.clone();
+    if state.knowledge.is_some() {
+        tools.register(KbSearch {
+            bound: Some((state.clone(), principal)),
+        });
+    }
+    tools
 }
 
 /// Reads and checks an agent declaration against the tools and models this
@@ -200,9 +312,21 @@ pub fn agent_spec(state: &SharedState, body: &str) -> Result<AgentSpec, ApiError
     Ok(spec)
 }
 
+/// Why a run may not act as its key.
+enum NoPrincipal {
+    /// The key or tenant may not be used any more: the run must stop.
+    Refused(String),
+    /// The store could not be asked: try again later.
+    Unavailable(String),
+}
+
 /// Who a run acts as: its key, if that key (and its tenant) may still be
 /// used, else why not.
-async fn principal_for(state: &SharedState, run: &RunRecord) -> Result<Arc<Principal>, String> {
+async fn principal_for(
+    state: &SharedState,
+    run: &RunRecord,
+) -> Result<Arc<Principal>, NoPrincipal> {
+    use NoPrincipal::{Refused, Unavailable};
     let db = state.db().clone();
     let (tenant_id, key_id) = (run.tenant_id.clone(), run.key_id.clone());
     let found = tokio::task::spawn_blocking(move || -> kiln_store::Result<_> {
@@ -214,20 +338,20 @@ async fn principal_for(state: &SharedState, run: &RunRecord) -> Result<Arc<Princ
         Ok((tenant, key))
     })
     .await
-    .map_err(|_| "the key check did not finish".to_string())?
-    .map_err(|e| format!("the key could not be checked: {e}"))?;
+    .map_err(|_| Unavailable("the key check did not finish".into()))?
+    .map_err(|e| Unavailable(format!("the key could not be checked: {e}")))?;
     let (Some(tenant), key) = found else {
-        return Err("the run's tenant no longer exists".into());
+        return Err(Refused("the run's tenant no longer exists".into()));
     };
     if tenant.disabled_at_ms.is_some() {
-        return Err(format!("the tenant `{}` is disabled", tenant.name));
+        return Err(Refused(format!("the tenant `{}` is disabled", tenant.name)));
     }
     let key = match key {
         None => None,
-        Some(None) => return Err("the run's API key no longer exists".into()),
+        Some(None) => return Err(Refused("the run's API key no longer exists".into())),
         Some(Some(k)) => {
             if let Some(why) = k.unusable_because(kiln_store::now_ms()) {
-                return Err(format!("the run's API key {why}"));
+                return Err(Refused(format!("the run's API key {why}")));
             }
             Some(k)
         }
@@ -299,7 +423,10 @@ impl StoreJournal {
         }
         principal_for(&self.state, &run)
             .await
-            .map_err(JournalError::Stopped)?;
+            .map_err(|e| match e {
+                NoPrincipal::Refused(why) => JournalError::Stopped(why),
+                NoPrincipal::Unavailable(why) => JournalError::Lost(why),
+            })?;
         let new = NewStep {
             run_id: self.run_id.clone(),
             seq: i64::from(step.seq),
@@ -435,13 +562,14 @@ impl Journal for StoreJournal {
 struct ServedModel {
     state: SharedState,
     run: RunRecord,
+    /// The run's key as of its start; the journal checks it again before
+    /// every step.
+    principal: Arc<Principal>,
 }
 
 impl ServedModel {
     async fn step(&self, request: &ModelRequest) -> Result<ModelReply, ModelError> {
-        let principal = principal_for(&self.state, &self.run)
-            .await
-            .map_err(ModelError)?;
+        let principal = self.principal.clone();
         let mut body = json!({
             "model": request.model,
             "messages": request.messages,
@@ -631,9 +759,15 @@ async fn drive_once(state: &SharedState, run: &RunRecord, owner: &str) -> Ended 
         }
     };
     let input: String = serde_json::from_str(&run.input).unwrap_or_else(|_| run.input.clone());
+    let principal = match principal_for(state, run).await {
+        Ok(p) => p,
+        Err(NoPrincipal::Refused(why)) => return failed(format!("the run was stopped: {why}")),
+        Err(NoPrincipal::Unavailable(why)) => return Ended::StoreDown(why),
+    };
     let model = ServedModel {
         state: state.clone(),
         run: run.clone(),
+        principal: principal.clone(),
     };
     let journal = StoreJournal {
         state: state.clone(),
@@ -645,7 +779,8 @@ async fn drive_once(state: &SharedState, run: &RunRecord, owner: &str) -> Ended 
         },
         tools_running: Mutex::new(HashMap::new()),
     };
-    let done = kiln_agents::run_durable(&spec, &input, &model, &state.tools, &journal).await;
+    let tools = tools_for_run(state, principal);
+    let done = kiln_agents::run_durable(&spec, &input, &model, &tools, &journal).await;
     let tokens = done.tokens;
     match done.outcome {
         Outcome::Answered(answer) => Ended::Finished(

@@ -681,6 +681,30 @@ async fn search(
     Ok(Json(json!({"object": "list", "data": hits})).into_response())
 }
 
+/// A hybrid search as an agent's tool makes it: `p`'s knowledge base `kb`
+/// (by name or id), seen with `p`'s groups, the query embedding metered
+/// to `p`. Knowledge bases held by another replica are not reached.
+pub(crate) async fn search_as(
+    state: &SharedState,
+    p: &Arc<Principal>,
+    kb: &str,
+    query: &str,
+    k: usize,
+) -> Result<Vec<kiln_rag::kb::Hit>, ApiError> {
+    let found = find(state, p, kb)?;
+    let q = KbQuery {
+        text: query.to_string(),
+        k,
+        mode: Mode::Hybrid,
+        fusion: Fusion::default(),
+        filter: Filter {
+            groups: visibility(p),
+            metadata: Vec::new(),
+        },
+    };
+    metered_search(state, p, found, q).await
+}
+
 /// Runs a search on the blocking pool with the caller's metered embedder
 /// and, when one is configured, the upstream reranker.
 pub(super) async fn metered_search(

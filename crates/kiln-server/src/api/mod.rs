@@ -281,6 +281,17 @@ pub(crate) async fn chat_complete(
     chat::complete(call, req).await
 }
 
+/// A knowledge-base search for an agent's tool (see [`kb`]).
+pub(crate) async fn kb_search(
+    state: &SharedState,
+    principal: &Arc<Principal>,
+    kb: &str,
+    query: &str,
+    k: usize,
+) -> Result<Vec<kiln_rag::kb::Hit>, ApiError> {
+    kb::search_as(state, principal, kb, query, k).await
+}
+
 /// Where a model request goes.
 pub enum Routed {
     /// Answered already: proxied to the upstream serving the model.
