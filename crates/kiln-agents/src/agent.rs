@@ -16,6 +16,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -58,7 +59,28 @@ pub struct AgentSpec {
     /// seldom call a tool unless made to.
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    /// Seconds one step (a model call, a tool call) may take; a model call
+    /// past it is retried, a tool call past it fails back to the model.
+    #[serde(default = "default_step_timeout")]
+    pub step_timeout_seconds: u64,
+    /// Times a model step is tried again after a transient failure (a full
+    /// queue, a rate limit, a timeout), waiting 1, 2, 4, ... seconds.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
 }
+
+fn default_step_timeout() -> u64 {
+    300
+}
+
+fn default_retries() -> u32 {
+    3
+}
+
+/// Most retries a declaration may ask for.
+pub const MAX_RETRIES: u32 = 10;
+/// Longest wait between two tries of a step.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 fn default_max_steps() -> u32 {
     8
@@ -123,6 +145,12 @@ impl AgentSpec {
         }
         if let Some(choice) = &self.tool_choice {
             self.check_tool_choice(choice)?;
+        }
+        if !(1..=86_400).contains(&self.step_timeout_seconds) {
+            return bad("step_timeout_seconds", "must be between 1 and 86400".into());
+        }
+        if self.retries > MAX_RETRIES {
+            return bad("retries", format!("must be at most {MAX_RETRIES}"));
         }
         for (i, tool) in self.tools.iter().enumerate() {
             if tools.get(tool).is_none() {
@@ -211,11 +239,33 @@ pub struct ModelReply {
     pub completion_tokens: u64,
 }
 
-/// A model failure that ends the run (the model could not be reached, the
-/// key ran out of credit, ...).
+/// A model call that failed: `transient` when trying again later may work
+/// (the model's queue was full, a rate limit, the upstream did not answer),
+/// else the run ends (no credit left, a bad request).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ModelError(pub String);
+#[error("{message}")]
+pub struct ModelError {
+    pub message: String,
+    pub transient: bool,
+}
+
+impl ModelError {
+    /// A failure that ends the run.
+    pub fn fatal(message: impl Into<String>) -> ModelError {
+        ModelError {
+            message: message.into(),
+            transient: false,
+        }
+    }
+
+    /// A failure worth retrying.
+    pub fn transient(message: impl Into<String>) -> ModelError {
+        ModelError {
+            message: message.into(),
+            transient: true,
+        }
+    }
+}
 
 pub type ModelFuture<'a> =
     Pin<Box<dyn Future<Output = Result<ModelReply, ModelError>> + Send + 'a>>;
@@ -470,9 +520,9 @@ pub async fn run_durable(
         };
         seq += 1;
         let reply = match journaled(journal, &start, |_| async {
-            match model.chat(&request).await {
+            match call_model(spec, model, &request).await {
                 Ok(reply) => (true, reply_json(&reply)),
-                Err(e) => (false, json!({"error": e.0})),
+                Err(e) => (false, json!({"error": e.message})),
             }
         })
         .await
@@ -557,6 +607,41 @@ pub async fn run_durable(
         }
     }
     run
+}
+
+/// One model step: each try under the step timeout, transient failures
+/// tried again after 1, 2, 4, ... seconds, up to `retries` times.
+async fn call_model(
+    spec: &AgentSpec,
+    model: &dyn ChatModel,
+    request: &ModelRequest,
+) -> Result<ModelReply, ModelError> {
+    let limit = Duration::from_secs(spec.step_timeout_seconds);
+    let mut wait = Duration::from_secs(1);
+    let mut tries = 0;
+    loop {
+        let error = match tokio::time::timeout(limit, model.chat(request)).await {
+            Ok(Ok(reply)) => return Ok(reply),
+            Ok(Err(e)) => e,
+            Err(_) => ModelError::transient(format!(
+                "the model did not answer within {} s",
+                spec.step_timeout_seconds
+            )),
+        };
+        if !error.transient || tries >= spec.retries {
+            return Err(match tries {
+                0 => error,
+                n => ModelError {
+                    message: format!("{} (after {} tries)", error.message, n + 1),
+                    ..error
+                },
+            });
+        }
+        tries += 1;
+        tracing::info!(error = %error, tries, "a model step failed; trying it again");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(MAX_BACKOFF);
+    }
 }
 
 /// Begins a step in the journal, runs it unless the journal has its
@@ -652,7 +737,19 @@ async fn call_tool(
             )
         }
     };
-    match tools.call_keyed(&call.name, &args, Some(key)).await {
+    let limit = Duration::from_secs(spec.step_timeout_seconds);
+    let called = tokio::time::timeout(limit, tools.call_keyed(&call.name, &args, Some(key))).await;
+    let Ok(called) = called else {
+        return (
+            format!(
+                "error: the tool did not finish within {} s",
+                spec.step_timeout_seconds
+            ),
+            false,
+            false,
+        );
+    };
+    match called {
         Ok(out) => {
             let (text, cut) = cap(out.text);
             (text, true, out.truncated || cut)
@@ -703,7 +800,7 @@ mod tests {
         fn chat<'a>(&'a self, request: &'a ModelRequest) -> ModelFuture<'a> {
             self.seen.lock().unwrap().push(request.clone());
             let next = self.replies.lock().unwrap().pop();
-            Box::pin(async move { next.unwrap_or_else(|| Err(ModelError("script ended".into()))) })
+            Box::pin(async move { next.unwrap_or_else(|| Err(ModelError::fatal("script ended"))) })
         }
     }
 
@@ -821,7 +918,7 @@ mod tests {
         assert_eq!(run.outcome, Outcome::TokenBudget);
         assert!(run.tokens <= 200, "{}", run.tokens);
 
-        let broken = Scripted::new(vec![Err(ModelError("the key has no credit left".into()))]);
+        let broken = Scripted::new(vec![Err(ModelError::fatal("the key has no credit left"))]);
         let run = run_agent(&looping, "x", &broken, &toolbox()).await;
         assert_eq!(
             run.outcome,
@@ -977,6 +1074,51 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn transient_failures_are_tried_again_and_fatal_ones_end_the_run() {
+        let agent = spec(r#"{"name": "a", "model": "m", "retries": 1}"#);
+        let model = Scripted::new(vec![
+            Err(ModelError::transient("the queue is full")),
+            Ok(answer("fine")),
+        ]);
+        let run = run_agent(&agent, "x", &model, &toolbox()).await;
+        assert_eq!(run.outcome, Outcome::Answered("fine".into()));
+        assert_eq!(model.seen.lock().unwrap().len(), 2);
+
+        let model = Scripted::new(vec![
+            Err(ModelError::transient("the queue is full")),
+            Err(ModelError::transient("the queue is still full")),
+            Ok(answer("never asked")),
+        ]);
+        let run = run_agent(&agent, "x", &model, &toolbox()).await;
+        assert_eq!(
+            run.outcome,
+            Outcome::ModelFailed("the queue is still full (after 2 tries)".into())
+        );
+    }
+
+    /// Answers after `delay`.
+    struct Slow(Duration);
+
+    impl ChatModel for Slow {
+        fn chat<'a>(&'a self, _: &'a ModelRequest) -> ModelFuture<'a> {
+            Box::pin(async move {
+                tokio::time::sleep(self.0).await;
+                Ok(answer("late"))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_step_past_its_timeout_fails() {
+        let agent = spec(r#"{"name": "a", "model": "m", "step_timeout_seconds": 1, "retries": 0}"#);
+        let run = run_agent(&agent, "x", &Slow(Duration::from_secs(5)), &toolbox()).await;
+        assert_eq!(
+            run.outcome,
+            Outcome::ModelFailed("the model did not answer within 1 s".into())
+        );
+    }
+
     #[test]
     fn declarations_are_checked_field_by_field() {
         let tools = toolbox();
@@ -1011,6 +1153,11 @@ mod tests {
             (
                 r#"{"name": "a", "model": "m", "tool_choice": "always"}"#,
                 "tool_choice",
+            ),
+            (r#"{"name": "a", "model": "m", "retries": 11}"#, "retries"),
+            (
+                r#"{"name": "a", "model": "m", "step_timeout_seconds": 0}"#,
+                "step_timeout_seconds",
             ),
         ];
         for (json, field) in cases {

@@ -70,7 +70,8 @@ mod tool;
 pub use agent::{
     run_agent, run_durable, AgentSpec, Begun, ChatModel, Event, Journal, JournalError,
     JournalFuture, JournaledStep, MemoryJournal, ModelError, ModelFuture, ModelReply, ModelRequest,
-    Outcome, RequestedCall, Run, SpecError, StepKind, StepStart, MAX_STEPS, MAX_TOOL_TEXT,
+    Outcome, RequestedCall, Run, SpecError, StepKind, StepStart, MAX_RETRIES, MAX_STEPS,
+    MAX_TOOL_TEXT,
 };
 pub use calculator::{evaluate, CalcError, Calculator};
 pub use clock::{CurrentTime, UtcOffset};

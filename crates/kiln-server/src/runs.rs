@@ -609,14 +609,27 @@ impl ServedModel {
         };
         match result {
             Ok(completion) => reply_from(&completion).ok_or_else(|| {
-                ModelError(format!(
+                ModelError::fatal(format!(
                     "the model `{}` gave a reply without a message",
                     request.model
                 ))
             }),
             Err(e) => {
                 call.failed(e.code.as_str(), Used::default());
-                Err(ModelError(e.message))
+                use kiln_types::error::ErrorCode;
+                let transient = matches!(
+                    e.code,
+                    ErrorCode::ServerBusy
+                        | ErrorCode::RateLimitExceeded
+                        | ErrorCode::LedgerUnavailable
+                        | ErrorCode::UpstreamError
+                        | ErrorCode::UpstreamTimeout
+                        | ErrorCode::ServiceUnavailable
+                );
+                Err(ModelError {
+                    message: e.message,
+                    transient,
+                })
             }
         }
     }
