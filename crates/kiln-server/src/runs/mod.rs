@@ -19,9 +19,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use kiln_agents::{
-    AgentSpec, Begun, Calculator, ChatModel, CurrentTime, HttpRequest, HttpRequestConfig, Journal,
-    JournalError, JournalFuture, ModelError, ModelFuture, ModelReply, ModelRequest, Outcome,
-    RequestedCall, SecretHeader, StepKind, StepStart, ToolBox,
+    AgentSpec, Begun, ChatModel, Journal, JournalError, JournalFuture, ModelError, ModelFuture,
+    ModelReply, ModelRequest, Outcome, RequestedCall, StepKind, StepStart,
 };
 use kiln_store::billing::Caller;
 use kiln_store::runs::{DefinitionKind, NewStep, RunRecord, RunStatus, StepRecord, StepState};
@@ -33,55 +32,11 @@ use crate::api::SharedState;
 use crate::auth::Principal;
 use crate::error::ApiError;
 
-/// Fault injection for the crash tests: with `KILN_CRASH_AT=POINT:N` in
-/// its environment, the process kills itself with SIGKILL the `N`th time
-/// (from 1) a run passes `POINT`. The points are the journal's writes:
-/// `begun` (a step's input is journaled, its work not started), `worked`
-/// (its work is done, its output not journaled), `finished` (its output is
-/// journaled) and `ending` (every step is journaled, the run's end is not).
-/// Unset, it costs one look at a `OnceLock`.
-mod crash {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
+mod crash;
+mod tools;
 
-    pub const VARIABLE: &str = "KILN_CRASH_AT";
-
-    static PLAN: OnceLock<Option<(String, u64)>> = OnceLock::new();
-    static PASSED: AtomicU64 = AtomicU64::new(0);
-
-    fn plan() -> &'static Option<(String, u64)> {
-        PLAN.get_or_init(|| {
-            let text = std::env::var(VARIABLE).ok()?;
-            let (point, n) = text.split_once(':').unwrap_or((text.as_str(), "1"));
-            let n = n.trim().parse().ok().filter(|&n| n > 0)?;
-            tracing::warn!(
-                point,
-                n,
-                "{VARIABLE} is set: this process will kill itself there"
-            );
-            Some((point.trim().to_string(), n))
-        })
-    }
-
-    pub fn point(name: &str) {
-        let Some((point, n)) = plan() else {
-            return;
-        };
-        if point != name || PASSED.fetch_add(1, Ordering::SeqCst) + 1 != *n {
-            return;
-        }
-        eprintln!("{VARIABLE}: killing this process at `{name}` #{n}");
-        let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
-        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-        // Never go on past the point.
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(1));
-        }
-    }
-}
+use tools::tools_for_run;
+pub use tools::{default_toolbox, toolbox, HttpToolConfig, SecretHeaderConfig};
 
 /// The endpoint an agent's model calls are recorded under in the ledger.
 pub const RUNS_ENDPOINT: &str = "/api/runs";
@@ -92,206 +47,6 @@ const MAX_UPSTREAM_REPLY: usize = 16 * 1024 * 1024;
 /// How long a step waits for the store to come back before the run is
 /// left for a later claim.
 const STORE_RETRY: Duration = Duration::from_secs(30);
-
-/// `[http_tool]` in the configuration file: where agents' `http_request`
-/// tool may go. Secret header values come from environment variables, so
-/// they are in neither the file nor any journal or log.
-///
-/// ```toml
-/// [http_tool]
-/// allow = ["api.example.com", "*.corp.example"]
-/// allow_private = false        # loopback and private ranges stay barred
-/// timeout_seconds = 10
-/// max_response_kb = 64
-/// [[http_tool.secret_headers]]
-/// host = "api.example.com"
-/// header = "Authorization"
-/// value_env = "EXAMPLE_API_TOKEN"
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpToolConfig {
-    pub allow: Vec<String>,
-    #[serde(default)]
-    pub allow_private: bool,
-    #[serde(default)]
-    pub timeout_seconds: Option<u64>,
-    #[serde(default)]
-    pub max_response_kb: Option<usize>,
-    #[serde(default)]
-    pub secret_headers: Vec<SecretHeaderConfig>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretHeaderConfig {
-    pub host: String,
-    pub header: String,
-    pub value_env: String,
-}
-
-impl HttpToolConfig {
-    /// The tool's settings; an error names what is wrong (never a secret).
-    pub fn build(&self) -> Result<HttpRequestConfig, String> {
-        let mut config =
-            HttpRequestConfig::with_allowed_hosts(self.allow.iter().map(String::as_str))
-                .map_err(|e| format!("[http_tool] {e}"))?;
-        config.allow_private = self.allow_private;
-        if let Some(t) = self.timeout_seconds {
-            if !(1..=600).contains(&t) {
-                return Err("[http_tool] timeout_seconds must be between 1 and 600".into());
-            }
-            config.timeout = Duration::from_secs(t);
-        }
-        if let Some(kb) = self.max_response_kb {
-            if !(1..=16 * 1024).contains(&kb) {
-                return Err("[http_tool] max_response_kb must be between 1 and 16384".into());
-            }
-            config.max_response_bytes = kb * 1024;
-        }
-        for h in &self.secret_headers {
-            let value = std::env::var(&h.value_env).map_err(|_| {
-                format!(
-                    "[http_tool] the secret header `{}` reads the environment variable `{}`, which is not set",
-                    h.header, h.value_env
-                )
-            })?;
-            let secret = SecretHeader::new(&h.host, &h.header, value)
-                .map_err(|e| format!("[http_tool] {e}"))?;
-            config.secret_headers.push(secret);
-        }
-        config.validate().map_err(|e| format!("[http_tool] {e}"))?;
-        Ok(config)
-    }
-}
-
-/// The tools agents may be given on this server: the calculator and the
-/// clock, and `http_request` when the operator configured where it may go.
-pub fn toolbox(http: Option<&HttpToolConfig>) -> Result<ToolBox, String> {
-    let mut tools = default_toolbox();
-    if let Some(h) = http {
-        let tool = HttpRequest::new(h.build()?).map_err(|e| format!("[http_tool] {e}"))?;
-        tools.register(tool);
-    }
-    Ok(tools)
-}
-
-/// The tools without `http_request`.
-pub fn default_toolbox() -> ToolBox {
-    ToolBox::new()
-        .with(Calculator)
-        .with(CurrentTime::new())
-        .with(KbSearch { bound: None })
-}
-
-/// Results one `kb_search` returns at most.
-const KB_SEARCH_MAX_K: u64 = 20;
-
-/// `kb_search`: searches one of the tenant's knowledge bases as the run's
-/// key sees it (its groups), the query embedding metered to that key. The
-/// server's tool box holds it unbound (for checking declarations); each run
-/// gets it bound to the run's key.
-struct KbSearch {
-    bound: Option<(SharedState, Arc<Principal>)>,
-}
-
-impl kiln_agents::Tool for KbSearch {
-    fn name(&self) -> &str {
-        "kb_search"
-    }
-
-    fn description(&self) -> &str {
-        "Searches a knowledge base of the organisation's documents and returns the most relevant passages with their document names."
-    }
-
-    fn parameters(&self) -> Value {
-        // Bound to a run, the names it may search are an enum: a model held
-        // to the schema can only name one that exists.
-        let mut kb = json!({"type": "string", "description": "The knowledge base's name."});
-        if let Some((state, p)) = &self.bound {
-            let names: Vec<String> = state
-                .knowledge
-                .as_ref()
-                .map(|k| k.list(Some(&p.tenant.id)))
-                .unwrap_or_default()
-                .iter()
-                .map(|kb| kb.settings().name.clone())
-                .collect();
-            if !names.is_empty() {
-                kb["enum"] = json!(names);
-            }
-        }
-        json!({
-            "type": "object",
-            "properties": {
-                "knowledge_base": kb,
-                "query": {"type": "string", "description": "What to look for."},
-                "k": {"type": "integer", "description": "How many passages (1 to 20, default 5)."},
-            },
-            "required": ["knowledge_base", "query"],
-            "additionalProperties": false,
-        })
-    }
-
-    fn call<'a>(&'a self, args: &'a Value) -> kiln_agents::ToolFuture<'a> {
-        Box::pin(async move {
-            let bad = |m: &str| kiln_agents::ToolError::InvalidArguments(m.to_string());
-            let Some((state, principal)) = &self.bound else {
-                return Err(kiln_agents::ToolError::RequestFailed(
-                    "kb_search is only available inside a run".into(),
-                ));
-            };
-            let kb = args["knowledge_base"]
-                .as_str()
-                .ok_or_else(|| bad("`knowledge_base` must be a string"))?;
-            let query = args["query"]
-                .as_str()
-                .filter(|q| !q.trim().is_empty())
-                .ok_or_else(|| bad("`query` must be a non-empty string"))?;
-            let k = match &args["k"] {
-                Value::Null => 5,
-                v => v
-                    .as_u64()
-                    .filter(|k| (1..=KB_SEARCH_MAX_K).contains(k))
-                    .ok_or_else(|| bad("`k` must be a whole number from 1 to 20"))?,
-            };
-            let hits = crate::api::kb_search(state, principal, kb, query, k as usize)
-                .await
-                .map_err(|e| kiln_agents::ToolError::RequestFailed(e.message))?;
-            if hits.is_empty() {
-                return Ok(kiln_agents::ToolOutput::text(
-                    "no passage of that knowledge base matches",
-                ));
-            }
-            let text = hits
-                .iter()
-                .enumerate()
-                .map(|(i, h)| {
-                    format!(
-                        "[{}] {} ({}): {}",
-                        i + 1,
-                        h.document_name,
-                        h.heading,
-                        h.text
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("\n\n");
-            Ok(kiln_agents::ToolOutput::text(text))
-        })
-    }
-}
-
-/// The server's tools with `kb_search` bound to a run's key.
-fn tools_for_run(state: &SharedState, principal: Arc<Principal>) -> ToolBox {
-    let mut tools = state.tools.clone();
-    if state.knowledge.is_some() {
-        tools.register(KbSearch {
-            bound: Some((state.clone(), principal)),
-        });
-    }
-    tools
-}
 
 /// Reads and checks an agent declaration against the tools and models this
 /// server has.
