@@ -126,6 +126,31 @@ pub struct NewRun {
     pub input: String,
 }
 
+impl NewRun {
+    /// The run as [`Runs::create_run`] records it: `running`, owned by
+    /// `owner`, no step taken.
+    pub(crate) fn started(&self, owner: &str, now_ms: i64) -> RunRecord {
+        RunRecord {
+            id: self.id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            key_id: self.key_id.clone(),
+            kind: self.kind,
+            name: self.name.clone(),
+            version: self.version,
+            input: self.input.clone(),
+            status: RunStatus::Running,
+            result: None,
+            error: None,
+            owner: Some(owner.to_string()),
+            cancel_requested: false,
+            steps: 0,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            finished_at_ms: None,
+        }
+    }
+}
+
 /// A run and where it stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunRecord {

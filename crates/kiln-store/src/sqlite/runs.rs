@@ -306,24 +306,7 @@ impl Runs for Store {
     }
 
     fn create_run(&self, run: &NewRun, owner: &str, now_ms: i64) -> Result<RunRecord> {
-        let record = RunRecord {
-            id: run.id.clone(),
-            tenant_id: run.tenant_id.clone(),
-            key_id: run.key_id.clone(),
-            kind: run.kind,
-            name: run.name.clone(),
-            version: run.version,
-            input: run.input.clone(),
-            status: RunStatus::Running,
-            result: None,
-            error: None,
-            owner: Some(owner.to_string()),
-            cancel_requested: false,
-            steps: 0,
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-            finished_at_ms: None,
-        };
+        let record = run.started(owner, now_ms);
         let inserted = self.lock()?.execute(
             "INSERT INTO runs (id, tenant_id, key_id, kind, name, version, input, status, owner,
                  created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
