@@ -133,6 +133,18 @@ AGENT = {
 CRASHES = [f"{point}:{n}" for point in ("begun", "worked", "finished") for n in (1, 2, 3)] + ["ending:1"]
 
 
+def wait_for_end(url, key, run_id, timeout=60):
+    """The run once it has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, run = api(url, key, "GET", f"/api/runs/{run_id}")
+        assert status == 200, run
+        if run["status"] not in ("running", "waiting"):
+            return run
+        assert time.monotonic() < deadline, run
+        time.sleep(0.2)
+
+
 def wait_for_exit(kiln, timeout=60):
     try:
         return kiln.proc.wait(timeout=timeout)
@@ -168,13 +180,7 @@ def test_a_run_killed_at_every_journaling_point_ends_once_with_one_effect(
         status, runs = api(kiln.url, key, "GET", "/api/runs")
         assert status == 200 and len(runs["data"]) == 1, runs
         run_id = runs["data"][0]["id"]
-        deadline = time.monotonic() + 60
-        while True:
-            status, run = api(kiln.url, key, "GET", f"/api/runs/{run_id}")
-            if run["status"] not in ("running", "waiting"):
-                break
-            assert time.monotonic() < deadline, run
-            time.sleep(0.2)
+        run = wait_for_end(kiln.url, key, run_id)
         assert run["status"] == "succeeded", run
         journal = run["journal"]
         assert [(s["seq"], s["kind"], s["state"]) for s in journal] == [
@@ -253,13 +259,7 @@ def test_a_run_whose_replica_dies_is_taken_over_by_the_other(
         status, runs = api(survivor.url, key, "GET", "/api/runs")
         assert status == 200 and len(runs["data"]) == 1, runs
         run_id = runs["data"][0]["id"]
-        deadline = time.monotonic() + 60
-        while True:
-            status, run = api(survivor.url, key, "GET", f"/api/runs/{run_id}")
-            if run["status"] not in ("running", "waiting"):
-                break
-            assert time.monotonic() < deadline, run
-            time.sleep(0.2)
+        run = wait_for_end(survivor.url, key, run_id)
         assert run["status"] == "succeeded", run
         assert [s["attempts"] for s in run["journal"]] == [1, 1, 1], run["journal"]
         with seen.lock:
