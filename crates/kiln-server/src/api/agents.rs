@@ -323,7 +323,7 @@ async fn start_run(
             db.create_run(&new, &owner, kiln_store::now_ms())
         })
         .await?;
-        tokio::spawn(runs::drive(state.clone(), run.clone()));
+        runs::spawn_drive(state.clone(), run.clone());
         let run = if req.wait {
             wait_for_end(&state, &run.id, wait).await?
         } else {

@@ -445,9 +445,36 @@ fn reply_from(completion: &Value) -> Option<ModelReply> {
     })
 }
 
+/// Drives `run` in the background (see [`drive`]). A bug that panics the
+/// task does not leave the run stuck as `running`: it is ended as failed.
+pub fn spawn_drive(state: SharedState, run: RunRecord) {
+    use futures::FutureExt;
+    tokio::spawn(async move {
+        let work = std::panic::AssertUnwindSafe(drive(state.clone(), run.clone()));
+        if work.catch_unwind().await.is_err() {
+            tracing::error!(run = %run.id, "driving a run panicked; ending it as failed");
+            let owner = state.meter.replica_id.clone();
+            let ended = with_store(&state, move |db| {
+                db.finish_run(
+                    &owner,
+                    &run.id,
+                    RunStatus::Failed,
+                    None,
+                    Some("an internal error stopped the run"),
+                    kiln_store::now_ms(),
+                )
+            })
+            .await;
+            if let Err(e) = ended {
+                tracing::warn!(error = %e, "could not end a run whose task panicked");
+            }
+        }
+    });
+}
+
 /// Drives a run this replica owns to its end (or until it is no longer
 /// this replica's), then records how it ended.
-pub async fn drive(state: SharedState, run: RunRecord) {
+async fn drive(state: SharedState, run: RunRecord) {
     let owner = state.meter.replica_id.clone();
     let mut wait = Duration::from_secs(1);
     loop {
@@ -591,7 +618,7 @@ pub async fn claim_orphans(state: &SharedState) {
         Ok(runs) => {
             for run in runs {
                 tracing::info!(run = %run.id, steps = run.steps, "resuming a run from its journal");
-                tokio::spawn(drive(state.clone(), run));
+                spawn_drive(state.clone(), run);
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot look for runs to resume"),
