@@ -37,13 +37,13 @@ phase() {
 }
 
 python_deps() {
-    if python3 -c 'import openai, pytest, jsonschema' 2>/dev/null; then
+    if python3 -c 'import openai, pytest, jsonschema, mcp' 2>/dev/null; then
         echo "openai, pytest and jsonschema already installed"
         return
     fi
     local user=(--user)
     if [[ -n "${VIRTUAL_ENV:-}" ]]; then user=(); fi
-    python3 -m pip install "${user[@]}" openai pytest jsonschema
+    python3 -m pip install "${user[@]}" openai pytest jsonschema mcp
 }
 
 pull_models() {

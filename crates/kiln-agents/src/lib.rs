@@ -60,11 +60,24 @@
 //!    read up to `max_response_bytes` and then the connection is dropped and
 //!    the output is flagged as truncated. Bodies that are not UTF-8 are
 //!    decoded lossily, with a note saying so.
+//!
+//! # MCP servers
+//!
+//! [`McpClient`] connects to an operator-configured Model Context Protocol
+//! server ([`McpServerConfig`]: a child process over stdio, or the
+//! streamable HTTP transport at a plain `http://` URL), runs the handshake
+//! and turns each of the server's tools into an [`McpTool`] named
+//! `<server>__<tool>`. Messages are capped at 4 MiB, every request has a
+//! timeout, tool output is cut at [`MAX_TOOL_TEXT`] characters, and header
+//! and env values from the config are treated as secrets. A stdio server
+//! that exits is not restarted: its tools fail with a clear error until a
+//! new client is connected.
 
 mod agent;
 mod calculator;
 mod clock;
 mod http;
+mod mcp;
 mod tool;
 
 pub use agent::{
@@ -82,5 +95,9 @@ pub use http::net::{
 };
 pub use http::{
     ConfigError, HostPattern, HttpRequest, HttpRequestConfig, SecretHeader, SecretValue,
+};
+pub use mcp::{
+    McpClient, McpError, McpServerConfig, McpTool, McpTransportConfig, DEFAULT_TIMEOUT_SECONDS,
+    MAX_MESSAGE_BYTES, MAX_TOOLS_PER_SERVER, MCP_PROTOCOL_VERSIONS,
 };
 pub use tool::{Tool, ToolBox, ToolError, ToolFuture, ToolOutput};
