@@ -5,7 +5,9 @@ revoked key, the event stream, and a run that survives SIGKILL."""
 
 import json
 import os
+import pathlib
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -366,3 +368,39 @@ def test_an_agent_searches_a_knowledge_base_as_its_key_sees_it(kiln_url, team):
     status, ledger = api(kiln_url, admin, "GET", "/api/ledger?limit=200")
     searched = [r for r in ledger["data"] if r["model"] == "tool:kb_search" and r["request_id"].startswith(run["id"])]
     assert len(searched) == 1, searched
+
+
+def test_an_operators_mcp_server_gives_agents_its_tools(tmp_path):
+    """An MCP server from the official Python SDK, started over stdio by
+    `kiln serve` from its configuration: its `add` tool is `fixture__add`,
+    and a run calls it through the real model."""
+    fixture = pathlib.Path(__file__).resolve().parents[2] / "crates/kiln-agents/tests/fixtures/mcp_server.py"
+    config = tmp_path / "kiln.toml"
+    config.write_text(
+        "[[mcp_servers]]\n"
+        'name = "fixture"\n'
+        f'command = "{sys.executable}"\n'
+        f'args = ["{fixture}", "stdio"]\n'
+    )
+    kiln = start_kiln("--model", MODEL, "--config", str(config), "--database", str(tmp_path / "kiln.db"))
+    key = kiln.admin_key
+    try:
+        agent = maths_agent(
+            "mcp-maths",
+            tools=["fixture__add"],
+            tool_choice={"type": "function", "function": {"name": "fixture__add"}},
+        )
+        status, made = api(kiln.url, key, "POST", "/api/agents", agent)
+        assert status == 201, made
+        status, run = api(kiln.url, key, "POST", "/api/runs", {"agent": "mcp-maths", "input": "Add 2 and 3.", "wait": True})
+        assert status == 201, run
+        status, shown = api(kiln.url, key, "GET", f"/api/runs/{run['id']}")
+        step = shown["journal"][1]
+        assert (step["kind"], step["name"], step["state"]) == ("tool", "fixture__add", "done"), shown["journal"]
+        args = json.loads(step["input"]["arguments"])
+        assert step["output"]["text"].strip() == str(args["a"] + args["b"]), step
+        # A tool the configuration does not provide is refused by name.
+        status, err = api(kiln.url, key, "POST", "/api/agents", maths_agent("nope", tools=["fixture__nothing"]))
+        assert status == 400 and "fixture__nothing" in err["error"]["message"], err
+    finally:
+        kiln.stop()

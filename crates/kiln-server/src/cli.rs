@@ -123,6 +123,7 @@ impl ServeArgs {
             upstreams: None,
             rerank: None,
             http_tool: None,
+            mcp_servers: None,
         }
     }
 }

@@ -77,11 +77,15 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
         state.knowledge = Some(Arc::new(knowledge));
         jobs = Some(rx);
     }
-    let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    runtime.block_on(crate::runs::add_mcp_tools(
+        &mut state.tools,
+        &cfg.mcp_servers,
+    ));
+    let state = Arc::new(state);
     runtime.block_on(serve(cfg, state, jobs))
 }
 

@@ -65,6 +65,9 @@ pub struct ConfigLayer {
     /// `[http_tool]`: the hosts agents' `http_request` tool may reach
     /// (TOML only; without it agents have no such tool).
     pub http_tool: Option<crate::runs::HttpToolConfig>,
+    /// `[[mcp_servers]]`: MCP servers whose tools agents may be given
+    /// (TOML only: an operator's choice, never a tenant's).
+    pub mcp_servers: Option<Vec<kiln_agents::McpServerConfig>>,
 }
 
 impl ConfigLayer {
@@ -94,7 +97,8 @@ impl ConfigLayer {
             lease_seconds,
             upstreams,
             rerank,
-            http_tool
+            http_tool,
+            mcp_servers
         );
     }
 
@@ -189,6 +193,7 @@ impl ConfigLayer {
             upstreams: None,
             rerank: None,
             http_tool: None,
+            mcp_servers: None,
         })
     }
 
@@ -238,6 +243,7 @@ pub struct ServeConfig {
     pub upstreams: Vec<crate::upstream::UpstreamConfig>,
     pub rerank: Option<crate::knowledge::RerankConfig>,
     pub http_tool: Option<crate::runs::HttpToolConfig>,
+    pub mcp_servers: Vec<kiln_agents::McpServerConfig>,
     /// The TOML file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -399,6 +405,14 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
     if let Some(h) = &layer.http_tool {
         h.build().map_err(ConfigError::Invalid)?;
     }
+    let mcp_servers = layer.mcp_servers.unwrap_or_default();
+    for (i, m) in mcp_servers.iter().enumerate() {
+        m.validate()
+            .map_err(|e| ConfigError::Invalid(format!("[[mcp_servers]] {e}")))?;
+        if mcp_servers[..i].iter().any(|o| o.name == m.name) {
+            return invalid(format!("two MCP servers are named `{}`", m.name));
+        }
+    }
     let advertise_url = match layer.advertise_url {
         None => None,
         Some(u) => Some(check_advertise_url(u.trim())?),
@@ -409,6 +423,7 @@ fn validate(layer: ConfigLayer, config_file: Option<PathBuf>) -> Result<ServeCon
         upstreams,
         rerank: layer.rerank,
         http_tool: layer.http_tool,
+        mcp_servers,
         no_auth: layer.no_auth.unwrap_or(false),
         lease: std::time::Duration::from_secs(lease_seconds),
         database: layer

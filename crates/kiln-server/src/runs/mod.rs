@@ -36,7 +36,7 @@ mod crash;
 mod tools;
 
 use tools::tools_for_run;
-pub use tools::{default_toolbox, toolbox, HttpToolConfig, SecretHeaderConfig};
+pub use tools::{add_mcp_tools, default_toolbox, toolbox, HttpToolConfig, SecretHeaderConfig};
 
 /// The endpoint an agent's model calls are recorded under in the ledger.
 pub const RUNS_ENDPOINT: &str = "/api/runs";

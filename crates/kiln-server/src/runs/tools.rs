@@ -199,6 +199,34 @@ impl kiln_agents::Tool for KbSearch {
     }
 }
 
+/// Connects to the operator's MCP servers and adds their tools
+/// (`<server>__<tool>`). A server that cannot be reached is logged and left
+/// out: the platform serves on, and a declaration naming its tools is
+/// refused until it is back at the next start.
+pub async fn add_mcp_tools(tools: &mut ToolBox, servers: &[kiln_agents::McpServerConfig]) {
+    for config in servers {
+        match kiln_agents::McpClient::connect(config).await {
+            Ok(client) => {
+                let found = client.tools();
+                tracing::info!(
+                    server = %config.name,
+                    tools = found.len(),
+                    protocol = client.protocol_version(),
+                    "connected to an MCP server"
+                );
+                for tool in found {
+                    tools.register(tool);
+                }
+            }
+            Err(e) => tracing::error!(
+                server = %config.name,
+                error = %e,
+                "cannot connect to an MCP server; its tools are not available"
+            ),
+        }
+    }
+}
+
 /// The server's tools with `kb_search` bound to a run's key.
 pub(super) fn tools_for_run(state: &SharedState, principal: Arc<Principal>) -> ToolBox {
     let mut tools = state.tools.clone();
