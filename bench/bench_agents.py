@@ -33,6 +33,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -176,7 +177,15 @@ class Store:
             psql(self.base_url, f"CREATE SCHEMA {self.schema}")
             sep = "&" if "?" in self.base_url else "?"
             self.database = f"{self.base_url}{sep}options=-csearch_path%3D{self.schema}"
-        b, db = args.kiln_bin, self.database
+        self.proc = None
+        try:
+            self._start(args, mock_url, workdir)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, args, mock_url: str, workdir: Path) -> None:
+        kind, b, db = self.kind, args.kiln_bin, self.database
         config = workdir / f"kiln-{kind}.toml"
         config.write_text(f'[[upstreams]]\nname = "mock"\nbase_url = "{mock_url}/v1"\nmodels = ["mock"]\n')
         kiln_cli(b, db, "tenants", "create", "bench", "--rpm", "100000000", "--tpm", "1000000000")
@@ -196,17 +205,16 @@ class Store:
         try:
             wait_http(f"{self.url}/healthz", 60)
         except RuntimeError:
-            self.stop()
-            raise RuntimeError(f"kiln serve ({kind}) did not start:\n{self.proc.text()[-3000:]}")
+            raise RuntimeError(f"kiln serve ({kind}) did not start:\n{self.proc.text()[-3000:]}") from None
         agent = {"name": "bench", "model": "mock", "instructions": INSTRUCTIONS, "tools": ["calculator"],
                  "max_steps": args.tool_rounds + 2, "step_tokens": 16, "temperature": 0}
         status, body = Client(self.url, self.admin).call("POST", "/api/agents", agent)
         if status not in (200, 201):
-            self.stop()
             raise RuntimeError(f"declaring the agent: {status} {body}")
 
     def stop(self) -> None:
-        self.proc.stop()
+        if self.proc:
+            self.proc.stop()
         if self.schema:
             try:
                 psql(self.base_url, f"DROP SCHEMA {self.schema} CASCADE")
@@ -431,6 +439,7 @@ def main() -> int:
                 store.stop()
     finally:
         mock.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     load_end = os.getloadavg()
     print(f"load average at end: {load_end}", file=sys.stderr)
     results["load_average"] = {"start": load_start, "end": load_end}
