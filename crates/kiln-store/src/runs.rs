@@ -21,6 +21,23 @@
 //! [`Runs::claim_runs`] hands a replica the unfinished runs nobody holds:
 //! runs whose owner's lease (in `replicas`, see [`crate::Billing`]) lapsed or
 //! that were let go at a clean shutdown.
+//!
+//! A run can pause on a begun step until someone acts on it (a human
+//! approval):
+//! 1. its owner calls [`Runs::wait_run`] with the step's seq: the run becomes
+//!    `waiting` and nobody holds it, so no replica claims it meanwhile and
+//!    its old owner can write to it no more;
+//! 2. [`Runs::resume_run`] finishes that step as `done` with what was
+//!    decided and hands the run, `running` again, to the replica that
+//!    resumes it. Of two resumes at once exactly one wins; the other gets
+//!    [`StoreError::Conflict`].
+//!
+//! [`Runs::cancel_run`] ends a waiting run at once.
+//!
+//! Steps are keyed by their seq; each also has a path, its readable name
+//! within the run (`classify`, `each[2]`, `research/3`), by which workflows
+//! find their steps in the journal. Steps journaled before paths existed
+//! read back with their seq as their path.
 
 use serde::{Deserialize, Serialize};
 
@@ -212,6 +229,9 @@ pub struct NewStep {
     pub run_id: String,
     /// 0, 1, 2, ... in the order the run takes them.
     pub seq: i64,
+    /// Its readable name within the run: `classify`, `each[2]`,
+    /// `research/3`, ...
+    pub path: String,
     /// `model`, `tool`, ...
     pub kind: String,
     /// The model or tool it calls.
@@ -226,6 +246,9 @@ pub struct NewStep {
 pub struct StepRecord {
     pub run_id: String,
     pub seq: i64,
+    /// As first begun; the seq, as text, for steps journaled before paths
+    /// existed.
+    pub path: String,
     pub kind: String,
     pub name: String,
     pub input: String,
@@ -263,6 +286,47 @@ pub(crate) fn not_owner(run_id: &str) -> StoreError {
     StoreError::Conflict(format!(
         "run {run_id} is not owned by this replica any more (its lease lapsed and another replica took it over, or it ended)"
     ))
+}
+
+/// The error [`Runs::wait_run`] returns for a run asked to stop.
+pub(crate) fn cancel_requested(run_id: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "run {run_id} was asked to stop; end it as cancelled instead of waiting"
+    ))
+}
+
+/// The error [`Runs::resume_run`] returns for a run that is not waiting.
+pub(crate) fn run_not_waiting(run_id: &str, status: RunStatus) -> StoreError {
+    StoreError::Conflict(format!(
+        "run {run_id} is not waiting (it is {})",
+        status.as_str()
+    ))
+}
+
+/// Whether [`Runs::wait_run`] may pause on step `seq` of `run_id`, found
+/// in `state` (`None`: never begun): only a begun step waits.
+pub(crate) fn check_step_can_wait(run_id: &str, seq: i64, state: Option<StepState>) -> Result<()> {
+    let why = match state {
+        Some(StepState::Started) => return Ok(()),
+        Some(ended) => format!("it is {}", ended.as_str()),
+        None => "it was never begun".to_string(),
+    };
+    Err(StoreError::Invalid(format!(
+        "step {seq} of run {run_id} cannot wait ({why}); a run waits on a begun step"
+    )))
+}
+
+/// Whether [`Runs::resume_run`] may end step `seq` of `run_id`, found in
+/// `state` (`None`: never begun): only the begun step the run waits on.
+pub(crate) fn check_step_waits(run_id: &str, seq: i64, state: Option<StepState>) -> Result<()> {
+    let why = match state {
+        Some(StepState::Started) => return Ok(()),
+        Some(ended) => format!("it is {}", ended.as_str()),
+        None => "it was never begun".to_string(),
+    };
+    Err(StoreError::Conflict(format!(
+        "step {seq} of run {run_id} is not waiting ({why})"
+    )))
 }
 
 /// Agents, workflows and run journals. Every method blocks.
@@ -341,6 +405,27 @@ pub trait Runs: Send + Sync {
         error: Option<&str>,
         now_ms: i64,
     ) -> Result<RunRecord>;
+    /// Pauses a run its owner is driving until someone acts on its begun
+    /// step `seq` (see the module docs): the run becomes `waiting` and
+    /// nobody's. Conflict when `owner` does not own the run or it is not
+    /// `running`, and when a cancel was asked for (the owner then ends the
+    /// run as cancelled instead); [`StoreError::Invalid`] when step `seq`
+    /// was never begun or already ended; NotFound when there is no run.
+    fn wait_run(&self, owner: &str, run_id: &str, seq: i64, now_ms: i64) -> Result<RunRecord>;
+    /// Ends the wait of a run of `tenant_id` (`None`: any tenant): its step
+    /// `seq` is finished as `done` with `output`, and the run is `running`
+    /// again, owned by `owner`. `None` when there is no such run; Conflict,
+    /// saying where it stands, when the run is not `waiting` (it was
+    /// resumed or cancelled meanwhile) or step `seq` is not the begun one.
+    fn resume_run(
+        &self,
+        tenant_id: Option<&str>,
+        run_id: &str,
+        seq: i64,
+        output: &str,
+        owner: &str,
+        now_ms: i64,
+    ) -> Result<Option<RunRecord>>;
     /// Asks a run of `tenant_id` to stop: a run nobody holds, or one
     /// waiting, is cancelled at once; a running one stops at its next step.
     /// `None` when there is no such run; a finished run is returned as it is.

@@ -92,6 +92,7 @@ on_postgres!(steps_are_journaled_once);
 on_postgres!(a_taken_over_run_refuses_its_old_owner);
 on_postgres!(only_lapsed_or_released_runs_are_claimed);
 on_postgres!(cancel_rules);
+on_postgres!(waiting_runs_pause_until_resumed);
 
 /// Two stores (two replicas' pools) race for one budget.
 #[test]
@@ -113,6 +114,17 @@ fn concurrent_claims_from_two_replicas_take_each_run_once() -> TestResult {
     let a: Arc<dyn Database> = Arc::new(fresh.store());
     let b: Arc<dyn Database> = Arc::new(fresh.store());
     suite::concurrent_claims_take_each_run_once(&[a, b])
+}
+
+/// Two stores (two replicas' pools) race to resume one waiting run.
+#[test]
+fn concurrent_resumes_from_two_replicas_have_one_winner() -> TestResult {
+    let Some(fresh) = Fresh::new() else {
+        return Ok(());
+    };
+    let a: Arc<dyn Database> = Arc::new(fresh.store());
+    let b: Arc<dyn Database> = Arc::new(fresh.store());
+    suite::concurrent_resumes_have_one_winner(&[a, b])
 }
 
 /// Two replicas save one definition at once: no version is made twice.
@@ -153,6 +165,7 @@ fn unknown_run_enum_text_is_a_bad_row() -> TestResult {
         &NewStep {
             run_id: "run-1".into(),
             seq: 0,
+            path: "t".into(),
             kind: "tool".into(),
             name: "t".into(),
             input: "{}".into(),

@@ -113,3 +113,22 @@ fn concurrent_claims_on_a_shared_file_take_each_run_once() -> TestResult {
     let second: Arc<dyn Database> = Arc::new(Store::open(&path)?);
     suite::concurrent_claims_take_each_run_once(&[first, second])
 }
+
+#[test]
+fn waiting_runs_pause_until_resumed() -> TestResult {
+    suite::waiting_runs_pause_until_resumed(&fresh())
+}
+
+#[test]
+fn concurrent_resumes_have_one_winner() -> TestResult {
+    suite::concurrent_resumes_have_one_winner(&[Arc::new(fresh())])
+}
+
+#[test]
+fn concurrent_resumes_on_a_shared_file_have_one_winner() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    let first: Arc<dyn Database> = Arc::new(Store::open(&path)?);
+    let second: Arc<dyn Database> = Arc::new(Store::open(&path)?);
+    suite::concurrent_resumes_have_one_winner(&[first, second])
+}

@@ -61,6 +61,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "runs",
         sql: include_str!("../../migrations/postgres/0005_runs.sql"),
     },
+    Migration {
+        version: 6,
+        name: "step_paths",
+        sql: include_str!("../../migrations/postgres/0006_step_paths.sql"),
+    },
 ];
 
 /// The newest PostgreSQL schema version this build understands.

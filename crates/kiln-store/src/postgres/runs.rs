@@ -2,7 +2,8 @@
 //! write locks the run's row (`FOR UPDATE`) and checks its owner in the same
 //! transaction, so a replica whose run was just taken over cannot write to
 //! it; claiming takes rows with `FOR UPDATE SKIP LOCKED`, so two replicas
-//! claiming at once each get different runs.
+//! claiming at once each get different runs. Resuming a waiting run locks
+//! its row too, so of two resumes at once the second sees the run running.
 //!
 //! Saves of one definition take turns on a transaction-scoped advisory lock
 //! keyed by its name, so two replicas never pick the same next version. As
@@ -14,8 +15,9 @@ use postgres::{GenericClient, Row};
 use super::PgStore;
 use crate::error::{Result, StoreError};
 use crate::runs::{
-    idempotency_key, not_owner, Definition, DefinitionKind, NewRun, NewStep, RunQuery, RunRecord,
-    RunStatus, Runs, StepRecord, StepState,
+    cancel_requested, check_step_can_wait, check_step_waits, idempotency_key, not_owner,
+    run_not_waiting, Definition, DefinitionKind, NewRun, NewStep, RunQuery, RunRecord, RunStatus,
+    Runs, StepRecord, StepState,
 };
 
 /// The most runs one [`Runs::runs`] query returns.
@@ -33,8 +35,9 @@ const DEFINITION_COLUMNS: &str = "tenant_id, kind, name, version, body, created_
 const RUN_COLUMNS: &str = "id, tenant_id, key_id, kind, name, version, input, status, result,
      error, owner, cancel_requested, steps, created_at, updated_at, finished_at";
 
+// Steps journaled before paths existed have none: their seq stands in.
 const STEP_COLUMNS: &str = "run_id, seq, kind, name, input, output, state, idempotency_key,
-     attempts, started_at, finished_at";
+     attempts, started_at, finished_at, COALESCE(path, CAST(seq AS TEXT))";
 
 fn definition_from_row(r: &Row) -> Result<Definition> {
     let tenant_id: String = r.get(0);
@@ -100,6 +103,7 @@ fn step_from_row(r: &Row) -> Result<StepRecord> {
     Ok(StepRecord {
         run_id,
         seq,
+        path: r.get(11),
         kind: r.get(2),
         name: r.get(3),
         input: r.get(4),
@@ -393,6 +397,7 @@ impl Runs for PgStore {
                 let record = StepRecord {
                     run_id: step.run_id.clone(),
                     seq: step.seq,
+                    path: step.path.clone(),
                     kind: step.kind.clone(),
                     name: step.name.clone(),
                     input: step.input.clone(),
@@ -405,8 +410,8 @@ impl Runs for PgStore {
                 };
                 tx.execute(
                     "INSERT INTO run_steps (run_id, seq, kind, name, input, state,
-                         idempotency_key, attempts, started_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                         idempotency_key, attempts, started_at, path)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                     &[
                         &record.run_id,
                         &record.seq,
@@ -417,6 +422,7 @@ impl Runs for PgStore {
                         &record.idempotency_key,
                         &record.attempts,
                         &record.started_at_ms,
+                        &record.path,
                     ],
                 )?;
                 record
@@ -533,6 +539,74 @@ impl Runs for PgStore {
             updated_at_ms: now_ms,
             ..run
         })
+    }
+
+    fn wait_run(&self, owner: &str, run_id: &str, seq: i64, now_ms: i64) -> Result<RunRecord> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let run = owned_run(&mut tx, owner, run_id)?;
+        if run.status != RunStatus::Running {
+            return Err(not_owner(run_id));
+        }
+        let step = step_by_seq(&mut tx, run_id, seq)?;
+        check_step_can_wait(run_id, seq, step.map(|s| s.state))?;
+        if run.cancel_requested {
+            return Err(cancel_requested(run_id));
+        }
+        // Nobody holds a waiting run: no replica claims it, and its old
+        // owner's writes are refused until it is resumed.
+        tx.execute(
+            "UPDATE runs SET status = 'waiting', owner = NULL, updated_at = $2 WHERE id = $1",
+            &[&run_id, &now_ms],
+        )?;
+        tx.commit()?;
+        Ok(RunRecord {
+            status: RunStatus::Waiting,
+            owner: None,
+            updated_at_ms: now_ms,
+            ..run
+        })
+    }
+
+    fn resume_run(
+        &self,
+        tenant_id: Option<&str>,
+        run_id: &str,
+        seq: i64,
+        output: &str,
+        owner: &str,
+        now_ms: i64,
+    ) -> Result<Option<RunRecord>> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        // A second resume waits on the row lock, then reads the first one's
+        // `running`.
+        let Some(run) = run_by_id(&mut tx, tenant_id, run_id, true)? else {
+            return Ok(None);
+        };
+        if run.status != RunStatus::Waiting {
+            return Err(run_not_waiting(run_id, run.status));
+        }
+        let step = step_by_seq(&mut tx, run_id, seq)?;
+        check_step_waits(run_id, seq, step.map(|s| s.state))?;
+        tx.execute(
+            "UPDATE run_steps SET state = 'done', output = $3, finished_at = $4
+             WHERE run_id = $1 AND seq = $2",
+            &[&run_id, &seq, &output, &now_ms],
+        )?;
+        tx.execute(
+            "UPDATE runs SET status = 'running', owner = $2, steps = steps + 1, updated_at = $3
+             WHERE id = $1",
+            &[&run_id, &owner, &now_ms],
+        )?;
+        tx.commit()?;
+        Ok(Some(RunRecord {
+            status: RunStatus::Running,
+            owner: Some(owner.to_string()),
+            steps: run.steps + 1,
+            updated_at_ms: now_ms,
+            ..run
+        }))
     }
 
     fn cancel_run(

@@ -66,6 +66,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "runs",
         sql: include_str!("../../migrations/sqlite/0007_runs.sql"),
     },
+    Migration {
+        version: 8,
+        name: "step_paths",
+        sql: include_str!("../../migrations/sqlite/0008_step_paths.sql"),
+    },
 ];
 
 /// The newest schema version this build understands.

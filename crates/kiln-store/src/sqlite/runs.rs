@@ -1,15 +1,17 @@
 //! Definitions, runs and the step journal on SQLite. Every check-and-write
 //! is one IMMEDIATE transaction: SQLite takes its write lock at BEGIN, so
-//! two stores on one file never both claim a run, both save the same
-//! version of a definition, or write to a run the other just took over.
+//! two stores on one file never both claim a run, both resume a waiting
+//! one, both save the same version of a definition, or write to a run the
+//! other just took over.
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::Store;
 use crate::error::{Result, StoreError};
 use crate::runs::{
-    idempotency_key, not_owner, Definition, DefinitionKind, NewRun, NewStep, RunQuery, RunRecord,
-    RunStatus, Runs, StepRecord, StepState,
+    cancel_requested, check_step_can_wait, check_step_waits, idempotency_key, not_owner,
+    run_not_waiting, Definition, DefinitionKind, NewRun, NewStep, RunQuery, RunRecord, RunStatus,
+    Runs, StepRecord, StepState,
 };
 
 /// The most runs one [`Runs::runs`] query returns.
@@ -23,8 +25,9 @@ const DEFINITION_COLUMNS: &str = "tenant_id, kind, name, version, body, created_
 const RUN_COLUMNS: &str = "id, tenant_id, key_id, kind, name, version, input, status, result,
      error, owner, cancel_requested, steps, created_at, updated_at, finished_at";
 
+// Steps journaled before paths existed have none: their seq stands in.
 const STEP_COLUMNS: &str = "run_id, seq, kind, name, input, output, state, idempotency_key,
-     attempts, started_at, finished_at";
+     attempts, started_at, finished_at, COALESCE(path, CAST(seq AS TEXT))";
 
 // Rows as read, their enum columns as stored text until `checked`.
 
@@ -121,6 +124,7 @@ fn step_from_row(r: &Row<'_>) -> rusqlite::Result<RawStep> {
         record: StepRecord {
             run_id: r.get(0)?,
             seq: r.get(1)?,
+            path: r.get(11)?,
             kind: r.get(2)?,
             name: r.get(3)?,
             input: r.get(4)?,
@@ -415,6 +419,7 @@ impl Runs for Store {
                 let record = StepRecord {
                     run_id: step.run_id.clone(),
                     seq: step.seq,
+                    path: step.path.clone(),
                     kind: step.kind.clone(),
                     name: step.name.clone(),
                     input: step.input.clone(),
@@ -427,8 +432,8 @@ impl Runs for Store {
                 };
                 tx.prepare_cached(
                     "INSERT INTO run_steps (run_id, seq, kind, name, input, state,
-                         idempotency_key, attempts, started_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                         idempotency_key, attempts, started_at, path)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?
                 .execute(params![
                     record.run_id,
@@ -439,7 +444,8 @@ impl Runs for Store {
                     record.state.as_str(),
                     record.idempotency_key,
                     record.attempts,
-                    record.started_at_ms
+                    record.started_at_ms,
+                    record.path
                 ])?;
                 record
             }
@@ -555,6 +561,74 @@ impl Runs for Store {
         })
     }
 
+    fn wait_run(&self, owner: &str, run_id: &str, seq: i64, now_ms: i64) -> Result<RunRecord> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let run = owned_run(&tx, owner, run_id)?;
+        if run.status != RunStatus::Running {
+            return Err(not_owner(run_id));
+        }
+        let step = step_by_seq(&tx, run_id, seq)?;
+        check_step_can_wait(run_id, seq, step.map(|s| s.state))?;
+        if run.cancel_requested {
+            return Err(cancel_requested(run_id));
+        }
+        // Nobody holds a waiting run: no replica claims it, and its old
+        // owner's writes are refused until it is resumed.
+        tx.prepare_cached(
+            "UPDATE runs SET status = 'waiting', owner = NULL, updated_at = ?2 WHERE id = ?1",
+        )?
+        .execute(params![run_id, now_ms])?;
+        tx.commit()?;
+        Ok(RunRecord {
+            status: RunStatus::Waiting,
+            owner: None,
+            updated_at_ms: now_ms,
+            ..run
+        })
+    }
+
+    fn resume_run(
+        &self,
+        tenant_id: Option<&str>,
+        run_id: &str,
+        seq: i64,
+        output: &str,
+        owner: &str,
+        now_ms: i64,
+    ) -> Result<Option<RunRecord>> {
+        let mut conn = self.lock()?;
+        // The write lock taken at BEGIN makes a second resume see the first
+        // one's `running`.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(run) = run_by_id(&tx, tenant_id, run_id)? else {
+            return Ok(None);
+        };
+        if run.status != RunStatus::Waiting {
+            return Err(run_not_waiting(run_id, run.status));
+        }
+        let step = step_by_seq(&tx, run_id, seq)?;
+        check_step_waits(run_id, seq, step.map(|s| s.state))?;
+        tx.prepare_cached(
+            "UPDATE run_steps SET state = 'done', output = ?3, finished_at = ?4
+             WHERE run_id = ?1 AND seq = ?2",
+        )?
+        .execute(params![run_id, seq, output, now_ms])?;
+        tx.prepare_cached(
+            "UPDATE runs SET status = 'running', owner = ?2, steps = steps + 1, updated_at = ?3
+             WHERE id = ?1",
+        )?
+        .execute(params![run_id, owner, now_ms])?;
+        tx.commit()?;
+        Ok(Some(RunRecord {
+            status: RunStatus::Running,
+            owner: Some(owner.to_string()),
+            steps: run.steps + 1,
+            updated_at_ms: now_ms,
+            ..run
+        }))
+    }
+
     fn cancel_run(
         &self,
         tenant_id: Option<&str>,
@@ -632,6 +706,7 @@ mod tests {
             &NewStep {
                 run_id: "run-1".into(),
                 seq: 0,
+                path: "search".into(),
                 kind: "tool".into(),
                 name: "search".into(),
                 input: "{}".into(),
@@ -675,6 +750,40 @@ mod tests {
         assert!(store
             .definition("t1", DefinitionKind::Agent, "a", Some(1))?
             .is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn steps_journaled_before_paths_read_their_seq_as_path() -> TestResult {
+        let store = Store::open_in_memory()?;
+        store.create_run(&run("run-1"), "r1", 10)?;
+        for (seq, path) in [(0, "classify"), (7, "each[2]")] {
+            let step = NewStep {
+                run_id: "run-1".into(),
+                seq,
+                path: path.into(),
+                kind: "model".into(),
+                name: "m".into(),
+                input: "{}".into(),
+            };
+            store.begin_step("r1", &step, 11)?;
+        }
+        store
+            .conn_unchecked()
+            .execute("UPDATE run_steps SET path = NULL", [])?;
+        let paths: Vec<String> = store.steps("run-1")?.into_iter().map(|s| s.path).collect();
+        assert_eq!(paths, ["0", "7"]);
+        // Begun again, the old row keeps no path: its seq still stands in.
+        let step = NewStep {
+            run_id: "run-1".into(),
+            seq: 7,
+            path: "each[2]".into(),
+            kind: "model".into(),
+            name: "m".into(),
+            input: "{}".into(),
+        };
+        let again = store.begin_step("r1", &step, 12)?;
+        assert_eq!((again.path.as_str(), again.attempts), ("7", 2));
         Ok(())
     }
 }

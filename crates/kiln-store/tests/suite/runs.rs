@@ -26,6 +26,7 @@ fn new_step(run_id: &str, seq: i64, input: &str) -> NewStep {
     NewStep {
         run_id: run_id.into(),
         seq,
+        path: format!("search[{seq}]"),
         kind: "tool".into(),
         name: "search".into(),
         input: input.into(),
@@ -34,6 +35,22 @@ fn new_step(run_id: &str, seq: i64, input: &str) -> NewStep {
 
 fn is_conflict<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
     matches!(r, Err(StoreError::Conflict(ref m)) if m.contains("not owned by this replica"))
+}
+
+/// The message of a [`StoreError::Conflict`], or what came instead.
+fn conflict<T: std::fmt::Debug>(r: Result<T, StoreError>) -> String {
+    match r {
+        Err(StoreError::Conflict(m)) => m,
+        other => format!("not a conflict: {other:?}"),
+    }
+}
+
+/// The message of a [`StoreError::Invalid`], or what came instead.
+fn invalid<T: std::fmt::Debug>(r: Result<T, StoreError>) -> String {
+    match r {
+        Err(StoreError::Invalid(m)) => m,
+        other => format!("not invalid: {other:?}"),
+    }
 }
 
 /// Saving a changed body adds a version, saving it unchanged does nothing;
@@ -387,6 +404,7 @@ pub fn steps_are_journaled_once(db: &dyn Database) -> TestResult {
         StepRecord {
             run_id: "run-1".into(),
             seq: 0,
+            path: "search[0]".into(),
             kind: "tool".into(),
             name: "search".into(),
             input: "{\"q\":\"a\"}".into(),
@@ -406,6 +424,7 @@ pub fn steps_are_journaled_once(db: &dyn Database) -> TestResult {
     // attempt, the same idempotency key.
     let mut changed = new_step("run-1", 0, "{\"q\":\"b\"}");
     changed.name = "fetch".into();
+    changed.path = "fetch".into();
     let again = db.begin_step("r1", &changed, 1_150)?;
     assert_eq!(
         again,
@@ -463,6 +482,37 @@ pub fn steps_are_journaled_once(db: &dyn Database) -> TestResult {
         db.begin_step("r1", &new_step("run-1", -1, "{}"), 1_800),
         Err(StoreError::Invalid(_))
     ));
+
+    // Paths are the steps' readable names, kept as given whatever their
+    // order; the seq stays the key.
+    let paths = ["classify", "each[2]", "research/3", "résumé · 2"];
+    for (i, path) in paths.iter().enumerate() {
+        let seq = 10 - i as i64;
+        let step = NewStep {
+            path: path.to_string(),
+            ..new_step("run-1", seq, "{}")
+        };
+        assert_eq!(db.begin_step("r1", &step, 1_900)?.path, *path);
+        let ended = db.finish_step("r1", "run-1", seq, StepState::Done, "{}", 1_950)?;
+        assert_eq!(ended.path, *path);
+    }
+    let journaled: Vec<(i64, String)> = db
+        .steps("run-1")?
+        .into_iter()
+        .map(|s| (s.seq, s.path))
+        .collect();
+    let expected = [
+        (0, "search[0]"),
+        (1, "search[1]"),
+        (7, "résumé · 2"),
+        (8, "research/3"),
+        (9, "each[2]"),
+        (10, "classify"),
+    ];
+    assert_eq!(
+        journaled,
+        expected.map(|(seq, p)| (seq, p.to_string())).to_vec()
+    );
     Ok(())
 }
 
@@ -690,6 +740,249 @@ pub fn cancel_rules(db: &dyn Database) -> TestResult {
         (ended.status, ended.cancel_requested),
         (RunStatus::Succeeded, true)
     );
+
+    // A waiting run is nobody's: a cancel ends it at once, and nobody can
+    // resume it after.
+    db.create_run(&new_run("run-waits", "t1", "flow"), "live", now)?;
+    db.begin_step("live", &new_step("run-waits", 0, "{}"), now)?;
+    let waiting = db.wait_run("live", "run-waits", 0, now + 1)?;
+    let cancelled = db.cancel_run(Some("t1"), "run-waits", now + 2)?.unwrap();
+    assert_eq!(
+        cancelled,
+        RunRecord {
+            status: RunStatus::Cancelled,
+            error: Some("cancelled".into()),
+            cancel_requested: true,
+            finished_at_ms: Some(now + 2),
+            updated_at_ms: now + 2,
+            ..waiting
+        }
+    );
+    assert_eq!(db.run(None, "run-waits")?, Some(cancelled.clone()));
+    assert_eq!(
+        conflict(db.resume_run(Some("t1"), "run-waits", 0, "{}", "live", now + 3)),
+        "run run-waits is not waiting (it is cancelled)"
+    );
+    assert_eq!(db.run(None, "run-waits")?, Some(cancelled));
+    assert!(db.claim_runs("claimer", now + 1_000_000, 10)?.is_empty());
+    Ok(())
+}
+
+/// A run waits on a begun step (an approval) with nobody holding it, so
+/// nothing claims it, until a resume finishes that step and hands the run
+/// to the resuming replica.
+pub fn waiting_runs_pause_until_resumed(db: &dyn Database) -> TestResult {
+    let now = kiln_store::now_ms();
+    db.renew_lease("r1", now + 1_000)?;
+    db.create_run(&new_run("run-1", "t1", "flow"), "r1", now)?;
+    db.begin_step("r1", &new_step("run-1", 0, "{}"), now)?;
+    db.finish_step("r1", "run-1", 0, StepState::Done, "{}", now + 1)?;
+    let approval = NewStep {
+        path: "approve".into(),
+        kind: "approval".into(),
+        ..new_step("run-1", 1, "{\"ask\":\"ship it?\"}")
+    };
+    let asked = db.begin_step("r1", &approval, now + 2)?;
+
+    // Only the owner of a running run waits, and only on a begun step.
+    assert!(is_conflict(db.wait_run("r2", "run-1", 1, now + 3)));
+    assert!(matches!(
+        db.wait_run("r1", "run-none", 1, now + 3),
+        Err(StoreError::NotFound(_))
+    ));
+    let why = invalid(db.wait_run("r1", "run-1", 0, now + 3));
+    assert!(
+        why.contains("step 0 of run run-1") && why.contains("done"),
+        "{why}"
+    );
+    let why = invalid(db.wait_run("r1", "run-1", 5, now + 3));
+    assert!(
+        why.contains("step 5 of run run-1") && why.contains("never begun"),
+        "{why}"
+    );
+    let running = db.run(None, "run-1")?.unwrap();
+    assert_eq!(
+        (running.status, running.owner.as_deref()),
+        (RunStatus::Running, Some("r1"))
+    );
+
+    let waiting = db.wait_run("r1", "run-1", 1, now + 10)?;
+    assert_eq!(
+        waiting,
+        RunRecord {
+            status: RunStatus::Waiting,
+            owner: None,
+            updated_at_ms: now + 10,
+            ..running
+        }
+    );
+    assert_eq!(db.run(Some("t1"), "run-1")?, Some(waiting.clone()));
+    // Its old owner can write to it no more, nor wait again.
+    assert!(is_conflict(db.wait_run("r1", "run-1", 1, now + 11)));
+    assert!(is_conflict(db.begin_step(
+        "r1",
+        &new_step("run-1", 2, "{}"),
+        now + 11
+    )));
+    assert!(is_conflict(db.finish_step(
+        "r1",
+        "run-1",
+        1,
+        StepState::Done,
+        "{}",
+        now + 11
+    )));
+    assert!(is_conflict(db.finish_run(
+        "r1",
+        "run-1",
+        RunStatus::Succeeded,
+        None,
+        None,
+        now + 11
+    )));
+    // Long after its owner's lease lapsed, nobody claims it or lets it go.
+    db.renew_lease("claimer", now + 10_000_000)?;
+    assert!(db.claim_runs("claimer", now + 1_000_000, 10)?.is_empty());
+    assert_eq!(db.release_runs("r1")?, 0);
+    assert_eq!(db.run(None, "run-1")?, Some(waiting.clone()));
+    assert_eq!(db.steps("run-1")?[1], asked);
+
+    // Resumes: not another tenant's, not a step it does not wait on.
+    assert_eq!(
+        db.resume_run(Some("t2"), "run-1", 1, "{}", "r2", now + 20)?,
+        None
+    );
+    assert_eq!(
+        db.resume_run(Some("t1"), "run-none", 1, "{}", "r2", now + 20)?,
+        None
+    );
+    assert_eq!(
+        conflict(db.resume_run(Some("t1"), "run-1", 0, "{}", "r2", now + 20)),
+        "step 0 of run run-1 is not waiting (it is done)"
+    );
+    assert_eq!(
+        conflict(db.resume_run(None, "run-1", 9, "{}", "r2", now + 20)),
+        "step 9 of run run-1 is not waiting (it was never begun)"
+    );
+    assert_eq!(db.run(None, "run-1")?, Some(waiting.clone()));
+
+    let resumed = db
+        .resume_run(
+            Some("t1"),
+            "run-1",
+            1,
+            "{\"approved\":true}",
+            "r2",
+            now + 30,
+        )?
+        .unwrap();
+    assert_eq!(
+        resumed,
+        RunRecord {
+            status: RunStatus::Running,
+            owner: Some("r2".into()),
+            steps: 2,
+            updated_at_ms: now + 30,
+            ..waiting
+        }
+    );
+    assert_eq!(db.run(None, "run-1")?, Some(resumed.clone()));
+    let approved = StepRecord {
+        output: Some("{\"approved\":true}".into()),
+        state: StepState::Done,
+        finished_at_ms: Some(now + 30),
+        ..asked
+    };
+    assert_eq!(db.steps("run-1")?[1], approved);
+    assert_eq!(approved.path, "approve");
+    // Begun again by the new owner, the step is handed back as it ended.
+    assert_eq!(db.begin_step("r2", &approval, now + 31)?, approved);
+    assert_eq!(
+        conflict(db.resume_run(Some("t1"), "run-1", 1, "{}", "r3", now + 32)),
+        "run run-1 is not waiting (it is running)"
+    );
+
+    // The new owner carries on and ends it; the old one stays refused.
+    db.begin_step("r2", &new_step("run-1", 2, "{}"), now + 40)?;
+    assert!(is_conflict(db.begin_step(
+        "r1",
+        &new_step("run-1", 2, "{}"),
+        now + 40
+    )));
+    db.finish_step("r2", "run-1", 2, StepState::Done, "{}", now + 41)?;
+    let done = db.finish_run("r2", "run-1", RunStatus::Succeeded, None, None, now + 42)?;
+    assert_eq!((done.steps, done.status), (3, RunStatus::Succeeded));
+    assert_eq!(
+        conflict(db.resume_run(None, "run-1", 2, "{}", "r3", now + 43)),
+        "run run-1 is not waiting (it is succeeded)"
+    );
+    // A finished run waits no more.
+    assert!(is_conflict(db.wait_run("r2", "run-1", 2, now + 43)));
+
+    // A run asked to stop does not wait: its owner cancels it instead.
+    db.renew_lease("live", now + 60_000)?;
+    db.create_run(&new_run("run-2", "t1", "flow"), "live", now)?;
+    db.begin_step("live", &new_step("run-2", 0, "{}"), now)?;
+    let asked_to_stop = db.cancel_run(Some("t1"), "run-2", now + 1)?.unwrap();
+    assert!(asked_to_stop.cancel_requested);
+    let why = conflict(db.wait_run("live", "run-2", 0, now + 2));
+    assert!(why.contains("run run-2 was asked to stop"), "{why}");
+    assert_eq!(db.run(None, "run-2")?, Some(asked_to_stop));
+    Ok(())
+}
+
+/// Resumers on every store race to end one wait: exactly one wins and
+/// owns the run; the others are told it is running again.
+pub fn concurrent_resumes_have_one_winner(dbs: &[Arc<dyn Database>]) -> TestResult {
+    let now = kiln_store::now_ms();
+    let racers = 8;
+    for round in 0..4 {
+        let run_id = format!("run-{round}");
+        let db = &dbs[0];
+        db.create_run(&new_run(&run_id, "t1", "flow"), "r0", now)?;
+        db.begin_step("r0", &new_step(&run_id, 0, "{}"), now)?;
+        db.wait_run("r0", &run_id, 0, now + 1)?;
+        let start = Arc::new(std::sync::Barrier::new(racers));
+        let handles: Vec<_> = (0..racers)
+            .map(|i| {
+                let db = dbs[i % dbs.len()].clone();
+                let start = start.clone();
+                let run_id = run_id.clone();
+                std::thread::spawn(move || {
+                    start.wait();
+                    let output = format!("{{\"by\":{i}}}");
+                    let me = format!("resumer-{i}");
+                    (
+                        i,
+                        db.resume_run(Some("t1"), &run_id, 0, &output, &me, now + 2),
+                    )
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for h in handles {
+            let (i, outcome) = h.join().map_err(|_| "thread panicked")?;
+            match outcome {
+                Ok(Some(run)) => winners.push((i, run)),
+                Err(StoreError::Conflict(m)) => {
+                    assert_eq!(m, format!("run {run_id} is not waiting (it is running)"))
+                }
+                other => panic!("resumer {i}: {other:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "{round}: {winners:?}");
+        let (i, won) = winners.remove(0);
+        let me = format!("resumer-{i}");
+        assert_eq!(
+            (won.status, won.owner.as_deref(), won.steps),
+            (RunStatus::Running, Some(me.as_str()), 1)
+        );
+        assert_eq!(db.run(None, &run_id)?, Some(won));
+        let steps = db.steps(&run_id)?;
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0].output, Some(format!("{{\"by\":{i}}}")));
+        assert_eq!(steps[0].state, StepState::Done);
+    }
     Ok(())
 }
 
