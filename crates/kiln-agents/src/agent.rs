@@ -219,6 +219,11 @@ pub struct ModelRequest {
     pub tool_choice: Option<Value>,
     pub max_tokens: u32,
     pub temperature: Option<f32>,
+    /// OpenAI `response_format` (a JSON Schema the reply is decoded under).
+    pub response_format: Option<Value>,
+    /// The journal's idempotency key of the step making the call (the same
+    /// on every attempt), so the ledger can name the step.
+    pub key: Option<String>,
 }
 
 /// A call the model asked for.
@@ -237,6 +242,8 @@ pub struct ModelReply {
     pub tool_calls: Vec<RequestedCall>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// `stop`, `length` (cut at `max_tokens`), `tool_calls`, ...
+    pub finish_reason: Option<String>,
 }
 
 /// A model call that failed: `transient` when trying again later may work
@@ -320,6 +327,9 @@ pub struct Run {
     pub messages: Vec<Value>,
     pub events: Vec<Event>,
     pub tokens: u64,
+    /// Why the last model reply ended (`length`: the answer was cut at
+    /// `step_tokens`).
+    pub finish_reason: Option<String>,
 }
 
 /// What a journaled step does.
@@ -327,6 +337,12 @@ pub struct Run {
 pub enum StepKind {
     Model,
     Tool,
+    /// A knowledge-base search of a workflow.
+    Retrieve,
+    /// A workflow's pause for a person's approval.
+    Approval,
+    /// The version of a workflow's sub-agent, fixed when it first runs.
+    Agent,
 }
 
 impl StepKind {
@@ -334,6 +350,9 @@ impl StepKind {
         match self {
             StepKind::Model => "model",
             StepKind::Tool => "tool",
+            StepKind::Retrieve => "retrieve",
+            StepKind::Approval => "approval",
+            StepKind::Agent => "agent",
         }
     }
 }
@@ -341,9 +360,11 @@ impl StepKind {
 /// A step about to run, as the journal records it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepStart {
-    /// 0, 1, 2, ...: a run takes the same steps in the same order when it is
-    /// replayed, so the number names the step.
-    pub seq: u32,
+    /// Names the step within its run: the same step has the same path when
+    /// the run is replayed (an agent's steps are `0`, `1`, ... in order; a
+    /// workflow's are its step ids, `each[2]` inside a map, `research/3`
+    /// inside a sub-agent).
+    pub path: String,
     pub kind: StepKind,
     /// The model or tool.
     pub name: String,
@@ -377,7 +398,7 @@ pub type JournalFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, JournalErr
 /// runs, its output before the next one starts.
 pub trait Journal: Send + Sync {
     fn begin<'a>(&'a self, step: &'a StepStart) -> JournalFuture<'a, Begun>;
-    fn finish<'a>(&'a self, seq: u32, ok: bool, output: &'a Value) -> JournalFuture<'a, ()>;
+    fn finish<'a>(&'a self, path: &'a str, ok: bool, output: &'a Value) -> JournalFuture<'a, ()>;
 }
 
 /// A journaled step: what it was given and, once it ended, whether it
@@ -407,39 +428,36 @@ impl MemoryJournal {
 impl Journal for MemoryJournal {
     fn begin<'a>(&'a self, step: &'a StepStart) -> JournalFuture<'a, Begun> {
         let mut steps = self.steps.lock().unwrap_or_else(PoisonError::into_inner);
-        let seq = step.seq as usize;
-        let begun = match steps.get(seq) {
-            Some((_, Some((ok, output)))) => Ok(Begun::Recorded {
-                ok: *ok,
-                output: output.clone(),
-            }),
-            Some((_, None)) => Ok(Begun::Run {
-                key: seq.to_string(),
-                attempt: 2,
-            }),
-            None if seq == steps.len() => {
+        let begun = match steps.iter().position(|(s, _)| s.path == step.path) {
+            Some(i) => match &steps[i].1 {
+                Some((ok, output)) => Begun::Recorded {
+                    ok: *ok,
+                    output: output.clone(),
+                },
+                None => Begun::Run {
+                    key: i.to_string(),
+                    attempt: 2,
+                },
+            },
+            None => {
                 steps.push((step.clone(), None));
-                Ok(Begun::Run {
-                    key: seq.to_string(),
+                Begun::Run {
+                    key: (steps.len() - 1).to_string(),
                     attempt: 1,
-                })
+                }
             }
-            None => Err(JournalError::Lost(format!(
-                "step {seq} begun after step {}",
-                steps.len()
-            ))),
         };
-        Box::pin(std::future::ready(begun))
+        Box::pin(std::future::ready(Ok(begun)))
     }
 
-    fn finish<'a>(&'a self, seq: u32, ok: bool, output: &'a Value) -> JournalFuture<'a, ()> {
+    fn finish<'a>(&'a self, path: &'a str, ok: bool, output: &'a Value) -> JournalFuture<'a, ()> {
         let mut steps = self.steps.lock().unwrap_or_else(PoisonError::into_inner);
-        let done = match steps.get_mut(seq as usize) {
+        let done = match steps.iter_mut().find(|(s, _)| s.path == path) {
             Some(step) => {
                 step.1.get_or_insert((ok, output.clone()));
                 Ok(())
             }
-            None => Err(JournalError::Lost(format!("step {seq} was never begun"))),
+            None => Err(JournalError::Lost(format!("step {path} was never begun"))),
         };
         Box::pin(std::future::ready(done))
     }
@@ -472,6 +490,7 @@ pub async fn run_durable(
         messages: Vec::new(),
         events: Vec::new(),
         tokens: 0,
+        finish_reason: None,
     };
     if !spec.instructions.is_empty() {
         run.messages
@@ -506,9 +525,11 @@ pub async fn run_durable(
             tool_choice: tool_choice.clone(),
             max_tokens: spec.step_tokens,
             temperature: spec.temperature,
+            response_format: None,
+            key: None,
         };
         let start = StepStart {
-            seq,
+            path: seq.to_string(),
             kind: StepKind::Model,
             name: spec.model.clone(),
             input: json!({
@@ -519,8 +540,12 @@ pub async fn run_durable(
             }),
         };
         seq += 1;
-        let reply = match journaled(journal, &start, |_| async {
-            match call_model(spec, model, &request).await {
+        let reply = match journaled(journal, &start, |key| async {
+            let request = ModelRequest {
+                key: Some(key),
+                ..request.clone()
+            };
+            match call_model(model, &request, spec.step_timeout_seconds, spec.retries).await {
                 Ok(reply) => (true, reply_json(&reply)),
                 Err(e) => (false, json!({"error": e.message})),
             }
@@ -532,7 +557,7 @@ pub async fn run_durable(
                 None => {
                     run.outcome = Outcome::Interrupted(format!(
                         "step {} of the journal does not hold a model reply",
-                        start.seq
+                        start.path
                     ));
                     return run;
                 }
@@ -548,6 +573,7 @@ pub async fn run_durable(
             }
         };
         run.tokens += reply.prompt_tokens + reply.completion_tokens;
+        run.finish_reason.clone_from(&reply.finish_reason);
         next_prompt = reply.prompt_tokens + reply.completion_tokens;
         run.events.push(Event::Model {
             step,
@@ -577,7 +603,7 @@ pub async fn run_durable(
             .push(json!({"role": "assistant", "content": reply.content, "tool_calls": calls}));
         for call in &reply.tool_calls {
             let start = StepStart {
-                seq,
+                path: seq.to_string(),
                 kind: StepKind::Tool,
                 name: call.name.clone(),
                 input: json!({"id": call.id, "arguments": call.arguments}),
@@ -611,12 +637,13 @@ pub async fn run_durable(
 
 /// One model step: each try under the step timeout, transient failures
 /// tried again after 1, 2, 4, ... seconds, up to `retries` times.
-async fn call_model(
-    spec: &AgentSpec,
+pub(crate) async fn call_model(
     model: &dyn ChatModel,
     request: &ModelRequest,
+    timeout_seconds: u64,
+    retries: u32,
 ) -> Result<ModelReply, ModelError> {
-    let limit = Duration::from_secs(spec.step_timeout_seconds);
+    let limit = Duration::from_secs(timeout_seconds);
     let mut wait = Duration::from_secs(1);
     let mut tries = 0;
     loop {
@@ -624,11 +651,10 @@ async fn call_model(
             Ok(Ok(reply)) => return Ok(reply),
             Ok(Err(e)) => e,
             Err(_) => ModelError::transient(format!(
-                "the model did not answer within {} s",
-                spec.step_timeout_seconds
+                "the model did not answer within {timeout_seconds} s"
             )),
         };
-        if !error.transient || tries >= spec.retries {
+        if !error.transient || tries >= retries {
             return Err(match tries {
                 0 => error,
                 n => ModelError {
@@ -646,7 +672,7 @@ async fn call_model(
 
 /// Begins a step in the journal, runs it unless the journal has its
 /// output, and records the output.
-async fn journaled<F, Fut>(
+pub(crate) async fn journaled<F, Fut>(
     journal: &dyn Journal,
     start: &StepStart,
     work: F,
@@ -660,19 +686,19 @@ where
         Begun::Run { key, attempt } => {
             if attempt > 1 {
                 tracing::info!(
-                    step = start.seq,
+                    step = %start.path,
                     attempt,
                     "running again a step whose worker stopped before it ended"
                 );
             }
             let (ok, output) = work(key).await;
-            journal.finish(start.seq, ok, &output).await?;
+            journal.finish(&start.path, ok, &output).await?;
             Ok((ok, output))
         }
     }
 }
 
-fn stopped(e: JournalError) -> Outcome {
+pub(crate) fn stopped(e: JournalError) -> Outcome {
     match e {
         JournalError::Cancelled => Outcome::Cancelled,
         JournalError::Stopped(why) => Outcome::Stopped(why),
@@ -680,7 +706,7 @@ fn stopped(e: JournalError) -> Outcome {
     }
 }
 
-fn reply_json(reply: &ModelReply) -> Value {
+pub(crate) fn reply_json(reply: &ModelReply) -> Value {
     json!({
         "content": reply.content,
         "tool_calls": reply.tool_calls.iter().map(|c| json!({
@@ -688,10 +714,11 @@ fn reply_json(reply: &ModelReply) -> Value {
         })).collect::<Vec<_>>(),
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens,
+        "finish_reason": reply.finish_reason,
     })
 }
 
-fn reply_from_json(v: &Value) -> Option<ModelReply> {
+pub(crate) fn reply_from_json(v: &Value) -> Option<ModelReply> {
     let calls = v["tool_calls"]
         .as_array()?
         .iter()
@@ -708,6 +735,7 @@ fn reply_from_json(v: &Value) -> Option<ModelReply> {
         tool_calls: calls,
         prompt_tokens: v["prompt_tokens"].as_u64()?,
         completion_tokens: v["completion_tokens"].as_u64()?,
+        finish_reason: v["finish_reason"].as_str().map(str::to_string),
     })
 }
 
@@ -759,7 +787,7 @@ async fn call_tool(
 }
 
 /// At most [`MAX_TOOL_TEXT`] characters, marked when cut.
-fn cap(text: String) -> (String, bool) {
+pub(crate) fn cap(text: String) -> (String, bool) {
     match text.char_indices().nth(MAX_TOOL_TEXT) {
         Some((end, _)) => (
             format!(
@@ -1011,15 +1039,18 @@ mod tests {
         // The model step ended and the tool step began; then the worker died.
         let journal = MemoryJournal::new();
         let first = call("c1", "effect", "{}");
-        let start = |seq, kind, name: &str| StepStart {
-            seq,
+        let start = |seq: u32, kind, name: &str| StepStart {
+            path: seq.to_string(),
             kind,
             name: name.into(),
             input: json!({}),
         };
         let model_step = start(0, StepKind::Model, "m");
         journal.begin(&model_step).await.unwrap();
-        journal.finish(0, true, &reply_json(&first)).await.unwrap();
+        journal
+            .finish("0", true, &reply_json(&first))
+            .await
+            .unwrap();
         journal
             .begin(&start(1, StepKind::Tool, "effect"))
             .await
@@ -1046,13 +1077,18 @@ mod tests {
 
     impl Journal for StopsAt {
         fn begin<'a>(&'a self, step: &'a StepStart) -> JournalFuture<'a, Begun> {
-            if step.seq >= self.1 {
+            if step.path.parse::<u32>().is_ok_and(|seq| seq >= self.1) {
                 return Box::pin(std::future::ready(Err(self.2.clone())));
             }
             self.0.begin(step)
         }
-        fn finish<'a>(&'a self, seq: u32, ok: bool, output: &'a Value) -> JournalFuture<'a, ()> {
-            self.0.finish(seq, ok, output)
+        fn finish<'a>(
+            &'a self,
+            path: &'a str,
+            ok: bool,
+            output: &'a Value,
+        ) -> JournalFuture<'a, ()> {
+            self.0.finish(path, ok, output)
         }
     }
 

@@ -61,6 +61,13 @@
 //!    the output is flagged as truncated. Bodies that are not UTF-8 are
 //!    decoded lossily, with a note saying so.
 //!
+//! # Workflows
+//!
+//! [`workflow`] holds declared graphs of steps (model calls, tool calls,
+//! searches, branches, parallel maps, human approvals, sub-agents) with
+//! typed templates between them, checked at registration and run durably
+//! through the same [`Journal`] as agents.
+//!
 //! # MCP servers
 //!
 //! [`McpClient`] connects to an operator-configured Model Context Protocol
@@ -79,6 +86,7 @@ mod clock;
 mod http;
 mod mcp;
 mod tool;
+pub mod workflow;
 
 pub use agent::{
     run_agent, run_durable, AgentSpec, Begun, ChatModel, Event, Journal, JournalError,

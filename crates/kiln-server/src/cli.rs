@@ -35,7 +35,10 @@ pub enum Command {
     Kb(crate::commands::kb::KbArgs),
     /// Agents on a running server: create (YAML or JSON), ls, show, rm.
     Agents(crate::commands::agents::AgentsArgs),
-    /// Runs of agents on a running server: start, ls, show, cancel.
+    /// Workflows on a running server: create (YAML or JSON), ls, show, rm.
+    Workflows(crate::commands::agents::AgentsArgs),
+    /// Runs of agents and workflows on a running server: start, ls, show,
+    /// approve, reject, cancel.
     Runs(crate::commands::agents::RunsArgs),
     /// Usage report from the ledger, as a table or CSV.
     Usage(crate::commands::admin::UsageArgs),
@@ -192,6 +195,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Usage(args) => crate::commands::admin::usage(&args),
         Command::Kb(args) => crate::commands::kb::run(&args),
         Command::Agents(args) => crate::commands::agents::run_agents(&args),
+        Command::Workflows(args) => crate::commands::agents::run_workflows(&args),
         Command::Runs(args) => crate::commands::agents::run_runs(&args),
     }
 }

@@ -1,4 +1,4 @@
-//! Agents and their runs under `/api`.
+//! Agents, workflows and their runs under `/api`.
 //!
 //! ```text
 //! GET    /api/agents                 the newest version of each of the tenant's agents
@@ -6,16 +6,26 @@
 //!                                    type); a changed body is a new version
 //! GET    /api/agents/{name}          one agent; ?version=N for an older version
 //! DELETE /api/agents/{name}          retire it (runs already started finish on their version)
-//! POST   /api/runs                   start {agent, input, version?, wait?}: 201 with the run
-//! GET    /api/runs                   the tenant's runs, newest first; ?status= &agent= &limit=
+//! GET    /api/workflows              the same four for workflows
+//! POST   /api/workflows
+//! GET    /api/workflows/{name}
+//! DELETE /api/workflows/{name}
+//! POST   /api/runs                   start {agent, input, version?, wait?} or
+//!                                    {workflow, input: {...}, version?, wait?}: 201 with the run
+//! GET    /api/runs                   the tenant's runs, newest first; ?status= &agent= &workflow= &limit=
 //! GET    /api/runs/{id}              one run with its journaled steps
 //! GET    /api/runs/{id}/events       server-sent events: each step as it begins and ends,
 //!                                    then the run when it ends
 //! POST   /api/runs/{id}/cancel       stop it before its next step
+//! POST   /api/runs/{id}/approve      {comment?}: decide the approval a workflow waits at
+//! POST   /api/runs/{id}/reject       {comment?}
 //! ```
 //!
 //! Any key of a tenant may start and read the tenant's runs; declaring and
-//! retiring agents needs a tenant admin (or the platform admin). The
+//! retiring agents and workflows needs a tenant admin (or the platform
+//! admin). Deciding an approval needs a tenant admin or a key in the
+//! group the step names, and not the key that started the run unless the
+//! step allows it. The
 //! platform admin sees every tenant's runs. Another tenant's agent or run
 //! answers 404 like one that does not exist.
 
@@ -33,7 +43,7 @@ use axum::{Extension, Json, Router};
 use futures::Stream;
 use kiln_store::accounts::Role;
 use kiln_store::runs::{
-    Definition, DefinitionKind, NewRun, RunQuery, RunRecord, RunStatus, StepRecord,
+    Definition, DefinitionKind, NewRun, RunQuery, RunRecord, RunStatus, StepRecord, StepState,
 };
 use kiln_types::error::ErrorCode;
 use serde::Deserialize;
@@ -57,10 +67,17 @@ pub fn routes() -> Router<SharedState> {
     Router::new()
         .route("/api/agents", get(list_agents).post(declare_agent))
         .route("/api/agents/{name}", get(show_agent).delete(retire_agent))
+        .route("/api/workflows", get(list_workflows).post(declare_workflow))
+        .route(
+            "/api/workflows/{name}",
+            get(show_workflow).delete(retire_workflow),
+        )
         .route("/api/runs", get(list_runs).post(start_run))
         .route("/api/runs/{id}", get(show_run))
         .route("/api/runs/{id}/events", get(run_events))
         .route("/api/runs/{id}/cancel", post(cancel_run))
+        .route("/api/runs/{id}/approve", post(approve_run))
+        .route("/api/runs/{id}/reject", post(reject_run))
 }
 
 type Caller = Extension<Arc<Principal>>;
@@ -70,7 +87,7 @@ fn require_admin(p: &Principal) -> Result<(), ApiError> {
         Role::PlatformAdmin | Role::TenantAdmin => Ok(()),
         Role::Member => Err(ApiError::new(
             ErrorCode::PermissionDenied,
-            "declaring or retiring agents needs a tenant admin key",
+            "declaring or retiring agents and workflows needs a tenant admin key",
         )),
     }
 }
@@ -80,8 +97,11 @@ fn run_scope(p: &Principal) -> Option<String> {
     (p.role() != Role::PlatformAdmin).then(|| p.tenant.id.clone())
 }
 
-fn no_agent(name: &str) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("no agent `{name}`"))
+fn no_definition(kind: DefinitionKind, name: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no {} `{name}`", kind.as_str()),
+    )
 }
 
 fn no_run(id: &str) -> ApiError {
@@ -92,9 +112,9 @@ fn parse_json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
 }
 
-fn agent_json(d: &Definition) -> Value {
+fn definition_json(d: &Definition) -> Value {
     json!({
-        "object": "agent",
+        "object": d.kind.as_str(),
         "name": d.name,
         "version": d.version,
         "created_at": d.created_at_ms / 1000,
@@ -104,10 +124,10 @@ fn agent_json(d: &Definition) -> Value {
 }
 
 fn run_json(r: &RunRecord) -> Value {
-    json!({
+    let mut run = json!({
         "object": "run",
         "id": r.id,
-        "agent": r.name,
+        "kind": r.kind.as_str(),
         "version": r.version,
         "status": r.status.as_str(),
         "input": parse_json(&r.input),
@@ -118,12 +138,15 @@ fn run_json(r: &RunRecord) -> Value {
         "created_at": r.created_at_ms / 1000,
         "updated_at": r.updated_at_ms / 1000,
         "finished_at": r.finished_at_ms.map(|t| t / 1000),
-    })
+    });
+    run[r.kind.as_str()] = json!(r.name);
+    run
 }
 
 fn step_json(s: &StepRecord) -> Value {
     json!({
         "seq": s.seq,
+        "path": s.path,
         "kind": s.kind,
         "name": s.name,
         "state": s.state.as_str(),
@@ -136,20 +159,24 @@ fn step_json(s: &StepRecord) -> Value {
     })
 }
 
-async fn list_agents(State(state): State<SharedState>, Extension(p): Caller) -> Response {
+async fn list_definitions(state: &SharedState, p: &Principal, kind: DefinitionKind) -> Response {
     let tenant = p.tenant.id.clone();
-    match store(&state, move |db| {
-        db.definitions(Some(&tenant), DefinitionKind::Agent)
-    })
-    .await
-    {
+    match store(state, move |db| db.definitions(Some(&tenant), kind)).await {
         Ok(defs) => Json(json!({
             "object": "list",
-            "data": defs.iter().map(agent_json).collect::<Vec<_>>(),
+            "data": defs.iter().map(definition_json).collect::<Vec<_>>(),
         }))
         .into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+async fn list_agents(State(state): State<SharedState>, Extension(p): Caller) -> Response {
+    list_definitions(&state, &p, DefinitionKind::Agent).await
+}
+
+async fn list_workflows(State(state): State<SharedState>, Extension(p): Caller) -> Response {
+    list_definitions(&state, &p, DefinitionKind::Workflow).await
 }
 
 /// A declaration's body: JSON, or YAML when the content type says so.
@@ -177,51 +204,89 @@ fn declaration(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
     }
 }
 
+/// Checks a declaration and saves it as the newest version: 201 when it
+/// made a new version, 200 when the same body was saved already.
+async fn declare(
+    state: &SharedState,
+    p: &Principal,
+    kind: DefinitionKind,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    require_admin(p)?;
+    let text = declaration(headers, body)?.to_string();
+    let name = match kind {
+        DefinitionKind::Agent => runs::agent_spec(state, &text)?.name,
+        DefinitionKind::Workflow => runs::workflow_spec(state, &p.tenant.id, &text).await?.name,
+    };
+    let (tenant, by) = (p.tenant.id.clone(), p.key.as_ref().map(|k| k.id.clone()));
+    let before = {
+        let (tenant, name) = (tenant.clone(), name.clone());
+        store(state, move |db| db.definition(&tenant, kind, &name, None)).await?
+    };
+    let saved = store(state, move |db| {
+        db.put_definition(
+            &tenant,
+            kind,
+            &name,
+            &text,
+            by.as_deref(),
+            kiln_store::now_ms(),
+        )
+    })
+    .await?;
+    let status = if before.is_none_or(|b| b.version != saved.version) {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(definition_json(&saved))).into_response())
+}
+
 async fn declare_agent(
     State(state): State<SharedState>,
     Extension(p): Caller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let result = async {
-        require_admin(&p)?;
-        let text = declaration(&headers, &body)?.to_string();
-        let spec = runs::agent_spec(&state, &text)?;
-        let (tenant, by) = (p.tenant.id.clone(), p.key.as_ref().map(|k| k.id.clone()));
-        let before = {
-            let (tenant, name) = (tenant.clone(), spec.name.clone());
-            store(&state, move |db| {
-                db.definition(&tenant, DefinitionKind::Agent, &name, None)
-            })
-            .await?
-        };
-        let name = spec.name.clone();
-        let saved = store(&state, move |db| {
-            db.put_definition(
-                &tenant,
-                DefinitionKind::Agent,
-                &name,
-                &text,
-                by.as_deref(),
-                kiln_store::now_ms(),
-            )
-        })
-        .await?;
-        let created = before.is_none_or(|b| b.version != saved.version);
-        let status = if created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        };
-        Ok::<_, ApiError>((status, Json(agent_json(&saved))).into_response())
-    }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    declare(&state, &p, DefinitionKind::Agent, &headers, &body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn declare_workflow(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    declare(&state, &p, DefinitionKind::Workflow, &headers, &body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 #[derive(Debug, Deserialize)]
 struct VersionQuery {
     version: Option<i64>,
+}
+
+async fn show_definition(
+    state: &SharedState,
+    p: &Principal,
+    kind: DefinitionKind,
+    name: String,
+    version: Option<i64>,
+) -> Response {
+    let (tenant, lookup) = (p.tenant.id.clone(), name.clone());
+    match store(state, move |db| {
+        db.definition(&tenant, kind, &lookup, version)
+    })
+    .await
+    {
+        Ok(Some(d)) => Json(definition_json(&d)).into_response(),
+        Ok(None) => no_definition(kind, &name).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn show_agent(
@@ -230,14 +295,37 @@ async fn show_agent(
     Path(name): Path<String>,
     Query(q): Query<VersionQuery>,
 ) -> Response {
+    show_definition(&state, &p, DefinitionKind::Agent, name, q.version).await
+}
+
+async fn show_workflow(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path(name): Path<String>,
+    Query(q): Query<VersionQuery>,
+) -> Response {
+    show_definition(&state, &p, DefinitionKind::Workflow, name, q.version).await
+}
+
+async fn retire(
+    state: &SharedState,
+    p: &Principal,
+    kind: DefinitionKind,
+    name: String,
+) -> Response {
+    if let Err(e) = require_admin(p) {
+        return e.into_response();
+    }
     let (tenant, lookup) = (p.tenant.id.clone(), name.clone());
-    match store(&state, move |db| {
-        db.definition(&tenant, DefinitionKind::Agent, &lookup, q.version)
+    match store(state, move |db| {
+        db.retire_definition(&tenant, kind, &lookup, kiln_store::now_ms())
     })
     .await
     {
-        Ok(Some(d)) => Json(agent_json(&d)).into_response(),
-        Ok(None) => no_agent(&name).into_response(),
+        Ok(true) => {
+            Json(json!({"object": kind.as_str(), "name": name, "deleted": true})).into_response()
+        }
+        Ok(false) => no_definition(kind, &name).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -247,31 +335,27 @@ async fn retire_agent(
     Extension(p): Caller,
     Path(name): Path<String>,
 ) -> Response {
-    if let Err(e) = require_admin(&p) {
-        return e.into_response();
-    }
-    let (tenant, lookup) = (p.tenant.id.clone(), name.clone());
-    match store(&state, move |db| {
-        db.retire_definition(
-            &tenant,
-            DefinitionKind::Agent,
-            &lookup,
-            kiln_store::now_ms(),
-        )
-    })
-    .await
-    {
-        Ok(true) => Json(json!({"object": "agent", "name": name, "deleted": true})).into_response(),
-        Ok(false) => no_agent(&name).into_response(),
-        Err(e) => e.into_response(),
-    }
+    retire(&state, &p, DefinitionKind::Agent, name).await
+}
+
+async fn retire_workflow(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path(name): Path<String>,
+) -> Response {
+    retire(&state, &p, DefinitionKind::Workflow, name).await
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StartRun {
-    agent: String,
-    input: String,
+    #[serde(default)]
+    agent: Option<String>,
+    #[serde(default)]
+    workflow: Option<String>,
+    /// A text for an agent; an object of the declared inputs for a workflow.
+    #[serde(default)]
+    input: Value,
     #[serde(default)]
     version: Option<i64>,
     /// Answer when the run has ended (or after `timeout` seconds) instead
@@ -289,34 +373,59 @@ async fn start_run(
 ) -> Response {
     let result = async {
         let req: StartRun = crate::extract::from_value(body)?;
-        if req.input.len() > MAX_INPUT {
+        let input_len = req.input.to_string().len();
+        if input_len > MAX_INPUT {
             return Err(ApiError::invalid(
                 "input",
-                format!(
-                    "the input is {} bytes; the limit is {MAX_INPUT}",
-                    req.input.len()
-                ),
+                format!("the input is {input_len} bytes; the limit is {MAX_INPUT}"),
             ));
         }
         let wait = Duration::from_secs(req.timeout.unwrap_or(120)).min(MAX_WAIT);
-        let (tenant, name) = (p.tenant.id.clone(), req.agent.clone());
+        let (kind, name) = match (&req.agent, &req.workflow) {
+            (Some(a), None) => (DefinitionKind::Agent, a.clone()),
+            (None, Some(w)) => (DefinitionKind::Workflow, w.clone()),
+            _ => {
+                return Err(ApiError::invalid(
+                    "agent",
+                    "name either an `agent` or a `workflow` to run",
+                ))
+            }
+        };
+        let (tenant, lookup) = (p.tenant.id.clone(), name.clone());
         let def = store(&state, move |db| {
-            db.definition(&tenant, DefinitionKind::Agent, &name, req.version)
+            db.definition(&tenant, kind, &lookup, req.version)
         })
         .await?
-        .ok_or_else(|| no_agent(&req.agent))?;
-        // The declaration was checked when saved; the model must still be
-        // served, and the key allowed to use it.
-        let spec = runs::agent_spec(&state, &def.body)?;
-        p.check_model(&spec.model)?;
+        .ok_or_else(|| no_definition(kind, &name))?;
+        // The declaration was checked when saved; its models must still be
+        // served, the key allowed to use them, and the input fit.
+        let input = match kind {
+            DefinitionKind::Agent => {
+                let spec = runs::agent_spec(&state, &def.body)?;
+                p.check_model(&spec.model)?;
+                match req.input {
+                    Value::String(text) => Value::String(text),
+                    _ => return Err(ApiError::invalid("input", "an agent's input is a text")),
+                }
+            }
+            DefinitionKind::Workflow => {
+                let workflow = runs::workflow_spec(&state, &p.tenant.id, &def.body).await?;
+                for model in workflow.models() {
+                    p.check_model(model)?;
+                }
+                workflow
+                    .check_inputs(&req.input)
+                    .map_err(|e| ApiError::invalid("input", e))?
+            }
+        };
         let new = NewRun {
             id: format!("run-{}", uuid::Uuid::new_v4().simple()),
             tenant_id: p.tenant.id.clone(),
             key_id: p.key.as_ref().map(|k| k.id.clone()),
-            kind: DefinitionKind::Agent,
+            kind,
             name: def.name.clone(),
             version: def.version,
-            input: Value::String(req.input).to_string(),
+            input: input.to_string(),
         };
         let owner = state.meter.replica_id.clone();
         let run = store(&state, move |db| {
@@ -358,6 +467,7 @@ async fn wait_for_end(
 struct RunsQuery {
     status: Option<String>,
     agent: Option<String>,
+    workflow: Option<String>,
     limit: Option<usize>,
 }
 
@@ -382,7 +492,7 @@ async fn list_runs(
     let query = RunQuery {
         tenant_id: run_scope(&p),
         status,
-        name: q.agent,
+        name: q.agent.or(q.workflow),
         limit: q.limit.unwrap_or(100).clamp(1, 1000),
     };
     match store(&state, move |db| db.runs(&query)).await {
@@ -412,6 +522,17 @@ async fn show_run(
         let run_id = run.id.clone();
         let steps = store(&state, move |db| db.steps(&run_id)).await?;
         let mut body = run_json(&run);
+        if run.status == RunStatus::Waiting {
+            let waiting = steps
+                .iter()
+                .rev()
+                .find(|s| s.kind == "approval" && s.state == StepState::Started);
+            if let Some(step) = waiting {
+                let input = parse_json(&step.input);
+                body["waiting_for"] = json!({"step": step.path, "message": input["message"],
+                    "group": input["group"], "allow_self": input["allow_self"]});
+            }
+        }
         body["journal"] = steps.iter().map(step_json).collect();
         Ok::<_, ApiError>(Json(body).into_response())
     }
@@ -434,6 +555,59 @@ async fn cancel_run(
         Ok(None) => no_run(&id).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    #[serde(default)]
+    comment: String,
+}
+
+async fn decide(
+    state: &SharedState,
+    p: &Principal,
+    id: &str,
+    approved: bool,
+    body: &[u8],
+) -> Response {
+    let parsed: Result<DecisionBody, _> = if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(DecisionBody::default())
+    } else {
+        serde_json::from_slice(body)
+    };
+    let comment = match parsed {
+        Ok(b) => b.comment,
+        Err(e) => {
+            return ApiError::invalid(
+                "comment",
+                format!("the body must be {{\"comment\": \"...\"}}: {e}"),
+            )
+            .into_response()
+        }
+    };
+    match runs::approve(state, p, id, runs::Decision { approved, comment }).await {
+        Ok(run) => Json(run_json(&run)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn approve_run(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    decide(&state, &p, &id, true, &body).await
+}
+
+async fn reject_run(
+    State(state): State<SharedState>,
+    Extension(p): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    decide(&state, &p, &id, false, &body).await
 }
 
 /// What an event stream has sent so far.

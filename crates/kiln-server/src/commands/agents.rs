@@ -1,14 +1,18 @@
-//! `kiln agents` and `kiln runs`: agents and their durable runs on a
-//! running server, through its `/api/agents` and `/api/runs` routes.
+//! `kiln agents`, `kiln workflows` and `kiln runs`: agents, workflows and
+//! their durable runs on a running server, through its `/api/agents`,
+//! `/api/workflows` and `/api/runs` routes.
 //!
 //! ```text
 //! kiln agents create maths.yaml          # declare (YAML or JSON); a change is a new version
 //! kiln agents ls
 //! kiln agents show maths [--version 1]
 //! kiln agents rm maths
+//! kiln workflows create triage.yaml     # the same four for workflows
 //! kiln runs start maths "What is 17 * 23?"   # follows the run to its end
-//! kiln runs ls [--status running] [--agent maths]
+//! kiln runs start --workflow triage '{"ticket": "..."}'
+//! kiln runs ls [--status waiting] [--agent maths | --workflow triage]
 //! kiln runs show run-...                 # the run and its journal
+//! kiln runs approve run-... [--comment "ok"]   # or reject
 //! kiln runs cancel run-...
 //! ```
 
@@ -67,11 +71,17 @@ pub struct RunsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum RunsCommand {
-    /// Start a run of an agent and follow it to its end.
+    /// Start a run of an agent (or a workflow) and follow it to its end,
+    /// or until it waits for an approval.
     Start {
-        agent: String,
+        /// The agent (the workflow with --workflow).
+        name: String,
+        /// A text for an agent; a JSON object of its inputs for a workflow.
         input: String,
-        /// Pin an older version of the agent.
+        /// Run the workflow NAME.
+        #[arg(long)]
+        workflow: bool,
+        /// Pin an older version.
         #[arg(long)]
         version: Option<i64>,
         /// Print the run's id and return at once.
@@ -84,11 +94,25 @@ pub enum RunsCommand {
         status: Option<String>,
         #[arg(long)]
         agent: Option<String>,
+        #[arg(long)]
+        workflow: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
     /// Show a run and its journal.
     Show { id: String },
+    /// Approve the step a workflow run waits at, and let it go on.
+    Approve {
+        id: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Reject the step a workflow run waits at.
+    Reject {
+        id: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
     /// Stop a run before its next step.
     Cancel { id: String },
 }
@@ -119,7 +143,12 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow
 }
 
 pub fn run_agents(args: &AgentsArgs) -> anyhow::Result<()> {
-    block_on(agents(args))
+    block_on(definitions(args, "agents"))
+}
+
+/// `kiln workflows`: the same commands as `kiln agents`.
+pub fn run_workflows(args: &AgentsArgs) -> anyhow::Result<()> {
+    block_on(definitions(args, "workflows"))
 }
 
 pub fn run_runs(args: &RunsArgs) -> anyhow::Result<()> {
@@ -127,17 +156,32 @@ pub fn run_runs(args: &RunsArgs) -> anyhow::Result<()> {
 }
 
 #[allow(clippy::print_stdout)] // listings and results are the output
-async fn agents(args: &AgentsArgs) -> anyhow::Result<()> {
+async fn definitions(args: &AgentsArgs, route: &str) -> anyhow::Result<()> {
     let api = Api::new(&args.server.url, args.server.api_key.clone());
     match &args.command {
         AgentsCommand::Create { file } => {
             let body = read_declaration(file)?;
-            let a = api.json(Method::POST, "/api/agents", body).await?;
+            let a = api
+                .json(Method::POST, &format!("/api/{route}"), body)
+                .await?;
             println!(
                 "{} version {}",
                 a["name"].as_str().unwrap_or(""),
                 a["version"]
             );
+        }
+        AgentsCommand::Ls if route == "workflows" => {
+            let list = api.json(Method::GET, "/api/workflows", Value::Null).await?;
+            println!("NAME\tVERSION\tSTEPS\tDESCRIPTION");
+            for w in list["data"].as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    w["name"].as_str().unwrap_or(""),
+                    w["version"],
+                    w["spec"]["steps"].as_array().map_or(0, Vec::len),
+                    w["spec"]["description"].as_str().unwrap_or("")
+                );
+            }
         }
         AgentsCommand::Ls => {
             let list = api.json(Method::GET, "/api/agents", Value::Null).await?;
@@ -163,7 +207,7 @@ async fn agents(args: &AgentsArgs) -> anyhow::Result<()> {
             let a = api
                 .json(
                     Method::GET,
-                    &format!("/api/agents/{}{query}", enc(name)),
+                    &format!("/api/{route}/{}{query}", enc(name)),
                     Value::Null,
                 )
                 .await?;
@@ -172,7 +216,7 @@ async fn agents(args: &AgentsArgs) -> anyhow::Result<()> {
         AgentsCommand::Rm { name } => {
             api.json(
                 Method::DELETE,
-                &format!("/api/agents/{}", enc(name)),
+                &format!("/api/{route}/{}", enc(name)),
                 Value::Null,
             )
             .await?;
@@ -187,12 +231,19 @@ async fn runs(args: &RunsArgs) -> anyhow::Result<()> {
     let api = Api::new(&args.server.url, args.server.api_key.clone());
     match &args.command {
         RunsCommand::Start {
-            agent,
+            name,
             input,
+            workflow,
             version,
             no_wait,
         } => {
-            let mut body = json!({"agent": agent, "input": input});
+            let mut body = if *workflow {
+                let inputs: Value = serde_json::from_str(input)
+                    .context("a workflow's input is a JSON object of its inputs")?;
+                json!({"workflow": name, "input": inputs})
+            } else {
+                json!({"agent": name, "input": input})
+            };
             if let Some(v) = version {
                 body["version"] = json!(v);
             }
@@ -208,6 +259,7 @@ async fn runs(args: &RunsArgs) -> anyhow::Result<()> {
         RunsCommand::Ls {
             status,
             agent,
+            workflow,
             limit,
         } => {
             let mut query = format!("?limit={limit}");
@@ -217,15 +269,19 @@ async fn runs(args: &RunsArgs) -> anyhow::Result<()> {
             if let Some(a) = agent {
                 query.push_str(&format!("&agent={}", enc(a)));
             }
+            if let Some(w) = workflow {
+                query.push_str(&format!("&workflow={}", enc(w)));
+            }
             let list = api
                 .json(Method::GET, &format!("/api/runs{query}"), Value::Null)
                 .await?;
-            println!("ID\tAGENT\tVERSION\tSTATUS\tSTEPS\tCREATED");
+            println!("ID\tKIND\tNAME\tVERSION\tSTATUS\tSTEPS\tCREATED");
             for r in list["data"].as_array().into_iter().flatten() {
+                let kind = r["kind"].as_str().unwrap_or("agent");
                 println!(
-                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    "{}\t{kind}\t{}\t{}\t{}\t{}\t{}",
                     r["id"].as_str().unwrap_or(""),
-                    r["agent"].as_str().unwrap_or(""),
+                    r[kind].as_str().unwrap_or(""),
                     r["version"],
                     r["status"].as_str().unwrap_or(""),
                     r["steps"],
@@ -238,6 +294,18 @@ async fn runs(args: &RunsArgs) -> anyhow::Result<()> {
                 .json(Method::GET, &format!("/api/runs/{}", enc(id)), Value::Null)
                 .await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        RunsCommand::Approve { id, comment } | RunsCommand::Reject { id, comment } => {
+            let approve = matches!(args.command, RunsCommand::Approve { .. });
+            let verb = if approve { "approve" } else { "reject" };
+            api.json(
+                Method::POST,
+                &format!("/api/runs/{}/{verb}", enc(id)),
+                json!({"comment": comment}),
+            )
+            .await?;
+            eprintln!("{}d {id}", verb.trim_end_matches('e'));
+            follow(&api, id).await?;
         }
         RunsCommand::Cancel { id } => {
             let r = api
@@ -277,7 +345,21 @@ async fn follow(api: &Api, id: &str) -> anyhow::Result<()> {
         }
         match r["status"].as_str().unwrap_or("") {
             "succeeded" => {
-                println!("{}", r["result"]["answer"].as_str().unwrap_or(""));
+                match (&r["result"]["answer"], &r["result"]["output"]) {
+                    (Value::String(answer), _) => println!("{answer}"),
+                    (_, Value::String(text)) => println!("{text}"),
+                    (_, output) => println!("{}", serde_json::to_string_pretty(output)?),
+                }
+                return Ok(());
+            }
+            "waiting" => {
+                let w = &r["waiting_for"];
+                eprintln!(
+                    "waiting at `{}` for an approval: {}",
+                    w["step"].as_str().unwrap_or(""),
+                    w["message"].as_str().unwrap_or("")
+                );
+                eprintln!("decide with `kiln runs approve {id}` or `kiln runs reject {id}`");
                 return Ok(());
             }
             "failed" | "cancelled" => {
@@ -294,9 +376,40 @@ async fn follow(api: &Api, id: &str) -> anyhow::Result<()> {
 
 /// One line about a finished step.
 fn describe(step: &Value) -> String {
-    let seq = &step["seq"];
+    let seq = match &step["path"] {
+        Value::String(path) => path.clone(),
+        _ => step["seq"].to_string(),
+    };
     let out = &step["output"];
     match step["kind"].as_str() {
+        Some("approval") => format!(
+            "[{seq}] {} by {}",
+            if out["approved"] == Value::Bool(true) {
+                "approved"
+            } else {
+                "rejected"
+            },
+            out["by"].as_str().unwrap_or("")
+        ),
+        Some("retrieve") => format!(
+            "[{seq}] search of {} -> {} passages",
+            step["name"].as_str().unwrap_or(""),
+            out.as_array().map_or(0, Vec::len)
+        ),
+        Some("agent") => format!(
+            "[{seq}] agent {} version {}",
+            step["name"].as_str().unwrap_or(""),
+            out["version"]
+        ),
+        Some("model") if out["tool_calls"].as_array().is_none_or(Vec::is_empty) => {
+            let text: String = out["content"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(120)
+                .collect();
+            format!("[{seq}] model -> {}", text.replace('\n', " "))
+        }
         Some("model") => {
             let calls: Vec<String> = out["tool_calls"]
                 .as_array()
@@ -310,11 +423,7 @@ fn describe(step: &Value) -> String {
                     )
                 })
                 .collect();
-            if calls.is_empty() {
-                format!("[{seq}] model answered")
-            } else {
-                format!("[{seq}] model calls {}", calls.join(", "))
-            }
+            format!("[{seq}] model calls {}", calls.join(", "))
         }
         _ => {
             let text: String = out["text"]
@@ -367,5 +476,10 @@ mod tests {
         );
         let tool = json!({"seq": 1, "kind": "tool", "name": "calculator", "output": {"text": "6"}});
         assert_eq!(describe(&tool), "[1] calculator -> 6");
+        let approval = json!({"seq": 2, "path": "sign_off", "kind": "approval",
+            "output": {"approved": false, "by": "ops (key-1)"}});
+        assert_eq!(describe(&approval), "[sign_off] rejected by ops (key-1)");
+        let answer = json!({"seq": 3, "path": "each[0]", "kind": "model", "output": {"content": "Hi\nthere"}});
+        assert_eq!(describe(&answer), "[each[0]] model -> Hi there");
     }
 }

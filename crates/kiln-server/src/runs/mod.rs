@@ -13,6 +13,12 @@
 //! Before each step the journal checks that the run was not cancelled and
 //! that its key and tenant may still spend: a key revoked mid-run ends the
 //! run as `failed`, saying so, before its next step.
+//!
+//! Steps are named by path (an agent's `0`, `1`, ...; a workflow's step
+//! ids, `each[2]`, `research/3`); the journal numbers them in the order they
+//! first begin and finds a replayed step by its path. A workflow that
+//! reaches an approval step is set `waiting` and let go: nobody holds it
+//! until the API records a decision ([`approve`]) and drives it on.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,9 +40,11 @@ use crate::error::ApiError;
 
 mod crash;
 mod tools;
+mod workflow;
 
 use tools::tools_for_run;
 pub use tools::{add_mcp_tools, default_toolbox, toolbox, HttpToolConfig, SecretHeaderConfig};
+pub use workflow::{approve, workflow_spec, Decision};
 
 /// The endpoint an agent's model calls are recorded under in the ledger.
 pub const RUNS_ENDPOINT: &str = "/api/runs";
@@ -157,11 +165,55 @@ struct StoreJournal {
     owner: String,
     /// Who the run's tool calls are recorded against.
     caller: Caller,
+    /// Each journaled step's seq by path, and the next seq.
+    seqs: Mutex<(HashMap<String, i64>, i64)>,
     /// Tool steps this worker is running: their tool and start.
-    tools_running: Mutex<HashMap<u32, (String, Instant)>>,
+    tools_running: Mutex<HashMap<i64, (String, Instant)>>,
 }
 
 impl StoreJournal {
+    fn new(
+        state: &SharedState,
+        run: &RunRecord,
+        owner: &str,
+        steps: &[StepRecord],
+    ) -> StoreJournal {
+        let seqs = steps.iter().map(|s| (s.path.clone(), s.seq)).collect();
+        let next = steps.iter().map(|s| s.seq + 1).max().unwrap_or(0);
+        StoreJournal {
+            state: state.clone(),
+            run_id: run.id.clone(),
+            owner: owner.to_string(),
+            caller: Caller {
+                tenant_id: run.tenant_id.clone(),
+                key_id: run.key_id.clone(),
+            },
+            seqs: Mutex::new((seqs, next)),
+            tools_running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The seq of the step at `path`, numbering it when it is new.
+    fn seq(&self, path: &str) -> i64 {
+        let mut seqs = self.seqs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(seq) = seqs.0.get(path) {
+            return *seq;
+        }
+        let seq = seqs.1;
+        seqs.0.insert(path.to_string(), seq);
+        seqs.1 += 1;
+        seq
+    }
+
+    /// The seq of a step already begun.
+    fn known_seq(&self, path: &str) -> Result<i64, JournalError> {
+        let seqs = self.seqs.lock().unwrap_or_else(PoisonError::into_inner);
+        seqs.0
+            .get(path)
+            .copied()
+            .ok_or_else(|| JournalError::Lost(format!("step {path} was never begun")))
+    }
+
     async fn begin_step(&self, step: &StepStart) -> Result<Begun, JournalError> {
         let id = self.run_id.clone();
         let run = with_store(&self.state, move |db| db.run(None, &id)).await?;
@@ -182,9 +234,11 @@ impl StoreJournal {
                 NoPrincipal::Refused(why) => JournalError::Stopped(why),
                 NoPrincipal::Unavailable(why) => JournalError::Lost(why),
             })?;
+        let seq = self.seq(&step.path);
         let new = NewStep {
             run_id: self.run_id.clone(),
-            seq: i64::from(step.seq),
+            seq,
+            path: step.path.clone(),
             kind: step.kind.as_str().to_string(),
             name: step.name.clone(),
             input: step.input.to_string(),
@@ -200,7 +254,7 @@ impl StoreJournal {
                 self.tools_running
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(step.seq, (step.name.clone(), Instant::now()));
+                    .insert(seq, (step.name.clone(), Instant::now()));
             }
             crash::point("begun");
         }
@@ -213,7 +267,7 @@ impl StoreJournal {
     /// key (at no cost), beside the model calls: `tool:<name>`, endpoint
     /// [`RUNS_ENDPOINT`]. The journal stays the record of what it did; a
     /// failure here is logged, not fatal.
-    async fn record_tool_call(&self, seq: u32, ok: bool) {
+    async fn record_tool_call(&self, seq: i64, ok: bool) {
         let Some((tool, started)) = self
             .tools_running
             .lock()
@@ -281,8 +335,9 @@ impl Journal for StoreJournal {
         Box::pin(self.begin_step(step))
     }
 
-    fn finish<'a>(&'a self, seq: u32, ok: bool, output: &'a Value) -> JournalFuture<'a, ()> {
+    fn finish<'a>(&'a self, path: &'a str, ok: bool, output: &'a Value) -> JournalFuture<'a, ()> {
         Box::pin(async move {
+            let seq = self.known_seq(path)?;
             let (owner, run_id, text) =
                 (self.owner.clone(), self.run_id.clone(), output.to_string());
             let state = if ok {
@@ -292,14 +347,7 @@ impl Journal for StoreJournal {
             };
             crash::point("worked");
             let written = with_store(&self.state, move |db| {
-                db.finish_step(
-                    &owner,
-                    &run_id,
-                    i64::from(seq),
-                    state,
-                    &text,
-                    kiln_store::now_ms(),
-                )
+                db.finish_step(&owner, &run_id, seq, state, &text, kiln_store::now_ms())
             })
             .await
             .map(|_| ());
@@ -316,7 +364,7 @@ impl Journal for StoreJournal {
 /// admitted, metered and recorded against the run's key like any other.
 struct ServedModel {
     state: SharedState,
-    run: RunRecord,
+    run_id: String,
     /// The run's key as of its start; the journal checks it again before
     /// every step.
     principal: Arc<Principal>,
@@ -340,15 +388,18 @@ impl ServedModel {
         if let Some(t) = request.temperature {
             body["temperature"] = json!(t);
         }
-        // One id per model step, so the ledger ties each call to its step.
-        let n = request
-            .messages
-            .iter()
-            .filter(|m| m["role"] == "assistant")
-            .count();
+        if let Some(format) = &request.response_format {
+            body["response_format"] = format.clone();
+        }
+        // `<run>-m<seq>`: the ledger names the journal step of each call.
+        let seq = request
+            .key
+            .as_deref()
+            .and_then(|k| k.rsplit(':').next())
+            .unwrap_or("0");
         let call = CallContext::new(
             self.state.clone(),
-            format!("{}-m{n}", self.run.id),
+            format!("{}-m{seq}", self.run_id),
             RUNS_ENDPOINT,
             request.model.clone(),
             principal,
@@ -442,6 +493,9 @@ fn reply_from(completion: &Value) -> Option<ModelReply> {
         completion_tokens: completion["usage"]["completion_tokens"]
             .as_u64()
             .unwrap_or(0),
+        finish_reason: completion["choices"][0]["finish_reason"]
+            .as_str()
+            .map(str::to_string),
     })
 }
 
@@ -473,13 +527,17 @@ pub fn spawn_drive(state: SharedState, run: RunRecord) {
 }
 
 /// Drives a run this replica owns to its end (or until it is no longer
-/// this replica's), then records how it ended.
+/// this replica's, or it waits for a person), then records how it ended.
 async fn drive(state: SharedState, run: RunRecord) {
     let owner = state.meter.replica_id.clone();
     let mut wait = Duration::from_secs(1);
     loop {
         let (status, result, error) = match drive_once(&state, &run, &owner).await {
             Ended::Finished(status, result, error) => (status, result, error),
+            Ended::Paused => {
+                tracing::info!(run = %run.id, "run waiting for an approval");
+                return;
+            }
             Ended::NotOurs(why) => {
                 tracing::info!(run = %run.id, reason = %why, "stopped working on a run");
                 return;
@@ -517,34 +575,94 @@ async fn drive(state: SharedState, run: RunRecord) {
 
 enum Ended {
     Finished(RunStatus, Option<String>, Option<String>),
+    /// Waiting for an approval; nobody holds it meanwhile.
+    Paused,
     NotOurs(String),
     StoreDown(String),
 }
 
-async fn drive_once(state: &SharedState, run: &RunRecord, owner: &str) -> Ended {
-    let failed = |why: String| Ended::Finished(RunStatus::Failed, None, Some(why));
-    if run.kind != DefinitionKind::Agent {
-        return failed(format!(
-            "runs of a {} are not supported yet",
-            run.kind.as_str()
-        ));
-    }
-    let (tenant, name, version) = (run.tenant_id.clone(), run.name.clone(), run.version);
+fn failed(why: String) -> Ended {
+    Ended::Finished(RunStatus::Failed, None, Some(why))
+}
+
+/// What a run needs to take its steps: its definition's body, who it acts
+/// as, its journal so far.
+struct Prepared {
+    body: String,
+    principal: Arc<Principal>,
+    journal: StoreJournal,
+    model: ServedModel,
+}
+
+async fn prepare(state: &SharedState, run: &RunRecord, owner: &str) -> Result<Prepared, Ended> {
+    let (tenant, name, version, kind) = (
+        run.tenant_id.clone(),
+        run.name.clone(),
+        run.version,
+        run.kind,
+    );
     let def = with_store(state, move |db| {
-        db.definition(&tenant, DefinitionKind::Agent, &name, Some(version))
+        db.definition(&tenant, kind, &name, Some(version))
     })
-    .await;
-    let def = match def {
-        Ok(Some(d)) => d,
-        Ok(None) => {
-            return failed(format!(
-                "version {} of agent `{}` is gone",
-                run.version, run.name
-            ))
+    .await
+    .map_err(|e| Ended::StoreDown(e.to_string()))?
+    .ok_or_else(|| {
+        failed(format!(
+            "version {} of {} `{}` is gone",
+            run.version,
+            run.kind.as_str(),
+            run.name
+        ))
+    })?;
+    let principal = match principal_for(state, run).await {
+        Ok(p) => p,
+        Err(NoPrincipal::Refused(why)) => {
+            return Err(failed(format!("the run was stopped: {why}")))
         }
-        Err(e) => return Ended::StoreDown(e.to_string()),
+        Err(NoPrincipal::Unavailable(why)) => return Err(Ended::StoreDown(why)),
     };
-    let spec = match AgentSpec::from_json(&def.body, &state.tools) {
+    let id = run.id.clone();
+    let steps = with_store(state, move |db| db.steps(&id))
+        .await
+        .map_err(|e| Ended::StoreDown(e.to_string()))?;
+    Ok(Prepared {
+        body: def.body,
+        journal: StoreJournal::new(state, run, owner, &steps),
+        model: ServedModel {
+            state: state.clone(),
+            run_id: run.id.clone(),
+            principal: principal.clone(),
+        },
+        principal,
+    })
+}
+
+async fn drive_once(state: &SharedState, run: &RunRecord, owner: &str) -> Ended {
+    let ready = match prepare(state, run, owner).await {
+        Ok(p) => p,
+        Err(ended) => return ended,
+    };
+    let ended = match run.kind {
+        DefinitionKind::Agent => drive_agent(state, run, &ready).await,
+        DefinitionKind::Workflow => workflow::drive(state, run, &ready).await,
+    };
+    match ended {
+        Ended::NotOurs(why) => {
+            // Lost the journal: still ours (the store was down), or not?
+            let id = run.id.clone();
+            match with_store(state, move |db| db.run(None, &id)).await {
+                Ok(Some(r)) if r.owner.as_deref() == Some(owner) && !r.status.is_final() => {
+                    Ended::StoreDown(why)
+                }
+                _ => Ended::NotOurs(why),
+            }
+        }
+        other => other,
+    }
+}
+
+async fn drive_agent(state: &SharedState, run: &RunRecord, ready: &Prepared) -> Ended {
+    let spec = match AgentSpec::from_json(&ready.body, &state.tools) {
         Ok(s) => s,
         Err(e) => {
             return failed(format!(
@@ -554,33 +672,16 @@ async fn drive_once(state: &SharedState, run: &RunRecord, owner: &str) -> Ended 
         }
     };
     let input: String = serde_json::from_str(&run.input).unwrap_or_else(|_| run.input.clone());
-    let principal = match principal_for(state, run).await {
-        Ok(p) => p,
-        Err(NoPrincipal::Refused(why)) => return failed(format!("the run was stopped: {why}")),
-        Err(NoPrincipal::Unavailable(why)) => return Ended::StoreDown(why),
-    };
-    let model = ServedModel {
-        state: state.clone(),
-        run: run.clone(),
-        principal: principal.clone(),
-    };
-    let journal = StoreJournal {
-        state: state.clone(),
-        run_id: run.id.clone(),
-        owner: owner.to_string(),
-        caller: Caller {
-            tenant_id: run.tenant_id.clone(),
-            key_id: run.key_id.clone(),
-        },
-        tools_running: Mutex::new(HashMap::new()),
-    };
-    let tools = tools_for_run(state, principal);
-    let done = kiln_agents::run_durable(&spec, &input, &model, &tools, &journal).await;
+    let tools = tools_for_run(state, ready.principal.clone());
+    let done = kiln_agents::run_durable(&spec, &input, &ready.model, &tools, &ready.journal).await;
     let tokens = done.tokens;
     match done.outcome {
         Outcome::Answered(answer) => Ended::Finished(
             RunStatus::Succeeded,
-            Some(json!({"answer": answer, "tokens": tokens}).to_string()),
+            Some(
+                json!({"answer": answer, "tokens": tokens, "finish_reason": done.finish_reason})
+                    .to_string(),
+            ),
             None,
         ),
         Outcome::StepLimit => failed(format!(
@@ -594,15 +695,7 @@ async fn drive_once(state: &SharedState, run: &RunRecord, owner: &str) -> Ended 
         Outcome::ModelFailed(why) => failed(format!("the model call failed: {why}")),
         Outcome::Stopped(why) => failed(format!("the run was stopped: {why}")),
         Outcome::Cancelled => Ended::Finished(RunStatus::Cancelled, None, Some("cancelled".into())),
-        Outcome::Interrupted(why) => {
-            let id = run.id.clone();
-            match with_store(state, move |db| db.run(None, &id)).await {
-                Ok(Some(r)) if r.owner.as_deref() == Some(owner) && !r.status.is_final() => {
-                    Ended::StoreDown(why)
-                }
-                _ => Ended::NotOurs(why),
-            }
-        }
+        Outcome::Interrupted(why) => Ended::NotOurs(why),
     }
 }
 
@@ -652,6 +745,7 @@ mod tests {
         let mut record = StepRecord {
             run_id: "run-1".into(),
             seq: 2,
+            path: "2".into(),
             kind: "tool".into(),
             name: "calculator".into(),
             input: "{}".into(),
