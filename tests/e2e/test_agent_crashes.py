@@ -7,7 +7,11 @@ The run's model is a scripted OpenAI-compatible upstream (a stand-in for a
 vLLM-style server, which cannot run here): its first reply calls the
 `http_request` tool to POST to an effects server on loopback, which honours
 `Idempotency-Key` and counts what it applied; its second reply answers.
-So a run is three steps: model (seq 0), tool (seq 1), model (seq 2)."""
+So a run is three steps: model (seq 0), tool (seq 1), model (seq 2).
+
+A workflow runs that agent as a sub-agent, waits for an approval, then
+asks the model for a summary; it is killed at the journaling points of
+its sub-agent's steps, of its approval and of the steps after it."""
 
 import json
 import os
@@ -86,7 +90,11 @@ def scripted_model(effects):
             messages = req["messages"]
             prompt = sum(len(str(m.get("content") or "").split()) for m in messages)
             tool_results = [m for m in messages if m["role"] == "tool"]
-            if not tool_results:
+            if not req.get("tools"):
+                # A workflow's model step: no tools offered, a plain answer.
+                message = {"role": "assistant", "content": "summary: " + str(messages[-1]["content"])[:200]}
+                finish, completion = "stop", 6
+            elif not tool_results:
                 args = {"url": f"{effects_url}/charge", "method": "POST", "body": "charge 10"}
                 message = {
                     "role": "assistant",
@@ -267,3 +275,84 @@ def test_a_run_whose_replica_dies_is_taken_over_by_the_other(
         assert "resuming a run from its journal" in "".join(survivor.log)
     finally:
         survivor.stop()
+
+
+WORKFLOW = {
+    "name": "settle",
+    "inputs": {"amount": {"type": "integer"}},
+    "steps": [
+        {"id": "charge", "kind": "agent", "agent": "charger", "input": "Charge {{ inputs.amount }} to account 7."},
+        {"id": "sign_off", "kind": "approval", "message": "Charged: {{ steps.charge.output }}", "allow_self": True},
+        {"id": "summary", "kind": "model", "model": MODEL, "prompt": "Summarise: {{ steps.charge.output }}"},
+    ],
+    "output": "{{ steps.summary.output }}",
+}
+
+# Per process, `begun` counts 1 charge/version, 2 charge/0 (model),
+# 3 charge/1 (the tool), 4 charge/2, 5 sign_off, 6 summary; `worked` and
+# `finished` count the same steps but the approval (decided by the API).
+WORKFLOW_CRASHES = ["begun:3", "worked:3", "finished:3", "begun:5", "begun:6", "worked:5", "ending:1"]
+AFTER_APPROVAL = {"begun:6", "worked:5", "ending:1"}
+
+
+def wait_for_status(url, key, run_id, statuses, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        status, run = api(url, key, "GET", f"/api/runs/{run_id}")
+        assert status == 200, run
+        if run["status"] in statuses:
+            return run
+        assert time.monotonic() < deadline, run
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("crash", WORKFLOW_CRASHES)
+def test_a_workflow_killed_at_every_journaling_point_ends_once_with_one_effect(
+    crash, tmp_path, monkeypatch, effects, scripted_model
+):
+    seen, _ = effects
+    args = ("--config", str(kiln_config(tmp_path, scripted_model)), "--database", str(tmp_path / "kiln.db"))
+    monkeypatch.setenv("KILN_LEASE_SECONDS", "2")
+    monkeypatch.setenv("KILN_CRASH_AT", crash)
+    kiln = start_kiln(*args)
+    key = kiln.admin_key
+    assert api(kiln.url, key, "POST", "/api/agents", AGENT)[0] == 201
+    assert api(kiln.url, key, "POST", "/api/workflows", WORKFLOW)[0] == 201
+    status, run = api(kiln.url, key, "POST", "/api/runs", {"workflow": "settle", "input": {"amount": 10}})
+    assert status == 201, run
+    run_id = run["id"]
+    if crash in AFTER_APPROVAL:
+        wait_for_status(kiln.url, key, run_id, ("waiting",))
+        try:
+            api(kiln.url, key, "POST", f"/api/runs/{run_id}/approve", {"comment": "first life"})
+        except (urllib.error.URLError, ConnectionError):
+            pass
+    assert wait_for_exit(kiln) == -9, f"the server was to SIGKILL itself at {crash}"
+
+    monkeypatch.delenv("KILN_CRASH_AT")
+    kiln = start_kiln(*args, expect_admin_key=False)
+    try:
+        run = wait_for_status(kiln.url, key, run_id, ("waiting", "succeeded", "failed", "cancelled"))
+        if run["status"] == "waiting":
+            assert crash not in AFTER_APPROVAL, run
+            status, decided = api(kiln.url, key, "POST", f"/api/runs/{run_id}/approve", {"comment": "second life"})
+            assert status == 200, decided
+        run = wait_for_end(kiln.url, key, run_id)
+        assert run["status"] == "succeeded", run
+        assert run["result"]["output"].startswith("summary: Summarise: done: "), run["result"]
+        journal = run["journal"]
+        assert [(s["seq"], s["path"], s["state"]) for s in journal] == [
+            (0, "charge/version", "done"), (1, "charge/0", "done"), (2, "charge/1", "done"),
+            (3, "charge/2", "done"), (4, "sign_off", "done"), (5, "summary", "done"),
+        ], journal
+        decision = journal[4]["output"]
+        assert decision["approved"] is True
+        assert decision["comment"] == ("first life" if crash in AFTER_APPROVAL else "second life")
+        tool_key = f"{run_id}:2"
+        with seen.lock:
+            applied = [k for k in seen.applied if k == tool_key]
+        assert len(applied) == 1, seen.requests
+        assert journal[2]["attempts"] == (2 if crash in ("begun:3", "worked:3") else 1), journal[2]
+        assert journal[4]["attempts"] == (2 if crash == "begun:5" else 1), journal[4]
+    finally:
+        kiln.stop()
