@@ -308,3 +308,62 @@ def test_the_cli_declares_runs_and_approves(kiln_url, org, tmp_path):
     assert "[sign_off] approved by e2e (key-" in approved.stderr, approved.stderr
     bad = kiln(org["member"], "runs", "start", "--workflow", "cli-payout", "not json")
     assert bad.returncode != 0 and "JSON object" in bad.stderr, bad.stderr
+
+
+def test_a_retrieve_step_searches_as_the_runs_key_sees_the_knowledge_base(kiln_url, org):
+    from test_knowledge import upload, wait_final
+
+    admin = org["admin"]
+    status, kb = api(kiln_url, admin, "POST", "/api/kbs", {"name": "wf-policies"})
+    assert status == 201, kb
+    for name, text, groups in [
+        ("travel.md", "# Travel\n\nEmployees book economy class for flights under six hours.\n", ()),
+        ("payroll.md", "# Payroll\n\nSalaries are paid on the 25th; bonuses are paid in March.\n", ("finance",)),
+    ]:
+        status, doc = upload(kiln_url, admin, "wf-policies", name, text.encode(), groups=groups)
+        assert status == 202, doc
+        assert wait_final(kiln_url, admin, "wf-policies", doc["id"])["status"] == "ready"
+    workflow = {
+        "name": "ask-policies",
+        "inputs": {"question": {"type": "string"}},
+        "steps": [
+            {"id": "docs", "kind": "retrieve", "knowledge_base": "wf-policies",
+             "query": "{{ inputs.question }}", "top_k": 5},
+            {"id": "answer", "kind": "model", "model": MODEL, "temperature": 0, "max_tokens": 24,
+             "prompt": "Sources:\n{{ join(steps.docs.output, '\\n') }}\n\nQuestion: {{ inputs.question }}"},
+        ],
+        "output": {"found": "{{ length(steps.docs.output) }}", "first": "{{ steps.docs.output[0].document }}",
+                   "passages": "{{ steps.docs.output }}", "answer": "{{ steps.answer.output }}"},
+    }
+    status, made = api(kiln_url, admin, "POST", "/api/workflows", workflow)
+    assert status == 201, made
+
+    def ask(key):
+        status, run = api(kiln_url, key, "POST", "/api/runs",
+                          {"workflow": "ask-policies", "input": {"question": "When are salaries paid?"}, "wait": True})
+        assert status == 201 and run["status"] == "succeeded", run
+        return run
+
+    member = ask(org["member"])["result"]["output"]
+    documents = {p["document"] for p in member["passages"]}
+    assert documents == {"travel.md"}, member
+    assert member["found"] == 1 and member["first"] == "travel.md"
+    finance = ask(org["finance"])
+    output = finance["result"]["output"]
+    assert "payroll.md" in {p["document"] for p in output["passages"]}, output
+    assert any("25th" in p["text"] for p in output["passages"]), output
+    assert all(isinstance(p["score"], (int, float)) for p in output["passages"])
+    # The query embedding and the answer are metered to the run's key.
+    status, ledger = api(kiln_url, admin, "GET", "/api/ledger?limit=200")
+    rows = [r for r in ledger["data"] if str(r.get("request_id", "")).startswith(finance["id"])]
+    assert f"{finance['id']}-m1" in [r["request_id"] for r in rows], rows
+    status, shown = api(kiln_url, org["finance"], "GET", f"/api/runs/{finance['id']}")
+    docs_step = shown["journal"][0]
+    assert (docs_step["path"], docs_step["kind"], docs_step["name"]) == ("docs", "retrieve", "wf-policies")
+    # A knowledge base that does not exist fails the step, naming it.
+    workflow["name"] = "ask-nowhere"
+    workflow["steps"][0]["knowledge_base"] = "nowhere"
+    assert api(kiln_url, admin, "POST", "/api/workflows", workflow)[0] == 201
+    status, run = api(kiln_url, org["member"], "POST", "/api/runs",
+                      {"workflow": "ask-nowhere", "input": {"question": "x"}, "wait": True})
+    assert run["status"] == "failed" and "step `docs`" in run["error"] and "nowhere" in run["error"], run
