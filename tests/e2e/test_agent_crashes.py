@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import start_kiln
+from conftest import kiln_cli, start_kiln
 from test_metering import api
 
 MODEL = "scripted"
@@ -354,5 +354,50 @@ def test_a_workflow_killed_at_every_journaling_point_ends_once_with_one_effect(
         assert len(applied) == 1, seen.requests
         assert journal[2]["attempts"] == (2 if crash in ("begun:3", "worked:3") else 1), journal[2]
         assert journal[4]["attempts"] == (2 if crash == "begun:5" else 1), journal[4]
+    finally:
+        kiln.stop()
+
+
+def test_a_run_stops_cleanly_at_its_cost_budget(tmp_path, effects, scripted_model):
+    """With the model priced at one unit per token, an agent and a workflow
+    whose `max_cost` the first model call already spends start no model
+    call after it; each call is charged in the ledger and the run says
+    what it spent."""
+    db = tmp_path / "kiln.db"
+    kiln = start_kiln("--config", str(kiln_config(tmp_path, scripted_model)), "--database", str(db))
+    key = kiln.admin_key
+    try:
+        kiln_cli(db, "prices", "set", MODEL, "--input", "1000000", "--output", "1000000")
+        budget_agent = dict(AGENT, name="thrifty", max_cost=5)
+        assert api(kiln.url, key, "POST", "/api/agents", budget_agent)[0] == 201
+        status, run = api(kiln.url, key, "POST", "/api/runs", {"agent": "thrifty", "input": "Charge 1.", "wait": True})
+        assert run["status"] == "failed", run
+        assert "charged its budget of 5" in run["error"], run
+        status, shown = api(kiln.url, key, "GET", f"/api/runs/{run['id']}")
+        assert [s["kind"] for s in shown["journal"]] == ["model", "tool"], shown["journal"]
+        first = shown["journal"][0]["output"]
+        assert first["cost_nanos"] == (first["prompt_tokens"] + first["completion_tokens"]) * 10**9, first
+
+        workflow = {
+            "name": "thrifty-flow",
+            "max_cost": 5,
+            "steps": [
+                {"id": "first", "kind": "model", "model": MODEL, "prompt": "one"},
+                {"id": "count", "kind": "tool", "tool": "calculator", "arguments": {"expression": "1 + 1"}},
+                {"id": "second", "kind": "model", "model": MODEL, "prompt": "{{ steps.count.output }}"},
+            ],
+        }
+        assert api(kiln.url, key, "POST", "/api/workflows", workflow)[0] == 201
+        status, run = api(kiln.url, key, "POST", "/api/runs", {"workflow": "thrifty-flow", "input": {}, "wait": True})
+        assert run["status"] == "failed", run
+        assert "step `second` was not started" in run["error"] and "budget of 5" in run["error"], run
+        status, shown = api(kiln.url, key, "GET", f"/api/runs/{run['id']}")
+        assert [s["path"] for s in shown["journal"]] == ["first", "count"], shown["journal"]
+        status, ledger = api(kiln.url, key, "GET", "/api/ledger?limit=50")
+        charged = [r for r in ledger["data"] if r["request_id"] == f"{run['id']}-m0"]
+        assert len(charged) == 1 and float(charged[0]["cost"]) >= 5, charged
+        bad = dict(workflow, name="bad-budget", max_cost=-1)
+        status, e = api(kiln.url, key, "POST", "/api/workflows", bad)
+        assert status == 400 and "max_cost" in e["error"]["message"], e
     finally:
         kiln.stop()

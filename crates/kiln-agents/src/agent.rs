@@ -48,6 +48,11 @@ pub struct AgentSpec {
     /// Tokens (prompt plus completion, over all steps) per run at most.
     #[serde(default)]
     pub max_tokens: Option<u64>,
+    /// Money per run at most, in the currency of the model's price: no
+    /// model step starts once the run's calls have been charged this much
+    /// (so the last step may pass it by what one step costs).
+    #[serde(default)]
+    pub max_cost: Option<f64>,
     /// Tokens one model reply may have.
     #[serde(default = "default_step_tokens")]
     pub step_tokens: u32,
@@ -75,6 +80,21 @@ fn default_step_timeout() -> u64 {
 
 fn default_retries() -> u32 {
     3
+}
+
+/// Why a `max_cost` cannot be used, if it cannot.
+pub(crate) fn check_cost(max_cost: Option<f64>) -> Option<String> {
+    match max_cost {
+        Some(c) if !c.is_finite() || c <= 0.0 || c > 1e9 => {
+            Some("must be a positive amount (at most 1e9)".into())
+        }
+        _ => None,
+    }
+}
+
+/// A money amount in nanos of its currency.
+pub(crate) fn nanos(amount: f64) -> u64 {
+    (amount * 1e9).round() as u64
 }
 
 /// Most retries a declaration may ask for.
@@ -136,6 +156,9 @@ impl AgentSpec {
         }
         if self.max_tokens == Some(0) {
             return bad("max_tokens", "must be at least 1 when given".into());
+        }
+        if let Some(why) = check_cost(self.max_cost) {
+            return bad("max_cost", why);
         }
         if self
             .temperature
@@ -244,6 +267,8 @@ pub struct ModelReply {
     pub completion_tokens: u64,
     /// `stop`, `length` (cut at `max_tokens`), `tool_calls`, ...
     pub finish_reason: Option<String>,
+    /// What the call was charged, in nanos of its price's currency.
+    pub cost_nanos: u64,
 }
 
 /// A model call that failed: `transient` when trying again later may work
@@ -291,6 +316,8 @@ pub enum Outcome {
     StepLimit,
     /// The next step could overspend `max_tokens`.
     TokenBudget,
+    /// The run's calls have been charged `max_cost`.
+    CostBudget,
     /// The model could not be called.
     ModelFailed(String),
     /// Someone asked the run to stop; it stopped before its next step.
@@ -327,6 +354,8 @@ pub struct Run {
     pub messages: Vec<Value>,
     pub events: Vec<Event>,
     pub tokens: u64,
+    /// What its model calls were charged, in nanos.
+    pub cost_nanos: u64,
     /// Why the last model reply ended (`length`: the answer was cut at
     /// `step_tokens`).
     pub finish_reason: Option<String>,
@@ -490,6 +519,7 @@ pub async fn run_durable(
         messages: Vec::new(),
         events: Vec::new(),
         tokens: 0,
+        cost_nanos: 0,
         finish_reason: None,
     };
     if !spec.instructions.is_empty() {
@@ -517,6 +547,10 @@ pub async fn run_durable(
                 run.outcome = Outcome::TokenBudget;
                 return run;
             }
+        }
+        if spec.max_cost.is_some_and(|c| run.cost_nanos >= nanos(c)) {
+            run.outcome = Outcome::CostBudget;
+            return run;
         }
         let request = ModelRequest {
             model: spec.model.clone(),
@@ -573,6 +607,7 @@ pub async fn run_durable(
             }
         };
         run.tokens += reply.prompt_tokens + reply.completion_tokens;
+        run.cost_nanos += reply.cost_nanos;
         run.finish_reason.clone_from(&reply.finish_reason);
         next_prompt = reply.prompt_tokens + reply.completion_tokens;
         run.events.push(Event::Model {
@@ -715,6 +750,7 @@ pub(crate) fn reply_json(reply: &ModelReply) -> Value {
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens,
         "finish_reason": reply.finish_reason,
+        "cost_nanos": reply.cost_nanos,
     })
 }
 
@@ -736,6 +772,7 @@ pub(crate) fn reply_from_json(v: &Value) -> Option<ModelReply> {
         prompt_tokens: v["prompt_tokens"].as_u64()?,
         completion_tokens: v["completion_tokens"].as_u64()?,
         finish_reason: v["finish_reason"].as_str().map(str::to_string),
+        cost_nanos: v["cost_nanos"].as_u64().unwrap_or(0),
     })
 }
 

@@ -110,6 +110,9 @@ pub struct Workflow {
     pub max_steps: u32,
     /// Tokens (prompt plus completion) per run at most.
     pub max_tokens: Option<u64>,
+    /// Money per run at most, in the currency of the models' prices; no
+    /// model step starts once the run has been charged this much.
+    pub max_cost: Option<f64>,
     pub step_timeout_seconds: u64,
     pub retries: u32,
 }
@@ -263,6 +266,8 @@ struct Document {
     max_steps: u32,
     #[serde(default)]
     max_tokens: Option<u64>,
+    #[serde(default)]
+    max_cost: Option<f64>,
     #[serde(default = "default_timeout")]
     step_timeout_seconds: u64,
     #[serde(default = "default_retries")]
@@ -437,6 +442,9 @@ impl Workflow {
         if doc.max_tokens == Some(0) {
             return Err(top("max_tokens", "must be at least 1 when given"));
         }
+        if let Some(why) = crate::agent::check_cost(doc.max_cost) {
+            return Err(top("max_cost", why));
+        }
         if !(1..=86_400).contains(&doc.step_timeout_seconds) {
             return Err(top("step_timeout_seconds", "must be between 1 and 86400"));
         }
@@ -604,6 +612,7 @@ impl Workflow {
             output,
             max_steps: doc.max_steps,
             max_tokens: doc.max_tokens,
+            max_cost: doc.max_cost,
             step_timeout_seconds: doc.step_timeout_seconds,
             retries: doc.retries,
         })

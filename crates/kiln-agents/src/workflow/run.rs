@@ -70,6 +70,8 @@ pub struct WorkflowRun {
     pub skipped: Vec<String>,
     /// Prompt and completion tokens of every model call.
     pub tokens: u64,
+    /// What the model calls were charged, in nanos of their currency.
+    pub cost_nanos: u64,
     /// Journaled calls made (or replayed).
     pub calls: u32,
 }
@@ -90,6 +92,8 @@ impl From<JournalError> for Halt {
 /// What a run has used against its limits; map elements share it.
 struct Usage {
     max_tokens: Option<u64>,
+    /// In nanos.
+    max_cost: Option<u64>,
     max_calls: u32,
     inner: Mutex<Used>,
 }
@@ -100,6 +104,7 @@ struct Used {
     /// Tokens held for model calls under way.
     held: u64,
     calls: u32,
+    cost_nanos: u64,
 }
 
 impl Usage {
@@ -111,6 +116,15 @@ impl Usage {
     /// model call (given back by [`Usage::settle`]).
     fn start(&self, what: &str, reply_tokens: u64) -> Result<(), Halt> {
         let mut used = self.lock();
+        if let Some(limit) = self.max_cost {
+            if reply_tokens > 0 && used.cost_nanos >= limit {
+                return Err(Halt::Failed(format!(
+                    "{what} was not started: the run has been charged its budget of {} ({} spent)",
+                    money(limit),
+                    money(used.cost_nanos)
+                )));
+            }
+        }
         if used.calls >= self.max_calls {
             return Err(Halt::Failed(format!(
                 "{what} would be call {} of a run limited to {} (`max_steps`)",
@@ -131,10 +145,18 @@ impl Usage {
         Ok(())
     }
 
-    fn settle(&self, held: u64, tokens: u64) {
+    fn settle(&self, held: u64, tokens: u64, cost_nanos: u64) {
         let mut used = self.lock();
         used.held = used.held.saturating_sub(held);
         used.tokens += tokens;
+        used.cost_nanos += cost_nanos;
+    }
+
+    /// Money left for a sub-agent.
+    fn cost_left(&self) -> Option<f64> {
+        let used = self.lock();
+        self.max_cost
+            .map(|l| l.saturating_sub(used.cost_nanos) as f64 / 1e9)
     }
 
     /// Tokens left for a sub-agent.
@@ -147,6 +169,12 @@ impl Usage {
     fn calls_left(&self) -> u32 {
         self.max_calls.saturating_sub(self.lock().calls)
     }
+}
+
+/// Nanos as an amount with up to nine decimals.
+fn money(nanos: u64) -> String {
+    let text = format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000);
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// A journal whose paths are under `prefix/`: a sub-agent's steps inside a
@@ -198,6 +226,7 @@ pub async fn run_workflow(
         journal,
         usage: Usage {
             max_tokens: workflow.max_tokens,
+            max_cost: workflow.max_cost.map(crate::agent::nanos),
             max_calls: workflow.max_steps,
             inner: Mutex::new(Used::default()),
         },
@@ -254,6 +283,7 @@ pub async fn run_workflow(
         outputs: outputs.clone(),
         skipped: skipped.into_iter().collect(),
         tokens: used.tokens,
+        cost_nanos: used.cost_nanos,
         calls: used.calls,
     }
 }
@@ -446,23 +476,26 @@ impl Runner<'_> {
         let (ok, output) = match result {
             Ok(r) => r,
             Err(e) => {
-                self.usage.settle(held, 0);
+                self.usage.settle(held, 0, 0);
                 return Err(e.into());
             }
         };
         if !ok {
-            self.usage.settle(held, 0);
+            self.usage.settle(held, 0, 0);
             let why = output["error"].as_str().unwrap_or("the model call failed");
             return Err(failed(format!("the model call failed: {why}")));
         }
         let Some(reply) = reply_from_json(&output) else {
-            self.usage.settle(held, 0);
+            self.usage.settle(held, 0, 0);
             return Err(Halt::Journal(JournalError::Lost(format!(
                 "step {path} of the journal does not hold a model reply"
             ))));
         };
-        self.usage
-            .settle(held, reply.prompt_tokens + reply.completion_tokens);
+        self.usage.settle(
+            held,
+            reply.prompt_tokens + reply.completion_tokens,
+            reply.cost_nanos,
+        );
         let content = reply.content.unwrap_or_default();
         let Some(schema) = &m.schema else {
             return Ok(Value::String(content));
@@ -587,6 +620,9 @@ impl Runner<'_> {
         if let Some(left) = self.usage.tokens_left() {
             spec.max_tokens = Some(spec.max_tokens.map_or(left, |m| m.min(left)).max(1));
         }
+        if let Some(left) = self.usage.cost_left() {
+            spec.max_cost = Some(spec.max_cost.map_or(left, |m| m.min(left)).max(1e-9));
+        }
         spec.max_steps = spec.max_steps.min(self.usage.calls_left().max(1));
         let scoped = Scoped {
             inner: self.journal,
@@ -596,6 +632,7 @@ impl Runner<'_> {
         {
             let mut used = self.usage.lock();
             used.tokens += run.tokens;
+            used.cost_nanos += run.cost_nanos;
             used.calls += u32::try_from(run.events.len()).unwrap_or(u32::MAX);
         }
         match run.outcome {
@@ -606,6 +643,10 @@ impl Runner<'_> {
             ))),
             Outcome::TokenBudget => Err(failed(format!(
                 "the agent `{}` reached the token budget",
+                a.agent
+            ))),
+            Outcome::CostBudget => Err(failed(format!(
+                "the agent `{}` reached the cost budget",
                 a.agent
             ))),
             Outcome::ModelFailed(why) => Err(failed(format!(

@@ -488,3 +488,44 @@ async fn a_sub_agent_journals_its_steps_under_the_step() {
     );
     assert_eq!(run.tokens, 45);
 }
+
+#[tokio::test]
+async fn no_model_step_starts_once_the_cost_budget_is_spent() {
+    let mut v = triage();
+    v["max_cost"] = json!(0.5);
+    let w = compile(v).unwrap();
+    let inputs = w.check_inputs(&json!({"ticket": "x"})).unwrap();
+    let pricey = |text: &str, nanos: u64| ModelReply {
+        cost_nanos: nanos,
+        ..says(text)
+    };
+    // Under budget after the first call: the second runs.
+    let e = env(vec![
+        pricey(r#"{"urgent": false, "cost": 1}"#, 400_000_000),
+        pricey("ok", 1),
+    ]);
+    let run = run_workflow(&w, &inputs, &e, &MemoryJournal::new()).await;
+    assert!(
+        matches!(run.outcome, WorkflowOutcome::Succeeded(_)),
+        "{:?}",
+        run.outcome
+    );
+    assert_eq!(run.cost_nanos, 400_000_001);
+    // Spent by the first call: the second does not start.
+    let e = env(vec![
+        pricey(r#"{"urgent": false, "cost": 1}"#, 500_000_000),
+        pricey("ok", 1),
+    ]);
+    let run = run_workflow(&w, &inputs, &e, &MemoryJournal::new()).await;
+    let WorkflowOutcome::Failed(why) = run.outcome else {
+        panic!()
+    };
+    assert!(
+        why.contains("step `reply` was not started") && why.contains("budget of 0.5 (0.5 spent)"),
+        "{why}"
+    );
+    assert_eq!(e.model.seen.lock().unwrap().len(), 1);
+    let mut bad = triage();
+    bad["max_cost"] = json!(0);
+    assert_eq!(compile(bad).unwrap_err().field, "max_cost");
+}

@@ -15,7 +15,7 @@
 //! Calls that fail before admission (a bad request, a refusal) are recorded
 //! at no cost, in the background.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -221,6 +221,8 @@ pub struct CallContext {
     ended: Arc<AtomicBool>,
     /// `embedded`, or the upstream serving the call.
     backend: Arc<Mutex<String>>,
+    /// What the call was charged once settled, in nanos of its currency.
+    charged: Arc<AtomicI64>,
 }
 
 /// Tokens a call used so far.
@@ -256,7 +258,14 @@ impl CallContext {
             rate: Arc::new(Mutex::new(RateStatus::default())),
             ended: Arc::new(AtomicBool::new(false)),
             backend: Arc::new(Mutex::new(EMBEDDED_BACKEND.to_string())),
+            charged: Arc::new(AtomicI64::new(0)),
         }
+    }
+
+    /// What the call was charged, in nanos of its price's currency (0
+    /// before it is settled, or for a model without a price).
+    pub fn charged_nanos(&self) -> i64 {
+        self.charged.load(Ordering::Relaxed)
     }
 
     fn limits(&self) -> Vec<Limit> {
@@ -457,6 +466,7 @@ impl CallContext {
         match result {
             Ok(Ok(entry)) => {
                 if let Some(e) = entry {
+                    self.charged.store(e.record.cost.nanos(), Ordering::Relaxed);
                     self.state
                         .metrics
                         .cost_nanos

@@ -414,12 +414,17 @@ impl ServedModel {
             },
         };
         match result {
-            Ok(completion) => reply_from(&completion).ok_or_else(|| {
-                ModelError::fatal(format!(
-                    "the model `{}` gave a reply without a message",
-                    request.model
-                ))
-            }),
+            Ok(completion) => reply_from(&completion)
+                .map(|reply| ModelReply {
+                    cost_nanos: u64::try_from(call.charged_nanos()).unwrap_or(0),
+                    ..reply
+                })
+                .ok_or_else(|| {
+                    ModelError::fatal(format!(
+                        "the model `{}` gave a reply without a message",
+                        request.model
+                    ))
+                }),
             Err(e) => {
                 call.failed(e.code.as_str(), Used::default());
                 use kiln_types::error::ErrorCode;
@@ -496,6 +501,8 @@ fn reply_from(completion: &Value) -> Option<ModelReply> {
         finish_reason: completion["choices"][0]["finish_reason"]
             .as_str()
             .map(str::to_string),
+        // Set from the call's settlement by the caller.
+        cost_nanos: 0,
     })
 }
 
@@ -579,6 +586,11 @@ enum Ended {
     Paused,
     NotOurs(String),
     StoreDown(String),
+}
+
+/// A charge in nanos as a decimal amount.
+fn cost(nanos: u64) -> String {
+    kiln_store::money::Money(i64::try_from(nanos).unwrap_or(i64::MAX)).to_string()
 }
 
 fn failed(why: String) -> Ended {
@@ -679,14 +691,20 @@ async fn drive_agent(state: &SharedState, run: &RunRecord, ready: &Prepared) -> 
         Outcome::Answered(answer) => Ended::Finished(
             RunStatus::Succeeded,
             Some(
-                json!({"answer": answer, "tokens": tokens, "finish_reason": done.finish_reason})
-                    .to_string(),
+                json!({"answer": answer, "tokens": tokens, "cost": cost(done.cost_nanos),
+                    "finish_reason": done.finish_reason})
+                .to_string(),
             ),
             None,
         ),
         Outcome::StepLimit => failed(format!(
             "the agent took its {} steps without answering",
             spec.max_steps
+        )),
+        Outcome::CostBudget => failed(format!(
+            "the run was charged its budget of {} ({} spent); no step was started after that",
+            spec.max_cost.unwrap_or(0.0),
+            cost(done.cost_nanos)
         )),
         Outcome::TokenBudget => failed(format!(
             "the next step could have gone past the run's budget of {} tokens ({tokens} used)",

@@ -173,8 +173,9 @@ pub(super) async fn drive(state: &SharedState, run: &RunRecord, ready: &Prepared
         WorkflowOutcome::Succeeded(output) => Ended::Finished(
             RunStatus::Succeeded,
             Some(
-                json!({"output": output, "tokens": done.tokens, "skipped": done.skipped})
-                    .to_string(),
+                json!({"output": output, "tokens": done.tokens,
+                    "cost": super::cost(done.cost_nanos), "skipped": done.skipped})
+                .to_string(),
             ),
             None,
         ),
