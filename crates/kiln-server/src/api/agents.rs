@@ -56,8 +56,10 @@ use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::runs;
 
-/// How often a waiting request or an event stream looks at the journal.
-const POLL: Duration = Duration::from_millis(200);
+/// How often a waiting request or an event stream looks at the journal
+/// when nothing on this replica said it changed (a run another replica
+/// drives).
+const POLL: Duration = Duration::from_millis(500);
 /// Longest `wait` on a new run.
 const MAX_WAIT: Duration = Duration::from_secs(600);
 /// Longest input a run takes, in bytes.
@@ -451,7 +453,9 @@ async fn wait_for_end(
     wait: Duration,
 ) -> Result<RunRecord, ApiError> {
     let started = Instant::now();
+    let mut changed = state.run_watch.watch(id);
     loop {
+        changed.borrow_and_update();
         let lookup = id.to_string();
         let run = store(state, move |db| db.run(None, &lookup))
             .await?
@@ -459,7 +463,8 @@ async fn wait_for_end(
         if run.status.is_final() || run.status == RunStatus::Waiting || started.elapsed() >= wait {
             return Ok(run);
         }
-        tokio::time::sleep(POLL).await;
+        let left = wait.saturating_sub(started.elapsed());
+        let _ = tokio::time::timeout(POLL.min(left), changed.changed()).await;
     }
 }
 
@@ -546,11 +551,12 @@ async fn cancel_run(
     Path(id): Path<String>,
 ) -> Response {
     let (scope, lookup) = (run_scope(&p), id.clone());
-    match store(&state, move |db| {
+    let cancelled = store(&state, move |db| {
         db.cancel_run(scope.as_deref(), &lookup, kiln_store::now_ms())
     })
-    .await
-    {
+    .await;
+    state.run_changed(&id);
+    match cancelled {
         Ok(Some(run)) => Json(run_json(&run)).into_response(),
         Ok(None) => no_run(&id).into_response(),
         Err(e) => e.into_response(),
@@ -619,6 +625,8 @@ struct Watch {
     /// The run status last sent (only `waiting` and final ones are sent).
     status: Option<RunStatus>,
     looked: bool,
+    /// Wakes the stream when this replica changed a run.
+    changed: tokio::sync::watch::Receiver<u64>,
     pending: std::collections::VecDeque<Event>,
     ended: bool,
 }
@@ -633,6 +641,7 @@ async fn run_events(
         Err(e) => return e.into_response(),
     };
     let watch = Watch {
+        changed: state.run_watch.watch(&run.id),
         state,
         run_id: run.id,
         sent: Vec::new(),
@@ -656,9 +665,10 @@ fn watch_events(watch: Watch) -> impl Stream<Item = Result<Event, Infallible>> {
                 return None;
             }
             if w.looked {
-                tokio::time::sleep(POLL).await;
+                let _ = tokio::time::timeout(POLL, w.changed.changed()).await;
             }
             w.looked = true;
+            w.changed.borrow_and_update();
             let id = w.run_id.clone();
             let seen = store(&w.state, move |db| Ok((db.run(None, &id)?, db.steps(&id)?))).await;
             let Ok((Some(run), steps)) = seen else {

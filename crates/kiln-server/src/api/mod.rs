@@ -52,6 +52,10 @@ pub struct AppState {
     pub rerank: Option<crate::knowledge::RerankConfig>,
     /// The tools agents may be given.
     pub tools: kiln_agents::ToolBox,
+    /// Wakes the requests waiting on a run and its event streams when
+    /// this replica writes to the run or its journal (runs other replicas
+    /// drive are looked at on a timer).
+    pub run_watch: crate::runs::RunWatch,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -67,7 +71,13 @@ impl AppState {
             knowledge: None,
             rerank: None,
             tools: crate::runs::default_toolbox(),
+            run_watch: crate::runs::RunWatch::default(),
         }
+    }
+
+    /// Wakes whatever waits on run `id` (see `run_watch`).
+    pub fn run_changed(&self, id: &str) {
+        self.run_watch.changed(id);
     }
 
     pub fn db(&self) -> &Arc<dyn Database> {

@@ -46,6 +46,32 @@ use tools::tools_for_run;
 pub use tools::{add_mcp_tools, default_toolbox, toolbox, HttpToolConfig, SecretHeaderConfig};
 pub use workflow::{approve, workflow_spec, Decision};
 
+/// Who waits on which run: a request with `wait`, an event stream. Each
+/// watched run has a counter its watchers wake on.
+#[derive(Default)]
+pub struct RunWatch {
+    runs: Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>,
+}
+
+impl RunWatch {
+    /// A receiver that wakes when this replica changes run `id`.
+    pub fn watch(&self, id: &str) -> tokio::sync::watch::Receiver<u64> {
+        let mut runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
+        runs.retain(|_, tx| tx.receiver_count() > 0);
+        runs.entry(id.to_string())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Wakes the watchers of run `id`, if it has any.
+    pub fn changed(&self, id: &str) {
+        let runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = runs.get(id) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
 /// The endpoint an agent's model calls are recorded under in the ledger.
 pub const RUNS_ENDPOINT: &str = "/api/runs";
 
@@ -248,6 +274,7 @@ impl StoreJournal {
             db.begin_step(&owner, &new, kiln_store::now_ms())
         })
         .await?;
+        self.state.run_changed(&self.run_id);
         let begun = begun(&record)?;
         if matches!(begun, Begun::Run { .. }) {
             if step.kind == StepKind::Tool {
@@ -351,6 +378,7 @@ impl Journal for StoreJournal {
             })
             .await
             .map(|_| ());
+            self.state.run_changed(&self.run_id);
             crash::point("finished");
             if written.is_ok() {
                 self.record_tool_call(seq, ok).await;
@@ -570,6 +598,7 @@ async fn drive(state: SharedState, run: RunRecord) {
             )
         })
         .await;
+        state.run_changed(&run.id);
         match finished {
             Ok(r) => tracing::info!(run = %r.id, status = r.status.as_str(), "run ended"),
             Err(e) => {
@@ -740,6 +769,29 @@ pub async fn claim_orphans(state: &SharedState) {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn watchers_wake_on_their_runs_changes_only() {
+        let watch = RunWatch::default();
+        let mut a = watch.watch("run-a");
+        let mut b = watch.watch("run-b");
+        watch.changed("run-a");
+        watch.changed("run-nobody-watches");
+        assert!(a.has_changed().unwrap());
+        assert!(!b.has_changed().unwrap());
+        a.borrow_and_update();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            watch.changed("run-b");
+            b.changed().await.unwrap();
+        })
+        .await
+        .unwrap();
+        drop(a);
+        let _c = watch.watch("run-c");
+        let runs = watch.runs.lock().unwrap();
+        assert!(!runs.contains_key("run-a"), "a run nobody watches is forgotten");
+        assert!(runs.contains_key("run-b") && runs.contains_key("run-c"));
+    }
 
     #[test]
     fn replies_are_read_from_completions() {

@@ -201,7 +201,10 @@ async fn pause(state: &SharedState, run: &RunRecord, ready: &Prepared, path: &st
     })
     .await
     {
-        Ok(_) => Ended::Paused,
+        Ok(_) => {
+            state.run_changed(&run.id);
+            Ended::Paused
+        }
         Err(e) => {
             // A cancel asked for meanwhile ends it; anything else means the
             // run is not ours any more.
@@ -330,6 +333,7 @@ pub async fn approve(
     })
     .await?
     .ok_or_else(no_run)?;
+    state.run_changed(&resumed.id);
     tracing::info!(run = %resumed.id, approved = decision.approved, by = %by, "approval decided");
     super::spawn_drive(state.clone(), resumed.clone());
     Ok(resumed)
