@@ -76,9 +76,9 @@
 //! and turns each of the server's tools into an [`McpTool`] named
 //! `<server>__<tool>`. Messages are capped at 4 MiB, every request has a
 //! timeout, tool output is cut at [`MAX_TOOL_TEXT`] characters, and header
-//! and env values from the config are treated as secrets. A stdio server
-//! that exits is not restarted: its tools fail with a clear error until a
-//! new client is connected.
+//! and env values from the config are treated as secrets. A server that
+//! goes away (a stdio child that exits, an HTTP server that stops
+//! answering) is connected again by the next call, with backoff.
 
 mod agent;
 mod calculator;

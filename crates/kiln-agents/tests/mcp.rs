@@ -81,6 +81,10 @@ fn http_server() -> HttpServer {
         .local_addr()
         .unwrap()
         .port();
+    http_server_on(port)
+}
+
+fn http_server_on(port: u16) -> HttpServer {
     let child = Command::new("python3")
         .args([fixture(), "http".to_owned(), port.to_string()])
         .stdin(Stdio::null())
@@ -297,7 +301,7 @@ async fn server_that_is_not_mcp_gives_an_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_exiting_during_a_call_gives_an_error() {
+async fn server_exiting_during_a_call_gives_an_error_and_the_next_call_reconnects() {
     if !mcp_available() {
         return;
     }
@@ -308,16 +312,118 @@ async fn server_exiting_during_a_call_gives_an_error() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no longer running"), "{err}");
-    // Later calls fail the same way, at once.
-    let err = tool(&tools, "fixture__add")
+    // The next call starts the server again and is answered; the call that
+    // was under way is not sent again.
+    let out = tool(&tools, "fixture__add")
         .call(&json!({"a": 1, "b": 1}))
         .await
+        .unwrap();
+    assert_eq!(out.text, "2");
+    // And again, after the new child exits too.
+    tool(&tools, "fixture__exit_now")
+        .call(&json!({}))
+        .await
         .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("MCP server `fixture` is no longer running"),
-        "{err}"
+    let out = tool(&tools, "fixture__echo")
+        .call(&json!({"text": "back"}))
+        .await
+        .unwrap();
+    assert_eq!(out.text, "back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_cannot_be_reached_again_is_retried_with_backoff() {
+    if !mcp_available() {
+        return;
+    }
+    let dir = tempfile_dir();
+    // A wrapper that runs the fixture only while a flag file exists.
+    let flag = dir.join("up");
+    std::fs::write(&flag, "").unwrap();
+    let wrapper = format!(
+        "import os, sys\nif not os.path.exists({flag:?}): sys.exit(7)\nos.execv(sys.executable, [sys.executable, {fixture:?}, 'stdio'])\n",
+        flag = flag.display().to_string(),
+        fixture = fixture()
     );
+    let config = McpServerConfig {
+        name: "flaky".into(),
+        transport: McpTransportConfig::Stdio {
+            command: "python3".into(),
+            args: vec!["-c".into(), wrapper],
+            env: BTreeMap::new(),
+        },
+        timeout_seconds: Some(20),
+    };
+    let client = McpClient::connect(&config).await.unwrap();
+    let tools = client.tools();
+    tool(&tools, "flaky__exit_now")
+        .call(&json!({}))
+        .await
+        .unwrap_err();
+    std::fs::remove_file(&flag).unwrap();
+    let err = tool(&tools, "flaky__add")
+        .call(&json!({"a": 1, "b": 2}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("reconnecting failed"), "{err}");
+    // Within the backoff, calls fail at once without trying.
+    let err = tool(&tools, "flaky__add")
+        .call(&json!({"a": 1, "b": 2}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("trying again shortly"), "{err}");
+    std::fs::write(&flag, "").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let out = tool(&tools, "flaky__add")
+        .call(&json!({"a": 1, "b": 2}))
+        .await
+        .unwrap();
+    assert_eq!(out.text, "3");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_server_that_restarts_gets_a_new_session() {
+    if !mcp_available() {
+        return;
+    }
+    let server = http_server();
+    let port: u16 = server
+        .url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let client = McpClient::connect(&http_config(&server.url)).await.unwrap();
+    let tools = client.tools();
+    let add = tool(&tools, "web__add");
+    assert_eq!(add.call(&json!({"a": 2, "b": 2})).await.unwrap().text, "4");
+    drop(server);
+    let err = add.call(&json!({"a": 2, "b": 2})).await.unwrap_err();
+    assert!(err.to_string().contains("MCP server `web`"), "{err}");
+    // Back on the same address, knowing nothing of the old session.
+    let _server = http_server_on(port);
+    let start = Instant::now();
+    let out = loop {
+        match add.call(&json!({"a": 2, "b": 3})).await {
+            Ok(out) => break out,
+            Err(e) => {
+                assert!(start.elapsed() < Duration::from_secs(20), "{e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    assert_eq!(out.text, "5");
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-mcp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

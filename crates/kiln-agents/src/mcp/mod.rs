@@ -16,8 +16,9 @@
 //!   scrubbed from tool output in case a server echoes them;
 //! - a client is cheap to clone and safe to share; all clones and tools
 //!   share one connection, and the stdio child is killed when the last one
-//!   is dropped. There is no reconnect: once a stdio server has exited,
-//!   every call fails with a clear error until a new client is connected.
+//!   is dropped. When the connection breaks (the stdio server exits, the
+//!   HTTP server stops answering), the next call connects again, with
+//!   backoff; a call under way when it broke is not sent twice.
 
 mod config;
 mod http;
@@ -140,12 +141,40 @@ struct RemoteTool {
 }
 
 /// A connection to one MCP server. Clones share the connection.
+///
+/// When the server goes away (a stdio server exits, an HTTP server stops
+/// answering or forgets the session), the next tool call connects again:
+/// a new child or session, the handshake, then the call. A call that was
+/// under way when the connection broke is not sent again, since its effect
+/// may have happened; it fails with the reason. Reconnecting waits 1, 2, 4
+/// ... up to 30 s between failed tries, failing calls at once meanwhile.
 #[derive(Clone)]
 pub struct McpClient {
+    /// The first session: the server's name, protocol and tools as listed
+    /// at connect.
     inner: Arc<Inner>,
+    /// How to connect again, and the session calls go to now.
+    live: Arc<Live>,
     /// Timeout of each tool call made through this handle.
     call_timeout: Duration,
 }
+
+struct Live {
+    config: McpServerConfig,
+    state: tokio::sync::Mutex<LiveState>,
+}
+
+struct LiveState {
+    session: Arc<Inner>,
+    /// The connection broke: connect again before the next call.
+    broken: bool,
+    /// After a failed reconnect: no new try before this, and why.
+    retry_at: Option<(std::time::Instant, String)>,
+    backoff: Duration,
+}
+
+/// Longest wait between two tries to reconnect.
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for McpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -160,6 +189,26 @@ impl std::fmt::Debug for McpClient {
 impl McpClient {
     /// Starts or reaches the server, runs the handshake and lists its tools.
     pub async fn connect(config: &McpServerConfig) -> Result<McpClient, McpError> {
+        let inner = Arc::new(Inner::connect(config).await?);
+        Ok(McpClient {
+            call_timeout: inner.timeout,
+            live: Arc::new(Live {
+                config: config.clone(),
+                state: tokio::sync::Mutex::new(LiveState {
+                    session: inner.clone(),
+                    broken: false,
+                    retry_at: None,
+                    backoff: Duration::from_secs(1),
+                }),
+            }),
+            inner,
+        })
+    }
+}
+
+impl Inner {
+    /// Starts or reaches the server, runs the handshake and lists its tools.
+    async fn connect(config: &McpServerConfig) -> Result<Inner, McpError> {
         config.validate()?;
         let name = config.name.clone();
         let timeout = config.timeout();
@@ -190,17 +239,17 @@ impl McpClient {
             tools = inner.tools.len(),
             "MCP server connected"
         );
-        Ok(McpClient {
-            call_timeout: inner.timeout,
-            inner: Arc::new(inner),
-        })
+        Ok(inner)
     }
+}
 
+impl McpClient {
     /// A handle on the same connection whose tool calls (and the tools it
     /// hands out) time out after `timeout` instead of the configured one.
     pub fn with_timeout(&self, timeout: Duration) -> McpClient {
         McpClient {
             inner: self.inner.clone(),
+            live: self.live.clone(),
             call_timeout: timeout,
         }
     }
@@ -244,9 +293,54 @@ impl McpClient {
     /// Calls the server's tool `name` (its own name, without the
     /// `<server>__` prefix) with an arguments object.
     pub async fn call_tool(&self, name: &str, arguments: &Value) -> Result<ToolOutput, ToolError> {
-        self.inner
-            .call_tool(name, arguments, self.call_timeout)
-            .await
+        let session = self.session().await.map_err(ToolError::RequestFailed)?;
+        let called = session.call_tool(name, arguments, self.call_timeout).await;
+        if let Err(Some(broken)) = &called.as_ref().map_err(|(_, broken)| broken.clone()) {
+            tracing::warn!(server = %self.inner.name, reason = %broken, "the MCP connection broke; the next call connects again");
+            let mut live = self.live.state.lock().await;
+            if Arc::ptr_eq(&live.session, &session) {
+                live.broken = true;
+            }
+        }
+        called.map_err(|(e, _)| e)
+    }
+
+    /// The session to call through, connecting again first when the last
+    /// one broke.
+    async fn session(&self) -> Result<Arc<Inner>, String> {
+        let mut live = self.live.state.lock().await;
+        let closed = match &live.session.transport {
+            Transport::Stdio(t) => t.is_closed(),
+            Transport::Http(_) => false,
+        };
+        if !live.broken && !closed {
+            return Ok(live.session.clone());
+        }
+        if let Some((at, why)) = &live.retry_at {
+            if std::time::Instant::now() < *at {
+                return Err(format!(
+                    "MCP server `{}` is unavailable ({why}); trying again shortly",
+                    self.inner.name
+                ));
+            }
+        }
+        match Inner::connect(&self.live.config).await {
+            Ok(session) => {
+                tracing::info!(server = %self.inner.name, "reconnected to an MCP server");
+                live.session = Arc::new(session);
+                live.broken = false;
+                live.retry_at = None;
+                live.backoff = Duration::from_secs(1);
+                Ok(live.session.clone())
+            }
+            Err(e) => {
+                let why = e.to_string();
+                live.broken = true;
+                live.retry_at = Some((std::time::Instant::now() + live.backoff, why.clone()));
+                live.backoff = (live.backoff * 2).min(MAX_RECONNECT_BACKOFF);
+                Err(format!("reconnecting failed: {why}"))
+            }
+        }
     }
 }
 
@@ -425,18 +519,21 @@ impl Inner {
         })
     }
 
+    /// Calls a tool; a failure comes with, when the connection broke, why
+    /// (the next call must connect again).
     async fn call_tool(
         &self,
         name: &str,
         arguments: &Value,
         timeout: Duration,
-    ) -> Result<ToolOutput, ToolError> {
+    ) -> Result<ToolOutput, (ToolError, Option<String>)> {
         let arguments = match arguments {
             Value::Object(_) => arguments.clone(),
             Value::Null => Value::Object(Map::new()),
             _ => {
-                return Err(ToolError::InvalidArguments(
-                    "arguments must be a JSON object".to_owned(),
+                return Err((
+                    ToolError::InvalidArguments("arguments must be a JSON object".to_owned()),
+                    None,
                 ))
             }
         };
@@ -447,14 +544,21 @@ impl Inner {
                 timeout,
             )
             .await
-            .map_err(|e| self.tool_error(e))?;
+            .map_err(|e| {
+                let broken = matches!(e, McpError::Closed { .. } | McpError::Transport { .. })
+                    .then(|| e.to_string());
+                (self.tool_error(e), broken)
+            })?;
         let text = self.redact(&content_text(&result));
         let (text, truncated) = cap_text(text);
         if result.get("isError").and_then(Value::as_bool) == Some(true) {
-            return Err(ToolError::RequestFailed(format!(
-                "the MCP tool `{}__{name}` reported an error: {text}",
-                self.name
-            )));
+            return Err((
+                ToolError::RequestFailed(format!(
+                    "the MCP tool `{}__{name}` reported an error: {text}",
+                    self.name
+                )),
+                None,
+            ));
         }
         Ok(ToolOutput { text, truncated })
     }

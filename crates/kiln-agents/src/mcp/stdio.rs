@@ -163,6 +163,11 @@ impl StdioTransport {
             .map_err(|_| RpcFailure::Closed(self.closed_reason()))
     }
 
+    /// Whether the server has exited (or closed its output).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.pending.lock().map_or(true, |p| p.closed.is_some())
+    }
+
     fn closed_reason(&self) -> String {
         self.pending
             .lock()
