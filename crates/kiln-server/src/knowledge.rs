@@ -155,7 +155,13 @@ impl Knowledge {
         }
     }
 
-    fn own_url(&self) -> Option<&String> {
+    /// The client this replica reaches the others with.
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+
+    /// This replica's advertised URL, if it has one.
+    pub fn own_url(&self) -> Option<&String> {
         self.advertise_url.get().and_then(Option::as_ref)
     }
 

@@ -511,7 +511,72 @@ fn a_knowledge_base_is_reached_through_either_replica() {
         },
     );
 
+    c.run(
+        "a workflow run on B searches A's knowledge base as its key",
+        || {
+            let workflow = json!({
+                "name": "lookup",
+                "inputs": {"q": {"type": "string"}},
+                "steps": [{"id": "docs", "kind": "retrieve", "knowledge_base": "handbook",
+                           "query": "{{ inputs.q }}", "top_k": 2}],
+                "output": "{{ steps.docs.output[0].document }}",
+            });
+            admin(b.port, &key, "POST", "/api/workflows", workflow)?;
+            let run = admin(
+                b.port,
+                &key,
+                "POST",
+                "/api/runs",
+                json!({"workflow": "lookup", "input": {"q": "paid vacation days"}, "wait": true}),
+            )?;
+            ensure(run["status"] == "succeeded", || run.to_string())?;
+            ensure(run["result"]["output"] == "leave.md", || run.to_string())
+        },
+    );
+
+    c.run(
+        "replicas refuse a search that is not signed with the cluster secret",
+        || {
+            let body = json!({"tenant_id": "t", "key_id": null, "knowledge_base": "handbook",
+                          "query": "vacation", "k": 2, "issued_at_ms": 0})
+            .to_string();
+            for signature in [None, Some("00".repeat(32))] {
+                let mut headers = vec![("Content-Type", "application/json")];
+                if let Some(s) = &signature {
+                    headers.push(("x-kiln-signature", s.as_str()));
+                }
+                let r = request(
+                    a.port,
+                    "POST",
+                    "/internal/kb-search",
+                    &headers,
+                    body.as_bytes(),
+                )?;
+                ensure(r.status == 403, || format!("{} {}", r.status, r.text()))?;
+            }
+            Ok(())
+        },
+    );
+
     a.kill9().expect("SIGKILL replica A");
+    c.run(
+        "with A gone, a run on B fails its search step saying so",
+        || {
+            let run = admin(
+                b.port,
+                &key,
+                "POST",
+                "/api/runs",
+                json!({"workflow": "lookup", "input": {"q": "vacation"}, "wait": true}),
+            )?;
+            ensure(run["status"] == "failed", || run.to_string())?;
+            let error = run["error"].as_str().unwrap_or_default();
+            ensure(
+                error.contains("step `docs`") && error.contains("could not search it"),
+                || run.to_string(),
+            )
+        },
+    );
     c.run(
         "with A gone, B says the knowledge base cannot be reached",
         || {

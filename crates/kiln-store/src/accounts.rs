@@ -299,6 +299,10 @@ pub trait Accounts: Send + Sync {
     fn key_by_hash(&self, secret_sha256: &str) -> Result<Option<KeyOwner>>;
     /// Moves whenever a tenant or key changes.
     fn auth_epoch(&self) -> Result<i64>;
+    /// A secret every replica sharing this database reads, made the first
+    /// time one asks for it: replicas sign what they ask each other on a
+    /// run's behalf with it.
+    fn cluster_secret(&self) -> Result<String>;
     /// Sets a key's monthly limit and rate limits.
     fn update_key_limits(&self, id: &str, limits: &Limits) -> Result<Option<ApiKey>>;
 }

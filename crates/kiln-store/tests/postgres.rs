@@ -94,6 +94,17 @@ on_postgres!(only_lapsed_or_released_runs_are_claimed);
 on_postgres!(cancel_rules);
 on_postgres!(waiting_runs_pause_until_resumed);
 
+/// Two replicas ask for the cluster secret at once: one is made.
+#[test]
+fn two_replicas_read_one_cluster_secret() -> TestResult {
+    let Some(fresh) = Fresh::new() else {
+        return Ok(());
+    };
+    let a: Arc<dyn Database> = Arc::new(fresh.store());
+    let b: Arc<dyn Database> = Arc::new(fresh.store());
+    suite::one_cluster_secret(&[a, b])
+}
+
 /// Two stores (two replicas' pools) race for one budget.
 #[test]
 fn concurrent_reservations_from_two_replicas_never_overspend() -> TestResult {

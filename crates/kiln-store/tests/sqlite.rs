@@ -33,6 +33,11 @@ fn concurrent_reservations_never_overspend() -> TestResult {
 }
 
 #[test]
+fn one_cluster_secret() -> TestResult {
+    suite::one_cluster_secret(&[Arc::new(fresh())])
+}
+
+#[test]
 fn concurrent_reservations_on_a_shared_file_never_overspend() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("kiln.db");

@@ -256,7 +256,7 @@ pub struct Query {
 }
 
 /// One retrieved chunk, with what a citation needs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Hit {
     pub chunk_id: u64,
     pub document_id: String,

@@ -41,7 +41,7 @@ use kiln_rag::kb::{
 use kiln_rag::retrieve::{Fusion, Mode};
 use kiln_store::accounts::Role;
 use kiln_types::error::ErrorCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::SharedState;
@@ -685,6 +685,136 @@ async fn search(
 /// (by name or id), seen with `p`'s groups, the query embedding metered
 /// to `p`. Knowledge bases held by another replica are not reached.
 pub(crate) async fn search_as(
+    state: &SharedState,
+    p: &Arc<Principal>,
+    kb: &str,
+    query: &str,
+    k: usize,
+) -> Result<Vec<kiln_rag::kb::Hit>, ApiError> {
+    match find(state, p, kb) {
+        Ok(_) => search_here(state, p, kb, query, k).await,
+        Err(e) if e.code == ErrorCode::NotFound => {
+            let k_ = knowledge(state)?.clone();
+            let (tenant, key) = (scope(p).map(String::from), kb.to_string());
+            match blocking(move || k_.owner(tenant.as_deref(), &key)).await? {
+                Some(url) => search_elsewhere(state, p, &url, kb, query, k).await,
+                None => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Where a replica asks another to search for a run.
+pub const INTERNAL_SEARCH: &str = "/internal/kb-search";
+/// How old a signed search request may be.
+const SIGNED_FOR_MS: i64 = 60_000;
+
+/// What one replica asks another to search, on behalf of a key (a run's
+/// `kb_search` or `retrieve` step); signed with the cluster secret.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignedSearch {
+    tenant_id: String,
+    key_id: Option<String>,
+    knowledge_base: String,
+    query: String,
+    k: usize,
+    issued_at_ms: i64,
+}
+
+/// Asks the replica at `url`, which holds `kb`, to search it as `p`; it
+/// meters the query embedding to `p`'s key.
+async fn search_elsewhere(
+    state: &SharedState,
+    p: &Arc<Principal>,
+    url: &str,
+    kb: &str,
+    query: &str,
+    k: usize,
+) -> Result<Vec<kiln_rag::kb::Hit>, ApiError> {
+    let knowledge = knowledge(state)?;
+    let body = serde_json::to_vec(&SignedSearch {
+        tenant_id: p.tenant.id.clone(),
+        key_id: p.key.as_ref().map(|k| k.id.clone()),
+        knowledge_base: kb.to_string(),
+        query: query.to_string(),
+        k,
+        issued_at_ms: kiln_store::now_ms(),
+    })
+    .map_err(|_| ApiError::internal())?;
+    let secret = state.cluster_secret().await?;
+    let answer = knowledge
+        .forwarder()
+        .post_signed(url, INTERNAL_SEARCH, body, secret.as_bytes(), knowledge.own_url().map_or("unadvertised", String::as_str))
+        .await
+        .map_err(|why| {
+            ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                format!("knowledge base `{kb}` is held by the replica at {url}, which could not search it: {why}"),
+            )
+        })?;
+    serde_json::from_value(answer["hits"].clone()).map_err(|e| {
+        ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            format!(
+                "the replica at {url} answered a search with hits this replica cannot read: {e}"
+            ),
+        )
+    })
+}
+
+/// `POST /internal/kb-search`: a search another replica asks for on a
+/// key's behalf. Needs the cluster secret's signature over the body and an
+/// issue time within a minute; the key (and its tenant) must still be
+/// usable, and it sees what that key sees. Never forwarded again.
+pub async fn internal_search(
+    State(state): State<SharedState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let result = async {
+        let refused = |m: &str| ApiError::new(ErrorCode::PermissionDenied, m.to_string());
+        let signature = headers
+            .get(crate::forward::SIGNATURE)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| refused("a request between replicas must be signed"))?;
+        let secret = state.cluster_secret().await?;
+        if !crate::forward::verify(secret.as_bytes(), &body, signature) {
+            return Err(refused("the request's signature is not this cluster's"));
+        }
+        let req: SignedSearch =
+            serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+        if (kiln_store::now_ms() - req.issued_at_ms).abs() > SIGNED_FOR_MS {
+            return Err(refused(
+                "the signed request is too old (or the replicas' clocks disagree)",
+            ));
+        }
+        let p = match crate::runs::principal_of(&state, &req.tenant_id, req.key_id.as_deref()).await
+        {
+            Ok(p) => p,
+            Err(crate::runs::NoPrincipal::Refused(why)) => return Err(refused(&why)),
+            Err(crate::runs::NoPrincipal::Unavailable(why)) => {
+                return Err(ApiError::new(ErrorCode::ServiceUnavailable, why))
+            }
+        };
+        find(&state, &p, &req.knowledge_base)?;
+        let hits = search_here(
+            &state,
+            &p,
+            &req.knowledge_base,
+            &req.query,
+            req.k.clamp(1, 50),
+        )
+        .await?;
+        Ok::<_, ApiError>(Json(serde_json::json!({"hits": hits})).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Searches a knowledge base this replica holds as `p` sees it.
+async fn search_here(
     state: &SharedState,
     p: &Arc<Principal>,
     kb: &str,

@@ -56,6 +56,9 @@ pub struct AppState {
     /// this replica writes to the run or its journal (runs other replicas
     /// drive are looked at on a timer).
     pub run_watch: crate::runs::RunWatch,
+    /// The secret replicas sign requests to each other with, read from the
+    /// store when first needed.
+    cluster_secret: tokio::sync::OnceCell<String>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -72,7 +75,24 @@ impl AppState {
             rerank: None,
             tools: crate::runs::default_toolbox(),
             run_watch: crate::runs::RunWatch::default(),
+            cluster_secret: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The secret every replica of this database signs its requests to
+    /// the others with.
+    pub async fn cluster_secret(&self) -> Result<&str, ApiError> {
+        let secret = self
+            .cluster_secret
+            .get_or_try_init(|| async {
+                let db = self.db().clone();
+                tokio::task::spawn_blocking(move || db.cluster_secret())
+                    .await
+                    .map_err(|_| ApiError::internal())?
+                    .map_err(crate::error::store_unavailable)
+            })
+            .await?;
+        Ok(secret.as_str())
     }
 
     /// Wakes whatever waits on run `id` (see `run_watch`).
@@ -150,6 +170,7 @@ pub fn router(state: SharedState, max_body_bytes: usize) -> Router {
     Router::new()
         .merge(model_api)
         .merge(admin_api)
+        .route(kb::INTERNAL_SEARCH, post(kb::internal_search))
         .route("/healthz", get(info::healthz))
         .route("/metrics", get(info::metrics))
         .fallback(not_found)

@@ -102,7 +102,7 @@ pub fn agent_spec(state: &SharedState, body: &str) -> Result<AgentSpec, ApiError
 }
 
 /// Why a run may not act as its key.
-enum NoPrincipal {
+pub(crate) enum NoPrincipal {
     /// The key or tenant may not be used any more: the run must stop.
     Refused(String),
     /// The store could not be asked: try again later.
@@ -115,9 +115,20 @@ async fn principal_for(
     state: &SharedState,
     run: &RunRecord,
 ) -> Result<Arc<Principal>, NoPrincipal> {
+    principal_of(state, &run.tenant_id, run.key_id.as_deref()).await
+}
+
+/// Who acts as key `key_id` of tenant `tenant_id` (no key: the tenant
+/// itself, as under `--no-auth`), if that key and tenant may still be
+/// used, else why not.
+pub(crate) async fn principal_of(
+    state: &SharedState,
+    tenant_id: &str,
+    key_id: Option<&str>,
+) -> Result<Arc<Principal>, NoPrincipal> {
     use NoPrincipal::{Refused, Unavailable};
     let db = state.db().clone();
-    let (tenant_id, key_id) = (run.tenant_id.clone(), run.key_id.clone());
+    let (tenant_id, key_id) = (tenant_id.to_string(), key_id.map(str::to_string));
     let found = tokio::task::spawn_blocking(move || -> kiln_store::Result<_> {
         let tenant = db.tenant(&tenant_id)?;
         let key = match key_id {
@@ -138,6 +149,9 @@ async fn principal_for(
     let key = match key {
         None => None,
         Some(None) => return Err(Refused("the run's API key no longer exists".into())),
+        Some(Some(k)) if k.tenant_id != tenant.id => {
+            return Err(Refused("the API key belongs to another tenant".into()))
+        }
         Some(Some(k)) => {
             if let Some(why) = k.unusable_because(kiln_store::now_ms()) {
                 return Err(Refused(format!("the run's API key {why}")));
@@ -789,7 +803,10 @@ mod tests {
         drop(a);
         let _c = watch.watch("run-c");
         let runs = watch.runs.lock().unwrap();
-        assert!(!runs.contains_key("run-a"), "a run nobody watches is forgotten");
+        assert!(
+            !runs.contains_key("run-a"),
+            "a run nobody watches is forgotten"
+        );
         assert!(runs.contains_key("run-b") && runs.contains_key("run-c"));
     }
 

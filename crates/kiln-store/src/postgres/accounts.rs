@@ -359,6 +359,17 @@ impl Accounts for PgStore {
             .get(0))
     }
 
+    fn cluster_secret(&self) -> Result<String> {
+        let mut conn = self.conn()?;
+        conn.execute(
+            "UPDATE platform SET cluster_secret = $1 WHERE id = 1 AND cluster_secret IS NULL",
+            &[&crate::accounts::new_secret()],
+        )?;
+        Ok(conn
+            .query_one("SELECT cluster_secret FROM platform WHERE id = 1", &[])?
+            .get(0))
+    }
+
     fn update_key_limits(&self, id: &str, limits: &Limits) -> Result<Option<ApiKey>> {
         check_limits(limits)?;
         let mut conn = self.conn()?;

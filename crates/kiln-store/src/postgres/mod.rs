@@ -66,6 +66,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "step_paths",
         sql: include_str!("../../migrations/postgres/0006_step_paths.sql"),
     },
+    Migration {
+        version: 7,
+        name: "cluster_secret",
+        sql: include_str!("../../migrations/postgres/0007_cluster_secret.sql"),
+    },
 ];
 
 /// The newest PostgreSQL schema version this build understands.

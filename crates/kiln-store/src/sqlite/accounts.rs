@@ -358,6 +358,19 @@ impl Accounts for Store {
             .query_row([], |r| r.get(0))?)
     }
 
+    fn cluster_secret(&self) -> Result<String> {
+        let conn = self.lock()?;
+        conn.execute(
+            "UPDATE platform SET cluster_secret = ?1 WHERE id = 1 AND cluster_secret IS NULL",
+            params![crate::accounts::new_secret()],
+        )?;
+        Ok(conn.query_row(
+            "SELECT cluster_secret FROM platform WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
     fn update_key_limits(&self, id: &str, limits: &Limits) -> Result<Option<ApiKey>> {
         check_limits(limits)?;
         let conn = self.lock()?;

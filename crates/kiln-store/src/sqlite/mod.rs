@@ -71,6 +71,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "step_paths",
         sql: include_str!("../../migrations/sqlite/0008_step_paths.sql"),
     },
+    Migration {
+        version: 9,
+        name: "cluster_secret",
+        sql: include_str!("../../migrations/sqlite/0009_cluster_secret.sql"),
+    },
 ];
 
 /// The newest schema version this build understands.

@@ -90,6 +90,25 @@ fn credit(db: &dyn Database, tenant_id: &str, key_id: Option<&str>, amount: &str
     .unwrap();
 }
 
+/// Every replica reads the same cluster secret, made once.
+pub fn one_cluster_secret(dbs: &[Arc<dyn Database>]) -> TestResult {
+    let secrets = std::thread::scope(|s| {
+        let handles: Vec<_> = dbs
+            .iter()
+            .cycle()
+            .take(8)
+            .map(|db| s.spawn(move || db.cluster_secret()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a thread panicked"))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    assert!(secrets[0].len() >= 32, "{}", secrets[0]);
+    assert!(secrets.iter().all(|s| *s == secrets[0]), "{secrets:?}");
+    Ok(())
+}
+
 pub fn tenants_and_keys(db: &dyn Database) -> TestResult {
     let epoch0 = db.auth_epoch()?;
     let acme = tenant(db, "acme");
