@@ -367,3 +367,32 @@ def test_a_retrieve_step_searches_as_the_runs_key_sees_the_knowledge_base(kiln_u
     status, run = api(kiln_url, org["member"], "POST", "/api/runs",
                       {"workflow": "ask-nowhere", "input": {"question": "x"}, "wait": True})
     assert run["status"] == "failed" and "step `docs`" in run["error"] and "nowhere" in run["error"], run
+
+
+def test_the_event_stream_shows_the_wait_and_the_steps_after_it(kiln_url, org):
+    import urllib.request
+
+    api(kiln_url, org["admin"], "POST", "/api/workflows", payout("streamed"))
+    status, run = api(kiln_url, org["member"], "POST", "/api/runs",
+                      {"workflow": "streamed", "input": {"amount": 2, "to": "D"}})
+    assert status == 201, run
+    req = urllib.request.Request(f"{kiln_url}/api/runs/{run['id']}/events",
+                                 headers={"Authorization": f"Bearer {org['member']}"})
+    events = []
+    with urllib.request.urlopen(req, timeout=120) as r:
+        kind = None
+        for raw in r:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line.split(":", 1)[1])
+                events.append((kind, data))
+                if kind == "run" and data["status"] == "waiting":
+                    status, _ = api(kiln_url, org["finance"], "POST", f"/api/runs/{run['id']}/approve", {})
+                    assert status == 200
+    runs = [e["status"] for k, e in events if k == "run"]
+    assert runs == ["waiting", "succeeded"], events
+    steps = [(e["path"], e["state"]) for k, e in events if k == "step"]
+    assert steps == [("sign_off", "started"), ("sign_off", "done"), ("pay", "started"), ("pay", "done")] or \
+        steps == [("sign_off", "started"), ("sign_off", "done"), ("pay", "done")], steps
