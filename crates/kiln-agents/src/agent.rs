@@ -733,7 +733,7 @@ where
     }
 }
 
-pub(crate) fn stopped(e: JournalError) -> Outcome {
+fn stopped(e: JournalError) -> Outcome {
     match e {
         JournalError::Cancelled => Outcome::Cancelled,
         JournalError::Stopped(why) => Outcome::Stopped(why),

@@ -154,20 +154,30 @@ impl Forwarder {
             req = req.header(FORWARDED_BY, v);
         }
         let req = req.body(Body::empty()).map_err(|e| e.to_string())?;
-        let answer = tokio::time::timeout(DESCRIBE_TIMEOUT, async {
+        let (status, body) = self.exchange(req, DESCRIBE_TIMEOUT).await?;
+        if !status.is_success() {
+            return Err(format!("the serving replica answered {status}"));
+        }
+        serde_json::from_slice(&body).map_err(|e| e.to_string())
+    }
+
+    /// Sends `req` and reads the whole answer, all within `limit`.
+    async fn exchange(
+        &self,
+        req: Request,
+        limit: Duration,
+    ) -> Result<(axum::http::StatusCode, axum::body::Bytes), String> {
+        let answer = tokio::time::timeout(limit, async {
             let answer = self.client.request(req).await.map_err(|e| e.to_string())?;
             let status = answer.status();
             let body = http_body_util::BodyExt::collect(answer.into_body())
                 .await
                 .map_err(|e| e.to_string())?
                 .to_bytes();
-            if !status.is_success() {
-                return Err(format!("the serving replica answered {status}"));
-            }
-            serde_json::from_slice(&body).map_err(|e| e.to_string())
+            Ok((status, body))
         })
         .await;
-        answer.unwrap_or_else(|_| Err("the serving replica did not answer in time".into()))
+        answer.unwrap_or_else(|_| Err("the replica did not answer in time".into()))
     }
 }
 
@@ -190,25 +200,16 @@ impl Forwarder {
             req = req.header(FORWARDED_BY, v);
         }
         let req = req.body(Body::from(body)).map_err(|e| e.to_string())?;
-        let answer = tokio::time::timeout(SIGNED_TIMEOUT, async {
-            let answer = self.client.request(req).await.map_err(|e| e.to_string())?;
-            let status = answer.status();
-            let body = http_body_util::BodyExt::collect(answer.into_body())
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            let value: serde_json::Value = serde_json::from_slice(&body)
-                .map_err(|_| format!("the replica answered {status} without JSON"))?;
-            if !status.is_success() {
-                let message = value["error"]["message"]
-                    .as_str()
-                    .unwrap_or("no reason given");
-                return Err(format!("the replica answered {status}: {message}"));
-            }
-            Ok(value)
-        })
-        .await;
-        answer.unwrap_or_else(|_| Err("the replica did not answer in time".into()))
+        let (status, body) = self.exchange(req, SIGNED_TIMEOUT).await?;
+        let value: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|_| format!("the replica answered {status} without JSON"))?;
+        if !status.is_success() {
+            let message = value["error"]["message"]
+                .as_str()
+                .unwrap_or("no reason given");
+            return Err(format!("the replica answered {status}: {message}"));
+        }
+        Ok(value)
     }
 }
 

@@ -147,8 +147,9 @@ pub struct ModelStep {
     pub model: String,
     pub system: Option<Template>,
     pub prompt: Template,
-    /// The JSON Schema the reply is decoded under.
-    pub schema: Option<Value>,
+    /// The JSON Schema the reply is decoded under, and the type it gives
+    /// the reply.
+    pub schema: Option<(Value, Type)>,
     pub max_tokens: u32,
     pub temperature: Option<f32>,
 }
@@ -795,12 +796,25 @@ fn parse_action(kind: &str, rest: &Value, inner: bool) -> Result<(Action, Arms),
                 .transpose()
                 .map_err(|e| f("system", e))?;
             let prompt = template(&m.prompt).map_err(|e| f("prompt", e))?;
+            let schema = match m.output {
+                None => None,
+                Some(schema) => {
+                    if schema.get("type").and_then(Value::as_str) != Some("object") {
+                        return Err(f(
+                            "output",
+                            "must be a JSON Schema of `type: object`".into(),
+                        ));
+                    }
+                    let t = Type::from_schema(&schema).map_err(|e| f("output", e))?;
+                    Some((schema, t))
+                }
+            };
             (
                 Action::Model(ModelStep {
                     model: m.model,
                     system,
                     prompt,
-                    schema: m.output,
+                    schema,
                     max_tokens: m.max_tokens,
                     temperature: m.temperature,
                 }),
@@ -1020,18 +1034,7 @@ fn check_action(
                 s.type_of(scope).map_err(|e| f("system", e))?;
             }
             m.prompt.type_of(scope).map_err(|e| f("prompt", e))?;
-            match &m.schema {
-                None => Type::String,
-                Some(schema) => {
-                    if schema.get("type").and_then(Value::as_str) != Some("object") {
-                        return Err(f(
-                            "output",
-                            "must be a JSON Schema of `type: object`".into(),
-                        ));
-                    }
-                    Type::from_schema(schema).map_err(|e| f("output", e))?
-                }
-            }
+            m.schema.as_ref().map_or(Type::String, |(_, t)| t.clone())
         }
         Action::Tool(t) => {
             let Some(tool) = catalog.tools().get(&t.tool) else {

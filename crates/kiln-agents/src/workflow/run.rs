@@ -431,7 +431,7 @@ impl Runner<'_> {
             messages.push(json!({"role": "system", "content": s}));
         }
         messages.push(json!({"role": "user", "content": prompt}));
-        let response_format = m.schema.as_ref().map(|schema| {
+        let response_format = m.schema.as_ref().map(|(schema, _)| {
             json!({"type": "json_schema",
                 "json_schema": {"name": "output", "schema": schema, "strict": true}})
         });
@@ -450,7 +450,7 @@ impl Runner<'_> {
             kind: StepKind::Model,
             name: m.model.clone(),
             input: json!({"system": system, "prompt": prompt, "max_tokens": m.max_tokens,
-                "output": m.schema}),
+                "output": m.schema.as_ref().map(|(schema, _)| schema)}),
         };
         let held = u64::from(m.max_tokens);
         self.usage.start(&format!("step `{path}`"), held)?;
@@ -497,7 +497,7 @@ impl Runner<'_> {
             reply.cost_nanos,
         );
         let content = reply.content.unwrap_or_default();
-        let Some(schema) = &m.schema else {
+        let Some((_, want)) = &m.schema else {
             return Ok(Value::String(content));
         };
         if reply.finish_reason.as_deref() == Some("length") {
@@ -508,10 +508,8 @@ impl Runner<'_> {
         }
         let value: Value = serde_json::from_str(&content)
             .map_err(|e| failed(format!("the reply is not the JSON asked for: {e}")))?;
-        if let Ok(t) = super::Type::from_schema(schema) {
-            if let Some(why) = t.check(&value) {
-                return Err(failed(format!("the reply does not fit `output`: {why}")));
-            }
+        if let Some(why) = want.check(&value) {
+            return Err(failed(format!("the reply does not fit `output`: {why}")));
         }
         Ok(value)
     }

@@ -54,11 +54,10 @@ pub async fn workflow_spec(
     body: &str,
 ) -> Result<Workflow, ApiError> {
     let tenant = tenant_id.to_string();
-    let agents = with_store(state, move |db| {
+    let agents = crate::api::admin::store(state, move |db| {
         db.definitions(Some(&tenant), DefinitionKind::Agent)
     })
-    .await
-    .map_err(|e| ApiError::new(ErrorCode::ServiceUnavailable, e.to_string()))?
+    .await?
     .into_iter()
     .map(|d| (d.name, d.version))
     .collect();
@@ -252,15 +251,14 @@ pub async fn approve(
     let scope = (p.role() != Role::PlatformAdmin).then(|| p.tenant.id.clone());
     let no_run = || ApiError::new(ErrorCode::NotFound, format!("no run `{run_id}`"));
     let (s, id) = (scope.clone(), run_id.to_string());
-    let found = with_store(state, move |db| {
+    let found = crate::api::admin::store(state, move |db| {
         let Some(run) = db.run(s.as_deref(), &id)? else {
             return Ok(None);
         };
         let steps = db.steps(&run.id)?;
         Ok(Some((run, steps)))
     })
-    .await
-    .map_err(|e| ApiError::new(ErrorCode::ServiceUnavailable, e.to_string()))?;
+    .await?;
     let Some((run, steps)) = found else {
         return Err(no_run());
     };
