@@ -1,8 +1,8 @@
 //! Tenants and keys on PostgreSQL.
 
-use postgres::{GenericClient, Row};
+use postgres::Row;
 
-use super::PgStore;
+use super::{Db, PgStore};
 use crate::accounts::{
     check_groups, check_limits, check_priority, groups_json, new_key_id, new_secret, new_tenant_id,
     secret_hash, shown_prefix, validate_name, Accounts, ApiKey, IssuedKey, KeyOwner, Limits,
@@ -78,12 +78,12 @@ fn key_from_row(r: &Row) -> Result<ApiKey> {
     })
 }
 
-fn bump_epoch(c: &mut impl GenericClient) -> Result<()> {
+fn bump_epoch(c: &mut impl Db) -> Result<()> {
     c.execute("UPDATE platform SET auth_epoch = auth_epoch + 1", &[])?;
     Ok(())
 }
 
-fn tenant_by(c: &mut impl GenericClient, id_or_name: &str) -> Result<Option<Tenant>> {
+fn tenant_by(c: &mut impl Db, id_or_name: &str) -> Result<Option<Tenant>> {
     let sql = format!(
         "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1
          UNION ALL SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1 LIMIT 1"
@@ -92,7 +92,7 @@ fn tenant_by(c: &mut impl GenericClient, id_or_name: &str) -> Result<Option<Tena
         .map(|r| tenant_from_row(&r)))
 }
 
-fn key_by(c: &mut impl GenericClient, column: &str, value: &str) -> Result<Option<ApiKey>> {
+fn key_by(c: &mut impl Db, column: &str, value: &str) -> Result<Option<ApiKey>> {
     let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE {column} = $1");
     c.query_opt(&sql, &[&value])?
         .map(|r| key_from_row(&r))
@@ -153,7 +153,7 @@ impl Accounts for PgStore {
     }
 
     fn tenant(&self, id_or_name: &str) -> Result<Option<Tenant>> {
-        tenant_by(&mut *self.conn()?, id_or_name)
+        tenant_by(&mut self.conn()?, id_or_name)
     }
 
     fn update_tenant(&self, id: &str, u: &TenantUpdate) -> Result<Option<Tenant>> {
@@ -298,7 +298,7 @@ impl Accounts for PgStore {
     }
 
     fn key(&self, id: &str) -> Result<Option<ApiKey>> {
-        key_by(&mut *self.conn()?, "id", id)
+        key_by(&mut self.conn()?, "id", id)
     }
 
     fn revoke_key(&self, id: &str) -> Result<Option<ApiKey>> {
@@ -341,10 +341,10 @@ impl Accounts for PgStore {
 
     fn key_by_hash(&self, secret_sha256: &str) -> Result<Option<KeyOwner>> {
         let mut conn = self.conn()?;
-        let Some(key) = key_by(&mut *conn, "secret_sha256", secret_sha256)? else {
+        let Some(key) = key_by(&mut conn, "secret_sha256", secret_sha256)? else {
             return Ok(None);
         };
-        let tenant = tenant_by(&mut *conn, &key.tenant_id)?.ok_or_else(|| StoreError::BadRow {
+        let tenant = tenant_by(&mut conn, &key.tenant_id)?.ok_or_else(|| StoreError::BadRow {
             table: "api_keys",
             id: key.id.clone(),
             reason: format!("its tenant `{}` does not exist", key.tenant_id),

@@ -4,10 +4,10 @@
 //! UPDATE`: replicas admitting calls for one tenant take turns on its
 //! balance, exactly like SQLite's single writer.
 
-use postgres::{GenericClient, Row, Transaction};
+use postgres::Row;
 
 use super::ledger::{entry_by_id, insert_entry, price_columns, prices_at};
-use super::{big, count, PgStore};
+use super::{big, count, Db, PgStore, Tx};
 use crate::billing::{
     accounts, interrupted, new_credit_id, new_usage_id, record_for, refusal_for,
     reservation_from_interrupted, utc_month, Account, AccountState, Billing, Budget, Caller,
@@ -18,7 +18,7 @@ use crate::calls::{CallRecord, LedgerEntry, Outcome};
 use crate::error::{Result, StoreError};
 use crate::money::{Money, Prices, MAX_AMOUNT};
 
-fn spent(c: &mut impl GenericClient, account: &str, month: &str) -> Result<Money> {
+fn spent(c: &mut impl Db, account: &str, month: &str) -> Result<Money> {
     Ok(Money(
         c.query_opt(
             "SELECT spent_nanos FROM monthly_spend WHERE account = $1 AND month = $2",
@@ -29,11 +29,7 @@ fn spent(c: &mut impl GenericClient, account: &str, month: &str) -> Result<Money
 }
 
 /// The account's state, locking its row when `lock`.
-fn account_state(
-    c: &mut impl GenericClient,
-    a: Account<'_>,
-    lock: bool,
-) -> Result<Option<AccountState>> {
+fn account_state(c: &mut impl Db, a: Account<'_>, lock: bool) -> Result<Option<AccountState>> {
     let sql = format!(
         "SELECT {} IS NOT NULL, balance_nanos, monthly_limit_nanos, reserved_nanos
          FROM {} WHERE id = $1{}",
@@ -50,7 +46,7 @@ fn account_state(
 }
 
 fn apply(
-    c: &mut impl GenericClient,
+    c: &mut impl Db,
     a: Account<'_>,
     reserved_delta: Money,
     cost: Money,
@@ -74,7 +70,7 @@ fn apply(
     Ok(())
 }
 
-fn price_of(c: &mut impl GenericClient, model: &str) -> Result<Option<Prices>> {
+fn price_of(c: &mut impl Db, model: &str) -> Result<Option<Prices>> {
     Ok(c.query_opt(
         "SELECT (SELECT currency FROM platform WHERE id = 1), input_nanos_per_mtok,
                 cached_input_nanos_per_mtok, output_nanos_per_mtok
@@ -109,7 +105,7 @@ fn reservation_from_row(r: &Row) -> Reservation {
 }
 
 /// Drops a reservation: releases what it held, charges, writes the ledger.
-fn close(tx: &mut Transaction<'_>, res: &Reservation, record: &CallRecord) -> Result<()> {
+fn close(tx: &mut Tx<'_>, res: &Reservation, record: &CallRecord) -> Result<()> {
     let month = utc_month(record.created_at_ms);
     for a in accounts(&res.caller) {
         apply(tx, a, Money(-res.amount.0), record.cost, &month)?;
@@ -118,7 +114,7 @@ fn close(tx: &mut Transaction<'_>, res: &Reservation, record: &CallRecord) -> Re
     insert_entry(tx, &res.id, record)
 }
 
-fn platform_currency(c: &mut impl GenericClient) -> Result<String> {
+fn platform_currency(c: &mut impl Db) -> Result<String> {
     Ok(
         c.query_one("SELECT currency FROM platform WHERE id = 1", &[])?
             .get(0),
@@ -131,7 +127,7 @@ impl Billing for PgStore {
     }
 
     fn currency(&self) -> Result<String> {
-        platform_currency(&mut *self.conn()?)
+        platform_currency(&mut self.conn()?)
     }
 
     fn set_price(&self, model: &str, p: &Prices) -> Result<()> {
@@ -140,7 +136,7 @@ impl Billing for PgStore {
             return Err(StoreError::Invalid("the model name is empty".into()));
         }
         let mut conn = self.conn()?;
-        let currency = platform_currency(&mut *conn)?;
+        let currency = platform_currency(&mut conn)?;
         if p.currency != currency {
             return Err(StoreError::Invalid(format!(
                 "prices must be in the platform currency {currency}, not {}",
@@ -184,7 +180,7 @@ impl Billing for PgStore {
     }
 
     fn price(&self, model: &str) -> Result<Option<Prices>> {
-        price_of(&mut *self.conn()?, model)
+        price_of(&mut self.conn()?, model)
     }
 
     fn add_credit(&self, c: &NewCredit) -> Result<CreditEntry> {
@@ -295,7 +291,7 @@ impl Billing for PgStore {
             }
             None => Account::Tenant(tenant_id),
         };
-        let Some(s) = account_state(&mut *conn, account, false)? else {
+        let Some(s) = account_state(&mut conn, account, false)? else {
             return Ok(None);
         };
         let month = utc_month(crate::now_ms());
@@ -303,7 +299,7 @@ impl Billing for PgStore {
             balance: s.balance,
             reserved: s.reserved,
             monthly_limit: s.monthly_limit,
-            spent_this_month: spent(&mut *conn, account.id(), &month)?,
+            spent_this_month: spent(&mut conn, account.id(), &month)?,
             month,
         }))
     }

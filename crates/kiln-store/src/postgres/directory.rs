@@ -2,7 +2,7 @@
 
 use postgres::Row;
 
-use super::PgStore;
+use super::{Db, PgStore};
 use crate::directory::{KbDirectory, KbEntry};
 use crate::error::{Result, StoreError};
 

@@ -1,9 +1,9 @@
 //! The usage ledger on PostgreSQL.
 
 use postgres::types::ToSql;
-use postgres::{GenericClient, Row};
+use postgres::Row;
 
-use super::{big, count, PgStore};
+use super::{big, count, Db, PgStore};
 use crate::billing::Caller;
 use crate::calls::{
     new_call_id, CallLog, CallRecord, GroupBy, LedgerEntry, ModelUsage, Outcome, UsageQuery,
@@ -50,7 +50,7 @@ pub(super) fn prices_at(row: &Row, first: usize) -> Option<Prices> {
     }
 }
 
-pub(super) fn insert_entry(c: &mut impl GenericClient, id: &str, r: &CallRecord) -> Result<()> {
+pub(super) fn insert_entry(c: &mut impl Db, id: &str, r: &CallRecord) -> Result<()> {
     let (currency, input, cached, output) = price_columns(r.prices.as_ref());
     let tenant = r.caller.as_ref().map(|c| c.tenant_id.clone());
     let key = r.caller.as_ref().and_then(|c| c.key_id.clone());
@@ -118,7 +118,7 @@ fn entry_from_row(r: &Row) -> Result<LedgerEntry> {
     })
 }
 
-pub(super) fn entry_by_id(c: &mut impl GenericClient, id: &str) -> Result<Option<LedgerEntry>> {
+pub(super) fn entry_by_id(c: &mut impl Db, id: &str) -> Result<Option<LedgerEntry>> {
     let sql = format!("SELECT {LEDGER_COLUMNS} FROM usage_ledger WHERE id = $1");
     c.query_opt(&sql, &[&id])?
         .map(|r| entry_from_row(&r))
@@ -127,7 +127,7 @@ pub(super) fn entry_by_id(c: &mut impl GenericClient, id: &str) -> Result<Option
 
 impl CallLog for PgStore {
     fn record_call(&self, call: &CallRecord) -> Result<()> {
-        insert_entry(&mut *self.conn()?, &new_call_id(), call)
+        insert_entry(&mut self.conn()?, &new_call_id(), call)
     }
 
     fn recent_calls(&self, tenant_id: Option<&str>, limit: usize) -> Result<Vec<LedgerEntry>> {
@@ -254,6 +254,6 @@ impl CallLog for PgStore {
     }
 
     fn ledger_entry(&self, id: &str) -> Result<Option<LedgerEntry>> {
-        entry_by_id(&mut *self.conn()?, id)
+        entry_by_id(&mut self.conn()?, id)
     }
 }

@@ -4,7 +4,8 @@
 //! different replicas never both spend the same balance.
 //!
 //! Connections come from a small pool; a connection that broke is dropped,
-//! not reused. Migrations are serialised across replicas that start together
+//! not reused. Each connection prepares a statement once and keeps it (see
+//! [`Db`]), so a query is one round trip to the server, not two. Migrations are serialised across replicas that start together
 //! by a transaction-scoped advisory lock.
 
 mod accounts;
@@ -13,10 +14,13 @@ mod directory;
 mod ledger;
 mod runs;
 
+use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use postgres::{Client, NoTls};
+use postgres::error::SqlState;
+use postgres::types::ToSql;
+use postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
 
 use crate::error::{Result, StoreError};
 
@@ -24,6 +28,11 @@ use crate::error::{Result, StoreError};
 /// that stays exhausted this long means something holds connections (a stuck
 /// query, a lock wait), and an error is better than a request hanging forever.
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Statements one connection keeps prepared. More distinct statements
+/// than this means SQL is being built from values somewhere; the cache then
+/// starts over rather than grow.
+const MAX_STATEMENTS: usize = 512;
 
 /// The advisory lock key migrations hold ("kiln" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6b69_6c6e;
@@ -86,7 +95,7 @@ pub struct PgStore {
     config: postgres::Config,
     /// `user@host:port/dbname`, for messages (never the password).
     target: String,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Pooled>>,
     /// Connections open (idle or lent), bounded by `max`.
     open: Mutex<usize>,
     freed: Condvar,
@@ -102,32 +111,162 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-/// A pooled connection; goes back to the pool when dropped, unless broken.
-pub(crate) struct Conn<'a> {
-    store: &'a PgStore,
-    client: Option<Client>,
+/// An open connection and the statements it has prepared.
+struct Pooled {
+    client: Client,
+    statements: Statements,
 }
 
-impl std::ops::Deref for Conn<'_> {
-    type Target = Client;
-    fn deref(&self) -> &Client {
-        // Present from creation until drop.
-        self.client.as_ref().unwrap_or_else(|| unreachable!())
+/// The statements a connection has prepared, by their SQL text.
+#[derive(Default)]
+pub(crate) struct Statements {
+    by_sql: HashMap<String, Statement>,
+}
+
+impl Statements {
+    /// `sql` prepared on `client`'s connection: from the cache, or parsed
+    /// now (one round trip) and kept.
+    fn get(
+        &mut self,
+        client: &mut impl GenericClient,
+        sql: &str,
+    ) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.by_sql.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = client.prepare(sql)?;
+        if self.by_sql.len() >= MAX_STATEMENTS {
+            self.by_sql.clear();
+        }
+        self.by_sql.insert(sql.to_string(), statement.clone());
+        Ok(statement)
     }
 }
 
-impl std::ops::DerefMut for Conn<'_> {
-    fn deref_mut(&mut self) -> &mut Client {
-        self.client.as_mut().unwrap_or_else(|| unreachable!())
+/// Queries through a connection's prepared statements: what the store's
+/// code calls instead of the driver's `query` family, which prepares the
+/// statement again on every call (a second round trip each time).
+pub(crate) trait Db {
+    /// The driver's handle (a connection or a transaction on it).
+    type Client: GenericClient;
+
+    fn parts(&mut self) -> (&mut Self::Client, &mut Statements);
+
+    /// Runs `run` with `sql` prepared. A statement whose cached plan went
+    /// stale (another replica migrated the schema under it) empties the
+    /// cache, so the next call prepares afresh.
+    fn prepared<T>(
+        &mut self,
+        sql: &str,
+        run: impl FnOnce(&mut Self::Client, &Statement) -> Result<T, postgres::Error>,
+    ) -> Result<T, postgres::Error> {
+        let (client, statements) = self.parts();
+        let statement = statements.get(client, sql)?;
+        let out = run(client, &statement);
+        if let Err(e) = &out {
+            if e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) {
+                statements.by_sql.clear();
+            }
+        }
+        out
+    }
+
+    fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        self.prepared(sql, |c, s| c.query(s, params))
+    }
+
+    fn query_one(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, postgres::Error> {
+        self.prepared(sql, |c, s| c.query_one(s, params))
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        self.prepared(sql, |c, s| c.query_opt(s, params))
+    }
+
+    fn execute(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        self.prepared(sql, |c, s| c.execute(s, params))
+    }
+}
+
+/// A pooled connection; goes back to the pool when dropped, unless broken.
+pub(crate) struct Conn<'a> {
+    store: &'a PgStore,
+    pooled: Option<Pooled>,
+}
+
+impl Conn<'_> {
+    fn pooled(&mut self) -> &mut Pooled {
+        // Present from creation until drop.
+        self.pooled.as_mut().unwrap_or_else(|| unreachable!())
+    }
+
+    /// Starts a transaction that queries through this connection's
+    /// prepared statements.
+    pub(crate) fn transaction(&mut self) -> Result<Tx<'_>, postgres::Error> {
+        let Pooled { client, statements } = self.pooled();
+        Ok(Tx {
+            tx: client.transaction()?,
+            statements,
+        })
+    }
+}
+
+impl Db for Conn<'_> {
+    type Client = Client;
+
+    fn parts(&mut self) -> (&mut Client, &mut Statements) {
+        let Pooled { client, statements } = self.pooled();
+        (client, statements)
+    }
+}
+
+/// A transaction on a pooled connection; rolled back when dropped
+/// without [`Tx::commit`].
+pub(crate) struct Tx<'a> {
+    tx: Transaction<'a>,
+    statements: &'a mut Statements,
+}
+
+impl Tx<'_> {
+    pub(crate) fn commit(self) -> Result<(), postgres::Error> {
+        self.tx.commit()
+    }
+
+    pub(crate) fn rollback(self) -> Result<(), postgres::Error> {
+        self.tx.rollback()
+    }
+}
+
+impl<'a> Db for Tx<'a> {
+    type Client = Transaction<'a>;
+
+    fn parts(&mut self) -> (&mut Transaction<'a>, &mut Statements) {
+        (&mut self.tx, self.statements)
     }
 }
 
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
-        let Some(client) = self.client.take() else {
+        let Some(pooled) = self.pooled.take() else {
             return;
         };
-        if client.is_closed() {
+        if pooled.client.is_closed() {
             *self
                 .store
                 .open
@@ -138,7 +277,7 @@ impl Drop for Conn<'_> {
                 .idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push(client);
+                .push(pooled);
         }
         self.store.freed.notify_one();
     }
@@ -181,7 +320,7 @@ impl PgStore {
             checkout_timeout: CHECKOUT_TIMEOUT,
         };
         let mut conn = store.conn()?;
-        migrate(&mut conn, &store.target)?;
+        migrate(&mut conn.pooled().client, &store.target)?;
         drop(conn);
         Ok(store)
     }
@@ -200,19 +339,19 @@ impl PgStore {
     pub(crate) fn conn(&self) -> Result<Conn<'_>> {
         let deadline = Instant::now() + self.checkout_timeout;
         loop {
-            if let Some(client) = self
+            if let Some(pooled) = self
                 .idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop()
             {
-                if client.is_closed() {
+                if pooled.client.is_closed() {
                     *self.open.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
                     continue;
                 }
                 return Ok(Conn {
                     store: self,
-                    client: Some(client),
+                    pooled: Some(pooled),
                 });
             }
             let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
@@ -222,7 +361,10 @@ impl PgStore {
                 return match self.connect_one() {
                     Ok(client) => Ok(Conn {
                         store: self,
-                        client: Some(client),
+                        pooled: Some(Pooled {
+                            client,
+                            statements: Statements::default(),
+                        }),
                     }),
                     Err(e) => {
                         *self.open.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
@@ -251,8 +393,7 @@ impl PgStore {
 
     /// The schema version the database is at.
     pub fn schema_version(&self) -> Result<i64> {
-        let mut conn = self.conn()?;
-        current_version(&mut conn)
+        current_version(&mut self.conn()?.pooled().client)
     }
 }
 
@@ -374,6 +515,54 @@ mod tests {
             drop(held);
             // Given back, it is lent again.
             store.conn()?;
+            Ok(())
+        })();
+        admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))?;
+        result
+    }
+
+    /// A statement is prepared once per connection and reused; after
+    /// another client changes a table under a cached plan, at most one
+    /// call fails and the next prepares afresh. Needs `KILN_TEST_PG_URL`.
+    #[test]
+    fn statements_are_prepared_once_and_survive_a_schema_change(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let Some(url) = std::env::var("KILN_TEST_PG_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            return Ok(());
+        };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = Client::connect(&url, NoTls)?;
+        admin.batch_execute(&format!("CREATE SCHEMA {schema}"))?;
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let result = (|| -> Result<(), Box<dyn std::error::Error>> {
+            let store =
+                PgStore::connect(&format!("{url}{sep}options=-csearch_path%3D{schema}"), 1)?;
+            let mut conn = store.conn()?;
+            conn.execute("CREATE TABLE things (id BIGINT)", &[])?;
+            const READ: &str = "SELECT * FROM things WHERE id > $1";
+            for _ in 0..3 {
+                conn.query(READ, &[&0_i64])?;
+                let mut tx = conn.transaction()?;
+                tx.query(READ, &[&0_i64])?;
+                tx.commit()?;
+            }
+            let prepared: i64 = conn
+                .query_one(
+                    "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1",
+                    &[&READ],
+                )?
+                .get(0);
+            assert_eq!(prepared, 1);
+            admin.batch_execute(&format!("ALTER TABLE {schema}.things ADD COLUMN name TEXT"))?;
+            conn.execute(&format!("INSERT INTO {schema}.things VALUES (1, 'a')"), &[])?;
+            let rows = conn
+                .query(READ, &[&0_i64])
+                .or_else(|_| conn.query(READ, &[&0_i64]))?;
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0].len(), 2, "the new column is read");
             Ok(())
         })();
         admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))?;

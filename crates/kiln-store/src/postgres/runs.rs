@@ -10,9 +10,9 @@
 //! a second line, an insert that finds its version taken saves again on top
 //! of the other (up to [`PUT_ATTEMPTS`] times, then [`StoreError::Conflict`]).
 
-use postgres::{GenericClient, Row};
+use postgres::Row;
 
-use super::PgStore;
+use super::{Db, PgStore};
 use crate::error::{Result, StoreError};
 use crate::runs::{
     cancel_requested, check_step_can_wait, check_step_waits, idempotency_key, not_owner,
@@ -118,7 +118,7 @@ fn step_from_row(r: &Row) -> Result<StepRecord> {
 
 /// A run, its row locked until the transaction ends when `lock`.
 fn run_by_id(
-    c: &mut impl GenericClient,
+    c: &mut impl Db,
     tenant_id: Option<&str>,
     run_id: &str,
     lock: bool,
@@ -132,7 +132,7 @@ fn run_by_id(
         .transpose()
 }
 
-fn step_by_seq(c: &mut impl GenericClient, run_id: &str, seq: i64) -> Result<Option<StepRecord>> {
+fn step_by_seq(c: &mut impl Db, run_id: &str, seq: i64) -> Result<Option<StepRecord>> {
     let sql = format!("SELECT {STEP_COLUMNS} FROM run_steps WHERE run_id = $1 AND seq = $2");
     c.query_opt(&sql, &[&run_id, &seq])?
         .map(|r| step_from_row(&r))
@@ -141,7 +141,7 @@ fn step_by_seq(c: &mut impl GenericClient, run_id: &str, seq: i64) -> Result<Opt
 
 /// The run `owner` may write to, its row locked until the transaction
 /// ends: it exists and `owner` holds it.
-fn owned_run(c: &mut impl GenericClient, owner: &str, run_id: &str) -> Result<RunRecord> {
+fn owned_run(c: &mut impl Db, owner: &str, run_id: &str) -> Result<RunRecord> {
     let run = run_by_id(c, None, run_id, true)?
         .ok_or_else(|| StoreError::NotFound(format!("no run `{run_id}`")))?;
     if run.owner.as_deref() != Some(owner) {
@@ -313,7 +313,7 @@ impl Runs for PgStore {
     }
 
     fn run(&self, tenant_id: Option<&str>, run_id: &str) -> Result<Option<RunRecord>> {
-        run_by_id(&mut *self.conn()?, tenant_id, run_id, false)
+        run_by_id(&mut self.conn()?, tenant_id, run_id, false)
     }
 
     fn runs(&self, query: &RunQuery) -> Result<Vec<RunRecord>> {
