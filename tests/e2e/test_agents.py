@@ -6,6 +6,7 @@ revoked key, the event stream, and a run that survives SIGKILL."""
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +81,11 @@ def test_an_agent_calls_its_tool_and_every_step_is_journaled_and_metered(kiln_ur
     assert journal[1]["state"] in ("done", "failed")
     assert journal[1]["idempotency_key"] == f"{run['id']}:1"
     assert all(s["attempts"] == 1 for s in journal)
+    # The run's times in milliseconds bracket its journal (and agree with
+    # the seconds OpenAI-style fields).
+    assert shown["created_at_ms"] <= journal[0]["started_at_ms"], shown
+    assert journal[-1]["finished_at_ms"] <= shown["finished_at_ms"] <= shown["updated_at_ms"], shown
+    assert shown["finished_at"] == shown["finished_at_ms"] // 1000
     if run["status"] == "succeeded":
         assert journal[-1]["kind"] == "model"
         assert run["result"]["answer"] == journal[-1]["output"]["content"]
@@ -403,4 +409,44 @@ def test_an_operators_mcp_server_gives_agents_its_tools(tmp_path):
         status, err = api(kiln.url, key, "POST", "/api/agents", maths_agent("nope", tools=["fixture__nothing"]))
         assert status == 400 and "fixture__nothing" in err["error"]["message"], err
     finally:
+        kiln.stop()
+
+
+def test_an_mcp_server_down_at_the_start_gives_its_tools_once_it_answers(tmp_path):
+    """An HTTP MCP server that is not up when `kiln serve` starts: its
+    tools are refused by name at first, then offered once it answers,
+    without a restart, and a run calls one."""
+    fixture = pathlib.Path(__file__).resolve().parents[2] / "crates/kiln-agents/tests/fixtures/mcp_server.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "kiln.toml"
+    config.write_text(f'[[mcp_servers]]\nname = "late"\nurl = "http://127.0.0.1:{port}/mcp"\n')
+    kiln = start_kiln("--model", MODEL, "--config", str(config), "--database", str(tmp_path / "kiln.db"))
+    mcp = None
+    try:
+        key = kiln.admin_key
+        agent = maths_agent("late-maths", tools=["late__add"],
+                            tool_choice={"type": "function", "function": {"name": "late__add"}})
+        status, err = api(kiln.url, key, "POST", "/api/agents", agent)
+        assert status == 400 and "late__add" in err["error"]["message"], err
+        mcp = subprocess.Popen([sys.executable, str(fixture), "http", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        while True:
+            status, made = api(kiln.url, key, "POST", "/api/agents", agent)
+            if status == 201:
+                break
+            assert status == 400 and "late__add" in made["error"]["message"], made
+            assert time.monotonic() < deadline, "the late MCP server's tools never appeared"
+            time.sleep(0.5)
+        status, run = api(kiln.url, key, "POST", "/api/runs", {"agent": "late-maths", "input": "Add 2 and 3.", "wait": True})
+        assert status == 201, run
+        status, shown = api(kiln.url, key, "GET", f"/api/runs/{run['id']}")
+        step = shown["journal"][1]
+        assert (step["kind"], step["name"], step["state"]) == ("tool", "late__add", "done"), shown["journal"]
+    finally:
+        if mcp:
+            mcp.terminate()
+            mcp.wait(timeout=20)
         kiln.stop()

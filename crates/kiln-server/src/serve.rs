@@ -68,7 +68,9 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
     let meter = Meter::new(db.clone(), replica_id).context("cannot read the platform currency")?;
     let mut state = AppState::new(models, metrics, auth, meter);
     state.rerank = cfg.rerank.clone();
-    state.tools = crate::runs::toolbox(cfg.http_tool.as_ref()).map_err(|e| anyhow::anyhow!(e))?;
+    state.tools = Arc::new(crate::runs::ServerTools::new(
+        crate::runs::toolbox(cfg.http_tool.as_ref()).map_err(|e| anyhow::anyhow!(e))?,
+    ));
     let mut jobs = None;
     if state.models.embedding.is_some() {
         let (knowledge, rx) =
@@ -81,10 +83,7 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(crate::runs::add_mcp_tools(
-        &mut state.tools,
-        &cfg.mcp_servers,
-    ));
+    runtime.block_on(crate::runs::add_mcp_tools(&state.tools, &cfg.mcp_servers));
     let state = Arc::new(state);
     runtime.block_on(serve(cfg, state, jobs))
 }

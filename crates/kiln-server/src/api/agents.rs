@@ -137,9 +137,14 @@ fn run_json(r: &RunRecord) -> Value {
         "error": r.error,
         "steps": r.steps,
         "cancel_requested": r.cancel_requested,
+        // Seconds, as OpenAI's objects give them, and milliseconds, as
+        // the journal's steps do.
         "created_at": r.created_at_ms / 1000,
         "updated_at": r.updated_at_ms / 1000,
         "finished_at": r.finished_at_ms.map(|t| t / 1000),
+        "created_at_ms": r.created_at_ms,
+        "updated_at_ms": r.updated_at_ms,
+        "finished_at_ms": r.finished_at_ms,
     });
     run[r.kind.as_str()] = json!(r.name);
     run

@@ -51,7 +51,7 @@ pub struct AppState {
     /// The upstream reranker knowledge-base searches use, if configured.
     pub rerank: Option<crate::knowledge::RerankConfig>,
     /// The tools agents may be given.
-    pub tools: kiln_agents::ToolBox,
+    pub tools: Arc<crate::runs::ServerTools>,
     /// Wakes the requests waiting on a run and its event streams when
     /// this replica writes to the run or its journal (runs other replicas
     /// drive are looked at on a timer).
@@ -73,7 +73,7 @@ impl AppState {
             meter,
             knowledge: None,
             rerank: None,
-            tools: crate::runs::default_toolbox(),
+            tools: Arc::new(crate::runs::ServerTools::new(crate::runs::default_toolbox())),
             run_watch: crate::runs::RunWatch::default(),
             cluster_secret: tokio::sync::OnceCell::new(),
         }

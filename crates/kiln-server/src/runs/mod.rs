@@ -43,7 +43,9 @@ mod tools;
 mod workflow;
 
 use tools::tools_for_run;
-pub use tools::{add_mcp_tools, default_toolbox, toolbox, HttpToolConfig, SecretHeaderConfig};
+pub use tools::{
+    add_mcp_tools, default_toolbox, toolbox, HttpToolConfig, SecretHeaderConfig, ServerTools,
+};
 pub use workflow::{approve, workflow_spec, Decision};
 
 /// Who waits on which run: a request with `wait`, an event stream. Each
@@ -85,7 +87,7 @@ const STORE_RETRY: Duration = Duration::from_secs(30);
 /// Reads and checks an agent declaration against the tools and models this
 /// server has.
 pub fn agent_spec(state: &SharedState, body: &str) -> Result<AgentSpec, ApiError> {
-    let spec = AgentSpec::from_json(body, &state.tools)
+    let spec = AgentSpec::from_json(body, &state.tools.get())
         .map_err(|e| ApiError::invalid("agent", e.to_string()))?;
     let served = state.models.text.contains_key(&spec.model)
         || state.models.upstream.contains_key(&spec.model);
@@ -126,40 +128,47 @@ pub(crate) async fn principal_of(
     tenant_id: &str,
     key_id: Option<&str>,
 ) -> Result<Arc<Principal>, NoPrincipal> {
-    use NoPrincipal::{Refused, Unavailable};
     let db = state.db().clone();
     let (tenant_id, key_id) = (tenant_id.to_string(), key_id.map(str::to_string));
-    let found = tokio::task::spawn_blocking(move || -> kiln_store::Result<_> {
-        let tenant = db.tenant(&tenant_id)?;
-        let key = match key_id {
-            Some(id) => Some(db.key(&id)?),
-            None => None,
-        };
-        Ok((tenant, key))
-    })
-    .await
-    .map_err(|_| Unavailable("the key check did not finish".into()))?
-    .map_err(|e| Unavailable(format!("the key could not be checked: {e}")))?;
-    let (Some(tenant), key) = found else {
-        return Err(Refused("the run's tenant no longer exists".into()));
+    tokio::task::spawn_blocking(move || check_principal(&*db, &tenant_id, key_id.as_deref()))
+        .await
+        .map_err(|_| NoPrincipal::Unavailable("the key check did not finish".into()))?
+        .map_err(|e| NoPrincipal::Unavailable(format!("the key could not be checked: {e}")))?
+}
+
+/// [`principal_of`] on the calling thread: the outer error is the store's,
+/// the inner one the refusal.
+fn check_principal(
+    db: &dyn kiln_store::Database,
+    tenant_id: &str,
+    key_id: Option<&str>,
+) -> kiln_store::Result<Result<Arc<Principal>, NoPrincipal>> {
+    use NoPrincipal::Refused;
+    let Some(tenant) = db.tenant(tenant_id)? else {
+        return Ok(Err(Refused("the run's tenant no longer exists".into())));
     };
     if tenant.disabled_at_ms.is_some() {
-        return Err(Refused(format!("the tenant `{}` is disabled", tenant.name)));
+        return Ok(Err(Refused(format!(
+            "the tenant `{}` is disabled",
+            tenant.name
+        ))));
     }
-    let key = match key {
+    let key = match key_id {
         None => None,
-        Some(None) => return Err(Refused("the run's API key no longer exists".into())),
-        Some(Some(k)) if k.tenant_id != tenant.id => {
-            return Err(Refused("the API key belongs to another tenant".into()))
-        }
-        Some(Some(k)) => {
-            if let Some(why) = k.unusable_because(kiln_store::now_ms()) {
-                return Err(Refused(format!("the run's API key {why}")));
+        Some(id) => match db.key(id)? {
+            None => return Ok(Err(Refused("the run's API key no longer exists".into()))),
+            Some(k) if k.tenant_id != tenant.id => {
+                return Ok(Err(Refused("the API key belongs to another tenant".into())))
             }
-            Some(k)
-        }
+            Some(k) => {
+                if let Some(why) = k.unusable_because(kiln_store::now_ms()) {
+                    return Ok(Err(Refused(format!("the run's API key {why}"))));
+                }
+                Some(k)
+            }
+        },
     };
-    Ok(Arc::new(Principal { tenant, key }))
+    Ok(Ok(Arc::new(Principal { tenant, key })))
 }
 
 /// Runs a store call on the blocking pool, retrying while the store is
@@ -255,25 +264,6 @@ impl StoreJournal {
     }
 
     async fn begin_step(&self, step: &StepStart) -> Result<Begun, JournalError> {
-        let id = self.run_id.clone();
-        let run = with_store(&self.state, move |db| db.run(None, &id)).await?;
-        let Some(run) = run else {
-            return Err(JournalError::Lost("the run was deleted".into()));
-        };
-        if run.cancel_requested || run.status == RunStatus::Cancelled {
-            return Err(JournalError::Cancelled);
-        }
-        if run.owner.as_deref() != Some(self.owner.as_str()) || run.status != RunStatus::Running {
-            return Err(JournalError::Lost(
-                "the run is no longer this replica's to run".into(),
-            ));
-        }
-        principal_for(&self.state, &run)
-            .await
-            .map_err(|e| match e {
-                NoPrincipal::Refused(why) => JournalError::Stopped(why),
-                NoPrincipal::Unavailable(why) => JournalError::Lost(why),
-            })?;
         let seq = self.seq(&step.path);
         let new = NewStep {
             run_id: self.run_id.clone(),
@@ -284,10 +274,28 @@ impl StoreJournal {
             input: step.input.to_string(),
         };
         let owner = self.owner.clone();
+        // One trip to the store: the run is still ours and not cancelled,
+        // its key may still act, then the step is begun.
         let record = with_store(&self.state, move |db| {
-            db.begin_step(&owner, &new, kiln_store::now_ms())
+            let Some(run) = db.run(None, &new.run_id)? else {
+                return Ok(Err(JournalError::Lost("the run was deleted".into())));
+            };
+            if run.cancel_requested || run.status == RunStatus::Cancelled {
+                return Ok(Err(JournalError::Cancelled));
+            }
+            if run.owner.as_deref() != Some(owner.as_str()) || run.status != RunStatus::Running {
+                return Ok(Err(JournalError::Lost(
+                    "the run is no longer this replica's to run".into(),
+                )));
+            }
+            if let Err(NoPrincipal::Refused(why)) =
+                check_principal(db, &run.tenant_id, run.key_id.as_deref())?
+            {
+                return Ok(Err(JournalError::Stopped(why)));
+            }
+            db.begin_step(&owner, &new, kiln_store::now_ms()).map(Ok)
         })
-        .await?;
+        .await??;
         self.state.run_changed(&self.run_id);
         let begun = begun(&record)?;
         if matches!(begun, Begun::Run { .. }) {
@@ -717,7 +725,7 @@ async fn drive_once(state: &SharedState, run: &RunRecord, owner: &str) -> Ended 
 }
 
 async fn drive_agent(state: &SharedState, run: &RunRecord, ready: &Prepared) -> Ended {
-    let spec = match AgentSpec::from_json(&ready.body, &state.tools) {
+    let spec = match AgentSpec::from_json(&ready.body, &state.tools.get()) {
         Ok(s) => s,
         Err(e) => {
             return failed(format!(

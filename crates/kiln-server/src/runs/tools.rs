@@ -1,7 +1,7 @@
 //! The tools agents may be given on this server: the built-in ones, the
 //! operator's `http_request`, and `kb_search` bound to a run's key.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use kiln_agents::{Calculator, CurrentTime, HttpRequest, HttpRequestConfig, SecretHeader, ToolBox};
@@ -199,37 +199,98 @@ impl kiln_agents::Tool for KbSearch {
     }
 }
 
+/// The server's tools. Declarations and runs read a snapshot; an MCP
+/// server that comes up after the start adds its tools to the next one.
+#[derive(Default)]
+pub struct ServerTools {
+    current: RwLock<Arc<ToolBox>>,
+}
+
+impl ServerTools {
+    pub fn new(tools: ToolBox) -> ServerTools {
+        ServerTools {
+            current: RwLock::new(Arc::new(tools)),
+        }
+    }
+
+    /// The tools as they are now.
+    pub fn get(&self) -> Arc<ToolBox> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn add(&self, found: Vec<kiln_agents::McpTool>) {
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        let mut tools = (**current).clone();
+        for tool in found {
+            tools.register(tool);
+        }
+        *current = Arc::new(tools);
+    }
+}
+
+/// First wait before connecting again to an MCP server that was down at
+/// the start; it doubles up to [`MCP_RETRY_MAX`].
+const MCP_RETRY_FIRST: Duration = Duration::from_secs(1);
+const MCP_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Connects to the operator's MCP servers and adds their tools
-/// (`<server>__<tool>`). A server that cannot be reached is logged and left
-/// out: the platform serves on, and a declaration naming its tools is
-/// refused until it is back at the next start.
-pub async fn add_mcp_tools(tools: &mut ToolBox, servers: &[kiln_agents::McpServerConfig]) {
+/// (`<server>__<tool>`). A server that cannot be reached is logged and
+/// tried again in the background (1 s, doubling up to 30 s) until it
+/// answers: the platform serves on meanwhile, and a declaration naming its
+/// tools is refused until they are there.
+pub async fn add_mcp_tools(tools: &Arc<ServerTools>, servers: &[kiln_agents::McpServerConfig]) {
     for config in servers {
         match kiln_agents::McpClient::connect(config).await {
-            Ok(client) => {
-                let found = client.tools();
-                tracing::info!(
+            Ok(client) => tools.add(connected(config, &client)),
+            Err(e) => {
+                tracing::error!(
                     server = %config.name,
-                    tools = found.len(),
-                    protocol = client.protocol_version(),
-                    "connected to an MCP server"
+                    error = %e,
+                    "cannot connect to an MCP server; its tools are not available until it answers"
                 );
-                for tool in found {
-                    tools.register(tool);
-                }
+                tokio::spawn(connect_later(tools.clone(), config.clone()));
             }
-            Err(e) => tracing::error!(
-                server = %config.name,
-                error = %e,
-                "cannot connect to an MCP server; its tools are not available"
-            ),
+        }
+    }
+}
+
+fn connected(
+    config: &kiln_agents::McpServerConfig,
+    client: &kiln_agents::McpClient,
+) -> Vec<kiln_agents::McpTool> {
+    let found = client.tools();
+    tracing::info!(
+        server = %config.name,
+        tools = found.len(),
+        protocol = client.protocol_version(),
+        "connected to an MCP server"
+    );
+    found
+}
+
+async fn connect_later(tools: Arc<ServerTools>, config: kiln_agents::McpServerConfig) {
+    let mut wait = MCP_RETRY_FIRST;
+    loop {
+        tokio::time::sleep(wait).await;
+        match kiln_agents::McpClient::connect(&config).await {
+            Ok(client) => {
+                tools.add(connected(&config, &client));
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(server = %config.name, error = %e, "the MCP server still does not answer");
+                wait = (wait * 2).min(MCP_RETRY_MAX);
+            }
         }
     }
 }
 
 /// The server's tools with `kb_search` bound to a run's key.
 pub(super) fn tools_for_run(state: &SharedState, principal: Arc<Principal>) -> ToolBox {
-    let mut tools = state.tools.clone();
+    let mut tools = (*state.tools.get()).clone();
     if state.knowledge.is_some() {
         tools.register(KbSearch {
             bound: Some((state.clone(), principal)),

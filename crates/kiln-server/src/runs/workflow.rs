@@ -24,13 +24,14 @@ use crate::error::ApiError;
 /// tenant's agents (`None`: any, when a stored workflow is run again).
 struct ServerCatalog<'a> {
     state: &'a SharedState,
+    tools: Arc<ToolBox>,
     /// Each agent of the tenant and its newest version.
     agents: Option<BTreeMap<String, i64>>,
 }
 
 impl Catalog for ServerCatalog<'_> {
     fn tools(&self) -> &ToolBox {
-        &self.state.tools
+        &self.tools
     }
 
     fn has_model(&self, name: &str) -> bool {
@@ -63,6 +64,7 @@ pub async fn workflow_spec(
     .collect();
     let catalog = ServerCatalog {
         state,
+        tools: state.tools.get(),
         agents: Some(agents),
     };
     Workflow::from_json(body, &catalog).map_err(|e| ApiError::invalid("workflow", e.to_string()))
@@ -73,6 +75,7 @@ pub async fn workflow_spec(
 pub(super) fn stored_workflow(state: &SharedState, body: &str) -> Result<Workflow, String> {
     let catalog = ServerCatalog {
         state,
+        tools: state.tools.get(),
         agents: None,
     };
     Workflow::from_json(body, &catalog).map_err(|e| e.to_string())
