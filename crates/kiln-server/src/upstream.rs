@@ -11,6 +11,9 @@
 //! default_max_tokens = 4096        # optional: set when a request gives none
 //! tokenizer = "smollm2-135m"       # optional: GGUF whose tokenizer counts tokens
 //!                                  # when the upstream reports no usage
+//! ca_file = "/etc/kiln/ca.pem"     # optional, https: trust these CAs instead of the system's
+//! client_cert_file = "kiln.pem"    # optional, https: a client certificate (mutual TLS)
+//! client_key_file = "kiln.key"     #   and its private key (PEM)
 //! ```
 //!
 //! A request for one of these models is metered exactly like one for the
@@ -30,8 +33,12 @@
 //! An upstream that cannot be reached or answers 5xx gives the client 502
 //! (`upstream_error`), one that does not answer in time 504
 //! (`upstream_timeout`); a 4xx is the client's own mistake and passes
-//! through. Failed calls are recorded as errors and charged nothing. Plain
-//! `http://` only: TLS to upstreams is not built in.
+//! through. Failed calls are recorded as errors and charged nothing.
+//!
+//! An `https://` upstream is reached over TLS 1.2 or 1.3 (rustls): its
+//! certificate must chain to the system's trusted roots, or to `ca_file`'s
+//! when one is given, and name the URL's host; a certificate that does not
+//! is a 502 that says why, and nothing is sent.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -43,6 +50,7 @@ use axum::http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -78,6 +86,16 @@ pub struct UpstreamConfig {
     pub default_max_tokens: Option<u64>,
     #[serde(default)]
     pub tokenizer: Option<String>,
+    /// PEM file of the CA certificates an `https` upstream's certificate
+    /// must chain to (instead of the system's roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM files of a client certificate chain and its key, for an
+    /// `https` upstream that asks for one.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl UpstreamConfig {
@@ -90,10 +108,23 @@ impl UpstreamConfig {
                 self.name, self.base_url
             )
         })?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        let https = uri.scheme_str() == Some("https");
+        if !(https || uri.scheme_str() == Some("http")) || uri.authority().is_none() {
             return Err(format!(
-                "upstream `{}`: base_url `{}` must be http://HOST[:PORT]/PATH (TLS to upstreams is not built in)",
+                "upstream `{}`: base_url `{}` must be http[s]://HOST[:PORT]/PATH",
                 self.name, self.base_url
+            ));
+        }
+        if !https && (self.ca_file.is_some() || self.client_cert_file.is_some()) {
+            return Err(format!(
+                "upstream `{}`: ca_file and client_cert_file need an https:// base_url",
+                self.name
+            ));
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            return Err(format!(
+                "upstream `{}`: client_cert_file and client_key_file go together",
+                self.name
             ));
         }
         if self.models.is_empty() || self.models.iter().any(|m| m.trim().is_empty()) {
@@ -127,7 +158,7 @@ pub struct Upstream {
     pub name: String,
     base_url: String,
     api_key: Option<String>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     pub default_max_tokens: u64,
     tokenizer: Option<Arc<Tokenizer>>,
@@ -159,6 +190,13 @@ impl Upstream {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout.min(Duration::from_secs(10))));
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let tls = tls_config(cfg).map_err(|e| anyhow::anyhow!("upstream `{}`: {e}", cfg.name))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
@@ -195,6 +233,78 @@ impl Upstream {
             .as_ref()
             .map(|t| t.encode(text, false).len() as u64)
     }
+}
+
+/// The TLS settings of an upstream: the CAs it is checked against (the
+/// system's, or `ca_file`'s), and the client certificate, if any. An
+/// `http://` upstream gets an empty root store it never uses.
+fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem_certs = |path: &PathBuf, what: &str| -> Result<Vec<CertificateDer<'static>>, String> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "{what} {}: no PEM certificate in it",
+                path.display()
+            ));
+        }
+        Ok(certs)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = &cfg.ca_file {
+        for cert in pem_certs(path, "ca_file")? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        }
+    } else if cfg.base_url.starts_with("https:") {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::warn!(upstream = %cfg.name, error = %e, "a system CA certificate could not be read");
+        }
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            tracing::warn!(
+                upstream = %cfg.name,
+                "no trusted CA certificates were found on this system: every TLS connection to this upstream will fail; give it a ca_file"
+            );
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots);
+    match (&cfg.client_cert_file, &cfg.client_key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = pem_certs(cert, "client_cert_file")?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("client_key_file {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// An error and its causes, outermost first: a connection error says
+/// which certificate check failed, not only that connecting did.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 /// Which API a proxied request is for.
@@ -343,7 +453,12 @@ pub async fn proxy(
         .observe(started.elapsed().as_secs_f64());
     let answer = match answer {
         Err(_) => return Err(upstream_timeout(up)),
-        Ok(Err(e)) => return Err(upstream_error(up, format!("cannot reach {uri}: {e}"))),
+        Ok(Err(e)) => {
+            return Err(upstream_error(
+                up,
+                format!("cannot reach {uri}: {}", causes(&e)),
+            ))
+        }
         Ok(Ok(r)) => r,
     };
     let status = answer.status();
@@ -667,6 +782,9 @@ mod tests {
             timeout_seconds: None,
             default_max_tokens: Some(100),
             tokenizer: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 
@@ -675,6 +793,16 @@ mod tests {
         assert!(cfg().validate().is_ok());
         let mut c = cfg();
         c.base_url = "https://x/v1".into();
+        assert!(c.validate().is_ok());
+        c.client_cert_file = Some("kiln.pem".into());
+        assert!(c.validate().is_err(), "a certificate without its key");
+        c.client_key_file = Some("kiln.key".into());
+        assert!(c.validate().is_ok());
+        let mut c = cfg();
+        c.ca_file = Some("ca.pem".into());
+        assert!(c.validate().is_err(), "a CA file for plain http");
+        let mut c = cfg();
+        c.base_url = "ftp://x/v1".into();
         assert!(c.validate().is_err());
         let mut c = cfg();
         c.models.clear();

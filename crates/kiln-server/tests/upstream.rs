@@ -322,3 +322,247 @@ fn upstream_backends_are_proxied_and_metered() {
     drop(server);
     c.finish();
 }
+
+/// A certificate authority made for one test, and certificates it signs.
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        TestCa { cert, key }
+    }
+
+    /// A certificate for `names` (DNS names), and its key.
+    fn issue(&self, names: &[&str]) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).unwrap();
+        (params.signed_by(&key, &self.cert, &self.key).unwrap(), key)
+    }
+}
+
+/// Accepts TLS connections for axum; a failed handshake is dropped.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// The mock behind TLS with `ca`'s certificate for `localhost`; with
+/// `clients_of`, it asks for a client certificate from that CA. Returns the
+/// port and a count of the requests that reached it.
+fn start_tls_mock(
+    ca: &TestCa,
+    clients_of: Option<&TestCa>,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let (cert, key) = ca.issue(&["localhost"]);
+    let chain = vec![cert.der().clone()];
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let config = match clients_of {
+        None => builder.with_no_client_auth(),
+        Some(client_ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from(client_ca.cert.der().to_vec()))
+                .unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                std::sync::Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    }
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let app = Router::new().route(
+                "/v1/chat/completions",
+                post(move |body: Json<Value>| {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    chat(body)
+                }),
+            );
+            let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(tcp.local_addr().unwrap().port()).unwrap();
+            axum::serve(TlsListener { tcp, acceptor }, app)
+                .await
+                .unwrap();
+        });
+    });
+    (rx.recv().unwrap(), hits)
+}
+
+#[test]
+fn https_upstreams_are_verified_and_metered() {
+    let ca = TestCa::new("kiln test CA");
+    let stranger = TestCa::new("some other CA");
+    let clients = TestCa::new("kiln client CA");
+    let (port, hits) = start_tls_mock(&ca, None);
+    let (mutual_port, mutual_hits) = start_tls_mock(&ca, Some(&clients));
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let ca_pem = write("ca.pem", ca.cert.pem());
+    let stranger_pem = write("stranger.pem", stranger.cert.pem());
+    let (client_cert, client_key) = clients.issue(&["kiln-replica"]);
+    let client_pem = write("client.pem", client_cert.pem());
+    let client_key = write("client.key", client_key.serialize_pem());
+    let config = dir.path().join("kiln.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[upstreams]]\nname = \"secure\"\nbase_url = \"https://localhost:{port}/v1\"\n\
+             models = [\"tls-ok\"]\nca_file = \"{ca_pem}\"\n\n\
+             [[upstreams]]\nname = \"stranger\"\nbase_url = \"https://localhost:{port}/v1\"\n\
+             models = [\"tls-stranger\"]\nca_file = \"{stranger_pem}\"\n\n\
+             [[upstreams]]\nname = \"system\"\nbase_url = \"https://localhost:{port}/v1\"\n\
+             models = [\"tls-system\"]\n\n\
+             [[upstreams]]\nname = \"by-address\"\nbase_url = \"https://127.0.0.1:{port}/v1\"\n\
+             models = [\"tls-address\"]\nca_file = \"{ca_pem}\"\n\n\
+             [[upstreams]]\nname = \"mutual\"\nbase_url = \"https://localhost:{mutual_port}/v1\"\n\
+             models = [\"tls-mutual\"]\nca_file = \"{ca_pem}\"\n\
+             client_cert_file = \"{client_pem}\"\nclient_key_file = \"{client_key}\"\n\n\
+             [[upstreams]]\nname = \"anonymous\"\nbase_url = \"https://localhost:{mutual_port}/v1\"\n\
+             models = [\"tls-anonymous\"]\nca_file = \"{ca_pem}\"\n"
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]).expect("server starts");
+    let s = &server;
+    let mut c = Checks::new();
+    let seen = |h: &std::sync::atomic::AtomicUsize| h.load(std::sync::atomic::Ordering::SeqCst);
+
+    c.run("a trusted https upstream answers and is metered", || {
+        let r = post_chat(s, "tls-plain", &chat_body("tls-ok", false, false))?;
+        ensure(
+            r.status == 200 && r.json()?["choices"][0]["message"]["content"] == "The sky is blue.",
+            || r.text(),
+        )?;
+        let row = ledger_row(s, "tls-plain")?.record;
+        ensure(
+            row.backend == "secure" && row.prompt_tokens == 12 && row.completion_tokens == 5,
+            || format!("{row:?}"),
+        )?;
+        let r = post_chat(s, "tls-stream", &chat_body("tls-ok", true, true))?;
+        let data = r.sse_data();
+        ensure(
+            data.last().map(String::as_str) == Some("[DONE]") && r.text().contains("\"usage\""),
+            || r.text(),
+        )
+    });
+    c.run(
+        "an untrusted or misnamed certificate is a 502 that says why, and nothing is sent",
+        || {
+            let before = seen(&hits);
+            for (model, id, why) in [
+                ("tls-stranger", "tls-stranger", "UnknownIssuer"),
+                ("tls-system", "tls-system", "UnknownIssuer"),
+                ("tls-address", "tls-address", "not valid for name"),
+            ] {
+                let r = post_chat(s, id, &chat_body(model, false, false))?;
+                let message = r.expect_error(502, "upstream_error")?;
+                ensure(
+                    message.contains("certificate") && message.contains(why),
+                    || format!("{model}: {message}"),
+                )?;
+                let row = ledger_row(s, id)?.record;
+                ensure(
+                    row.outcome != Outcome::Stop && row.cost.nanos() == 0,
+                    || format!("{row:?}"),
+                )?;
+            }
+            ensure(seen(&hits) == before, || {
+                format!("{} requests got through", seen(&hits) - before)
+            })
+        },
+    );
+    c.run("mutual TLS: the client certificate is presented", || {
+        let r = post_chat(s, "tls-mutual", &chat_body("tls-mutual", false, false))?;
+        ensure(r.status == 200, || r.text())?;
+        let r = post_chat(
+            s,
+            "tls-anonymous",
+            &chat_body("tls-anonymous", false, false),
+        )?;
+        r.expect_error(502, "upstream_error")?;
+        ensure(seen(&mutual_hits) == 1, || {
+            format!(
+                "{} requests reached the mutual-TLS mock",
+                seen(&mutual_hits)
+            )
+        })
+    });
+    c.finish();
+}
+
+#[test]
+fn a_bad_tls_setting_stops_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.toml");
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[[upstreams]]\nname = \"secure\"\nbase_url = \"https://localhost:1/v1\"\n\
+             models = [\"tls-ok\"]\nca_file = \"{}\"\n",
+            not_pem.display()
+        ),
+    )
+    .unwrap();
+    let out = common::kiln()
+        .args(["serve", "--port", "0", "--config", config.to_str().unwrap()])
+        .args(["--database", dir.path().join("kiln.db").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("upstream `secure`") && stderr.contains("ca_file"),
+        "{stderr}"
+    );
+}
