@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""Durable agent runs: what the journal adds to each step, and runs per
-second, on SQLite and on PostgreSQL, with a mock model that answers at
-once. See bench/README.md for the method.
+"""Durable runs: what the journal adds to each step, and runs per second,
+on SQLite and on PostgreSQL, with a mock model that answers at once, for
+an agent and for a 10-step workflow; then one real SmolLM2-135M call for
+scale. See bench/README.md for the method.
 
     cargo build --release -p kiln-server -p kiln-mock-upstream    # nothing is built here
-    python3 bench/bench_agents.py                                  # SQLite, then PostgreSQL
-    python3 bench/bench_agents.py --stores sqlite --rounds 5 --out /tmp/bench_agents.json
+    python3 bench/bench_agents.py                                  # both shapes, SQLite then PostgreSQL
+    python3 bench/bench_agents.py --shapes workflow --stores sqlite --rounds 5 --out /tmp/b.json
     python3 bench/bench_agents.py --pg-url postgres://kiln:kiln@127.0.0.1:55432/kiln
 
-The mock (`kiln-mock-upstream --tool-rounds 5`) calls the calculator five
+The workflow (`WORKFLOW` below) is 5 model steps and 5 calculator steps,
+alternating, each taking the one before it through a template; its
+baseline is its 5 model calls sent straight to /v1.
+
+The agent's mock (`kiln-mock-upstream --tool-rounds 5`) calls the calculator five
 times and then answers, so one run is 6 model steps and 5 calculator steps,
 11 journaled steps. Kiln proxies each model step to the mock as an upstream
 model, metered to the run's key. The baseline is the same six chat requests
@@ -17,12 +22,10 @@ metering, no run and no journal): run time minus that, over 11 steps, is the
 orchestration overhead per step.
 
 A run's time is taken from the client's send to the last step's
-`finished_at_ms` in its journal (same machine, same clock; milliseconds).
-The client's wall time with `wait: true` is printed too, but the server
-answers a waiting request by looking at the run every 200 ms, so it is
-never under 200 ms and caps a waiting client at 5 runs/s. Throughput is
-measured both ways: clients that wait, and a batch of runs started at once
-without waiting, timed by the journal.
+`finished_at_ms` in its journal (same machine, same clock; milliseconds),
+and as the client's wall time with `wait: true`. Throughput is measured
+both ways: clients that wait, and a batch of runs started at once without
+waiting, timed by the journal.
 
 PostgreSQL: without `--pg-url`, `scripts/pg.sh start` starts (or finds) the
 test cluster; each store run gets a fresh schema, dropped afterwards.
@@ -57,6 +60,25 @@ CALCULATOR = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
                    "required": ["expression"], "additionalProperties": False}}}
 
+# The 10-step workflow: model and calculator steps alternating, each fed
+# by the step before it through a template.
+WORKFLOW_ROUNDS = 5
+WORKFLOW_QUESTION = "Count the words of each answer and add the round number."
+
+
+def workflow_definition() -> dict:
+    steps = []
+    for k in range(1, WORKFLOW_ROUNDS + 1):
+        prompt = "{{ inputs.question }}" if k == 1 else \
+            f"{{{{ steps.m{k - 1}.output }}}} has {{{{ steps.c{k - 1}.output }}}} characters. Go on."
+        steps.append({"id": f"m{k}", "kind": "model", "model": "mock", "prompt": prompt,
+                      "max_tokens": 16, "temperature": 0})
+        steps.append({"id": f"c{k}", "kind": "tool", "tool": "calculator",
+                      "arguments": {"expression": f"{{{{ length(steps.m{k}.output) }}}} + {k}"}})
+    return {"name": "bench", "inputs": {"question": {"type": "string"}}, "steps": steps,
+            "output": {"answer": f"{{{{ steps.m{WORKFLOW_ROUNDS}.output }}}}",
+                       "total": f"{{{{ steps.c{WORKFLOW_ROUNDS}.output }}}}"}}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -87,14 +109,16 @@ class Proc:
 class Client:
     """One keep-alive HTTP connection (one per thread)."""
 
-    def __init__(self, url: str, key: str):
+    def __init__(self, url: str, key: str | None):
         u = urllib.parse.urlparse(url)
         self.host, self.port, self.key = u.hostname, u.port, key
         self.conn = None
 
     def call(self, method: str, path: str, body=None, timeout=300) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
         for attempt in (1, 2):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
@@ -211,6 +235,9 @@ class Store:
         status, body = Client(self.url, self.admin).call("POST", "/api/agents", agent)
         if status not in (200, 201):
             raise RuntimeError(f"declaring the agent: {status} {body}")
+        status, body = Client(self.url, self.admin).call("POST", "/api/workflows", workflow_definition())
+        if status not in (200, 201):
+            raise RuntimeError(f"declaring the workflow: {status} {body}")
 
     def stop(self) -> None:
         if self.proc:
@@ -222,26 +249,73 @@ class Store:
                 print(f"could not drop schema {self.schema}: {e.stderr!r}", file=sys.stderr)
 
 
-def direct_run(client: Client, rounds: int) -> list[float]:
-    """The model calls of one run, straight to /v1: seconds per call."""
-    times = []
-    for k in range(rounds + 1):
-        t = time.perf_counter()
-        status, body = client.call("POST", "/v1/chat/completions", chat_body(k))
-        times.append(time.perf_counter() - t)
-        if status != 200:
-            raise RuntimeError(f"direct call: {status} {body}")
-        want_call = k < rounds
-        if bool(body["choices"][0]["message"].get("tool_calls")) != want_call:
-            raise RuntimeError(f"the mock did not answer as --tool-rounds says: {body}")
-    return times
+class AgentShape:
+    """An agent that calls the calculator `tool_rounds` times, then answers."""
+
+    name = "agent"
+
+    def __init__(self, tool_rounds: int):
+        self.tool_rounds = tool_rounds
+        self.steps = 2 * tool_rounds + 1
+        self.model_calls = tool_rounds + 1
+        self.listing = "agent=bench"
+        self.label = f"agent: {self.model_calls} model steps + {tool_rounds} calculator steps"
+
+    def start(self, wait: bool) -> dict:
+        return {"agent": "bench", "input": INPUT, "wait": wait}
+
+    def direct_run(self, client: Client) -> list[float]:
+        """The model calls of one run, straight to /v1: seconds per call."""
+        times = []
+        for k in range(self.tool_rounds + 1):
+            t = time.perf_counter()
+            status, body = client.call("POST", "/v1/chat/completions", chat_body(k))
+            times.append(time.perf_counter() - t)
+            if status != 200:
+                raise RuntimeError(f"direct call: {status} {body}")
+            want_call = k < self.tool_rounds
+            if bool(body["choices"][0]["message"].get("tool_calls")) != want_call:
+                raise RuntimeError(f"the mock did not answer as --tool-rounds says: {body}")
+        return times
 
 
-def agent_run(client: Client, expect_steps: int) -> dict:
+class WorkflowShape:
+    """`workflow_definition()`: 5 model steps and 5 calculator steps."""
+
+    name = "workflow"
+
+    def __init__(self):
+        self.steps = 2 * WORKFLOW_ROUNDS
+        self.model_calls = WORKFLOW_ROUNDS
+        self.listing = "workflow=bench"
+        self.label = f"workflow: {WORKFLOW_ROUNDS} model steps + {WORKFLOW_ROUNDS} calculator steps"
+
+    def start(self, wait: bool) -> dict:
+        return {"workflow": "bench", "input": {"question": WORKFLOW_QUESTION}, "wait": wait}
+
+    def direct_run(self, client: Client) -> list[float]:
+        """The run's model calls straight to /v1, each prompt built as the
+        workflow builds it."""
+        times = []
+        prompt = WORKFLOW_QUESTION
+        for k in range(1, WORKFLOW_ROUNDS + 1):
+            body = {"model": "mock", "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 16, "temperature": 0, "stream": False}
+            t = time.perf_counter()
+            status, reply = client.call("POST", "/v1/chat/completions", body)
+            times.append(time.perf_counter() - t)
+            if status != 200:
+                raise RuntimeError(f"direct call: {status} {reply}")
+            text = reply["choices"][0]["message"]["content"]
+            prompt = f"{text} has {len(text) + k} characters. Go on."
+        return times
+
+
+def one_run(client: Client, shape, expect_steps: int) -> dict:
     """One run with wait: true, and its journal."""
     sent_ms = time.time() * 1000
     t = time.perf_counter()
-    status, run = client.call("POST", "/api/runs", {"agent": "bench", "input": INPUT, "wait": True})
+    status, run = client.call("POST", "/api/runs", shape.start(True))
     wall = time.perf_counter() - t
     if status != 201 or run.get("status") != "succeeded":
         raise RuntimeError(f"run: {status} {json.dumps(run)[:2000]}")
@@ -266,7 +340,7 @@ def agent_run(client: Client, expect_steps: int) -> dict:
     }
 
 
-def batch(store: Store, clients: list, total: int, steps: int) -> dict:
+def batch(store: Store, shape, clients: list, total: int, steps: int) -> dict:
     """`total` runs started at once (wait: false) by the clients; the
     server's throughput from the journal's timestamps: runs / (last step
     of any run journaled - first send). Waiting is by polling the run
@@ -277,7 +351,7 @@ def batch(store: Store, clients: list, total: int, steps: int) -> dict:
         out = []
         for _ in range(per[i]):
             sent = time.time() * 1000
-            status, run = clients[i].call("POST", "/api/runs", {"agent": "bench", "input": INPUT})
+            status, run = clients[i].call("POST", "/api/runs", shape.start(False))
             if status != 201:
                 raise RuntimeError(f"run: {status} {run}")
             out.append((sent, run["id"]))
@@ -288,7 +362,7 @@ def batch(store: Store, clients: list, total: int, steps: int) -> dict:
     watcher = Client(store.url, store.member)
     deadline = time.monotonic() + 600
     while True:
-        status, listed = watcher.call("GET", "/api/runs?agent=bench&status=running&limit=1000")
+        status, listed = watcher.call("GET", f"/api/runs?{shape.listing}&status=running&limit=1000")
         if status != 200:
             raise RuntimeError(f"listing runs: {status} {listed}")
         if not listed["data"]:
@@ -334,13 +408,12 @@ def parallel(n: int, work) -> tuple[float, list]:
     return wall, results
 
 
-def measure(store: Store, args) -> dict:
-    steps = 2 * args.tool_rounds + 1
-    model_calls = args.tool_rounds + 1
+def measure(store: Store, shape, args) -> dict:
+    steps, model_calls = shape.steps, shape.model_calls
     one = Client(store.url, store.member)
     for _ in range(2):  # warm-up: connections, caches, the first runs
-        direct_run(one, args.tool_rounds)
-        agent_run(one, steps)
+        shape.direct_run(one)
+        one_run(one, shape, steps)
     rounds = []
     for r in range(args.rounds):
         base, runs = [], []
@@ -348,20 +421,20 @@ def measure(store: Store, args) -> dict:
         # idle pause (a waiting run's answer comes up to 200 ms after its
         # end): the first call after a pause is slower than the next ones.
         for _ in range(args.runs):
-            base.append(direct_run(one, args.tool_rounds))
+            base.append(shape.direct_run(one))
             time.sleep(0.2)
-            runs.append(agent_run(one, steps))
+            runs.append(one_run(one, shape, steps))
         per_run_model = statistics.median(sum(b) for b in base)
         span = statistics.median(x["span_s"] for x in runs)
         wall = statistics.median(x["wall_s"] for x in runs)
         clients = [Client(store.url, store.member) for _ in range(args.concurrency)]
         conc_wall, conc = parallel(args.concurrency, lambda i: [
-            agent_run(clients[i], steps) for _ in range(args.concurrent_runs)])
+            one_run(clients[i], shape, steps) for _ in range(args.concurrent_runs)])
         total_runs = args.concurrency * args.concurrent_runs
         direct_wall, _ = parallel(args.concurrency, lambda i: [
-            direct_run(clients[i], args.tool_rounds) for _ in range(args.concurrent_runs)])
+            shape.direct_run(clients[i]) for _ in range(args.concurrent_runs)])
         spans = [x["span_s"] for xs in conc for x in xs]
-        burst = batch(store, clients, args.batch, steps)
+        burst = batch(store, shape, clients, args.batch, steps)
         rounds.append({
             "direct_call_ms": statistics.median(t for b in base for t in b) * 1000,
             "direct_per_run_ms": per_run_model * 1000,
@@ -384,7 +457,7 @@ def measure(store: Store, args) -> dict:
             "sequential": runs,
             "concurrent": [x for xs in conc for x in xs],
         })
-        print(f"  {store.kind} round {r + 1}: run {span * 1000:.1f} ms (wall {wall * 1000:.1f}), "
+        print(f"  {shape.name} on {store.kind} round {r + 1}: run {span * 1000:.1f} ms (wall {wall * 1000:.1f}), "
               f"direct {per_run_model * 1000:.1f} ms, overhead/step "
               f"{rounds[-1]['overhead_per_step_ms']:.2f} ms, {total_runs / conc_wall:.1f} runs/s "
               f"at {args.concurrency} (wait), {burst['runs_per_s']:.1f} runs/s for {args.batch} at once",
@@ -392,65 +465,52 @@ def measure(store: Store, args) -> dict:
     return {"rounds": rounds}
 
 
+def real_call(args, workdir: Path) -> dict:
+    """One chat call to a real model on Kiln's embedded engine (SmolLM2-135M
+    by default): what a model step costs when the model is not a mock.
+    A separate server, so its engine never shares the journal's measured
+    runs."""
+    port = free_port()
+    env = dict(os.environ, KILN_HOME=str(args.models_home), KILN_LOG="warn", KILN_MODELS=args.real_model)
+    proc = Proc("kiln-real", [str(args.kiln_bin), "serve", "--no-auth", "--port", str(port),
+                              "--database", str(workdir / "real.db")], env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(f"{url}/healthz", 120)
+        except RuntimeError:
+            raise RuntimeError(f"kiln serve with {args.real_model} did not start:\n{proc.text()[-3000:]}") \
+                from None
+        client = Client(url, None)
+        body = {"model": args.real_model, "messages": [{"role": "user", "content": WORKFLOW_QUESTION}],
+                "max_tokens": 16, "temperature": 0, "stream": False}
+        times = []
+        for i in range(2 + args.real_calls):
+            t = time.perf_counter()
+            status, reply = client.call("POST", "/v1/chat/completions", body)
+            if status != 200:
+                raise RuntimeError(f"{args.real_model}: {status} {reply}")
+            if i >= 2:  # two warm-up calls
+                times.append((time.perf_counter() - t) * 1000)
+        tokens = reply["usage"]["completion_tokens"]
+        return {"model": args.real_model, "max_tokens": 16, "completion_tokens": tokens, "ms": times}
+    finally:
+        proc.stop()
+
+
 def mmm(values, fmt="{:.1f}") -> str:
     return "/".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stores", default="sqlite,postgres")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=20, help="sequential runs per round (and direct run-equivalents)")
-    ap.add_argument("--concurrency", type=int, default=8, help="clients in the concurrent part")
-    ap.add_argument("--concurrent-runs", type=int, default=5, help="runs per client per round")
-    ap.add_argument("--batch", type=int, default=40, help="runs started at once (wait: false) per round")
-    ap.add_argument("--tool-rounds", type=int, default=5, help="calculator calls per run")
-    ap.add_argument("--pg-url", help="PostgreSQL URL (default: scripts/pg.sh start)")
-    ap.add_argument("--kiln-bin", type=Path, default=TARGET / "release" / "kiln")
-    ap.add_argument("--mock-bin", type=Path, default=TARGET / "release" / "kiln-mock-upstream")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    for b in (args.kiln_bin, args.mock_bin):
-        if not b.exists():
-            sys.exit(f"{b} not found: cargo build --release -p kiln-server -p kiln-mock-upstream")
-    stores = [s for s in args.stores.split(",") if s]
-    for s in stores:
-        if s not in ("sqlite", "postgres"):
-            sys.exit(f"unknown store {s} (sqlite, postgres)")
-    steps = 2 * args.tool_rounds + 1
-    load_start = os.getloadavg()
-    print(f"load average at start: {load_start}", file=sys.stderr)
-    if load_start[0] > 1.5:
-        print("warning: the machine is busy; the figures will be noisy", file=sys.stderr)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-agents-"))
-    port = free_port()
-    mock = Proc("mock", [str(args.mock_bin), "--port", str(port), "--threads", "1",
-                         "--tool-rounds", str(args.tool_rounds)])
-    mock_url = f"http://127.0.0.1:{port}"
-    results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "steps_per_run": steps,
-                     "stores": {}}
-    try:
-        wait_http(f"{mock_url}/v1/models", 30)
-        for kind in stores:
-            store = Store(kind, args, mock_url, workdir)
-            try:
-                results["stores"][kind] = measure(store, args)
-            finally:
-                store.stop()
-    finally:
-        mock.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-    load_end = os.getloadavg()
-    print(f"load average at end: {load_end}", file=sys.stderr)
-    results["load_average"] = {"start": load_start, "end": load_end}
-
-    print(f"\nAgent runs: {args.tool_rounds + 1} model steps (mock upstream) + {args.tool_rounds} calculator "
-          f"steps = {steps} steps per run; {args.rounds} rounds of {args.runs} sequential runs and "
-          f"{args.concurrency}x{args.concurrent_runs} concurrent runs. min/median/max over rounds of each "
-          f"round's median.\n")
+def report(shape, results: dict, args) -> None:
+    stores = results["shapes"][shape.name]
+    kinds = list(stores)
+    print(f"\n{shape.label} = {shape.steps} steps per run; {args.rounds} rounds of {args.runs} sequential "
+          f"runs and {args.concurrency}x{args.concurrent_runs} concurrent runs. min/median/max over rounds "
+          f"of each round's median.\n")
     rows = [
         ("direct: one chat call through Kiln, ms", "direct_call_ms", "{:.2f}"),
-        (f"direct: the run's {args.tool_rounds + 1} calls in sequence, ms", "direct_per_run_ms", "{:.1f}"),
+        (f"direct: the run's {shape.model_calls} calls in sequence, ms", "direct_per_run_ms", "{:.1f}"),
         ("run: send to last step journaled, ms", "run_span_ms", "{:.1f}"),
         ("run: client wall time (wait: true), ms", "run_wall_ms", "{:.1f}"),
         ("  of which send to first step, ms", "to_first_step_ms", "{:.1f}"),
@@ -467,26 +527,102 @@ def main() -> int:
         (f"  steps/s, {args.batch} started at once", "batch_steps_per_s", "{:.0f}"),
         (f"direct run-equivalents/s, {args.concurrency} clients", "concurrent_direct_runs_per_s", "{:.1f}"),
     ]
-    kinds = list(results["stores"])
     print("| | " + " | ".join(kinds) + " |")
     print("|---|" + "---|" * len(kinds))
     for label, key, fmt in rows:
-        cells = [mmm([r[key] for r in results["stores"][k]["rounds"]], fmt) for k in kinds]
+        cells = [mmm([r[key] for r in stores[k]["rounds"]], fmt) for k in kinds]
         print(f"| {label} | " + " | ".join(cells) + " |")
     print()
+    real = results.get("real_call")
     for k in kinds:
-        rs = results["stores"][k]["rounds"]
+        rs = stores[k]["rounds"]
         med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
-        ratio = med("run_span_ms") / med("direct_per_run_ms")
-        per_step = med("overhead_per_step_ms") / med("direct_call_ms")
-        conc = med("concurrent_runs_per_s") / med("concurrent_direct_runs_per_s")
-        burst = med("batch_runs_per_s") / med("concurrent_direct_runs_per_s")
-        summary = {"run_vs_direct": ratio, "overhead_per_step_vs_direct_call": per_step,
-                   "concurrent_runs_vs_direct": conc, "batch_runs_vs_direct": burst}
-        results["stores"][k]["summary"] = summary
-        print(f"{k}: a run takes {ratio:.2f}x its model calls made directly; the overhead per step is "
-              f"{per_step:.2f}x one direct call; runs/s is {conc:.2f}x the direct run-equivalents/s at "
-              f"{args.concurrency} clients with wait: true, {burst:.2f}x with {args.batch} started at once")
+        summary = {"run_vs_direct": med("run_span_ms") / med("direct_per_run_ms"),
+                   "overhead_per_step_vs_direct_call": med("overhead_per_step_ms") / med("direct_call_ms"),
+                   "concurrent_runs_vs_direct": med("concurrent_runs_per_s") / med("concurrent_direct_runs_per_s"),
+                   "batch_runs_vs_direct": med("batch_runs_per_s") / med("concurrent_direct_runs_per_s")}
+        line = (f"{shape.name} on {k}: a run takes {summary['run_vs_direct']:.2f}x its model calls made "
+                f"directly; the overhead per step is {summary['overhead_per_step_vs_direct_call']:.2f}x one "
+                f"direct call to the mock; runs/s is {summary['concurrent_runs_vs_direct']:.2f}x the direct "
+                f"run-equivalents/s at {args.concurrency} clients with wait: true, "
+                f"{summary['batch_runs_vs_direct']:.2f}x with {args.batch} started at once")
+        if real:
+            per_step = [r["overhead_per_step_ms"] for r in rs]
+            call = statistics.median(real["ms"])
+            summary["overhead_per_step_vs_real_call"] = [x / call for x in per_step]
+            line += (f"; overhead per step / one {real['model']} call ({call:.0f} ms, "
+                     f"{real['completion_tokens']} tokens): {mmm([x / call for x in per_step], '{:.4f}')}")
+        stores[k]["summary"] = summary
+        print(line)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="agent,workflow")
+    ap.add_argument("--stores", default="sqlite,postgres")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=20, help="sequential runs per round (and direct run-equivalents)")
+    ap.add_argument("--concurrency", type=int, default=8, help="clients in the concurrent part")
+    ap.add_argument("--concurrent-runs", type=int, default=5, help="runs per client per round")
+    ap.add_argument("--batch", type=int, default=40, help="runs started at once (wait: false) per round")
+    ap.add_argument("--tool-rounds", type=int, default=5, help="calculator calls per agent run")
+    ap.add_argument("--pg-url", help="PostgreSQL URL (default: scripts/pg.sh start)")
+    ap.add_argument("--kiln-bin", type=Path, default=TARGET / "release" / "kiln")
+    ap.add_argument("--mock-bin", type=Path, default=TARGET / "release" / "kiln-mock-upstream")
+    ap.add_argument("--real-model", default="smollm2-135m",
+                    help="a model installed under --models-home, for one real call ('' skips it)")
+    ap.add_argument("--models-home", type=Path,
+                    default=Path(os.environ.get("KILN_TEST_HOME", Path.home() / ".cache" / "kiln" / "home")))
+    ap.add_argument("--real-calls", type=int, default=9)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    for b in (args.kiln_bin, args.mock_bin):
+        if not b.exists():
+            sys.exit(f"{b} not found: cargo build --release -p kiln-server -p kiln-mock-upstream")
+    stores = [s for s in args.stores.split(",") if s]
+    for s in stores:
+        if s not in ("sqlite", "postgres"):
+            sys.exit(f"unknown store {s} (sqlite, postgres)")
+    known = {"agent": AgentShape(args.tool_rounds), "workflow": WorkflowShape()}
+    shapes = []
+    for name in (x for x in args.shapes.split(",") if x):
+        if name not in known:
+            sys.exit(f"unknown shape {name} (agent, workflow)")
+        shapes.append(known[name])
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start}", file=sys.stderr)
+    if load_start[0] > 1.5:
+        print("warning: the machine is busy; the figures will be noisy", file=sys.stderr)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-agents-"))
+    port = free_port()
+    mock = Proc("mock", [str(args.mock_bin), "--port", str(port), "--threads", "1",
+                         "--tool-rounds", str(args.tool_rounds)])
+    mock_url = f"http://127.0.0.1:{port}"
+    results: dict = {"settings": {k: str(v) for k, v in vars(args).items()},
+                     "shapes": {shape.name: {} for shape in shapes}}
+    try:
+        wait_http(f"{mock_url}/v1/models", 30)
+        for kind in stores:
+            store = Store(kind, args, mock_url, workdir)
+            try:
+                for shape in shapes:
+                    results["shapes"][shape.name][kind] = measure(store, shape, args)
+            finally:
+                store.stop()
+        if args.real_model:
+            results["real_call"] = real_call(args, workdir)
+    finally:
+        mock.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    load_end = os.getloadavg()
+    print(f"load average at end: {load_end}", file=sys.stderr)
+    results["load_average"] = {"start": load_start, "end": load_end}
+    real = results.get("real_call")
+    if real:
+        print(f"\nOne {real['model']} chat call on the embedded engine, {real['completion_tokens']} tokens "
+              f"(max_tokens 16), ms: {mmm(real['ms'])} over {len(real['ms'])} calls")
+    for shape in shapes:
+        report(shape, results, args)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
         print(f"\nJSON: {args.out}")
