@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::http::{header, HeaderMap};
@@ -79,10 +79,51 @@ impl Principal {
     }
 }
 
+/// Looked-up keys by secret hash (`None` remembers an unknown key). Each
+/// emptying starts a new generation, and a lookup that began in an earlier
+/// one is not stored: it may have read the key before the change that
+/// emptied the cache, and would otherwise outlive it.
+#[derive(Default)]
+struct KeyCache {
+    /// The generation, and the lookups made in it.
+    inner: RwLock<(u64, Lookups)>,
+}
+
+/// Key lookups by secret hash.
+type Lookups = HashMap<String, Option<Arc<KeyOwner>>>;
+
+impl KeyCache {
+    fn get(&self, hash: &str) -> Option<Option<Arc<KeyOwner>>> {
+        let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        inner.1.get(hash).cloned()
+    }
+
+    /// The generation a lookup starts in; pass it to [`KeyCache::insert`].
+    fn generation(&self) -> u64 {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).0
+    }
+
+    fn insert(&self, since: u64, hash: String, owner: Option<Arc<KeyOwner>>) {
+        let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        if inner.0 != since {
+            return;
+        }
+        if inner.1.len() >= CACHE_LIMIT {
+            inner.1.clear();
+        }
+        inner.1.insert(hash, owner);
+    }
+
+    fn clear(&self) {
+        let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        inner.0 += 1;
+        inner.1.clear();
+    }
+}
+
 pub struct Auth {
     db: Arc<dyn Database>,
-    /// By secret hash; `None` remembers an unknown key.
-    cache: RwLock<HashMap<String, Option<Arc<KeyOwner>>>>,
+    cache: KeyCache,
     epoch: AtomicI64,
     /// Under `--no-auth`: every `/v1` request is this principal.
     anonymous: Option<Arc<Principal>>,
@@ -96,7 +137,7 @@ impl Auth {
         let epoch = db.auth_epoch()?;
         Ok(Auth {
             db,
-            cache: RwLock::new(HashMap::new()),
+            cache: KeyCache::default(),
             epoch: AtomicI64::new(epoch),
             anonymous: anonymous.map(Arc::new),
         })
@@ -129,10 +170,10 @@ impl Auth {
             ));
         };
         let hash = secret_hash(secret);
-        let cached = self.cache.read().ok().and_then(|c| c.get(&hash).cloned());
-        let owner = match cached {
+        let owner = match self.cache.get(&hash) {
             Some(found) => found,
             None => {
+                let since = self.cache.generation();
                 let db = self.db.clone();
                 let lookup = hash.clone();
                 let found = tokio::task::spawn_blocking(move || db.key_by_hash(&lookup))
@@ -140,12 +181,7 @@ impl Auth {
                     .map_err(|_| ApiError::internal())?
                     .map_err(crate::error::store_unavailable)?
                     .map(Arc::new);
-                if let Ok(mut c) = self.cache.write() {
-                    if c.len() >= CACHE_LIMIT {
-                        c.clear();
-                    }
-                    c.insert(hash, found.clone());
-                }
+                self.cache.insert(since, hash, found.clone());
                 found
             }
         };
@@ -179,9 +215,7 @@ impl Auth {
         match self.db.auth_epoch() {
             Ok(e) => {
                 if self.epoch.swap(e, Ordering::AcqRel) != e {
-                    if let Ok(mut c) = self.cache.write() {
-                        c.clear();
-                    }
+                    self.cache.clear();
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the auth epoch"),
@@ -240,6 +274,22 @@ mod tests {
             );
         }
         h
+    }
+
+    /// A lookup that began before the cache was emptied (by a revocation
+    /// seen in the epoch) does not put what it read back in the cache.
+    #[test]
+    fn a_lookup_from_before_an_emptying_is_not_kept() {
+        let cache = KeyCache::default();
+        let before = cache.generation();
+        cache.clear();
+        cache.insert(before, "stale".into(), None);
+        assert!(cache.get("stale").is_none(), "the stale lookup was kept");
+        let now = cache.generation();
+        cache.insert(now, "fresh".into(), None);
+        assert!(cache.get("fresh").is_some());
+        cache.clear();
+        assert!(cache.get("fresh").is_none());
     }
 
     #[test]
