@@ -173,6 +173,13 @@ def test_groups_and_tenants_see_only_what_they_may(kiln_url, org, handbook):
     assert len(listing["data"]) == 3
     status, info = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}")
     assert info["documents"] == 3
+    # The chunk count is of the visible documents only.
+    assert info["chunks"] == sum(d["chunks"] for d in listing["data"]), (info, listing)
+    status, hr_info = api(kiln_url, org["hr"], "GET", f"/api/kbs/{kb}")
+    status, hr_listing = api(kiln_url, org["hr"], "GET", f"/api/kbs/{kb}/documents")
+    assert hr_info["chunks"] == sum(d["chunks"] for d in hr_listing["data"]) > info["chunks"], hr_info
+    status, listed = api(kiln_url, org["member"], "GET", "/api/kbs")
+    assert [k["chunks"] for k in listed["data"] if k["id"] == kb] == [info["chunks"]]
     # Paging, newest first, shows each visible document once and no other.
     for who, expect in (("member", 3), ("hr", 4)):
         seen, after = [], None
@@ -207,10 +214,20 @@ def test_groups_and_tenants_see_only_what_they_may(kiln_url, org, handbook):
         (f"/api/kbs/{kb}", "GET", None),
         (f"/api/kbs/{kb}/documents", "GET", None),
         (f"/api/kbs/{kb}/search", "POST", {"query": "vacation"}),
+        (f"/api/kbs/{kb}/ask", "POST", {"question": "How many vacation days?"}),
+        (f"/api/kbs/{kb}/documents/{secret}", "GET", None),
+        (f"/api/kbs/{kb}/documents/{secret}", "DELETE", None),
         (f"/api/kbs/{kb}", "DELETE", None),
     ]:
         status, body = api(kiln_url, org["outsider"], method, path, body)
         assert status == 404, (path, body)
+    for method, doc in (("POST", None), ("PUT", secret)):
+        status, body = upload(kiln_url, org["outsider"], kb, "x.txt", b"outsider upload", method=method, doc=doc)
+        assert status == 404, (method, body)
+    status, body = api(kiln_url, org["outsider"], "POST", "/v1/chat/completions",
+                       {"model": "kb:" + info["name"], "messages": [{"role": "user", "content": "vacation?"}]})
+    assert status == 404, body
+    assert kb not in json.dumps(body) and info["name"] in body["error"]["message"], body
     status, listing = api(kiln_url, org["outsider"], "GET", "/api/kbs")
     assert kb not in {k["id"] for k in listing["data"]}
     # Members read but do not change.

@@ -210,6 +210,18 @@ fn groups_and_metadata_restrict_what_is_found() {
         let d = kb.add(u).unwrap().document;
         kb.ingest(&d.id, 1, &e).unwrap();
     }
+    // Counts show a caller only what it may see.
+    let all = kb.count_visible(None).unwrap();
+    assert_eq!(all.documents, 2);
+    assert_eq!(all.chunks, kb.stats().chunks);
+    let sales = kb.count_visible(Some(&["sales".to_string()])).unwrap();
+    assert_eq!(sales.documents, 1);
+    assert!(
+        sales.chunks >= 1 && sales.chunks < all.chunks,
+        "{sales:?} of {all:?}"
+    );
+    let hr_counts = kb.count_visible(Some(&["hr".to_string()])).unwrap();
+    assert_eq!(hr_counts, all);
     let outsider = Filter {
         groups: Some(vec!["sales".into()]),
         metadata: vec![],
@@ -550,4 +562,65 @@ fn a_new_version_embeds_only_what_changed() {
         kb.document(&d.id).unwrap().progress.done,
         kb.document(&d.id).unwrap().chunks
     );
+}
+
+/// Deletes a document from inside its own ingestion, after the first
+/// embedding batch, as a user's DELETE racing the ingestion would.
+struct DeletingEmbedder<'a> {
+    inner: HashEmbedder,
+    kb: &'a KnowledgeBase,
+    doc: std::sync::Mutex<Option<String>>,
+}
+
+impl kiln_rag::kb::Embedder for DeletingEmbedder<'_> {
+    fn model(&self) -> &str {
+        self.inner.model()
+    }
+    fn dimensions(&self) -> usize {
+        self.inner.dimensions()
+    }
+    fn max_tokens(&self) -> usize {
+        self.inner.max_tokens()
+    }
+    fn count_tokens(&self, text: &str) -> usize {
+        self.inner.count_tokens(text)
+    }
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let out = self.inner.embed(texts);
+        if let Some(doc) = self.doc.lock().unwrap().take() {
+            self.kb.delete(&doc).unwrap();
+        }
+        out
+    }
+}
+
+#[test]
+fn a_document_deleted_while_it_is_embedded_is_embedded_no_further() {
+    let dir = tempfile::tempdir().unwrap();
+    let kb = KnowledgeBase::create(dir.path(), settings("kb-del")).unwrap();
+    let text: String = (0..400)
+        .map(|i| format!("Paragraph {i} talks about topic number {i} at some length.\n\n"))
+        .collect();
+    let d = kb.add(upload("long.txt", &text)).unwrap().document;
+    let e = DeletingEmbedder {
+        inner: HashEmbedder::new(1_000_000),
+        kb: &kb,
+        doc: std::sync::Mutex::new(Some(d.id.clone())),
+    };
+    let status = kb.ingest(&d.id, 1, &e).unwrap();
+    assert_eq!(status, Status::Superseded);
+    assert_eq!(
+        e.inner.calls.load(Ordering::SeqCst),
+        1,
+        "batches after the delete were embedded"
+    );
+    assert!(kb.documents().unwrap().is_empty());
+    assert_eq!(kb.stats().chunks, 0);
+    let hits = kb
+        .search(
+            &query("topic number", Mode::Hybrid, Filter::default()),
+            Some(&e.inner),
+        )
+        .unwrap();
+    assert!(hits.is_empty(), "{hits:?}");
 }

@@ -396,6 +396,13 @@ fn check_labels(what: &str, items: impl Iterator<Item = String>) -> Result<()> {
     Ok(())
 }
 
+/// What [`KnowledgeBase::count_visible`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VisibleCounts {
+    pub documents: usize,
+    pub chunks: usize,
+}
+
 impl KnowledgeBase {
     /// Creates a knowledge base in the empty (or absent) directory `dir`.
     pub fn create(dir: &Path, settings: Settings) -> Result<KnowledgeBase> {
@@ -890,13 +897,28 @@ impl KnowledgeBase {
     }
 
     /// How many documents the holder of `groups` may see (`None`: all).
-    pub fn count_documents(&self, groups: Option<&[String]>) -> Result<usize> {
-        let n: i64 = self.db().query_row(
+    /// The documents and the indexed chunks a caller with `groups` may
+    /// see (`None`: all), so counts reveal nothing of restricted documents.
+    pub fn count_visible(&self, groups: Option<&[String]>) -> Result<VisibleCounts> {
+        let db = self.db();
+        let visible = visibility_param(groups);
+        let documents: i64 = db.query_row(
             &format!("SELECT COUNT(*) FROM documents d WHERE {VISIBLE}"),
-            params![Option::<String>::None, visibility_param(groups)],
+            params![Option::<String>::None, visible],
             |r| r.get(0),
         )?;
-        Ok(n as usize)
+        let chunks: i64 = db.query_row(
+            &format!(
+                "SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id = c.doc_id
+                 WHERE c.version = d.live_version AND {VISIBLE}"
+            ),
+            params![Option::<String>::None, visible],
+            |r| r.get(0),
+        )?;
+        Ok(VisibleCounts {
+            documents: documents as usize,
+            chunks: chunks as usize,
+        })
     }
 
     pub fn document(&self, doc: &str) -> Result<Document> {

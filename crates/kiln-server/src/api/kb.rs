@@ -37,6 +37,7 @@ use kiln_rag::chunk::ChunkOptions;
 use kiln_rag::fulltext::Filter;
 use kiln_rag::kb::{
     Document, DocumentQuery, KbError, KnowledgeBase, Query as KbQuery, Settings, Status, Upload,
+    VisibleCounts,
 };
 use kiln_rag::retrieve::{Fusion, Mode};
 use kiln_store::accounts::Role;
@@ -207,9 +208,8 @@ where
         .map_err(|_| ApiError::internal())?
 }
 
-fn kb_json(kb: &KnowledgeBase, visible_documents: usize) -> serde_json::Value {
+fn kb_json(kb: &KnowledgeBase, visible: VisibleCounts) -> serde_json::Value {
     let s = kb.settings();
-    let stats = kb.stats();
     json!({
         "id": s.id,
         "object": "knowledge_base",
@@ -220,14 +220,13 @@ fn kb_json(kb: &KnowledgeBase, visible_documents: usize) -> serde_json::Value {
         "dimensions": s.dimensions,
         "chunking": s.chunking,
         "created_at": s.created_ms / 1000,
-        "documents": visible_documents,
-        "chunks": stats.chunks,
+        "documents": visible.documents,
+        "chunks": visible.chunks,
     })
 }
 
-fn count_visible(kb: &KnowledgeBase, p: &Principal) -> Result<usize, ApiError> {
-    kb.count_documents(visibility(p).as_deref())
-        .map_err(kb_error)
+fn count_visible(kb: &KnowledgeBase, p: &Principal) -> Result<VisibleCounts, ApiError> {
+    kb.count_visible(visibility(p).as_deref()).map_err(kb_error)
 }
 
 /// `GET /api/kbs`: the knowledge bases this replica holds, and those the
@@ -329,7 +328,11 @@ async fn create(
     };
     let k = k.clone();
     let kb = blocking(move || k.create(settings)).await?;
-    Ok((StatusCode::CREATED, Json(kb_json(&kb, 0))).into_response())
+    let empty = VisibleCounts {
+        documents: 0,
+        chunks: 0,
+    };
+    Ok((StatusCode::CREATED, Json(kb_json(&kb, empty))).into_response())
 }
 
 async fn show(
