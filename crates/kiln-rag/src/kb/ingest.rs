@@ -60,7 +60,24 @@ impl KnowledgeBase {
             })
             .collect();
         let mut failure: Option<KbError> = None;
+        // Versions deleted or replaced since their embedding began.
+        let mut gone = vec![false; prepared.len()];
         for batch in inputs.chunks(EMBED_BATCH) {
+            // A version no longer current is embedded, and charged for, no
+            // further: each batch first asks whether its documents still are.
+            let mut docs: Vec<usize> = batch.iter().map(|&(p, _)| p).collect();
+            docs.dedup();
+            for p in docs {
+                let (doc, version) = &jobs[prepared[p].job];
+                if !gone[p] && !self.is_current(doc, *version)? {
+                    gone[p] = true;
+                }
+            }
+            let batch: Vec<(usize, usize)> =
+                batch.iter().copied().filter(|&(p, _)| !gone[p]).collect();
+            if batch.is_empty() {
+                continue;
+            }
             let texts: Vec<String> = batch
                 .iter()
                 .map(|&(p, i)| prepared[p].inputs[i].clone())
