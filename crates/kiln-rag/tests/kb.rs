@@ -624,3 +624,37 @@ fn a_document_deleted_while_it_is_embedded_is_embedded_no_further() {
         .unwrap();
     assert!(hits.is_empty(), "{hits:?}");
 }
+
+/// A knowledge base stays with the embedding model it was built with:
+/// another model neither ingests into it nor searches its vectors, and
+/// nothing is embedded or changed when it tries.
+#[test]
+fn a_knowledge_base_is_pinned_to_its_embedding_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pinned = settings("kb-pin");
+    pinned.embedding_model = "all-minilm-l6-v2".into();
+    let kb = KnowledgeBase::create(dir.path(), pinned).unwrap();
+    let d = kb
+        .add(upload("a.txt", "Vacation days are twenty-five per year."))
+        .unwrap()
+        .document;
+    let other = HashEmbedder::new(1_000);
+    let err = kb.ingest(&d.id, 1, &other).unwrap_err();
+    assert!(
+        matches!(&err, kiln_rag::kb::KbError::WrongModel { built, given }
+            if built == "all-minilm-l6-v2" && given == "hash-64"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("all-minilm-l6-v2"), "{err}");
+    assert_eq!(other.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(kb.stats().chunks, 0);
+    for mode in [Mode::Vector, Mode::Hybrid] {
+        let err = kb
+            .search(&query("vacation", mode, Filter::default()), Some(&other))
+            .unwrap_err();
+        assert!(
+            matches!(err, kiln_rag::kb::KbError::WrongModel { .. }),
+            "{mode:?}: {err:?}"
+        );
+    }
+}
