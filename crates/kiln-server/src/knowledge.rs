@@ -609,21 +609,54 @@ pub struct RerankConfig {
     /// An environment variable holding the upstream's API key.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// For an `https` URL: CAs to trust instead of the system's, and a
+    /// client certificate and key (PEM), as for `[[upstreams]]`.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub client_cert_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<std::path::PathBuf>,
 }
 
 impl RerankConfig {
+    fn tls_files(&self) -> crate::upstream::TlsFiles<'_> {
+        crate::upstream::TlsFiles {
+            ca_file: self.ca_file.as_deref(),
+            client_cert_file: self.client_cert_file.as_deref(),
+            client_key_file: self.client_key_file.as_deref(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let uri: hyper::Uri = self
             .url
             .parse()
             .map_err(|e| format!("rerank url `{}`: {e}", self.url))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-            return Err(format!(
-                "rerank url `{}` must be http://HOST[:PORT]/PATH (TLS to upstreams is not built in)",
-                self.url
-            ));
-        }
+        self.tls_files()
+            .check(&uri)
+            .map_err(|e| format!("rerank url `{}`: {e}", self.url))?;
         crate::config::validate_plain_name("rerank model", &self.model)
+    }
+}
+
+/// The configured rerank endpoint and its client, made once at start.
+pub struct Rerank {
+    pub config: RerankConfig,
+    client: crate::upstream::HttpClient,
+}
+
+impl Rerank {
+    pub fn new(config: RerankConfig) -> Result<Rerank, String> {
+        config.validate()?;
+        let client = crate::upstream::http_client(
+            "rerank",
+            &config.url,
+            &config.tls_files(),
+            Duration::from_secs(10),
+        )
+        .map_err(|e| format!("[rerank]: {e}"))?;
+        Ok(Rerank { config, client })
     }
 }
 
@@ -632,28 +665,20 @@ impl RerankConfig {
 pub struct UpstreamReranker {
     state: SharedState,
     principal: Arc<Principal>,
-    config: RerankConfig,
+    rerank: Arc<Rerank>,
     runtime: tokio::runtime::Handle,
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<hyper::body::Bytes>,
-    >,
 }
 
 impl UpstreamReranker {
     /// `None` when no reranker is configured.
     pub fn new(state: SharedState, principal: Arc<Principal>) -> Option<UpstreamReranker> {
-        let config = state.rerank.clone()?;
+        let rerank = state.rerank.clone()?;
         let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
         Some(UpstreamReranker {
             state,
             principal,
-            config,
+            rerank,
             runtime,
-            client,
         })
     }
 
@@ -675,9 +700,9 @@ impl UpstreamReranker {
 
     async fn post(&self, body: Vec<u8>) -> Result<serde_json::Value, String> {
         use http_body_util::BodyExt;
-        let mut req =
-            hyper::Request::post(&self.config.url).header("content-type", "application/json");
-        if let Some(var) = &self.config.api_key_env {
+        let mut req = hyper::Request::post(&self.rerank.config.url)
+            .header("content-type", "application/json");
+        if let Some(var) = &self.rerank.config.api_key_env {
             if let Ok(key) = std::env::var(var) {
                 req = req.header("authorization", format!("Bearer {key}"));
             }
@@ -685,10 +710,15 @@ impl UpstreamReranker {
         let req = req
             .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
             .map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(RERANK_TIMEOUT, self.client.request(req))
+        let resp = tokio::time::timeout(RERANK_TIMEOUT, self.rerank.client.request(req))
             .await
             .map_err(|_| "the rerank upstream did not answer in time".to_string())?
-            .map_err(|e| format!("cannot reach the rerank upstream: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "cannot reach the rerank upstream: {}",
+                    crate::upstream::causes(&e)
+                )
+            })?;
         let status = resp.status();
         let bytes = tokio::time::timeout(RERANK_TIMEOUT, resp.into_body().collect())
             .await
@@ -711,7 +741,7 @@ impl UpstreamReranker {
 
 impl kiln_rag::retrieve::Reranker for UpstreamReranker {
     fn model(&self) -> &str {
-        &self.config.model
+        &self.rerank.config.model
     }
 
     fn rerank(&self, query: &str, passages: &[&str]) -> Result<Vec<f32>, EmbedError> {
@@ -720,17 +750,17 @@ impl kiln_rag::retrieve::Reranker for UpstreamReranker {
             self.state.clone(),
             format!("kb-{}", uuid::Uuid::new_v4().simple()),
             RERANK_ENDPOINT,
-            self.config.model.clone(),
+            self.rerank.config.model.clone(),
             self.principal.clone(),
         );
         self.principal
-            .check_model(&self.config.model)
+            .check_model(&self.rerank.config.model)
             .map_err(|e| EmbedError::Refused(e.message))?;
         self.runtime
             .block_on(call.admit_to(estimate, 0, "rerank"))
             .map_err(|e| EmbedError::Refused(e.message))?;
         let body = serde_json::json!({
-            "model": self.config.model,
+            "model": self.rerank.config.model,
             "query": query,
             "documents": passages,
         });

@@ -67,7 +67,12 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
     let auth = Arc::new(Auth::new(db.clone(), anonymous).context("cannot read keys")?);
     let meter = Meter::new(db.clone(), replica_id).context("cannot read the platform currency")?;
     let mut state = AppState::new(models, metrics, auth, meter);
-    state.rerank = cfg.rerank.clone();
+    state.rerank = match cfg.rerank.clone() {
+        Some(r) => Some(Arc::new(
+            crate::knowledge::Rerank::new(r).map_err(anyhow::Error::msg)?,
+        )),
+        None => None,
+    };
     state.tools = Arc::new(crate::runs::ServerTools::new(
         crate::runs::toolbox(cfg.http_tool.as_ref()).map_err(|e| anyhow::anyhow!(e))?,
     ));

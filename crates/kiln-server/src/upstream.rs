@@ -41,7 +41,7 @@
 //! is a 502 that says why, and nothing is sent.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,6 +99,14 @@ pub struct UpstreamConfig {
 }
 
 impl UpstreamConfig {
+    fn tls_files(&self) -> TlsFiles<'_> {
+        TlsFiles {
+            ca_file: self.ca_file.as_deref(),
+            client_cert_file: self.client_cert_file.as_deref(),
+            client_key_file: self.client_key_file.as_deref(),
+        }
+    }
+
     /// Checks what can be checked without connecting.
     pub fn validate(&self) -> Result<(), String> {
         crate::config::validate_plain_name("upstream name", &self.name)?;
@@ -108,25 +116,12 @@ impl UpstreamConfig {
                 self.name, self.base_url
             )
         })?;
-        let https = uri.scheme_str() == Some("https");
-        if !(https || uri.scheme_str() == Some("http")) || uri.authority().is_none() {
-            return Err(format!(
-                "upstream `{}`: base_url `{}` must be http[s]://HOST[:PORT]/PATH",
+        self.tls_files().check(&uri).map_err(|e| {
+            format!(
+                "upstream `{}`: base_url `{}`: {e}",
                 self.name, self.base_url
-            ));
-        }
-        if !https && (self.ca_file.is_some() || self.client_cert_file.is_some()) {
-            return Err(format!(
-                "upstream `{}`: ca_file and client_cert_file need an https:// base_url",
-                self.name
-            ));
-        }
-        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
-            return Err(format!(
-                "upstream `{}`: client_cert_file and client_key_file go together",
-                self.name
-            ));
-        }
+            )
+        })?;
         if self.models.is_empty() || self.models.iter().any(|m| m.trim().is_empty()) {
             return Err(format!(
                 "upstream `{}` must list the model names it serves",
@@ -158,7 +153,7 @@ pub struct Upstream {
     pub name: String,
     base_url: String,
     api_key: Option<String>,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: HttpClient,
     timeout: Duration,
     pub default_max_tokens: u64,
     tokenizer: Option<Arc<Tokenizer>>,
@@ -187,19 +182,13 @@ impl Upstream {
             })?),
         };
         let timeout = Duration::from_secs(cfg.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS));
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout.min(Duration::from_secs(10))));
-        connector.set_nodelay(true);
-        connector.enforce_http(false);
-        let tls = tls_config(cfg).map_err(|e| anyhow::anyhow!("upstream `{}`: {e}", cfg.name))?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+        let client = http_client(
+            &cfg.name,
+            &cfg.base_url,
+            &cfg.tls_files(),
+            timeout.min(Duration::from_secs(10)),
+        )
+        .map_err(|e| anyhow::anyhow!("upstream `{}`: {e}", cfg.name))?;
         let tokenizer = match tokenizer_path {
             None => None,
             Some(path) => {
@@ -235,13 +224,65 @@ impl Upstream {
     }
 }
 
-/// The TLS settings of an upstream: the CAs it is checked against (the
-/// system's, or `ca_file`'s), and the client certificate, if any. An
-/// `http://` upstream gets an empty root store it never uses.
-fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
+/// An HTTP/1 client for `http://` and `https://` URLs.
+pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The TLS files of a configured endpoint (an upstream, the reranker).
+pub(crate) struct TlsFiles<'a> {
+    /// PEM CA certificates to trust instead of the system's.
+    pub ca_file: Option<&'a Path>,
+    /// A PEM client certificate chain and its key (mutual TLS).
+    pub client_cert_file: Option<&'a Path>,
+    pub client_key_file: Option<&'a Path>,
+}
+
+impl TlsFiles<'_> {
+    /// Checks `uri` is `http[s]://HOST...` and the files fit its scheme.
+    pub(crate) fn check(&self, uri: &Uri) -> Result<(), String> {
+        let https = uri.scheme_str() == Some("https");
+        if !(https || uri.scheme_str() == Some("http")) || uri.authority().is_none() {
+            return Err("must be http[s]://HOST[:PORT]/PATH".into());
+        }
+        if !https && (self.ca_file.is_some() || self.client_cert_file.is_some()) {
+            return Err("ca_file and client_cert_file need an https:// URL".into());
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            return Err("client_cert_file and client_key_file go together".into());
+        }
+        Ok(())
+    }
+}
+
+/// A pooled client for `url`: plain HTTP, or TLS 1.2/1.3 checked against
+/// the system's CAs (or `files.ca_file`'s), with the client certificate if
+/// one is given. `name` names the endpoint in warnings.
+pub(crate) fn http_client(
+    name: &str,
+    url: &str,
+    files: &TlsFiles<'_>,
+    connect_timeout: Duration,
+) -> Result<HttpClient, String> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(name, url, files)?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector))
+}
+
+/// The TLS settings for `url`: the CAs its certificate is checked against,
+/// and the client certificate, if any. An `http://` URL gets an empty root
+/// store it never uses.
+fn tls_config(name: &str, url: &str, files: &TlsFiles<'_>) -> Result<rustls::ClientConfig, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let pem_certs = |path: &PathBuf, what: &str| -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem_certs = |path: &Path, what: &str| -> Result<Vec<CertificateDer<'static>>, String> {
         let certs = CertificateDer::pem_file_iter(path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
             .map_err(|e| format!("{what} {}: {e}", path.display()))?;
@@ -254,22 +295,22 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
         Ok(certs)
     };
     let mut roots = rustls::RootCertStore::empty();
-    if let Some(path) = &cfg.ca_file {
+    if let Some(path) = files.ca_file {
         for cert in pem_certs(path, "ca_file")? {
             roots
                 .add(cert)
                 .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
         }
-    } else if cfg.base_url.starts_with("https:") {
+    } else if url.starts_with("https:") {
         let found = rustls_native_certs::load_native_certs();
         for e in &found.errors {
-            tracing::warn!(upstream = %cfg.name, error = %e, "a system CA certificate could not be read");
+            tracing::warn!(endpoint = %name, error = %e, "a system CA certificate could not be read");
         }
         let (added, _) = roots.add_parsable_certificates(found.certs);
         if added == 0 {
             tracing::warn!(
-                upstream = %cfg.name,
-                "no trusted CA certificates were found on this system: every TLS connection to this upstream will fail; give it a ca_file"
+                endpoint = %name,
+                "no trusted CA certificates were found on this system: every TLS connection to it will fail; give it a ca_file"
             );
         }
     }
@@ -278,7 +319,7 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
         .with_root_certificates(roots);
-    match (&cfg.client_cert_file, &cfg.client_key_file) {
+    match (files.client_cert_file, files.client_key_file) {
         (Some(cert), Some(key)) => {
             let chain = pem_certs(cert, "client_cert_file")?;
             let key = PrivateKeyDer::from_pem_file(key)
@@ -293,7 +334,7 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
 
 /// An error and its causes, outermost first: a connection error says
 /// which certificate check failed, not only that connecting did.
-fn causes(e: &dyn std::error::Error) -> String {
+pub(crate) fn causes(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(cause) = next {

@@ -49,7 +49,7 @@ pub struct AppState {
     /// Knowledge bases; `None` without an embedding model.
     pub knowledge: Option<Arc<crate::knowledge::Knowledge>>,
     /// The upstream reranker knowledge-base searches use, if configured.
-    pub rerank: Option<crate::knowledge::RerankConfig>,
+    pub rerank: Option<Arc<crate::knowledge::Rerank>>,
     /// The tools agents may be given.
     pub tools: Arc<crate::runs::ServerTools>,
     /// Wakes the requests waiting on a run and its event streams when

@@ -563,6 +563,32 @@ mod tests {
     }
 
     #[test]
+    fn a_rerank_endpoint_may_be_https_with_its_tls_files() -> Result<(), ConfigError> {
+        let dir = tempfile::tempdir().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let file = dir.path().join("k.toml");
+        let load_with = |text: &str| {
+            std::fs::write(&file, text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            load(Some(&file), ConfigLayer::default(), ConfigLayer::default())
+        };
+        let cfg = load_with(
+            "[rerank]\nurl = \"https://rr.internal/v1/rerank\"\nmodel = \"bge\"\nca_file = \"/etc/ca.pem\"\n",
+        )?;
+        let rerank = cfg
+            .rerank
+            .ok_or(ConfigError::Invalid("no [rerank]".into()))?;
+        assert_eq!(rerank.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        for bad in [
+            "[rerank]\nurl = \"http://rr/v1/rerank\"\nmodel = \"bge\"\nca_file = \"/etc/ca.pem\"\n",
+            "[rerank]\nurl = \"https://rr/v1/rerank\"\nmodel = \"bge\"\nclient_cert_file = \"c.pem\"\n",
+            "[rerank]\nurl = \"ftp://rr/v1/rerank\"\nmodel = \"bge\"\n",
+        ] {
+            let err = load_with(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("rerank url"), "{bad}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn unknown_toml_keys_are_refused() -> Result<(), ConfigError> {
         let dir = tempfile::tempdir().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let file = dir.path().join("k.toml");
