@@ -209,6 +209,14 @@ def test_tenants_list_and_update_suspend_and_restore_a_tenant(kiln_url, database
     assert tenant_row(database, tenant)["STATE"] == "active"
     until(lambda: chat(kiln_url, key, max_tokens=2)[0] == 200, "the re-enabled tenant's key was refused")
 
+    # Limits change, and `none` removes one.
+    kiln_cli(database, "tenants", "update", tenant, "--monthly-limit", "7.5", "--rpm", "5", "--tpm", "none")
+    row = tenant_row(database, tenant)
+    assert (row["MONTHLY_LIMIT"], row["RPM"], row["TPM"]) == ("7.5", "5", "-"), row
+    kiln_cli(database, "tenants", "update", tenant, "--monthly-limit", "none", "--rpm", "none")
+    row = tenant_row(database, tenant)
+    assert (row["MONTHLY_LIMIT"], row["RPM"], row["TPM"]) == ("-", "-", "-"), row
+
     renamed = tenant + "-renamed"
     kiln_cli(database, "tenants", "update", tenant, "--name", renamed)
     assert tenant_row(database, renamed)["ID"] == row["ID"]

@@ -210,6 +210,35 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// Limits given to `kiln tenants update` parse to a value or to
+    /// `none` (removed), and an absent flag leaves the limit alone.
+    #[test]
+    fn tenant_limits_parse_to_a_value_or_none() {
+        use crate::commands::admin::TenantsCommand;
+        let cli = Cli::try_parse_from([
+            "kiln", "tenants", "update", "t", "--rpm", "5", "--tpm", "none",
+        ]);
+        let Ok(Cli {
+            command: Command::Tenants(args),
+        }) = cli
+        else {
+            panic!("tenants update did not parse: {cli:?}");
+        };
+        let TenantsCommand::Update {
+            rpm,
+            tpm,
+            monthly_limit,
+            ..
+        } = args.command
+        else {
+            panic!("not an update");
+        };
+        assert_eq!(rpm.map(|v| v.value()), Some(Some(5)));
+        assert_eq!(tpm.map(|v| v.value()), Some(None));
+        assert!(monthly_limit.is_none());
+        assert!(Cli::try_parse_from(["kiln", "tenants", "update", "t", "--rpm", "x"]).is_err());
+    }
+
     #[test]
     fn repeated_models_are_collected() {
         let cli = Cli::try_parse_from([

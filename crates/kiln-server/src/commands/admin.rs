@@ -47,12 +47,24 @@ impl DbArgs {
 }
 
 /// A limit given on the command line: a number, or `none` to clear it.
-fn optional<T: std::str::FromStr>(text: &str) -> Result<Option<T>, String> {
+/// A limit given on the command line: a value, or `none` to remove it.
+/// (A field of type `Option<Option<T>>` would make clap expect its parser
+/// to return `T`.)
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OrNone<T>(Option<T>);
+
+impl<T: Copy> OrNone<T> {
+    pub fn value(self) -> Option<T> {
+        self.0
+    }
+}
+
+fn optional<T: std::str::FromStr>(text: &str) -> Result<OrNone<T>, String> {
     if text.eq_ignore_ascii_case("none") {
-        return Ok(None);
+        return Ok(OrNone(None));
     }
     text.parse()
-        .map(Some)
+        .map(|v| OrNone(Some(v)))
         .map_err(|_| format!("`{text}` is not a number (or `none`)"))
 }
 
@@ -60,11 +72,11 @@ fn money(text: &str) -> Result<Money, String> {
     Money::parse(text)
 }
 
-fn optional_money(text: &str) -> Result<Option<Money>, String> {
+fn optional_money(text: &str) -> Result<OrNone<Money>, String> {
     if text.eq_ignore_ascii_case("none") {
-        Ok(None)
+        Ok(OrNone(None))
     } else {
-        Money::parse(text).map(Some)
+        Money::parse(text).map(|m| OrNone(Some(m)))
     }
 }
 
@@ -105,11 +117,11 @@ pub enum TenantsCommand {
         enable: bool,
         /// A limit, or `none` to remove it.
         #[arg(long, value_parser = optional_money)]
-        monthly_limit: Option<Option<Money>>,
+        monthly_limit: Option<OrNone<Money>>,
         #[arg(long, value_parser = optional::<u32>)]
-        rpm: Option<Option<u32>>,
+        rpm: Option<OrNone<u32>>,
         #[arg(long, value_parser = optional::<u32>)]
-        tpm: Option<Option<u32>>,
+        tpm: Option<OrNone<u32>>,
     },
     /// Add prepaid credit, a grant, or an adjustment to a balance.
     Credit {
@@ -369,9 +381,9 @@ pub fn tenants(args: &TenantsArgs) -> anyhow::Result<()> {
                     (_, true) => Some(false),
                     _ => None,
                 },
-                monthly_limit: *monthly_limit,
-                requests_per_minute: *rpm,
-                tokens_per_minute: *tpm,
+                monthly_limit: monthly_limit.map(OrNone::value),
+                requests_per_minute: rpm.map(OrNone::value),
+                tokens_per_minute: tpm.map(OrNone::value),
             };
             let t = db
                 .update_tenant(&t.id, &update)?
