@@ -16,9 +16,11 @@ import urllib.request
 from conftest import kiln_cli
 from test_metering import MODEL, QUESTION, api, new_key, new_tenant
 
-# Every change to a key or tenant reaches the server within a second
-# (it polls the database every 250 ms).
-PROPAGATION_S = 1.0
+# Every change to a key or tenant reaches the server within a second (it
+# polls the database every 250 ms); `test_metering`'s revocation test holds
+# it to that. Here the bound is looser, so a loaded CI machine's scheduling
+# cannot fail a test about something else.
+PROPAGATION_S = 3.0
 CHAT = "/v1/chat/completions"
 
 
@@ -116,7 +118,7 @@ def test_a_rotated_key_gets_a_new_secret_and_the_old_one_stops_within_a_second(k
         status, body = api(kiln_url, old, "GET", "/v1/models")
         return (status, body) if status != 200 else None
 
-    status, body = until(old_refused, "the old secret still worked")
+    status, body = until(old_refused, "the old secret still worked", limit_s=1.0)
     assert_error(status, body, 401, "invalid_api_key", "authentication_error")
     # The same key, with the new secret: same id, usable for calls.
     assert me(kiln_url, new)["key"]["id"] == key_id
