@@ -199,7 +199,7 @@ fn bits_to_bytes(qh: u32) -> __m256i {
 /// `hsum_float_8`: halves added, then (0+2) + (1+3).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn hsum8(v: __m256) -> f32 {
+pub(super) fn hsum8(v: __m256) -> f32 {
     let r = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
     let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     let r = _mm_add_ss(r, _mm_movehdup_ps(r));

@@ -17,7 +17,7 @@ pub enum KernelVariant {
     Scalar,
     /// x86-64 AVX2 with FMA and F16C.
     Avx2,
-    /// x86-64 AVX-512 (F, BW, VL) with FMA and F16C.
+    /// x86-64 AVX-512 (F, BW, VL, VNNI) with AVX2, FMA and F16C.
     Avx512,
 }
 
@@ -121,6 +121,7 @@ fn has_avx512() -> bool {
         && std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

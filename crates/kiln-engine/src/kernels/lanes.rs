@@ -11,8 +11,9 @@
 //!   128 bits, then pairs);
 //! - [`expf`]: `ggml_v_expf`, the AVX-512 polynomial softmax and SiLU use;
 //! - [`silu`]: `ggml_v_silu`, `x / (1 + expf(-x))` with that `expf`;
-//! - [`dot_f16`]: `ggml_vec_dot_f16` (four 16-lane accumulators over steps of
-//!   64, folded pairwise, the tail added in `f64`).
+//! - [`fold_f16_accumulators`]: the end of `ggml_vec_dot_f16` (four 16-lane
+//!   accumulators folded pairwise); the attention loops built on it are in
+//!   [`super::attention`].
 
 /// `hsum_float_8`: lanes i and i+4 first, then (0+2) + (1+3).
 #[inline(always)]
@@ -75,32 +76,6 @@ pub fn fma_available() -> bool {
     super::KernelVariant::selected() != super::KernelVariant::Scalar
 }
 
-/// `ggml_vec_dot_f16` on AVX-512: `x` and `y` both hold f16 values (as f32).
-#[inline(always)]
-pub fn dot_f16(x: &[f32], y: &[f32]) -> f32 {
-    let n = x.len().min(y.len());
-    let np = n & !63;
-    let mut acc = [[0f32; 16]; 4];
-    let mut i = 0;
-    while i < np {
-        for (j, lanes) in acc.iter_mut().enumerate() {
-            let base = i + 16 * j;
-            for (l, a) in lanes.iter_mut().enumerate() {
-                *a = x[base + l].mul_add(y[base + l], *a);
-            }
-        }
-        i += 64;
-    }
-    let mut sum = 0f64;
-    if np > 0 {
-        sum = f64::from(fold_f16_accumulators(&acc));
-    }
-    for k in np..n {
-        sum += f64::from(x[k] * y[k]);
-    }
-    sum as f32
-}
-
 /// The end of `ggml_vec_dot_f16`'s vector loop: registers 0+2 and 1+3, their
 /// sum, then `hsum16`.
 #[inline(always)]
@@ -142,8 +117,5 @@ mod tests {
         let mut b = [0f32; 8];
         b.copy_from_slice(&v[..8]);
         assert_eq!(hsum8(&b), 28.0);
-        let x: Vec<f32> = (0..70).map(|i| i as f32 * 0.5).collect();
-        let y: Vec<f32> = vec![2.0; 70];
-        assert_eq!(dot_f16(&x, &y), (0..70).map(|i| i as f32).sum::<f32>());
     }
 }

@@ -26,8 +26,11 @@
 //! The variant is chosen once at run time from the CPU's features
 //! ([`KernelVariant::selected`], `KILN_KERNELS=scalar|avx2|avx512`).
 
+pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod dequant;
 mod dispatch;
 pub mod lanes;
@@ -318,10 +321,17 @@ fn compute_rows(
 ) {
     match variant {
         #[cfg(target_arch = "x86_64")]
-        KernelVariant::Avx2 | KernelVariant::Avx512 if variant.is_available() => {
+        KernelVariant::Avx2 if variant.is_available() => {
             // SAFETY: `is_available` checked at run time that this CPU has
             // AVX2, FMA and F16C, the features `avx2::compute_rows` enables.
             unsafe { avx2::compute_rows(kind, w, row_bytes, acts, outs) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Avx512 if variant.is_available() => {
+            // SAFETY: `is_available` checked at run time that this CPU has
+            // AVX-512 F/BW/VL/VNNI besides AVX2, FMA and F16C, the features
+            // `avx512::compute_rows` enables.
+            unsafe { avx512::compute_rows(kind, w, row_bytes, acts, outs) }
         }
         _ => scalar_rows(kind, w, row_bytes, acts, outs),
     }
@@ -369,6 +379,76 @@ mod tests {
         assert_eq!(split_rows(24, 1), vec![0, 24]);
         assert_eq!(split_rows(24, 0), vec![0, 24]);
         assert_eq!(split_rows(24, 16), vec![0, 8, 16, 24]);
+    }
+
+    /// Random blocks of `dtype` with finite, moderate f16 scales.
+    fn random_matrix(
+        rng: &mut rand::rngs::StdRng,
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QMatrix> {
+        use rand::Rng;
+        let kind = DotKind::new(dtype, rows).ok_or_else(|| unsupported(dtype))?;
+        let (block_bytes, block_len) = kind.block();
+        let mut data = vec![0u8; rows * cols / block_len * block_bytes];
+        rng.fill(&mut data[..]);
+        let f16_at = |b: &mut [u8], at: usize, rng: &mut rand::rngs::StdRng| {
+            let v = half::f16::from_f32(rng.random_range(-0.05f32..0.05));
+            b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        };
+        for b in data.chunks_exact_mut(block_bytes) {
+            match dtype {
+                GgmlDType::F32 => b.copy_from_slice(&rng.random_range(-1f32..1.0).to_le_bytes()),
+                GgmlDType::F16 => f16_at(b, 0, rng),
+                GgmlDType::Q4_1 | GgmlDType::Q4K => {
+                    f16_at(b, 0, rng);
+                    f16_at(b, 2, rng);
+                }
+                GgmlDType::Q6K => f16_at(b, 208, rng),
+                _ => f16_at(b, 0, rng),
+            }
+        }
+        QMatrix::from_bytes(dtype, rows, cols, data)
+    }
+
+    /// Every variant this CPU runs gives the portable kernels' bits, for
+    /// every type, at row counts around the SIMD tiles (8 rows) and batch
+    /// sizes around the input tiles, on one and two threads.
+    #[test]
+    fn every_variant_matches_the_scalar_kernels() -> Result<()> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(20261129);
+        for dtype in SUPPORTED_TYPES {
+            let block_len = DotKind::new(dtype, 1)
+                .ok_or_else(|| unsupported(dtype))?
+                .block()
+                .1;
+            for rows in [1, 7, 8, 13, 24] {
+                let cols = block_len.max(32) * 3;
+                let m = random_matrix(&mut rng, dtype, rows, cols)?;
+                for n in [1, 2, 3, 4, 5, 6, 7, 9, 17] {
+                    let x: Vec<f32> = (0..n * cols)
+                        .map(|_| rng.random_range(-2f32..2.0))
+                        .collect();
+                    let want = m.matmul_with(&x, n, 1, KernelVariant::Scalar)?;
+                    for variant in KernelVariant::available() {
+                        for threads in [1, 2] {
+                            let got = m.matmul_with(&x, n, threads, variant)?;
+                            let bits =
+                                |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(
+                                bits(&got),
+                                bits(&want),
+                                "{dtype:?} {rows}x{cols} n={n} {} threads={threads}",
+                                variant.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -14,8 +14,12 @@
 //! kernels read each stream contiguously.
 
 use half::f16;
+use rayon::prelude::*;
 
 pub(crate) const QK: usize = 32;
+/// Rows per parallel job when a batch is quantized (smaller batches stay on
+/// the calling thread). Rows are independent, so the split changes no bits.
+const PARALLEL_ROWS: usize = 16;
 pub(crate) const QK_K: usize = 256;
 
 /// The activation format a weight type's dot product consumes.
@@ -78,18 +82,17 @@ impl Activations {
                 let nb = cols / QK;
                 a.d = vec![0.0; n * nb];
                 a.qs = vec![0; n * cols];
+                let rows =
+                    a.qs.par_chunks_mut(cols.max(1))
+                        .zip(a.d.par_chunks_mut(nb.max(1)))
+                        .zip(x.par_chunks(cols.max(1)))
+                        .with_min_len(PARALLEL_ROWS);
                 if kind == ActKind::Q8_1 {
                     a.s = vec![0.0; n * nb];
-                }
-                for (i, row) in x.chunks_exact(cols.max(1)).enumerate() {
-                    let d = &mut a.d[i * nb..(i + 1) * nb];
-                    let qs = &mut a.qs[i * cols..(i + 1) * cols];
-                    let s = if kind == ActKind::Q8_1 {
-                        Some(&mut a.s[i * nb..(i + 1) * nb])
-                    } else {
-                        None
-                    };
-                    quantize_q8_row(row, d, s, qs);
+                    rows.zip(a.s.par_chunks_mut(nb.max(1)))
+                        .for_each(|(((qs, d), row), s)| quantize_q8_row(row, d, Some(s), qs));
+                } else {
+                    rows.for_each(|((qs, d), row)| quantize_q8_row(row, d, None, qs));
                 }
             }
             ActKind::Q8K => {
@@ -97,14 +100,12 @@ impl Activations {
                 a.d = vec![0.0; n * nb];
                 a.qs = vec![0; n * cols];
                 a.bsums = vec![0; n * nb * 16];
-                for (i, row) in x.chunks_exact(cols.max(1)).enumerate() {
-                    quantize_q8k_row(
-                        row,
-                        &mut a.d[i * nb..(i + 1) * nb],
-                        &mut a.qs[i * cols..(i + 1) * cols],
-                        &mut a.bsums[i * nb * 16..(i + 1) * nb * 16],
-                    );
-                }
+                a.qs.par_chunks_mut(cols.max(1))
+                    .zip(a.d.par_chunks_mut(nb.max(1)))
+                    .zip(a.bsums.par_chunks_mut((nb * 16).max(1)))
+                    .zip(x.par_chunks(cols.max(1)))
+                    .with_min_len(PARALLEL_ROWS)
+                    .for_each(|(((qs, d), bsums), row)| quantize_q8k_row(row, d, qs, bsums));
             }
         }
         a
@@ -116,6 +117,7 @@ impl Activations {
     }
 
     /// Row `i` of Q8_0 / Q8_1 activations.
+    #[inline]
     pub(crate) fn q8_row(&self, i: usize) -> Q8Row<'_> {
         let nb = self.cols / QK;
         Q8Row {
@@ -130,6 +132,7 @@ impl Activations {
     }
 
     /// Row `i` of Q8_K activations.
+    #[inline]
     pub(crate) fn q8k_row(&self, i: usize) -> Q8KRow<'_> {
         let nb = self.cols / QK_K;
         Q8KRow {
@@ -220,6 +223,72 @@ pub(crate) fn quantize_q8k_row(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ggml's `quantize_row_q8_0/q8_1/q8_K` as llama.cpp's CPU backend runs
+    /// them here (tests/fixtures/kernels/ggml_matmul.json, written by
+    /// scripts/make_dequant_fixtures.py): the same blocks, byte for byte.
+    #[test]
+    fn activation_blocks_match_ggml() -> anyhow::Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Fixture {
+            quantize: Vec<Case>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Case {
+            kind: String,
+            x_f32_hex: String,
+            ggml_hex: String,
+        }
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/kernels/ggml_matmul.json");
+        let fixture: Fixture = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        let mut kinds = Vec::new();
+        for case in &fixture.quantize {
+            let x: Vec<f32> = hex::decode(&case.x_f32_hex)?
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let want = hex::decode(&case.ggml_hex)?;
+            let f16_bytes = |v: f32| f16::from_f32(v).to_le_bytes();
+            let mut ours = Vec::new();
+            match case.kind.as_str() {
+                "Q8_0" | "Q8_1" => {
+                    let kind = if case.kind == "Q8_0" {
+                        ActKind::Q8_0
+                    } else {
+                        ActKind::Q8_1
+                    };
+                    let a = Activations::quantize(kind, &x, x.len());
+                    let r = a.q8_row(0);
+                    for (b, q) in r.qs.chunks_exact(QK).enumerate() {
+                        ours.extend(f16_bytes(r.d[b]));
+                        if kind == ActKind::Q8_1 {
+                            ours.extend(f16_bytes(r.s[b]));
+                        }
+                        ours.extend(q.iter().map(|&v| v as u8));
+                    }
+                }
+                "Q8_K" => {
+                    let a = Activations::quantize(ActKind::Q8K, &x, x.len());
+                    let r = a.q8k_row(0);
+                    for (b, q) in r.qs.chunks_exact(QK_K).enumerate() {
+                        ours.extend(r.d[b].to_le_bytes());
+                        ours.extend(q.iter().map(|&v| v as u8));
+                        for s in &r.bsums[16 * b..16 * b + 16] {
+                            ours.extend(s.to_le_bytes());
+                        }
+                    }
+                }
+                other => anyhow::bail!("unknown activation kind {other}"),
+            }
+            assert_eq!(ours, want, "{} blocks differ from ggml's", case.kind);
+            kinds.push(case.kind.clone());
+        }
+        for k in ["Q8_0", "Q8_1", "Q8_K"] {
+            anyhow::ensure!(kinds.iter().any(|c| c == k), "no {k} case");
+        }
+        Ok(())
+    }
 
     #[test]
     fn q8_rounds_half_to_even_and_keeps_sum() {

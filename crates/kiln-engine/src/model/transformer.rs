@@ -28,12 +28,11 @@
 
 use candle_core::Device;
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use crate::kernels::{lanes, QMatrix};
+use crate::kernels::{attention, lanes, QMatrix};
 use crate::model::kv::{BlockTable, KvPool, BLOCK_TOKENS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -583,9 +582,9 @@ impl Transformer {
                     head_attn.run_fma(o)
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                head_attn.run(o)
+                head_attn.run(o, false)
             } else {
-                head_attn.run(o)
+                head_attn.run(o, false)
             }
         });
         Ok(out)
@@ -634,34 +633,34 @@ struct HeadAttention<'a> {
     post: f32,
 }
 
-impl HeadAttention<'_> {
+impl<'a> HeadAttention<'a> {
     /// The same arithmetic compiled with FMA and F16C instructions (the
     /// portable build calls libm's `fmaf` for every fused multiply-add);
     /// results are identical bits.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_fma(&self, out: &mut [f32]) {
-        self.run(out)
+        self.run(out, true)
     }
 
+    /// `simd`: use the AVX2 loops (only [`Self::run_fma`] sets it, after its
+    /// caller checked the CPU).
     #[inline(always)]
-    fn run(&self, out: &mut [f32]) {
+    fn run(&self, out: &mut [f32], simd: bool) {
         let hd = self.q.len();
-        let row = |cache: &[&[f16]], p: usize, buf: &mut [f32]| {
+        let row = |cache: &[&'a [f16]], p: usize| -> &'a [f16] {
             let at = (p % BLOCK_TOKENS) * self.kv_dim + self.kv_offset;
-            cache[p / BLOCK_TOKENS][at..at + hd].convert_to_f32_slice(buf);
+            &cache[p / BLOCK_TOKENS][at..at + hd]
         };
         let qh: Vec<f32> = self
             .q
             .iter()
             .map(|&s| f16::from_f32(s * self.pre).to_f32())
             .collect();
-        let mut buf = vec![0f32; hd];
         let mut scores = Vec::with_capacity(self.pos + 1 - self.first);
         let mut max = f32::NEG_INFINITY;
         for p in self.first..=self.pos {
-            row(self.keys, p, &mut buf);
-            let s = lanes::dot_f16(&qh, &buf) * self.post;
+            let s = head_ops::dot(simd, &qh, row(self.keys, p)) * self.post;
             max = max.max(s);
             scores.push(s);
         }
@@ -687,22 +686,55 @@ impl HeadAttention<'_> {
         // four 16-lane accumulators taking 64 cells per step, so cell p adds
         // into slot p % 64. Kept slot-major (`slots[p % 64][d]`) so that each
         // cell is one contiguous multiply-add over the head's dimensions.
-        let mut slots = vec![0f32; 64 * hd];
+        let mut slots = vec![0f32; attention::SLOTS * hd];
         for (j, p) in (self.first..=self.pos).enumerate() {
             let w = f16::from_f32(scores[j] * inv).to_f32();
-            row(self.values, p, &mut buf);
-            let slot = &mut slots[(p % 64) * hd..(p % 64 + 1) * hd];
-            for (a, &v) in slot.iter_mut().zip(&buf) {
-                *a = v.mul_add(w, *a);
-            }
+            let at = (p % attention::SLOTS) * hd;
+            head_ops::add(simd, &mut slots[at..at + hd], row(self.values, p), w);
         }
-        for (d, dst) in out.iter_mut().enumerate() {
-            let mut acc = [[0f32; 16]; 4];
-            for (slot, a) in acc.iter_mut().flatten().enumerate() {
-                *a = slots[slot * hd + d];
-            }
-            *dst = lanes::fold_f16_accumulators(&acc);
+        head_ops::fold(simd, &slots, out);
+    }
+}
+
+/// The attention loops of [`HeadAttention::run`], AVX2 or portable (the
+/// same bits either way).
+mod head_ops {
+    use half::f16;
+
+    use crate::kernels::attention;
+
+    #[inline(always)]
+    pub(super) fn dot(simd: bool, x: &[f32], y: &[f16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is set only under `run_fma`, whose caller
+            // checked that the CPU has AVX2, FMA and F16C.
+            return unsafe { attention::avx2::dot_f16(x, y) };
         }
+        let _ = simd;
+        attention::dot_f16(x, y)
+    }
+
+    #[inline(always)]
+    pub(super) fn add(simd: bool, acc: &mut [f32], v: &[f16], w: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: as in `dot`.
+            return unsafe { attention::avx2::add_scaled(acc, v, w) };
+        }
+        let _ = simd;
+        attention::add_scaled(acc, v, w)
+    }
+
+    #[inline(always)]
+    pub(super) fn fold(simd: bool, slots: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: as in `dot`.
+            return unsafe { attention::avx2::fold_slots(slots, out) };
+        }
+        let _ = simd;
+        attention::fold_slots(slots, out)
     }
 }
 

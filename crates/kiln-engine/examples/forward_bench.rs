@@ -1,0 +1,96 @@
+//! Times the engine's forward pass alone (no server, no scheduler): a
+//! prompt prefilled in one batch, then greedy decode steps one token at a
+//! time, on the rayon pool the engine uses.
+//!
+//!     cargo run --release -p kiln-engine --example forward_bench -- \
+//!         [--model FILE.gguf] [--prompt-tokens 512] [--decode-tokens 64] [--threads 2] [--rounds 3]
+//!
+//! Prints per round the prefill rate (prompt tokens / s) and the decode rate
+//! (tokens / s), then min / median / max. `KILN_KERNELS=scalar|avx2|avx512`
+//! picks the kernel variant. Useful under `perf record` to see where a
+//! forward pass spends its time.
+#![allow(clippy::print_stdout)] // a benchmark reports on stdout
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use kiln_engine::kernels::KernelVariant;
+use kiln_engine::model::TextModel;
+
+fn main() -> anyhow::Result<()> {
+    let home = std::env::var_os("KILN_TEST_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/home")
+        });
+    let mut model = home.join("models/smollm2-135m/model.gguf");
+    let (mut prompt_tokens, mut decode_tokens, mut threads, mut rounds) = (512usize, 64usize, 2, 3);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--model" => model = value.into(),
+            "--prompt-tokens" => prompt_tokens = value.parse()?,
+            "--decode-tokens" => decode_tokens = value.parse()?,
+            "--threads" => threads = value.parse()?,
+            "--rounds" => rounds = value.parse::<usize>()?.max(1),
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    let m = TextModel::load(&model, "bench")?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let text = "The committee met on a grey Tuesday to review the harbour accounts, the \
+                price of coal, the school roof and a letter about the fog. "
+        .repeat(prompt_tokens / 8 + 8);
+    let mut prompt = m.text_prompt(&text);
+    prompt.truncate(prompt_tokens);
+    println!(
+        "{} · {} prompt tokens · {} decode steps · {} threads · kernels {} · load {}",
+        model.display(),
+        prompt.len(),
+        decode_tokens,
+        threads,
+        KernelVariant::selected().name(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let mut seq = m.new_sequence();
+        let start = Instant::now();
+        let mut logits = pool.install(|| m.forward(&prompt, &mut seq))?;
+        let p = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        for _ in 0..decode_tokens {
+            let next = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i as u32);
+            logits = pool.install(|| m.forward(&[next], &mut seq))?;
+        }
+        let d = start.elapsed().as_secs_f64();
+        prefill.push(prompt.len() as f64 / p);
+        decode.push(decode_tokens as f64 / d);
+        println!(
+            "round {round}: prefill {:.1} tok/s · decode {:.1} tok/s",
+            prefill[round], decode[round]
+        );
+    }
+    for (name, v) in [("prefill", &mut prefill), ("decode", &mut decode)] {
+        v.sort_by(f64::total_cmp);
+        println!(
+            "{name}: min {:.1} / median {:.1} / max {:.1} tok/s",
+            v[0],
+            v[v.len() / 2],
+            v[v.len() - 1]
+        );
+    }
+    Ok(())
+}

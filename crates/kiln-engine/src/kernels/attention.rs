@@ -1,0 +1,243 @@
+//! The vector loops of one attention head over an f16 K/V cache, in the
+//! float order of llama.cpp's CPU attention (without flash attention):
+//! - [`dot_f16`]: a query row (f16-rounded, held as f32) with one cached key
+//!   row, as `ggml_vec_dot_f16` (AVX-512: four 16-lane accumulators over
+//!   steps of 64, folded `(0+2) + (1+3)`, reduced as `_mm512_reduce_add_ps`,
+//!   the tail added in f64);
+//! - [`add_scaled`]: one cached value row times its softmax weight, fused
+//!   into the accumulator slot of its cache cell;
+//! - [`fold_slots`]: the 64 cell slots of every output dimension folded as
+//!   `ggml_vec_dot_f16` folds its accumulators.
+//!
+//! The portable functions define the results; [`avx2`] computes the same
+//! bits with 256-bit registers, reading the f16 rows directly (F16C).
+
+use half::f16;
+
+use super::lanes;
+
+/// Slots per output dimension in the V·P accumulation: cell `p` adds into
+/// slot `p % 64`, as the four 16-lane registers of `ggml_vec_dot_f16` do.
+pub const SLOTS: usize = 64;
+
+/// `ggml_vec_dot_f16(x, y)` with the query `x` already f16-rounded.
+#[inline]
+pub fn dot_f16(x: &[f32], y: &[f16]) -> f32 {
+    let n = x.len().min(y.len());
+    let np = n & !63;
+    let mut acc = [[0f32; 16]; 4];
+    for i in (0..np).step_by(64) {
+        for (j, lanes) in acc.iter_mut().enumerate() {
+            for (l, a) in lanes.iter_mut().enumerate() {
+                let k = i + 16 * j + l;
+                *a = x[k].mul_add(y[k].to_f32(), *a);
+            }
+        }
+    }
+    let mut sum = 0f64;
+    if np > 0 {
+        sum = f64::from(lanes::fold_f16_accumulators(&acc));
+    }
+    for k in np..n {
+        sum += f64::from(x[k] * y[k].to_f32());
+    }
+    sum as f32
+}
+
+/// `acc[d] = fma(v[d], w, acc[d])`.
+#[inline]
+pub fn add_scaled(acc: &mut [f32], v: &[f16], w: f32) {
+    for (a, &v) in acc.iter_mut().zip(v) {
+        *a = v.to_f32().mul_add(w, *a);
+    }
+}
+
+/// `out[d]` = the fold of `slots[s * out.len() + d]` over the 64 slots `s`
+/// (slot-major), as [`lanes::fold_f16_accumulators`].
+#[inline]
+pub fn fold_slots(slots: &[f32], out: &mut [f32]) {
+    let hd = out.len();
+    for (d, dst) in out.iter_mut().enumerate() {
+        let mut acc = [[0f32; 16]; 4];
+        for (slot, a) in acc.iter_mut().flatten().enumerate() {
+            *a = slots[slot * hd + d];
+        }
+        *dst = lanes::fold_f16_accumulators(&acc);
+    }
+}
+
+/// The same three loops with AVX2, FMA and F16C; callers check the CPU has
+/// them ([`super::KernelVariant::Avx2`]'s features).
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::SLOTS;
+
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn load_f16x8(s: &[f16]) -> __m256 {
+        let s = &s[..8];
+        // SAFETY: `s` is 8 readable f16s (16 bytes); unaligned load.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.as_ptr().cast()) })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load_f32x8(s: &[f32]) -> __m256 {
+        let s = &s[..8];
+        // SAFETY: `s` is 8 readable f32s; unaligned load.
+        unsafe { _mm256_loadu_ps(s.as_ptr()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn store_f32x8(s: &mut [f32], v: __m256) {
+        let s = &mut s[..8];
+        // SAFETY: `s` is 8 writable f32s; unaligned store.
+        unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
+    }
+
+    /// `hsum_float_8` / the last steps of `_mm512_reduce_add_ps`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum8(v: __m256) -> f32 {
+        let r = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+    }
+
+    /// [`super::dot_f16`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dot_f16(x: &[f32], y: &[f16]) -> f32 {
+        let n = x.len().min(y.len());
+        let np = n & !63;
+        // Accumulator j's lanes 0..8 are acc[2j], lanes 8..16 acc[2j + 1].
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for i in (0..np).step_by(64) {
+            for (h, a) in acc.iter_mut().enumerate() {
+                let k = i + 8 * h;
+                *a = _mm256_fmadd_ps(load_f32x8(&x[k..]), load_f16x8(&y[k..]), *a);
+            }
+        }
+        let mut sum = 0f64;
+        if np > 0 {
+            let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+            let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+            sum = f64::from(hsum8(_mm256_add_ps(hi, lo)));
+        }
+        for k in np..n {
+            sum += f64::from(x[k] * y[k].to_f32());
+        }
+        sum as f32
+    }
+
+    /// [`super::add_scaled`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn add_scaled(acc: &mut [f32], v: &[f16], w: f32) {
+        let n = acc.len().min(v.len());
+        let whole = n & !7;
+        let wv = _mm256_set1_ps(w);
+        for k in (0..whole).step_by(8) {
+            let a = _mm256_fmadd_ps(load_f16x8(&v[k..]), wv, load_f32x8(&acc[k..]));
+            store_f32x8(&mut acc[k..], a);
+        }
+        for k in whole..n {
+            acc[k] = v[k].to_f32().mul_add(w, acc[k]);
+        }
+    }
+
+    /// [`super::fold_slots`], eight output dimensions at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn fold_slots(slots: &[f32], out: &mut [f32]) {
+        let hd = out.len();
+        let whole = hd & !7;
+        for d in (0..whole).step_by(8) {
+            let slot = |s: usize| load_f32x8(&slots[s * hd + d..]);
+            // Lane l of the four accumulators: (s_l + s_32+l) + (s_16+l + s_48+l).
+            let folded: [__m256; 16] = std::array::from_fn(|l| {
+                _mm256_add_ps(
+                    _mm256_add_ps(slot(l), slot(32 + l)),
+                    _mm256_add_ps(slot(16 + l), slot(48 + l)),
+                )
+            });
+            // `_mm512_reduce_add_ps`: l and l+8, then l and l+4, then
+            // (0+2) + (1+3).
+            let h: [__m256; 8] = std::array::from_fn(|i| _mm256_add_ps(folded[i + 8], folded[i]));
+            let q: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(h[i + 4], h[i]));
+            let r = _mm256_add_ps(_mm256_add_ps(q[0], q[2]), _mm256_add_ps(q[1], q[3]));
+            store_f32x8(&mut out[d..], r);
+        }
+        if whole < hd {
+            let mut tail = vec![0f32; SLOTS * (hd - whole)];
+            for s in 0..SLOTS {
+                tail[s * (hd - whole)..(s + 1) * (hd - whole)]
+                    .copy_from_slice(&slots[s * hd + whole..(s + 1) * hd]);
+            }
+            super::fold_slots(&tail, &mut out[whole..]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_sums_every_product() {
+        let x: Vec<f32> = (0..70).map(|i| i as f32 * 0.5).collect();
+        let y = vec![f16::from_f32(2.0); 70];
+        assert_eq!(dot_f16(&x, &y), (0..70).map(|i| i as f32).sum::<f32>());
+    }
+
+    #[test]
+    fn avx2_loops_give_the_portable_bits() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !super::super::KernelVariant::Avx2.is_available() {
+                return;
+            }
+            let mut seed = 7u32;
+            let mut next = || {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                (seed % 20_000) as f32 / 10_000.0 - 1.0
+            };
+            for hd in [64usize, 72, 256, 5] {
+                let x: Vec<f32> = (0..hd).map(|_| f16::from_f32(next()).to_f32()).collect();
+                let y: Vec<f16> = (0..hd).map(|_| f16::from_f32(next())).collect();
+                // SAFETY: AVX2, FMA and F16C checked above.
+                let fast = unsafe { avx2::dot_f16(&x, &y) };
+                assert_eq!(fast.to_bits(), dot_f16(&x, &y).to_bits(), "dot, hd {hd}");
+                let mut a: Vec<f32> = (0..hd).map(|_| next()).collect();
+                let mut b = a.clone();
+                add_scaled(&mut a, &y, 0.37);
+                // SAFETY: as above.
+                unsafe { avx2::add_scaled(&mut b, &y, 0.37) };
+                assert_eq!(a, b, "add_scaled, hd {hd}");
+                let slots: Vec<f32> = (0..SLOTS * hd).map(|_| next()).collect();
+                let (mut o1, mut o2) = (vec![0f32; hd], vec![0f32; hd]);
+                fold_slots(&slots, &mut o1);
+                // SAFETY: as above.
+                unsafe { avx2::fold_slots(&slots, &mut o2) };
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&o1), bits(&o2), "fold, hd {hd}");
+            }
+        }
+    }
+}
