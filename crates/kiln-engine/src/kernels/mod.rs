@@ -219,12 +219,43 @@ impl QMatrix {
         threads: usize,
         variant: KernelVariant,
     ) -> Result<Vec<f32>> {
-        if n.checked_mul(self.cols) != Some(x.len()) {
-            return Err(EngineError::InvalidRequest(format!(
-                "matmul input has {} values, expected {n}x{}",
-                x.len(),
-                self.cols
-            )));
+        let mut ys = QMatrix::matmul_many_with(&[self], x, n, threads, variant)?;
+        Ok(ys.pop().unwrap_or_default())
+    }
+
+    /// `y_k = x · W_kᵀ` for several matrices that take the same input (a
+    /// layer's Q, K and V projections; its gate and up projections) as one
+    /// parallel job on every thread of the rayon pool: one fork-join instead
+    /// of one per matrix, and the input quantized once per activation
+    /// format. Each result is exactly what [`QMatrix::matmul`] gives.
+    pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Result<Vec<Vec<f32>>> {
+        QMatrix::matmul_many_with(
+            ws,
+            x,
+            n,
+            rayon::current_num_threads(),
+            KernelVariant::selected(),
+        )
+    }
+
+    /// [`QMatrix::matmul_many`] with a given thread count and kernel
+    /// variant: the row groups of all the matrices are split evenly over up
+    /// to `threads` tasks.
+    pub fn matmul_many_with(
+        ws: &[&QMatrix],
+        x: &[f32],
+        n: usize,
+        threads: usize,
+        variant: KernelVariant,
+    ) -> Result<Vec<Vec<f32>>> {
+        for w in ws {
+            if n.checked_mul(w.cols) != Some(x.len()) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "matmul input has {} values, expected {n}x{}",
+                    x.len(),
+                    w.cols
+                )));
+            }
         }
         if !variant.is_available() {
             return Err(EngineError::InvalidRequest(format!(
@@ -232,40 +263,78 @@ impl QMatrix {
                 variant.name()
             )));
         }
-        let acts = Activations::quantize(self.kind.activations(), x, self.cols);
-        let mut y = vec![0f32; n * self.rows];
-        if n == 0 || self.rows == 0 {
-            return Ok(y);
-        }
-        let bounds = split_rows(self.rows, threads);
-        let tasks = bounds.len() - 1;
-        // Task t gets, for every input i, the outputs of its rows.
-        let mut shares: Vec<Vec<&mut [f32]>> = (0..tasks).map(|_| Vec::with_capacity(n)).collect();
-        for out in y.chunks_exact_mut(self.rows) {
-            let mut rest = out;
-            for (t, share) in shares.iter_mut().enumerate() {
-                let (mine, tail) = rest.split_at_mut(bounds[t + 1] - bounds[t]);
-                share.push(mine);
-                rest = tail;
+        let mut acts: Vec<(ActKind, Activations)> = Vec::with_capacity(1);
+        for w in ws {
+            let kind = w.kind.activations();
+            if !acts.iter().any(|(k, _)| *k == kind) {
+                acts.push((kind, Activations::quantize(kind, x, w.cols)));
             }
         }
-        let work = |t: usize, outs: &mut [&mut [f32]]| {
-            let w = &self.data[bounds[t] * self.row_bytes..bounds[t + 1] * self.row_bytes];
-            compute_rows(variant, self.kind, w, self.row_bytes, &acts, outs);
-        };
-        let mut shares = shares.into_iter().enumerate();
-        match shares.next() {
-            Some((_, mut first)) if tasks == 1 => work(0, &mut first),
-            Some((_, mut first)) => rayon::scope(|s| {
-                for (t, mut outs) in shares {
-                    let work = &work;
-                    s.spawn(move |_| work(t, &mut outs));
-                }
-                work(0, &mut first);
-            }),
-            None => {}
+        let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows]).collect();
+        if n == 0 {
+            return Ok(ys);
         }
-        Ok(y)
+        // Rows go in groups of ROW_GROUP (the SIMD kernels' unit), numbered
+        // across the matrices; task t takes groups total·t/tasks onwards.
+        let groups: Vec<usize> = ws.iter().map(|w| w.rows.div_ceil(ROW_GROUP)).collect();
+        let total: usize = groups.iter().sum();
+        let tasks = threads.clamp(1, total.max(1));
+        let start = |t: usize| total * t / tasks;
+        let mut work: Vec<Vec<Piece<'_>>> = (0..tasks).map(|_| Vec::new()).collect();
+        let mut offset = 0;
+        for ((w, y), &g) in ws.iter().zip(&mut ys).zip(&groups) {
+            let Some((_, a)) = acts.iter().find(|(k, _)| *k == w.kind.activations()) else {
+                continue;
+            };
+            // This matrix's row ranges per task (empty ones skipped).
+            let ranges: Vec<(usize, usize, usize)> = (0..tasks)
+                .filter_map(|t| {
+                    let lo = start(t).clamp(offset, offset + g) - offset;
+                    let hi = start(t + 1).clamp(offset, offset + g) - offset;
+                    (lo < hi).then(|| (t, lo * ROW_GROUP, (hi * ROW_GROUP).min(w.rows)))
+                })
+                .collect();
+            let mut outs: Vec<Vec<&mut [f32]>> =
+                ranges.iter().map(|_| Vec::with_capacity(n)).collect();
+            for row_out in y.chunks_exact_mut(w.rows) {
+                let mut rest = row_out;
+                for (share, &(_, lo, hi)) in outs.iter_mut().zip(&ranges) {
+                    let (mine, tail) = rest.split_at_mut(hi - lo);
+                    share.push(mine);
+                    rest = tail;
+                }
+            }
+            for ((t, lo, hi), outs) in ranges.into_iter().zip(outs) {
+                work[t].push(Piece {
+                    w,
+                    rows: lo..hi,
+                    acts: a,
+                    outs,
+                });
+            }
+            offset += g;
+        }
+        let run = |pieces: &mut Vec<Piece<'_>>| {
+            for p in pieces {
+                let data = &p.w.data[p.rows.start * p.w.row_bytes..p.rows.end * p.w.row_bytes];
+                compute_rows(variant, p.w.kind, data, p.w.row_bytes, p.acts, &mut p.outs);
+            }
+        };
+        let mut work = work.into_iter();
+        if let Some(mut first) = work.next() {
+            if tasks == 1 {
+                run(&mut first);
+            } else {
+                rayon::scope(|s| {
+                    for mut pieces in work {
+                        let run = &run;
+                        s.spawn(move |_| run(&mut pieces));
+                    }
+                    run(&mut first);
+                });
+            }
+        }
+        Ok(ys)
     }
 
     /// Dequantizes row `r` into `out` (`cols` values): an embedding lookup,
@@ -295,18 +364,16 @@ fn unsupported(dtype: GgmlDType) -> EngineError {
     ))
 }
 
-/// Row boundaries of up to `threads` contiguous shares, multiples of 8 rows
-/// (the SIMD kernels' row group) except for the last.
-fn split_rows(rows: usize, threads: usize) -> Vec<usize> {
-    const ALIGN: usize = 8;
-    let groups = rows.div_ceil(ALIGN);
-    let tasks = threads.clamp(1, groups.max(1));
-    let mut bounds = Vec::with_capacity(tasks + 1);
-    for t in 0..=tasks {
-        bounds.push((groups * t / tasks * ALIGN).min(rows));
-    }
-    bounds.dedup();
-    bounds
+/// Rows per unit of work: the SIMD kernels' row tile.
+const ROW_GROUP: usize = 8;
+
+/// One task's share of one matrix: rows `rows` against every input,
+/// `outs[i]` receiving those rows' results for input `i`.
+struct Piece<'a> {
+    w: &'a QMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &'a Activations,
+    outs: Vec<&'a mut [f32]>,
 }
 
 /// One share of the work: the weight rows `w` (whole rows) against every
@@ -371,14 +438,35 @@ fn scalar_dot(kind: DotKind, row: &[u8], acts: &Activations, i: usize) -> f32 {
 mod tests {
     use super::*;
 
+    /// Several matrices in one job give each one's own product, whatever
+    /// the thread count (shares cross matrix boundaries).
     #[test]
-    fn rows_split_in_aligned_shares() {
-        assert_eq!(split_rows(640, 2), vec![0, 320, 640]);
-        assert_eq!(split_rows(12, 2), vec![0, 8, 12]);
-        assert_eq!(split_rows(5, 4), vec![0, 5]);
-        assert_eq!(split_rows(24, 1), vec![0, 24]);
-        assert_eq!(split_rows(24, 0), vec![0, 24]);
-        assert_eq!(split_rows(24, 16), vec![0, 8, 16, 24]);
+    fn many_matrices_in_one_job_give_their_own_products() -> Result<()> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let ms = [
+            random_matrix(&mut rng, GgmlDType::Q4_1, 21, 64)?,
+            random_matrix(&mut rng, GgmlDType::Q8_0, 8, 64)?,
+            random_matrix(&mut rng, GgmlDType::Q4_0, 16, 64)?,
+            random_matrix(&mut rng, GgmlDType::F32, 3, 64)?,
+        ];
+        let refs: Vec<&QMatrix> = ms.iter().collect();
+        for n in [1, 3, 6] {
+            let x: Vec<f32> = (0..n * 64).map(|_| rng.random_range(-1f32..1.0)).collect();
+            for variant in KernelVariant::available() {
+                for threads in [1, 2, 3, 16] {
+                    let ys = QMatrix::matmul_many_with(&refs, &x, n, threads, variant)?;
+                    for (m, y) in ms.iter().zip(&ys) {
+                        let alone = m.matmul_with(&x, n, 1, KernelVariant::Scalar)?;
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(y), bits(&alone), "{m:?} n={n} threads={threads}");
+                    }
+                }
+            }
+        }
+        assert!(QMatrix::matmul_many(&refs, &[0.0; 63], 1).is_err());
+        assert!(QMatrix::matmul_many(&[], &[0.0; 64], 1)?.is_empty());
+        Ok(())
     }
 
     /// Random blocks of `dtype` with finite, moderate f16 scales.

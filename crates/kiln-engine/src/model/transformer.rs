@@ -449,8 +449,7 @@ impl Transformer {
             }
             add_in_place(&mut x, &attn);
             let h = rms_norm_rows(&x, &layer.ffn_norm, c.rms_eps);
-            let mut gate = matmul(&layer.w_gate, &h, n, c.hidden)?;
-            let up = matmul(&layer.w_up, &h, n, c.hidden)?;
+            let [mut gate, up] = matmul_many([&layer.w_gate, &layer.w_up], &h, n)?;
             gated_activation(c.activation, &mut gate, &up);
             let mut down = matmul(&layer.w_down, &gate, n, c.ffn)?;
             if let Some(w) = &layer.post_ffn_norm {
@@ -508,9 +507,7 @@ impl Transformer {
         let hd = c.head_dim;
         let q_dim = c.heads * hd;
         let kv_dim = c.kv_heads * hd;
-        let mut q = matmul(&layer.wq, h, n, c.hidden)?;
-        let mut k = matmul(&layer.wk, h, n, c.hidden)?;
-        let mut v = matmul(&layer.wv, h, n, c.hidden)?;
+        let [mut q, mut k, mut v] = matmul_many([&layer.wq, &layer.wk, &layer.wv], h, n)?;
         for (t, b) in [
             (&mut q, &layer.bq),
             (&mut k, &layer.bk),
@@ -785,6 +782,13 @@ impl RopeTable {
             head[b] = x0.mul_add(sin[i], x1 * cos[i]);
         }
     }
+}
+
+/// Products of matrices that share their input, in one parallel job.
+fn matmul_many<const K: usize>(ws: [&QMatrix; K], x: &[f32], rows: usize) -> Result<[Vec<f32>; K]> {
+    let ys = QMatrix::matmul_many(&ws, x, rows)?;
+    ys.try_into()
+        .map_err(|_| EngineError::InvalidRequest("matmul lost a result".into()))
 }
 
 fn matmul(w: &QMatrix, x: &[f32], rows: usize, _cols: usize) -> Result<Vec<f32>> {

@@ -23,20 +23,25 @@
 //! computed from its own row and input alone, so results do not depend on the
 //! batch, the tile an input lands in, or the thread count.
 //!
-//! Other formats, and rows past the last whole group of eight, go to the
-//! AVX2 kernels (the CPUs this variant runs on have AVX2).
+//! Single inputs (decode at batch 1), the other formats (Q4_K, F16, F32),
+//! and rows past the last whole group of eight go to the AVX2 kernels (the
+//! CPUs this variant runs on have AVX2).
 
 use std::arch::x86_64::*;
 
 use super::avx2;
 use super::quantize::{Activations, Q8Row, QK};
+use super::DotKind;
 
 mod q6k;
-use super::DotKind;
 
 /// Row pairs per tile (a tile is `2 * PAIRS` weight rows).
 pub(super) const PAIRS: usize = 4;
 pub(super) const TILE_ROWS: usize = 2 * PAIRS;
+/// Batches smaller than this take the AVX2 kernels, which read one weight
+/// row after another: with a single input the product is bound by reading
+/// the weights, and that order streams them best.
+const SINGLE_ROW_BELOW: usize = 2;
 /// Inputs per tile (at most; a batch's last tile takes what is left).
 const INPUTS: usize = 4;
 
@@ -109,6 +114,9 @@ pub(super) fn compute_rows(
     acts: &Activations,
     outs: &mut [&mut [f32]],
 ) {
+    if outs.len() < SINGLE_ROW_BELOW {
+        return avx2::compute_rows(kind, w, row_bytes, acts, outs);
+    }
     // The format is a const parameter so each gets its own compiled copy.
     match Q0::of(kind) {
         Some(Q0::Q4_0) => tiles::<{ Q0::Q4_0 as u8 }>(w, row_bytes, acts, outs),
