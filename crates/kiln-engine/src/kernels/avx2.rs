@@ -464,6 +464,57 @@ fn dot_q6_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
     hsum8(acc)
 }
 
+// ---- activations -----------------------------------------------------------
+
+/// `quantize::quantize_q8_row` eight values at a time: the same maximum
+/// (NaN skipped, as `f32::max` skips it: `maxps` returns its second operand
+/// when either is NaN), the same products, `roundps` + `cvtps2dq` for the
+/// magic-number rounding (half to even; NaN and out-of-range give
+/// `i32::MIN` in both), wrapping integer sums, and saturating packs for the
+/// clamp to i8.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn quantize_q8_row(x: &[f32], d: &mut [f32], mut s: Option<&mut [f32]>, qs: &mut [i8]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (b, (block, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
+        let v: [__m256; 4] = std::array::from_fn(|k| load_f32x8(&block[8 * k..]));
+        let mut m = _mm256_setzero_ps();
+        for &vk in &v {
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, vk), m);
+        }
+        let m = _mm_max_ps(_mm256_extractf128_ps::<1>(m), _mm256_castps256_ps128(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let max = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let scale = max / 127.0;
+        let id = if max != 0.0 { 127.0 / max } else { 0.0 };
+        d[b] = half::f16::from_f32(scale).to_f32();
+        let idv = _mm256_set1_ps(id);
+        let i: [__m256i; 4] = std::array::from_fn(|k| {
+            _mm256_cvtps_epi32(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(_mm256_mul_ps(v[k], idv)))
+        });
+        if let Some(s) = s.as_deref_mut() {
+            let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let sum = _mm_add_epi32(
+                _mm256_extracti128_si256::<1>(sum),
+                _mm256_castsi256_si128(sum),
+            );
+            let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b01_00_11_10>(sum));
+            let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b10_11_00_01>(sum));
+            s[b] = half::f16::from_f32(scale * _mm_cvtsi128_si32(sum) as f32).to_f32();
+        }
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(i[0], i[1]),
+            _mm256_packs_epi32(i[2], i[3]),
+        );
+        let packed = _mm256_permutevar8x32_epi32(packed, order);
+        let q = &mut q[..32];
+        // SAFETY: `q` is 32 writable bytes; unaligned store.
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), packed) };
+    }
+}
+
 // ---- F16 / F32 ----------------------------------------------------------------
 
 /// `scalar::dot_float` with each 16-lane accumulator as two 8-lane halves.

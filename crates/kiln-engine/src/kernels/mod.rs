@@ -267,7 +267,7 @@ impl QMatrix {
         for w in ws {
             let kind = w.kind.activations();
             if !acts.iter().any(|(k, _)| *k == kind) {
-                acts.push((kind, Activations::quantize(kind, x, w.cols)));
+                acts.push((kind, Activations::quantize_with(kind, x, w.cols, variant)));
             }
         }
         let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows]).collect();

@@ -16,6 +16,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::KernelVariant;
+
 pub(crate) const QK: usize = 32;
 /// Rows per parallel job when a batch is quantized (smaller batches stay on
 /// the calling thread). Rows are independent, so the split changes no bits.
@@ -63,9 +65,23 @@ pub(crate) struct Q8KRow<'a> {
 }
 
 impl Activations {
-    /// Quantizes `x` (`n × cols`, row-major; `cols` a multiple of the block
-    /// length, checked by the caller).
+    /// [`Activations::quantize_with`] with the portable code.
+    #[cfg(test)]
     pub(crate) fn quantize(kind: ActKind, x: &[f32], cols: usize) -> Activations {
+        Activations::quantize_with(kind, x, cols, KernelVariant::Scalar)
+    }
+
+    /// Quantizes `x` (`n × cols`, row-major; `cols` a multiple of the block
+    /// length, checked by the caller), the Q8_0 / Q8_1 rows with `variant`'s
+    /// code (the same bits whichever runs); batches of more than
+    /// `PARALLEL_ROWS` rows are spread over the rayon pool.
+    pub(crate) fn quantize_with(
+        kind: ActKind,
+        x: &[f32],
+        cols: usize,
+        variant: KernelVariant,
+    ) -> Activations {
+        let q8_row = q8_row_fn(variant);
         let n = x.len().checked_div(cols).unwrap_or(0);
         let mut a = Activations {
             cols,
@@ -90,9 +106,9 @@ impl Activations {
                 if kind == ActKind::Q8_1 {
                     a.s = vec![0.0; n * nb];
                     rows.zip(a.s.par_chunks_mut(nb.max(1)))
-                        .for_each(|(((qs, d), row), s)| quantize_q8_row(row, d, Some(s), qs));
+                        .for_each(|(((qs, d), row), s)| q8_row(row, d, Some(s), qs));
                 } else {
-                    rows.for_each(|((qs, d), row)| quantize_q8_row(row, d, None, qs));
+                    rows.for_each(|((qs, d), row)| q8_row(row, d, None, qs));
                 }
             }
             ActKind::Q8K => {
@@ -168,6 +184,22 @@ fn nearest_int(v: f32) -> i32 {
 }
 
 /// One row into Q8_0 (or Q8_1 when `s` is given) blocks.
+/// The function that quantizes a Q8_0 / Q8_1 row for `variant`.
+type Q8RowFn = fn(&[f32], &mut [f32], Option<&mut [f32]>, &mut [i8]);
+
+fn q8_row_fn(variant: KernelVariant) -> Q8RowFn {
+    #[cfg(target_arch = "x86_64")]
+    if variant != KernelVariant::Scalar && variant.is_available() {
+        return |x, d, s, qs| {
+            // SAFETY: the variant's features (AVX2 at least) were checked
+            // available on this CPU just above.
+            unsafe { super::avx2::quantize_q8_row(x, d, s, qs) }
+        };
+    }
+    let _ = variant;
+    quantize_q8_row
+}
+
 pub(crate) fn quantize_q8_row(x: &[f32], d: &mut [f32], mut s: Option<&mut [f32]>, qs: &mut [i8]) {
     for (b, (block, q)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
         let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -288,6 +320,34 @@ mod tests {
             anyhow::ensure!(kinds.iter().any(|c| c == k), "no {k} case");
         }
         Ok(())
+    }
+
+    /// Every variant's Q8_0 / Q8_1 rows are the portable code's, also for
+    /// zeros, halves, huge values, infinities and NaN.
+    #[test]
+    fn every_variant_quantizes_the_same_bits() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut x: Vec<f32> = (0..32 * 40).map(|_| rng.random_range(-3f32..3.0)).collect();
+        x[..32].fill(0.0);
+        for (i, v) in x[32..64].iter_mut().enumerate() {
+            *v = i as f32 - 15.5;
+        }
+        x[64] = 1e30;
+        x[100] = f32::INFINITY;
+        x[140] = f32::NAN;
+        x[170] = -1e-30;
+        x[200] = 5e9;
+        for kind in [ActKind::Q8_0, ActKind::Q8_1] {
+            let want = Activations::quantize(kind, &x, 32 * 8);
+            for variant in KernelVariant::available() {
+                let got = Activations::quantize_with(kind, &x, 32 * 8, variant);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(got.qs, want.qs, "{kind:?} {}", variant.name());
+                assert_eq!(bits(&got.d), bits(&want.d), "{kind:?} {}", variant.name());
+                assert_eq!(bits(&got.s), bits(&want.s), "{kind:?} {}", variant.name());
+            }
+        }
     }
 
     #[test]
