@@ -155,7 +155,7 @@ fn dot_i8_i8(a: __m256i, b: __m256i) -> __m256i {
 /// Eight vectors' lane sums as one vector: lane `k` = Σ lanes of `v[k]`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn transpose_sum(v: &[__m256i; 8]) -> __m256i {
+pub(super) fn transpose_sum(v: &[__m256i; 8]) -> __m256i {
     let a = _mm256_hadd_epi32(v[0], v[1]);
     let b = _mm256_hadd_epi32(v[2], v[3]);
     let c = _mm256_hadd_epi32(v[4], v[5]);

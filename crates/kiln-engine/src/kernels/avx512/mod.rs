@@ -30,9 +30,10 @@
 use std::arch::x86_64::*;
 
 use super::avx2;
-use super::quantize::{Activations, Q8Row, QK};
+use super::quantize::{Activations, Q8Row, QK, QK_K};
 use super::DotKind;
 
+mod q4k;
 mod q6k;
 
 /// Row pairs per tile (a tile is `2 * PAIRS` weight rows).
@@ -124,6 +125,7 @@ pub(super) fn compute_rows(
         Some(Q0::Q5_0) => tiles::<{ Q0::Q5_0 as u8 }>(w, row_bytes, acts, outs),
         Some(Q0::Q8_0) => tiles::<{ Q0::Q8_0 as u8 }>(w, row_bytes, acts, outs),
         None if kind == DotKind::Q6K => q6k::tiles(w, row_bytes, acts, outs),
+        None if kind == DotKind::Q4KRepacked => q4k::tiles(w, row_bytes, acts, outs),
         None => avx2::compute_rows(kind, w, row_bytes, acts, outs),
     }
 }
@@ -205,6 +207,63 @@ impl Group {
         }
         g
     }
+}
+
+/// Up to a few Q8_K activation rows interleaved block by block for the
+/// K-quant tiles: block `b` of input `c` is `qs[(b·C + c)·256..]`,
+/// `bsums[(b·C + c)·16..]`, `pair_sums[(b·C + c)·8..]` (`bsum_2j +
+/// bsum_2j+1`, the sums of each 32-value sub-block) and `d[b·C + c]`.
+pub(super) struct Q8KGroup {
+    first: usize,
+    inputs: usize,
+    qs: Vec<i8>,
+    bsums: Vec<i16>,
+    pair_sums: Vec<i16>,
+    d: Vec<f32>,
+}
+
+impl Q8KGroup {
+    pub(super) fn pack(acts: &Activations, first: usize, inputs: usize) -> Q8KGroup {
+        let rows: Vec<_> = (first..first + inputs).map(|i| acts.q8k_row(i)).collect();
+        let nb = rows[0].d.len();
+        let mut g = Q8KGroup {
+            first,
+            inputs,
+            qs: Vec::with_capacity(nb * inputs * QK_K),
+            bsums: Vec::with_capacity(nb * inputs * 16),
+            pair_sums: Vec::with_capacity(nb * inputs * 8),
+            d: Vec::with_capacity(nb * inputs),
+        };
+        for b in 0..nb {
+            for y in &rows {
+                let bs = &y.bsums[b * 16..(b + 1) * 16];
+                g.qs.extend_from_slice(&y.qs[b * QK_K..(b + 1) * QK_K]);
+                g.bsums.extend_from_slice(bs);
+                // |Σ of 32 quants| ≤ 32 · 128: an i16.
+                g.pair_sums.extend(bs.chunks_exact(2).map(|p| p[0] + p[1]));
+                g.d.push(y.d[b]);
+            }
+        }
+        g
+    }
+}
+
+/// A row pair's 32 bytes at `at` of each row, row `a`'s in the low half.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+pub(super) fn pair_u8x32(a: &[u8], b: &[u8], at: usize) -> __m512i {
+    _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(load_u8x32(&a[at..])),
+        load_u8x32(&b[at..]),
+    )
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn load_i16x16(s: &[i16]) -> __m256i {
+    let s = &s[..16];
+    // SAFETY: `s` is 16 readable i16s; unaligned load.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
 }
 
 /// Lane indices that spread row `2p`'s value over lanes 0..8 and row

@@ -14,7 +14,9 @@ use std::arch::x86_64::*;
 
 use super::super::quantize::{Activations, QK_K};
 use super::super::{avx2, DotKind};
-use super::{broadcast_i8x32, fold_pair, load_u8x16, load_u8x32, PAIRS, TILE_ROWS};
+use super::{
+    broadcast_i8x32, fold_pair, load_i16x16, load_u8x16, pair_u8x32, Q8KGroup, PAIRS, TILE_ROWS,
+};
 
 /// Bytes per Q6_K block: 128 low-nibble bytes, 64 high-bit bytes, 16 i8
 /// scales, the f16 `d`.
@@ -23,47 +25,14 @@ const BLOCK: usize = 210;
 /// row pair and input).
 const INPUTS: usize = 2;
 
-/// Up to [`INPUTS`] Q8_K activation rows interleaved block by block: block
-/// `b` of input `c` is `qs[(b·C + c)·256..]`, `bsums[(b·C + c)·16..]` and
-/// `d[b·C + c]`.
-struct Group {
-    first: usize,
-    inputs: usize,
-    qs: Vec<i8>,
-    bsums: Vec<i16>,
-    d: Vec<f32>,
-}
-
-impl Group {
-    fn pack(acts: &Activations, first: usize, inputs: usize) -> Group {
-        let rows: Vec<_> = (first..first + inputs).map(|i| acts.q8k_row(i)).collect();
-        let nb = rows[0].d.len();
-        let mut g = Group {
-            first,
-            inputs,
-            qs: Vec::with_capacity(nb * inputs * QK_K),
-            bsums: Vec::with_capacity(nb * inputs * 16),
-            d: Vec::with_capacity(nb * inputs),
-        };
-        for b in 0..nb {
-            for y in &rows {
-                g.qs.extend_from_slice(&y.qs[b * QK_K..(b + 1) * QK_K]);
-                g.bsums.extend_from_slice(&y.bsums[b * 16..(b + 1) * 16]);
-                g.d.push(y.d[b]);
-            }
-        }
-        g
-    }
-}
-
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(super) fn tiles(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f32]]) {
     let rows = w.len() / row_bytes;
     let tiled = rows - rows % TILE_ROWS;
     let n = outs.len();
-    let groups: Vec<Group> = (0..n)
+    let groups: Vec<Q8KGroup> = (0..n)
         .step_by(INPUTS)
-        .map(|first| Group::pack(acts, first, INPUTS.min(n - first)))
+        .map(|first| Q8KGroup::pack(acts, first, INPUTS.min(n - first)))
         .collect();
     for t in 0..tiled / TILE_ROWS {
         let tile_w = &w[t * TILE_ROWS * row_bytes..(t + 1) * TILE_ROWS * row_bytes];
@@ -104,22 +73,12 @@ const SCALE_INDEX: [[i16; 32]; 8] = {
     idx
 };
 
-/// A row pair's 32 bytes at `at` of each row, row `a`'s in the low half.
-#[inline]
-#[target_feature(enable = "avx512f,avx2")]
-fn pair_u8x32(a: &[u8], b: &[u8], at: usize) -> __m512i {
-    _mm512_inserti64x4::<1>(
-        _mm512_castsi256_si512(load_u8x32(&a[at..])),
-        load_u8x32(&b[at..]),
-    )
-}
-
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn tile<const C: usize>(
     rows: &[u8],
     row_bytes: usize,
-    g: &Group,
+    g: &Q8KGroup,
     outs: &mut [&mut [f32]],
     r0: usize,
 ) {
@@ -217,12 +176,4 @@ fn tile<const C: usize>(
             out[1] = hi;
         }
     }
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
-fn load_i16x16(s: &[i16]) -> __m256i {
-    let s = &s[..16];
-    // SAFETY: `s` is 16 readable i16s; unaligned load.
-    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
 }
