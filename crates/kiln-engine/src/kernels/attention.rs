@@ -44,6 +44,23 @@ pub fn dot_f16(x: &[f32], y: &[f16]) -> f32 {
     sum as f32
 }
 
+/// `v[i] = expf(v[i] − max)` ([`lanes::expf`], ggml's `ggml_v_expf`).
+#[inline]
+pub fn exp_shifted(v: &mut [f32], max: f32) {
+    for x in v {
+        *x = lanes::expf(*x - max);
+    }
+}
+
+/// `v[i] = f16(v[i] · scale)`: the softmax weights as the f16 values
+/// `ggml_vec_dot_f16` multiplies the value rows by.
+#[inline]
+pub fn round_weights(v: &mut [f32], scale: f32) {
+    for x in v {
+        *x = f16::from_f32(*x * scale).to_f32();
+    }
+}
+
 /// `acc[d] = fma(v[d], w, acc[d])`.
 #[inline]
 pub fn add_scaled(acc: &mut [f32], v: &[f16], w: f32) {
@@ -138,6 +155,82 @@ pub mod avx2 {
         sum as f32
     }
 
+    /// [`super::exp_shifted`], eight lanes at a time: the same fused
+    /// multiply-adds, and the final `j · 2ⁿ` formed in f64 and rounded once
+    /// to f32, as the scalar code does.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn exp_shifted(v: &mut [f32], max: f32) {
+        let whole = v.len() & !7;
+        let c = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
+        let m = _mm256_set1_ps(max);
+        for k in (0..whole).step_by(8) {
+            let x = _mm256_sub_ps(load_f32x8(&v[k..]), m);
+            let r = c(0x4b40_0000);
+            let z = _mm256_fmadd_ps(x, c(0x3fb8_aa3b), r);
+            let n = _mm256_sub_ps(z, r);
+            let neg_n = _mm256_sub_ps(_mm256_setzero_ps(), n);
+            let b = _mm256_fmadd_ps(
+                neg_n,
+                c(0x35bf_be8e),
+                _mm256_fmadd_ps(neg_n, c(0x3f31_7200), x),
+            );
+            let u = _mm256_mul_ps(b, b);
+            let t1 = _mm256_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17));
+            let t2 = _mm256_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb));
+            let t4 = _mm256_fmadd_ps(c(0x3f7f_fff6), b, _mm256_set1_ps(1.0));
+            let j = _mm256_fmadd_ps(_mm256_fmadd_ps(t1, u, t2), u, t4);
+            // j · 2^n in f64, four lanes at a time (n is an integer here).
+            let ni = _mm256_cvtps_epi32(n);
+            let scale = |half: __m128i, jh: __m128| {
+                let e = _mm256_slli_epi64::<52>(_mm256_add_epi64(
+                    _mm256_cvtepi32_epi64(half),
+                    _mm256_set1_epi64x(1023),
+                ));
+                _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(jh), _mm256_castsi256_pd(e)))
+            };
+            let lo = scale(_mm256_castsi256_si128(ni), _mm256_castps256_ps128(j));
+            let hi = scale(
+                _mm256_extracti128_si256::<1>(ni),
+                _mm256_extractf128_ps::<1>(j),
+            );
+            let scaled = _mm256_set_m128(hi, lo);
+            // |n| > 192: 0 or +inf (NaN compares false and keeps `scaled`).
+            let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+            let big = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(192.0));
+            let special = _mm256_blendv_ps(
+                _mm256_set1_ps(f32::INFINITY),
+                _mm256_setzero_ps(),
+                _mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps()),
+            );
+            store_f32x8(&mut v[k..], _mm256_blendv_ps(scaled, special, big));
+        }
+        super::exp_shifted(&mut v[whole..], max);
+    }
+
+    /// [`super::round_weights`] with `vcvtps2ph` (round to nearest even, the
+    /// instruction the `half` crate uses on this CPU).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn round_weights(v: &mut [f32], scale: f32) {
+        let whole = v.len() & !7;
+        let s = _mm256_set1_ps(scale);
+        for k in (0..whole).step_by(8) {
+            let h = _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(_mm256_mul_ps(
+                load_f32x8(&v[k..]),
+                s,
+            ));
+            store_f32x8(&mut v[k..], _mm256_cvtph_ps(h));
+        }
+        super::round_weights(&mut v[whole..], scale);
+    }
+
     /// [`super::add_scaled`].
     ///
     /// # Safety
@@ -218,6 +311,29 @@ mod tests {
                 seed ^= seed << 5;
                 (seed % 20_000) as f32 / 10_000.0 - 1.0
             };
+            let mut v: Vec<f32> = (0..1000).map(|i| (i as f32 - 700.0) * 0.37).collect();
+            v.extend([
+                f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                0.0,
+                -0.0,
+                1e-40,
+                88.0,
+                89.0,
+            ]);
+            for max in [0.0f32, 3.5, -200.0, 250.0] {
+                let (mut a, mut b) = (v.clone(), v.clone());
+                exp_shifted(&mut a, max);
+                // SAFETY: as below.
+                unsafe { avx2::exp_shifted(&mut b, max) };
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "exp, max {max}");
+                round_weights(&mut a, 0.013);
+                // SAFETY: as below.
+                unsafe { avx2::round_weights(&mut b, 0.013) };
+                assert_eq!(bits(&a), bits(&b), "weights, max {max}");
+            }
             for hd in [64usize, 72, 256, 5] {
                 let x: Vec<f32> = (0..hd).map(|_| f16::from_f32(next()).to_f32()).collect();
                 let y: Vec<f16> = (0..hd).map(|_| f16::from_f32(next())).collect();

@@ -667,13 +667,13 @@ impl<'a> HeadAttention<'a> {
         let mut sum = 0f64;
         let mut chunk = [0f32; 16];
         let mut current = self.first / 16;
+        head_ops::exp(simd, &mut scores, max);
         for (j, p) in (self.first..=self.pos).enumerate() {
             if p / 16 != current {
                 sum += f64::from(lanes::hsum16(&chunk));
                 chunk = [0f32; 16];
                 current = p / 16;
             }
-            scores[j] = lanes::expf(scores[j] - max);
             chunk[p % 16] = scores[j];
         }
         sum += f64::from(lanes::hsum16(&chunk));
@@ -683,11 +683,16 @@ impl<'a> HeadAttention<'a> {
         // four 16-lane accumulators taking 64 cells per step, so cell p adds
         // into slot p % 64. Kept slot-major (`slots[p % 64][d]`) so that each
         // cell is one contiguous multiply-add over the head's dimensions.
+        head_ops::weights(simd, &mut scores, inv);
         let mut slots = vec![0f32; attention::SLOTS * hd];
         for (j, p) in (self.first..=self.pos).enumerate() {
-            let w = f16::from_f32(scores[j] * inv).to_f32();
             let at = (p % attention::SLOTS) * hd;
-            head_ops::add(simd, &mut slots[at..at + hd], row(self.values, p), w);
+            head_ops::add(
+                simd,
+                &mut slots[at..at + hd],
+                row(self.values, p),
+                scores[j],
+            );
         }
         head_ops::fold(simd, &slots, out);
     }
@@ -710,6 +715,28 @@ mod head_ops {
         }
         let _ = simd;
         attention::dot_f16(x, y)
+    }
+
+    #[inline(always)]
+    pub(super) fn exp(simd: bool, v: &mut [f32], max: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: as in `dot`.
+            return unsafe { attention::avx2::exp_shifted(v, max) };
+        }
+        let _ = simd;
+        attention::exp_shifted(v, max)
+    }
+
+    #[inline(always)]
+    pub(super) fn weights(simd: bool, v: &mut [f32], scale: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: as in `dot`.
+            return unsafe { attention::avx2::round_weights(v, scale) };
+        }
+        let _ = simd;
+        attention::round_weights(v, scale)
     }
 
     #[inline(always)]
