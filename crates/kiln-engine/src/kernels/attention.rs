@@ -4,10 +4,12 @@
 //!   row, as `ggml_vec_dot_f16` (AVX-512: four 16-lane accumulators over
 //!   steps of 64, folded `(0+2) + (1+3)`, reduced as `_mm512_reduce_add_ps`,
 //!   the tail added in f64);
-//! - [`add_scaled`]: one cached value row times its softmax weight, fused
-//!   into the accumulator slot of its cache cell;
-//! - [`fold_slots`]: the 64 cell slots of every output dimension folded as
-//!   `ggml_vec_dot_f16` folds its accumulators.
+//! - [`exp_shifted`], [`round_weights`]: the softmax's exponentials
+//!   (`ggml_v_expf`) and its weights rounded to f16;
+//! - [`weighted_values`]: for each output dimension, `ggml_vec_dot_f16` of
+//!   the cached values of that dimension (stored transposed, positions
+//!   contiguous) with the weights: cell `p` goes to lane `p % 64` of four
+//!   16-lane accumulators, which are then folded.
 //!
 //! The portable functions define the results; [`avx2`] computes the same
 //! bits with 256-bit registers, reading the f16 rows directly (F16C).
@@ -15,10 +17,7 @@
 use half::f16;
 
 use super::lanes;
-
-/// Slots per output dimension in the V·P accumulation: cell `p` adds into
-/// slot `p % 64`, as the four 16-lane registers of `ggml_vec_dot_f16` do.
-pub const SLOTS: usize = 64;
+use crate::model::kv::BLOCK_TOKENS;
 
 /// `ggml_vec_dot_f16(x, y)` with the query `x` already f16-rounded.
 #[inline]
@@ -61,29 +60,26 @@ pub fn round_weights(v: &mut [f32], scale: f32) {
     }
 }
 
-/// `acc[d] = fma(v[d], w, acc[d])`.
+/// `out[d]` = `ggml_vec_dot_f16` over cells `first..first + w.len()` of
+/// value dimension `offset + d` with the weights `w`: `values[b]` is block
+/// `b` of the cache (`BLOCK_TOKENS` positions, value dimension `e` of slot
+/// `s` at `e·BLOCK_TOKENS + s`). Cell `p` adds into lane `p % 64`, in cell
+/// order; lanes no cell reaches stay untouched zeros.
 #[inline]
-pub fn add_scaled(acc: &mut [f32], v: &[f16], w: f32) {
-    for (a, &v) in acc.iter_mut().zip(v) {
-        *a = v.to_f32().mul_add(w, *a);
-    }
-}
-
-/// `out[d]` = the fold of `slots[s * out.len() + d]` over the 64 slots `s`
-/// (slot-major), as [`lanes::fold_f16_accumulators`].
-#[inline]
-pub fn fold_slots(slots: &[f32], out: &mut [f32]) {
-    let hd = out.len();
-    for (d, dst) in out.iter_mut().enumerate() {
+pub fn weighted_values(values: &[&[f16]], offset: usize, first: usize, w: &[f32], out: &mut [f32]) {
+    for (d, o) in out.iter_mut().enumerate() {
         let mut acc = [[0f32; 16]; 4];
-        for (slot, a) in acc.iter_mut().flatten().enumerate() {
-            *a = slots[slot * hd + d];
+        for (j, &wj) in w.iter().enumerate() {
+            let p = first + j;
+            let v = values[p / BLOCK_TOKENS][(offset + d) * BLOCK_TOKENS + p % BLOCK_TOKENS];
+            let lane = &mut acc[(p % 64) / 16][p % 16];
+            *lane = v.to_f32().mul_add(wj, *lane);
         }
-        *dst = lanes::fold_f16_accumulators(&acc);
+        *o = lanes::fold_f16_accumulators(&acc);
     }
 }
 
-/// The same three loops with AVX2, FMA and F16C; callers check the CPU has
+/// The same loops with AVX2, FMA and F16C; callers check the CPU has
 /// them ([`super::KernelVariant::Avx2`]'s features).
 #[cfg(target_arch = "x86_64")]
 pub mod avx2 {
@@ -91,7 +87,7 @@ pub mod avx2 {
 
     use half::f16;
 
-    use super::SLOTS;
+    use crate::model::kv::BLOCK_TOKENS;
 
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
@@ -231,57 +227,67 @@ pub mod avx2 {
         super::round_weights(&mut v[whole..], scale);
     }
 
-    /// [`super::add_scaled`].
+    /// [`super::weighted_values`]: per output dimension, the 64 lanes as
+    /// eight 8-lane accumulators, a block of 16 cells per step; cells
+    /// outside `first..first + w.len()` leave their lanes as they are.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn add_scaled(acc: &mut [f32], v: &[f16], w: f32) {
-        let n = acc.len().min(v.len());
-        let whole = n & !7;
-        let wv = _mm256_set1_ps(w);
-        for k in (0..whole).step_by(8) {
-            let a = _mm256_fmadd_ps(load_f16x8(&v[k..]), wv, load_f32x8(&acc[k..]));
-            store_f32x8(&mut acc[k..], a);
+    pub fn weighted_values(
+        values: &[&[f16]],
+        offset: usize,
+        first: usize,
+        w: &[f32],
+        out: &mut [f32],
+    ) {
+        let Some(last) = (first + w.len()).checked_sub(1) else {
+            return super::weighted_values(values, offset, first, w, out);
+        };
+        // Per block: the 16 weights of its cells (zero where no cell is
+        // taken) and whether each lane is taken.
+        let blocks = first / BLOCK_TOKENS..=last / BLOCK_TOKENS;
+        let mut weights = vec![0f32; BLOCK_TOKENS * blocks.clone().count()];
+        let mut taken = vec![0f32; weights.len()];
+        for (j, &wj) in w.iter().enumerate() {
+            let at = first + j - blocks.start() * BLOCK_TOKENS;
+            weights[at] = wj;
+            taken[at] = f32::from_bits(u32::MAX);
         }
-        for k in whole..n {
-            acc[k] = v[k].to_f32().mul_add(w, acc[k]);
-        }
-    }
-
-    /// [`super::fold_slots`], eight output dimensions at a time.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn fold_slots(slots: &[f32], out: &mut [f32]) {
-        let hd = out.len();
-        let whole = hd & !7;
-        for d in (0..whole).step_by(8) {
-            let slot = |s: usize| load_f32x8(&slots[s * hd + d..]);
-            // Lane l of the four accumulators: (s_l + s_32+l) + (s_16+l + s_48+l).
-            let folded: [__m256; 16] = std::array::from_fn(|l| {
-                _mm256_add_ps(
-                    _mm256_add_ps(slot(l), slot(32 + l)),
-                    _mm256_add_ps(slot(16 + l), slot(48 + l)),
-                )
-            });
-            // `_mm512_reduce_add_ps`: l and l+8, then l and l+4, then
-            // (0+2) + (1+3).
-            let h: [__m256; 8] = std::array::from_fn(|i| _mm256_add_ps(folded[i + 8], folded[i]));
-            let q: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(h[i + 4], h[i]));
-            let r = _mm256_add_ps(_mm256_add_ps(q[0], q[2]), _mm256_add_ps(q[1], q[3]));
-            store_f32x8(&mut out[d..], r);
-        }
-        if whole < hd {
-            let mut tail = vec![0f32; SLOTS * (hd - whole)];
-            for s in 0..SLOTS {
-                tail[s * (hd - whole)..(s + 1) * (hd - whole)]
-                    .copy_from_slice(&slots[s * hd + whole..(s + 1) * hd]);
+        let partial: Vec<bool> = blocks
+            .clone()
+            .map(|b| b * BLOCK_TOKENS < first || b * BLOCK_TOKENS + BLOCK_TOKENS - 1 > last)
+            .collect();
+        let (b0, b1) = (*blocks.start(), *blocks.end());
+        for (d, o) in out.iter_mut().enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            // 64 cells (four blocks) per step, so each block's lanes are
+            // fixed registers.
+            for chunk in b0 / 4..=b1 / 4 {
+                for q in 0..4 {
+                    let b = 4 * chunk + q;
+                    if b < b0 || b > b1 {
+                        continue;
+                    }
+                    let i = b - b0;
+                    let col = &values[b][(offset + d) * BLOCK_TOKENS..];
+                    for h in 0..2 {
+                        let wv = load_f32x8(&weights[BLOCK_TOKENS * i + 8 * h..]);
+                        let a = acc[2 * q + h];
+                        let sum = _mm256_fmadd_ps(load_f16x8(&col[8 * h..]), wv, a);
+                        acc[2 * q + h] = if partial[i] {
+                            let mask = load_f32x8(&taken[BLOCK_TOKENS * i + 8 * h..]);
+                            _mm256_blendv_ps(a, sum, mask)
+                        } else {
+                            sum
+                        };
+                    }
+                }
             }
-            super::fold_slots(&tail, &mut out[whole..]);
+            let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+            let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+            *o = hsum8(_mm256_add_ps(hi, lo));
         }
     }
 }
@@ -340,19 +346,36 @@ mod tests {
                 // SAFETY: AVX2, FMA and F16C checked above.
                 let fast = unsafe { avx2::dot_f16(&x, &y) };
                 assert_eq!(fast.to_bits(), dot_f16(&x, &y).to_bits(), "dot, hd {hd}");
-                let mut a: Vec<f32> = (0..hd).map(|_| next()).collect();
-                let mut b = a.clone();
-                add_scaled(&mut a, &y, 0.37);
-                // SAFETY: as above.
-                unsafe { avx2::add_scaled(&mut b, &y, 0.37) };
-                assert_eq!(a, b, "add_scaled, hd {hd}");
-                let slots: Vec<f32> = (0..SLOTS * hd).map(|_| next()).collect();
-                let (mut o1, mut o2) = (vec![0f32; hd], vec![0f32; hd]);
-                fold_slots(&slots, &mut o1);
-                // SAFETY: as above.
-                unsafe { avx2::fold_slots(&slots, &mut o2) };
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&o1), bits(&o2), "fold, hd {hd}");
+                // Value blocks of 16 cells for 3 KV heads of width hd.
+                let kv_dim = 3 * hd;
+                let blocks: Vec<Vec<f16>> = (0..5)
+                    .map(|_| {
+                        (0..kv_dim * BLOCK_TOKENS)
+                            .map(|_| f16::from_f32(next()))
+                            .collect()
+                    })
+                    .collect();
+                let views: Vec<&[f16]> = blocks.iter().map(|b| &b[..]).collect();
+                for (first, last) in [
+                    (0usize, 0usize),
+                    (3, 40),
+                    (16, 79),
+                    (0, 63),
+                    (17, 18),
+                    (5, 70),
+                ] {
+                    let w: Vec<f32> = (first..=last).map(|_| next()).collect();
+                    let (mut o1, mut o2) = (vec![0f32; hd], vec![0f32; hd]);
+                    weighted_values(&views, hd, first, &w, &mut o1);
+                    // SAFETY: as above.
+                    unsafe { avx2::weighted_values(&views, hd, first, &w, &mut o2) };
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&o1),
+                        bits(&o2),
+                        "values, hd {hd}, cells {first}..={last}"
+                    );
+                }
             }
         }
     }

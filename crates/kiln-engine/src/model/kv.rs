@@ -2,8 +2,10 @@
 //! fixed-size blocks taken from one pool with a byte budget.
 //!
 //! A block holds [`BLOCK_TOKENS`] consecutive positions of one sequence for
-//! every layer, laid out `[layer][key | value][position in block][kv_dim]` as
-//! `f16`. A sequence owns a [`BlockTable`]: the blocks of its positions, in
+//! every layer as `f16`: per layer the keys `[position in block][kv_dim]`,
+//! then the values transposed, `[kv_dim][position in block]`, so attention
+//! reads a value dimension's positions contiguously (as ggml keeps V
+//! transposed in its cache). A sequence owns a [`BlockTable`]: the blocks of its positions, in
 //! order. Sequences grow block by block; when the pool has no free block
 //! [`KvPool::grow`] says so and the scheduler decides who waits or is
 //! preempted — the pool never grows past its budget.
@@ -344,19 +346,20 @@ impl KvPool {
         let block = table.blocks[pos / BLOCK_TOKENS] as usize;
         let slot = pos % BLOCK_TOKENS;
         let k = self.offset(layer, false, slot);
-        let v = self.offset(layer, true, slot);
+        let v = self.offset(layer, true, 0) + slot;
         let data = &mut self.storage[block];
         for (dst, &x) in data[k..k + self.kv_dim].iter_mut().zip(key) {
             *dst = f16::from_f32(x);
         }
-        for (dst, &x) in data[v..v + self.kv_dim].iter_mut().zip(value) {
-            *dst = f16::from_f32(x);
+        for (d, &x) in value.iter().enumerate().take(self.kv_dim) {
+            data[v + d * BLOCK_TOKENS] = f16::from_f32(x);
         }
     }
 
-    /// The key (or value) rows of `layer` in each of `table`'s blocks, in
-    /// position order: block `b` holds positions `b·BLOCK_TOKENS..`, row `s`
-    /// of it at `s·kv_dim`.
+    /// The keys (or values) of `layer` in each of `table`'s blocks, in
+    /// position order: block `b` holds positions `b·BLOCK_TOKENS..`; the key
+    /// of position `s` in it starts at `s·kv_dim`, value dimension `d` of
+    /// position `s` is at `d·BLOCK_TOKENS + s`.
     pub(crate) fn layer_view(&self, table: &BlockTable, layer: usize, value: bool) -> Vec<&[f16]> {
         let at = self.offset(layer, value, 0);
         let len = BLOCK_TOKENS * self.kv_dim;
@@ -403,14 +406,23 @@ mod tests {
         pool.write(&t, 1, BLOCK_TOKENS + 1, &[1.0, 2.0, 3.0, 4.0], &[5.0; 4]);
         t.set_len(BLOCK_TOKENS + 2);
         let keys = pool.layer_view(&t, 1, false);
-        let values = pool.layer_view(&t, 1, true);
         assert_eq!(keys.len(), 2);
         assert_eq!(
             keys[1][4..8].iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
             [1.0, 2.0, 3.0, 4.0]
         );
-        assert_eq!(values[1][4].to_f32(), 5.0);
+        pool.write(&t, 1, BLOCK_TOKENS, &[0.0; 4], &[6.0, 7.0, 8.0, 9.0]);
+        // Value dimension d of slot s at d·BLOCK_TOKENS + s.
+        assert_eq!(values_at(&pool, &t, 1, 1), [5.0; 4]);
+        assert_eq!(values_at(&pool, &t, 1, 0), [6.0, 7.0, 8.0, 9.0]);
         assert_eq!(pool.layer_view(&t, 0, false)[1][4].to_f32(), 0.0);
+    }
+
+    fn values_at(pool: &KvPool, t: &BlockTable, layer: usize, slot: usize) -> Vec<f32> {
+        let values = pool.layer_view(t, layer, true);
+        (0..4)
+            .map(|d| values[1][d * BLOCK_TOKENS + slot].to_f32())
+            .collect()
     }
 
     fn filled(pool: &mut KvPool, tenant: &str, tokens: &[u32]) -> BlockTable {

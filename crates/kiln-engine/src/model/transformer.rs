@@ -32,7 +32,7 @@ use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use crate::kernels::{attention, lanes, QMatrix};
+use crate::kernels::{lanes, QMatrix};
 use crate::model::kv::{BlockTable, KvPool, BLOCK_TOKENS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -617,7 +617,8 @@ impl Ropes {
 /// f16 K/V cache, f16-rounded query and softmax weights).
 struct HeadAttention<'a> {
     q: &'a [f32],
-    /// The sequence's key (value) rows of this layer, block by block.
+    /// The sequence's keys and values of this layer, block by block
+    /// (layout: [`crate::model::kv::KvPool::layer_view`]).
     keys: &'a [&'a [f16]],
     values: &'a [&'a [f16]],
     kv_dim: usize,
@@ -681,20 +682,10 @@ impl<'a> HeadAttention<'a> {
         // V·P as ggml_vec_dot_f16 over the cache cells (cell = position
         // here) with the weights rounded to f16: for each output dimension,
         // four 16-lane accumulators taking 64 cells per step, so cell p adds
-        // into slot p % 64. Kept slot-major (`slots[p % 64][d]`) so that each
-        // cell is one contiguous multiply-add over the head's dimensions.
+        // into lane p % 64; the cache keeps values transposed, so a
+        // dimension's cells are contiguous.
         head_ops::weights(simd, &mut scores, inv);
-        let mut slots = vec![0f32; attention::SLOTS * hd];
-        for (j, p) in (self.first..=self.pos).enumerate() {
-            let at = (p % attention::SLOTS) * hd;
-            head_ops::add(
-                simd,
-                &mut slots[at..at + hd],
-                row(self.values, p),
-                scores[j],
-            );
-        }
-        head_ops::fold(simd, &slots, out);
+        head_ops::values(simd, self.values, self.kv_offset, self.first, &scores, out);
     }
 }
 
@@ -740,25 +731,21 @@ mod head_ops {
     }
 
     #[inline(always)]
-    pub(super) fn add(simd: bool, acc: &mut [f32], v: &[f16], w: f32) {
+    pub(super) fn values(
+        simd: bool,
+        values: &[&[f16]],
+        offset: usize,
+        first: usize,
+        w: &[f32],
+        out: &mut [f32],
+    ) {
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: as in `dot`.
-            return unsafe { attention::avx2::add_scaled(acc, v, w) };
+            return unsafe { attention::avx2::weighted_values(values, offset, first, w, out) };
         }
         let _ = simd;
-        attention::add_scaled(acc, v, w)
-    }
-
-    #[inline(always)]
-    pub(super) fn fold(simd: bool, slots: &[f32], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: as in `dot`.
-            return unsafe { attention::avx2::fold_slots(slots, out) };
-        }
-        let _ = simd;
-        attention::fold_slots(slots, out)
+        attention::weighted_values(values, offset, first, w, out)
     }
 }
 
