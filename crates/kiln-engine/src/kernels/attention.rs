@@ -87,6 +87,7 @@ pub mod avx2 {
 
     use half::f16;
 
+    use super::super::avx2::{hsum8, load_f32x8};
     use crate::model::kv::BLOCK_TOKENS;
 
     #[inline]
@@ -99,27 +100,10 @@ pub mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn load_f32x8(s: &[f32]) -> __m256 {
-        let s = &s[..8];
-        // SAFETY: `s` is 8 readable f32s; unaligned load.
-        unsafe { _mm256_loadu_ps(s.as_ptr()) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
     fn store_f32x8(s: &mut [f32], v: __m256) {
         let s = &mut s[..8];
         // SAFETY: `s` is 8 writable f32s; unaligned store.
         unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
-    }
-
-    /// `hsum_float_8` / the last steps of `_mm512_reduce_add_ps`.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn hsum8(v: __m256) -> f32 {
-        let r = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
-        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
     }
 
     /// [`super::dot_f16`].

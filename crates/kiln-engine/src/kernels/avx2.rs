@@ -81,7 +81,7 @@ pub(super) fn compute_rows(
 
 #[inline]
 #[target_feature(enable = "avx2")]
-fn load_u8x32(s: &[u8]) -> __m256i {
+pub(super) fn load_u8x32(s: &[u8]) -> __m256i {
     let s = &s[..32];
     // SAFETY: `s` is 32 readable bytes; the load has no alignment requirement.
     unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
@@ -105,7 +105,7 @@ fn load_i16x16(s: &[i16]) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-fn load_u8x16(s: &[u8]) -> __m128i {
+pub(super) fn load_u8x16(s: &[u8]) -> __m128i {
     let s = &s[..16];
     // SAFETY: as in `load_u8x32` (16 bytes).
     unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
@@ -113,7 +113,7 @@ fn load_u8x16(s: &[u8]) -> __m128i {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-fn load_f32x8(s: &[f32]) -> __m256 {
+pub(super) fn load_f32x8(s: &[f32]) -> __m256 {
     let s = &s[..8];
     // SAFETY: as in `load_u8x32` (8 × 4 bytes).
     unsafe { _mm256_loadu_ps(s.as_ptr()) }

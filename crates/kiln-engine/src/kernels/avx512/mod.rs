@@ -29,7 +29,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2;
+use super::avx2::{self, load_u8x16, load_u8x32};
 use super::quantize::{Activations, Q8Row, QK, QK_K};
 use super::DotKind;
 
@@ -124,8 +124,9 @@ pub(super) fn compute_rows(
         Some(Q0::Q4_1) => tiles::<{ Q0::Q4_1 as u8 }>(w, row_bytes, acts, outs),
         Some(Q0::Q5_0) => tiles::<{ Q0::Q5_0 as u8 }>(w, row_bytes, acts, outs),
         Some(Q0::Q8_0) => tiles::<{ Q0::Q8_0 as u8 }>(w, row_bytes, acts, outs),
-        None if kind == DotKind::Q6K => q6k::tiles(w, row_bytes, acts, outs),
-        None if kind == DotKind::Q4KRepacked => q4k::tiles(w, row_bytes, acts, outs),
+        None if matches!(kind, DotKind::Q6K | DotKind::Q4KRepacked) => {
+            k_tiles(kind, w, row_bytes, acts, outs)
+        }
         None => avx2::compute_rows(kind, w, row_bytes, acts, outs),
     }
 }
@@ -206,6 +207,41 @@ impl Group {
             }
         }
         g
+    }
+}
+
+/// Inputs per K-quant tile: two i32 accumulators per row pair and input,
+/// with the pairs' weights and scales, fill the 32 registers.
+const K_INPUTS: usize = 2;
+
+/// The Q6_K and repacked Q4_K products: eight-row tiles times groups of
+/// [`K_INPUTS`] inputs ([`q6k::tile`], [`q4k::tile`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn k_tiles(kind: DotKind, w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f32]]) {
+    let rows = w.len() / row_bytes;
+    let tiled = rows - rows % TILE_ROWS;
+    let n = outs.len();
+    let groups: Vec<Q8KGroup> = (0..n)
+        .step_by(K_INPUTS)
+        .map(|first| Q8KGroup::pack(acts, first, K_INPUTS.min(n - first)))
+        .collect();
+    for t in 0..tiled / TILE_ROWS {
+        let tile_w = &w[t * TILE_ROWS * row_bytes..(t + 1) * TILE_ROWS * row_bytes];
+        let r0 = t * TILE_ROWS;
+        for g in &groups {
+            match (kind, g.inputs) {
+                (DotKind::Q6K, 2) => q6k::tile::<2>(tile_w, row_bytes, g, outs, r0),
+                (DotKind::Q6K, _) => q6k::tile::<1>(tile_w, row_bytes, g, outs, r0),
+                (_, 2) => q4k::tile::<2>(tile_w, row_bytes, g, outs, r0),
+                _ => q4k::tile::<1>(tile_w, row_bytes, g, outs, r0),
+            }
+        }
+    }
+    if tiled < rows {
+        // Only Q6_K (a repacked Q4_K matrix has a multiple of 8 rows, and
+        // shares split at multiples of 8).
+        let mut rest: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[tiled..]).collect();
+        avx2::compute_rows(kind, &w[tiled * row_bytes..], row_bytes, acts, &mut rest);
     }
 }
 
@@ -306,16 +342,7 @@ fn tile<const F: u8, const C: usize>(
     for (blk, ((qs, offsets), d_y)) in blocks.enumerate() {
         let at = blk * bb;
         // The first four bytes of each row's block: `d` (and Q4_1's `m`).
-        let heads = _mm256_setr_epi32(
-            head(rows, at),
-            head(rows, row_bytes + at),
-            head(rows, 2 * row_bytes + at),
-            head(rows, 3 * row_bytes + at),
-            head(rows, 4 * row_bytes + at),
-            head(rows, 5 * row_bytes + at),
-            head(rows, 6 * row_bytes + at),
-            head(rows, 7 * row_bytes + at),
-        );
+        let heads = heads8(rows, row_bytes, at);
         let d = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(heads)));
         let mut wv = [_mm512_setzero_si512(); PAIRS];
         let mut dw = [_mm512_setzero_ps(); PAIRS];
@@ -375,9 +402,26 @@ pub(super) fn fold_pair(v: __m512) -> [f32; 2] {
     [avx2::hsum8(_mm512_castps512_ps256(v)), avx2::hsum8(hi)]
 }
 
+/// The first four bytes of block `at` of each of eight rows, one i32 lane
+/// per row: the f16 `d` (and Q4_1's `m`, Q4_K's `dmin`) in its halves.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn heads8(rows: &[u8], row_bytes: usize, at: usize) -> __m256i {
+    _mm256_setr_epi32(
+        head(rows, at),
+        head(rows, row_bytes + at),
+        head(rows, 2 * row_bytes + at),
+        head(rows, 3 * row_bytes + at),
+        head(rows, 4 * row_bytes + at),
+        head(rows, 5 * row_bytes + at),
+        head(rows, 6 * row_bytes + at),
+        head(rows, 7 * row_bytes + at),
+    )
+}
+
 /// The four bytes at `at` as an i32 (a block's f16 scale, then Q4_1's min).
 #[inline]
-pub(super) fn head(rows: &[u8], at: usize) -> i32 {
+fn head(rows: &[u8], at: usize) -> i32 {
     let mut b = [0u8; 4];
     b.copy_from_slice(&rows[at..at + 4]);
     i32::from_le_bytes(b)
@@ -422,22 +466,6 @@ fn nibble_pair(a: &[u8], b: &[u8]) -> __m512i {
 #[inline]
 fn u32_at(b: &[u8], at: usize) -> u32 {
     head(b, at) as u32
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
-pub(super) fn load_u8x32(s: &[u8]) -> __m256i {
-    let s = &s[..32];
-    // SAFETY: `s` is 32 readable bytes; the load has no alignment requirement.
-    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
-pub(super) fn load_u8x16(s: &[u8]) -> __m128i {
-    let s = &s[..16];
-    // SAFETY: `s` is 16 readable bytes; unaligned load.
-    unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
 }
 
 /// 32 activation bytes in both 256-bit halves.

@@ -14,48 +14,13 @@
 
 use std::arch::x86_64::*;
 
-use super::super::quantize::{Activations, QK_K};
-use super::super::{avx2, DotKind};
-use super::{broadcast_i8x32, head, pair_u8x32, Q8KGroup, PAIRS, TILE_ROWS};
+use super::super::avx2;
+use super::super::quantize::QK_K;
+use super::{broadcast_i8x32, heads8, pair_u8x32, Q8KGroup, PAIRS, TILE_ROWS};
 
 /// Bytes per Q4_K block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit
 /// scales and mins, 128 bytes of nibbles.
 const BLOCK: usize = 144;
-/// Inputs per tile (two i32 accumulators per row pair and input, and the
-/// pairs' nibbles and scales, fill the 32 registers).
-const INPUTS: usize = 2;
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub(super) fn tiles(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f32]]) {
-    let rows = w.len() / row_bytes;
-    let tiled = rows - rows % TILE_ROWS;
-    let n = outs.len();
-    let groups: Vec<Q8KGroup> = (0..n)
-        .step_by(INPUTS)
-        .map(|first| Q8KGroup::pack(acts, first, INPUTS.min(n - first)))
-        .collect();
-    for t in 0..tiled / TILE_ROWS {
-        let tile_w = &w[t * TILE_ROWS * row_bytes..(t + 1) * TILE_ROWS * row_bytes];
-        for g in &groups {
-            match g.inputs {
-                2 => tile::<2>(tile_w, row_bytes, g, outs, t * TILE_ROWS),
-                _ => tile::<1>(tile_w, row_bytes, g, outs, t * TILE_ROWS),
-            }
-        }
-    }
-    if tiled < rows {
-        // Not reached for a repacked matrix (its rows are a multiple of 8
-        // and shares split at multiples of 8); kept for safety.
-        let mut rest: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[tiled..]).collect();
-        avx2::compute_rows(
-            DotKind::Q4KRepacked,
-            &w[tiled * row_bytes..],
-            row_bytes,
-            acts,
-            &mut rest,
-        );
-    }
-}
 
 /// A block's eight 6-bit scales and eight 6-bit mins (bytes 4..16), each
 /// eight bytes packed little-endian into a u64, as ggml unpacks them.
@@ -95,7 +60,7 @@ const SCALE_INDEX: [[i16; 32]; 8] = {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn tile<const C: usize>(
+pub(super) fn tile<const C: usize>(
     rows: &[u8],
     row_bytes: usize,
     g: &Q8KGroup,
@@ -118,16 +83,7 @@ fn tile<const C: usize>(
         let at = blk * BLOCK;
         let row = |r: usize| &rows[r * row_bytes + at..r * row_bytes + at + BLOCK];
         // `d` and `dmin` of the eight rows, one lane each.
-        let heads = _mm256_setr_epi32(
-            head(rows, at),
-            head(rows, row_bytes + at),
-            head(rows, 2 * row_bytes + at),
-            head(rows, 3 * row_bytes + at),
-            head(rows, 4 * row_bytes + at),
-            head(rows, 5 * row_bytes + at),
-            head(rows, 6 * row_bytes + at),
-            head(rows, 7 * row_bytes + at),
-        );
+        let heads = heads8(rows, row_bytes, at);
         let d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(heads));
         let dmin = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32::<16>(heads)));
         // Per row pair: the 8 + 8 scales and the 8 + 8 mins as i16.

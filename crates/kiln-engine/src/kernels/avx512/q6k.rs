@@ -12,48 +12,12 @@
 
 use std::arch::x86_64::*;
 
-use super::super::quantize::{Activations, QK_K};
-use super::super::{avx2, DotKind};
-use super::{
-    broadcast_i8x32, fold_pair, load_i16x16, load_u8x16, pair_u8x32, Q8KGroup, PAIRS, TILE_ROWS,
-};
+use super::super::quantize::QK_K;
+use super::{broadcast_i8x32, fold_pair, load_i16x16, load_u8x16, pair_u8x32, Q8KGroup, PAIRS};
 
 /// Bytes per Q6_K block: 128 low-nibble bytes, 64 high-bit bytes, 16 i8
 /// scales, the f16 `d`.
 const BLOCK: usize = 210;
-/// Inputs per tile (register pressure: two i32 and two f32 accumulators per
-/// row pair and input).
-const INPUTS: usize = 2;
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub(super) fn tiles(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f32]]) {
-    let rows = w.len() / row_bytes;
-    let tiled = rows - rows % TILE_ROWS;
-    let n = outs.len();
-    let groups: Vec<Q8KGroup> = (0..n)
-        .step_by(INPUTS)
-        .map(|first| Q8KGroup::pack(acts, first, INPUTS.min(n - first)))
-        .collect();
-    for t in 0..tiled / TILE_ROWS {
-        let tile_w = &w[t * TILE_ROWS * row_bytes..(t + 1) * TILE_ROWS * row_bytes];
-        for g in &groups {
-            match g.inputs {
-                2 => tile::<2>(tile_w, row_bytes, g, outs, t * TILE_ROWS),
-                _ => tile::<1>(tile_w, row_bytes, g, outs, t * TILE_ROWS),
-            }
-        }
-    }
-    if tiled < rows {
-        let mut rest: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[tiled..]).collect();
-        avx2::compute_rows(
-            DotKind::Q6K,
-            &w[tiled * row_bytes..],
-            row_bytes,
-            acts,
-            &mut rest,
-        );
-    }
-}
 
 /// For chunk `k` (32 values) of a block, the 16-bit lanes that take each
 /// value pair's scale from a row pair's 32 sign-extended scales: values
@@ -75,7 +39,7 @@ const SCALE_INDEX: [[i16; 32]; 8] = {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn tile<const C: usize>(
+pub(super) fn tile<const C: usize>(
     rows: &[u8],
     row_bytes: usize,
     g: &Q8KGroup,
