@@ -281,11 +281,16 @@ impl QMatrix {
         let tasks = threads.clamp(1, total.max(1));
         let start = |t: usize| total * t / tasks;
         let mut work: Vec<Vec<Piece<'_>>> = (0..tasks).map(|_| Vec::new()).collect();
-        let mut offset = 0;
+        let mut next_group = 0;
         for ((w, y), &g) in ws.iter().zip(&mut ys).zip(&groups) {
+            let offset = next_group;
+            next_group += g;
             let Some((_, a)) = acts.iter().find(|(k, _)| *k == w.kind.activations()) else {
                 continue;
             };
+            if w.rows == 0 {
+                continue;
+            }
             // This matrix's row ranges per task (empty ones skipped).
             let ranges: Vec<(usize, usize, usize)> = (0..tasks)
                 .filter_map(|t| {
@@ -312,7 +317,6 @@ impl QMatrix {
                     outs,
                 });
             }
-            offset += g;
         }
         let run = |pieces: &mut Vec<Piece<'_>>| {
             for p in pieces {
@@ -466,6 +470,10 @@ mod tests {
         }
         assert!(QMatrix::matmul_many(&refs, &[0.0; 63], 1).is_err());
         assert!(QMatrix::matmul_many(&[], &[0.0; 64], 1)?.is_empty());
+        // A matrix without rows (a degenerate file) gives empty products.
+        let empty = QMatrix::from_bytes(GgmlDType::Q8_0, 0, 64, Vec::new())?;
+        let ys = QMatrix::matmul_many(&[&empty, &ms[1]], &[0.5; 128], 2)?;
+        assert!(ys[0].is_empty() && ys[1].len() == 16);
         Ok(())
     }
 
