@@ -515,6 +515,81 @@ pub(super) fn quantize_q8_row(x: &[f32], d: &mut [f32], mut s: Option<&mut [f32]
     }
 }
 
+/// `quantize::quantize_q8k_row` eight values at a time: the same signed
+/// maximum (the first value of largest magnitude; NaN skipped), the same
+/// products and magic-number rounding, the clamp at 127 and the C
+/// conversion's low byte, and exact 16-value sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn quantize_q8k_row(x: &[f32], d: &mut [f32], qs: &mut [i8], bsums: &mut [i16]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let low_byte = _mm256_set1_epi32(0xFF);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (b, (block, q)) in x
+        .chunks_exact(QK_K)
+        .zip(qs.chunks_exact_mut(QK_K))
+        .enumerate()
+    {
+        let mut m = _mm256_setzero_ps();
+        for k in (0..QK_K).step_by(8) {
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, load_f32x8(&block[k..])), m);
+        }
+        let m4 = _mm_max_ps(_mm256_extractf128_ps::<1>(m), _mm256_castps256_ps128(m));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        let sums = &mut bsums[b * 16..(b + 1) * 16];
+        if amax == 0.0 {
+            d[b] = 0.0;
+            q.fill(0);
+            sums.fill(0);
+            continue;
+        }
+        // The first value whose magnitude is the maximum.
+        let target = _mm256_set1_ps(amax);
+        let max = (0..QK_K)
+            .step_by(8)
+            .find_map(|k| {
+                let v = load_f32x8(&block[k..]);
+                let hit = _mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, v), target);
+                let bits = _mm256_movemask_ps(hit);
+                (bits != 0).then(|| block[k + bits.trailing_zeros() as usize])
+            })
+            .unwrap_or(amax);
+        let iscale = -127.0 / max;
+        let scale = _mm256_set1_ps(iscale);
+        let magic = _mm256_set1_ps(12_582_912.0);
+        for k in (0..QK_K).step_by(32) {
+            let i: [__m256i; 4] = std::array::from_fn(|j| {
+                let t = _mm256_add_ps(_mm256_mul_ps(scale, load_f32x8(&block[k + 8 * j..])), magic);
+                let v = _mm256_sub_epi32(
+                    _mm256_and_si256(_mm256_castps_si256(t), _mm256_set1_epi32(0x007f_ffff)),
+                    _mm256_set1_epi32(0x0040_0000),
+                );
+                // min(·, 127), then the low byte (as a value 0..=255).
+                _mm256_and_si256(_mm256_min_epi32(v, _mm256_set1_epi32(127)), low_byte)
+            });
+            let packed = _mm256_packus_epi16(
+                _mm256_packus_epi32(i[0], i[1]),
+                _mm256_packus_epi32(i[2], i[3]),
+            );
+            let packed = _mm256_permutevar8x32_epi32(packed, order);
+            let out = &mut q[k..k + 32];
+            // SAFETY: `out` is 32 writable bytes; unaligned store.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), packed) };
+        }
+        for (sum, group) in sums.iter_mut().zip(q.chunks_exact(16)) {
+            let g = &group[..16];
+            // SAFETY: `g` is 16 readable bytes; unaligned load.
+            let bytes = unsafe { _mm_loadu_si128(g.as_ptr().cast()) };
+            let s = _mm256_madd_epi16(_mm256_cvtepi8_epi16(bytes), _mm256_set1_epi16(1));
+            let s = _mm_add_epi32(_mm256_extracti128_si256::<1>(s), _mm256_castsi256_si128(s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+            *sum = _mm_cvtsi128_si32(s) as i16;
+        }
+        d[b] = 1.0 / iscale;
+    }
+}
+
 // ---- F16 / F32 ----------------------------------------------------------------
 
 /// `scalar::dot_float` with each 16-lane accumulator as two 8-lane halves.

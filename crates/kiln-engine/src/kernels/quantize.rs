@@ -72,7 +72,7 @@ impl Activations {
     }
 
     /// Quantizes `x` (`n × cols`, row-major; `cols` a multiple of the block
-    /// length, checked by the caller), the Q8_0 / Q8_1 rows with `variant`'s
+    /// length, checked by the caller), the rows with `variant`'s
     /// code (the same bits whichever runs); batches of more than
     /// `PARALLEL_ROWS` rows are spread over the rayon pool.
     pub(crate) fn quantize_with(
@@ -81,7 +81,7 @@ impl Activations {
         cols: usize,
         variant: KernelVariant,
     ) -> Activations {
-        let q8_row = q8_row_fn(variant);
+        let (q8_row, q8k_row) = row_fns(variant);
         let n = x.len().checked_div(cols).unwrap_or(0);
         let mut a = Activations {
             cols,
@@ -121,7 +121,7 @@ impl Activations {
                     .zip(a.bsums.par_chunks_mut((nb * 16).max(1)))
                     .zip(x.par_chunks(cols.max(1)))
                     .with_min_len(PARALLEL_ROWS)
-                    .for_each(|(((qs, d), bsums), row)| quantize_q8k_row(row, d, qs, bsums));
+                    .for_each(|(((qs, d), bsums), row)| q8k_row(row, d, qs, bsums));
             }
         }
         a
@@ -184,20 +184,28 @@ fn nearest_int(v: f32) -> i32 {
 }
 
 /// One row into Q8_0 (or Q8_1 when `s` is given) blocks.
-/// The function that quantizes a Q8_0 / Q8_1 row for `variant`.
+/// The functions that quantize a Q8_0 / Q8_1 row and a Q8_K row.
 type Q8RowFn = fn(&[f32], &mut [f32], Option<&mut [f32]>, &mut [i8]);
+type Q8KRowFn = fn(&[f32], &mut [f32], &mut [i8], &mut [i16]);
 
-fn q8_row_fn(variant: KernelVariant) -> Q8RowFn {
+/// The row quantizers `variant` uses (the same bits whichever runs).
+fn row_fns(variant: KernelVariant) -> (Q8RowFn, Q8KRowFn) {
     #[cfg(target_arch = "x86_64")]
     if variant != KernelVariant::Scalar && variant.is_available() {
-        return |x, d, s, qs| {
-            // SAFETY: the variant's features (AVX2 at least) were checked
-            // available on this CPU just above.
-            unsafe { super::avx2::quantize_q8_row(x, d, s, qs) }
-        };
+        return (
+            |x, d, s, qs| {
+                // SAFETY: the variant's features (AVX2 at least) were
+                // checked available on this CPU just above.
+                unsafe { super::avx2::quantize_q8_row(x, d, s, qs) }
+            },
+            |x, d, qs, bsums| {
+                // SAFETY: as above.
+                unsafe { super::avx2::quantize_q8k_row(x, d, qs, bsums) }
+            },
+        );
     }
     let _ = variant;
-    quantize_q8_row
+    (quantize_q8_row, quantize_q8k_row)
 }
 
 pub(crate) fn quantize_q8_row(x: &[f32], d: &mut [f32], mut s: Option<&mut [f32]>, qs: &mut [i8]) {
@@ -322,8 +330,8 @@ mod tests {
         Ok(())
     }
 
-    /// Every variant's Q8_0 / Q8_1 rows are the portable code's, also for
-    /// zeros, halves, huge values, infinities and NaN.
+    /// Every variant's Q8_0 / Q8_1 / Q8_K rows are the portable code's, also
+    /// for zeros, halves, huge values, infinities and NaN.
     #[test]
     fn every_variant_quantizes_the_same_bits() {
         use rand::{Rng, SeedableRng};
@@ -338,10 +346,20 @@ mod tests {
         x[140] = f32::NAN;
         x[170] = -1e-30;
         x[200] = 5e9;
-        for kind in [ActKind::Q8_0, ActKind::Q8_1] {
-            let want = Activations::quantize(kind, &x, 32 * 8);
+        // A block with its largest magnitude twice (the first one counts)
+        // and one of only zeros.
+        x[300] = -2.5;
+        x[301] = 2.5;
+        x[512..768].fill(0.0);
+        for (kind, cols) in [
+            (ActKind::Q8_0, 256),
+            (ActKind::Q8_1, 256),
+            (ActKind::Q8K, 256),
+        ] {
+            let want = Activations::quantize(kind, &x, cols);
             for variant in KernelVariant::available() {
-                let got = Activations::quantize_with(kind, &x, 32 * 8, variant);
+                let got = Activations::quantize_with(kind, &x, cols, variant);
+                assert_eq!(got.bsums, want.bsums, "{kind:?} {}", variant.name());
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(got.qs, want.qs, "{kind:?} {}", variant.name());
                 assert_eq!(bits(&got.d), bits(&want.d), "{kind:?} {}", variant.name());
