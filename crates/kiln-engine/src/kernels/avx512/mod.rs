@@ -33,6 +33,26 @@ use super::avx2::{self, load_u8x16, load_u8x32};
 use super::quantize::{Activations, Q8Row, QK, QK_K};
 use super::DotKind;
 
+/// The first four bytes of block `at` of each of eight rows (`rows`, whole
+/// rows of `row_bytes`), one i32 lane per row: the f16 `d` (and Q4_1's `m`,
+/// Q4_K's `dmin`) in its halves. A macro so it is always inlined into the
+/// tiles (a call per block costs several percent).
+macro_rules! heads8 {
+    ($rows:expr, $row_bytes:expr, $at:expr) => {{
+        let (rows, row_bytes, at) = ($rows, $row_bytes, $at);
+        _mm256_setr_epi32(
+            head(rows, at),
+            head(rows, row_bytes + at),
+            head(rows, 2 * row_bytes + at),
+            head(rows, 3 * row_bytes + at),
+            head(rows, 4 * row_bytes + at),
+            head(rows, 5 * row_bytes + at),
+            head(rows, 6 * row_bytes + at),
+            head(rows, 7 * row_bytes + at),
+        )
+    }};
+}
+
 mod q4k;
 mod q6k;
 
@@ -342,7 +362,7 @@ fn tile<const F: u8, const C: usize>(
     for (blk, ((qs, offsets), d_y)) in blocks.enumerate() {
         let at = blk * bb;
         // The first four bytes of each row's block: `d` (and Q4_1's `m`).
-        let heads = heads8(rows, row_bytes, at);
+        let heads = heads8!(rows, row_bytes, at);
         let d = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(heads)));
         let mut wv = [_mm512_setzero_si512(); PAIRS];
         let mut dw = [_mm512_setzero_ps(); PAIRS];
@@ -402,26 +422,9 @@ pub(super) fn fold_pair(v: __m512) -> [f32; 2] {
     [avx2::hsum8(_mm512_castps512_ps256(v)), avx2::hsum8(hi)]
 }
 
-/// The first four bytes of block `at` of each of eight rows, one i32 lane
-/// per row: the f16 `d` (and Q4_1's `m`, Q4_K's `dmin`) in its halves.
-#[inline]
-#[target_feature(enable = "avx2")]
-pub(super) fn heads8(rows: &[u8], row_bytes: usize, at: usize) -> __m256i {
-    _mm256_setr_epi32(
-        head(rows, at),
-        head(rows, row_bytes + at),
-        head(rows, 2 * row_bytes + at),
-        head(rows, 3 * row_bytes + at),
-        head(rows, 4 * row_bytes + at),
-        head(rows, 5 * row_bytes + at),
-        head(rows, 6 * row_bytes + at),
-        head(rows, 7 * row_bytes + at),
-    )
-}
-
 /// The four bytes at `at` as an i32 (a block's f16 scale, then Q4_1's min).
 #[inline]
-fn head(rows: &[u8], at: usize) -> i32 {
+pub(super) fn head(rows: &[u8], at: usize) -> i32 {
     let mut b = [0u8; 4];
     b.copy_from_slice(&rows[at..at + 4]);
     i32::from_le_bytes(b)

@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 
 use super::super::avx2;
 use super::super::quantize::QK_K;
-use super::{broadcast_i8x32, heads8, pair_u8x32, Q8KGroup, PAIRS, TILE_ROWS};
+use super::{broadcast_i8x32, head, pair_u8x32, Q8KGroup, PAIRS, TILE_ROWS};
 
 /// Bytes per Q4_K block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit
 /// scales and mins, 128 bytes of nibbles.
@@ -83,7 +83,7 @@ pub(super) fn tile<const C: usize>(
         let at = blk * BLOCK;
         let row = |r: usize| &rows[r * row_bytes + at..r * row_bytes + at + BLOCK];
         // `d` and `dmin` of the eight rows, one lane each.
-        let heads = heads8(rows, row_bytes, at);
+        let heads = heads8!(rows, row_bytes, at);
         let d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(heads));
         let dmin = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32::<16>(heads)));
         // Per row pair: the 8 + 8 scales and the 8 + 8 mins as i16.
