@@ -206,6 +206,18 @@ def test_tenants_list_and_update_suspend_and_restore_a_tenant(kiln_url, database
     # the server's key cache is not yet refreshed, at admission ("the tenant
     # is disabled").
     assert re.fullmatch(rf"the tenant (`{tenant}` )?is disabled", message), message
+    # Once the key cache knows, authentication refuses (the message names
+    # the tenant); those refusals are counted like admission's.
+    def refused_at_authentication():
+        status, _, body = chat(kiln_url, key, max_tokens=2)
+        named = status == 403 and f"`{tenant}`" in body["error"]["message"]
+        return (status, body) if named else None
+
+    until(refused_at_authentication, "authentication never refused the disabled tenant")
+    counted = 'kiln_refusals_total{reason="account_disabled"}'
+    before = metrics(kiln_url).get(counted, 0)
+    assert refused_at_authentication() is not None
+    assert metrics(kiln_url).get(counted, 0) - before == 1
 
     kiln_cli(database, "tenants", "update", tenant, "--enable")
     assert tenant_row(database, tenant)["STATE"] == "active"

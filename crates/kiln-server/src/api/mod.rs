@@ -192,7 +192,18 @@ async fn authenticate_model_api(
             req.extensions_mut().insert(p);
             next.run(req).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            // A disabled tenant's key is refused here once the key cache
+            // knows, at admission before that: count both the same way.
+            if e.code == ErrorCode::AccountDisabled {
+                state
+                    .metrics
+                    .refusals
+                    .with_label_values(&["account_disabled"])
+                    .inc();
+            }
+            e.into_response()
+        }
     }
 }
 
