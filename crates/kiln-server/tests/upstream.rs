@@ -278,9 +278,16 @@ fn upstream_backends_are_proxied_and_metered() {
             )
         },
     );
-    c.run("a slow upstream is a 504", || {
+    c.run("a slow upstream is a 504, recorded and not charged", || {
         let r = post_chat(s, "up-hang", &chat_body("mock-hang", false, false))?;
-        r.expect_error(504, "upstream_timeout").map(|_| ())
+        r.expect_error(504, "upstream_timeout")?;
+        let row = ledger_row(s, "up-hang")?.record;
+        ensure(
+            row.outcome == Outcome::Error("upstream_timeout".into())
+                && row.cost.nanos() == 0
+                && row.completion_tokens == 0,
+            || format!("{row:?}"),
+        )
     });
     c.run("an upstream's 4xx passes through", || {
         let r = post_chat(s, "up-400", &chat_body("mock-400", false, false))?;
