@@ -312,6 +312,26 @@ def test_bad_uploads_get_clear_outcomes(kiln_url, admin_key, org, handbook):
     assert resp.status == 413
     assert json.loads(resp.read())["error"]["code"] == "payload_too_large"
     conn.close()
+    # Without a Content-Length (chunked), it is refused once it passes the
+    # limit (64 MiB by default), and nothing of it is kept.
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+    conn.putrequest("POST", f"/api/kbs/{kb}/documents?name=chunked.txt")
+    conn.putheader("Authorization", f"Bearer {admin}")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    piece = b"b" * (1 << 20)
+    try:
+        for _ in range(80):
+            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    resp = conn.getresponse()
+    assert resp.status == 413
+    assert json.loads(resp.read())["error"]["code"] == "payload_too_large"
+    conn.close()
+    status, listing = api(kiln_url, admin, "GET", f"/api/kbs/{kb}/documents")
+    assert status == 200 and "chunked.txt" not in json.dumps(listing), listing
     # Search input is checked.
     assert search(kiln_url, admin, kb, "", "bm25")[0] == 400
     assert search(kiln_url, admin, kb, "x", "fuzzy")[0] == 400
