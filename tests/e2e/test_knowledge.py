@@ -257,6 +257,29 @@ def test_every_embedding_is_metered_to_the_key_that_caused_it(kiln_url, admin_ke
     assert len(after) == len(before) + 1, "one query embedding for the vector search, none for BM25"
 
 
+def raw_upload(url, key, kb, name, headers, parts):
+    """Sends an upload by hand (`headers` and the body `parts` as given; the
+    server may close before all are sent) and returns the status and the
+    error code."""
+    parsed = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+    try:
+        conn.putrequest("POST", f"/api/kbs/{kb}/documents?name={name}")
+        conn.putheader("Authorization", f"Bearer {key}")
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        try:
+            for part in parts:
+                conn.send(part)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())["error"]["code"]
+    finally:
+        conn.close()
+
+
 def test_bad_uploads_get_clear_outcomes(kiln_url, admin_key, org, handbook):
     kb, docs = handbook
     admin = org["admin"]
@@ -298,38 +321,14 @@ def test_bad_uploads_get_clear_outcomes(kiln_url, admin_key, org, handbook):
     else:
         assert status in (400, 413), body
     # A 500 MB upload is refused from its Content-Length, before it is read.
-    parsed = urllib.parse.urlparse(kiln_url)
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
-    conn.putrequest("POST", f"/api/kbs/{kb}/documents?name=huge.txt")
-    conn.putheader("Authorization", f"Bearer {admin}")
-    conn.putheader("Content-Length", str(500 << 20))
-    conn.endheaders()
-    try:
-        conn.send(b"a" * 65536)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    resp = conn.getresponse()
-    assert resp.status == 413
-    assert json.loads(resp.read())["error"]["code"] == "payload_too_large"
-    conn.close()
+    status, code = raw_upload(kiln_url, admin, kb, "huge.txt", {"Content-Length": str(500 << 20)}, [b"a" * 65536])
+    assert (status, code) == (413, "payload_too_large")
     # Without a Content-Length (chunked), it is refused once it passes the
     # limit (64 MiB by default), and nothing of it is kept.
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
-    conn.putrequest("POST", f"/api/kbs/{kb}/documents?name=chunked.txt")
-    conn.putheader("Authorization", f"Bearer {admin}")
-    conn.putheader("Transfer-Encoding", "chunked")
-    conn.endheaders()
     piece = b"b" * (1 << 20)
-    try:
-        for _ in range(80):
-            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
-        conn.send(b"0\r\n\r\n")
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    resp = conn.getresponse()
-    assert resp.status == 413
-    assert json.loads(resp.read())["error"]["code"] == "payload_too_large"
-    conn.close()
+    chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * 80 + [b"0\r\n\r\n"]
+    status, code = raw_upload(kiln_url, admin, kb, "chunked.txt", {"Transfer-Encoding": "chunked"}, chunks)
+    assert (status, code) == (413, "payload_too_large")
     status, listing = api(kiln_url, admin, "GET", f"/api/kbs/{kb}/documents")
     assert status == 200 and "chunked.txt" not in json.dumps(listing), listing
     # Search input is checked.

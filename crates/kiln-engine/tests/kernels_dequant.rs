@@ -5,12 +5,11 @@
 //! scripts/make_dequant_fixtures.py from random blocks of every weight type
 //! the kernels support. Both references must be matched bit for bit.
 
-use std::path::PathBuf;
-
-use anyhow::{ensure, Context, Result};
-use candle_core::quantized::GgmlDType;
+use anyhow::{ensure, Result};
 use kiln_engine::kernels::{QMatrix, SUPPORTED_TYPES};
 use serde::Deserialize;
+
+mod common;
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -28,20 +27,6 @@ struct Case {
     ggml_f32_hex: Option<String>,
 }
 
-fn dtype(name: &str) -> Result<GgmlDType> {
-    Ok(match name {
-        "F32" => GgmlDType::F32,
-        "F16" => GgmlDType::F16,
-        "Q4_0" => GgmlDType::Q4_0,
-        "Q4_1" => GgmlDType::Q4_1,
-        "Q5_0" => GgmlDType::Q5_0,
-        "Q8_0" => GgmlDType::Q8_0,
-        "Q4_K" => GgmlDType::Q4K,
-        "Q6_K" => GgmlDType::Q6K,
-        other => anyhow::bail!("unknown type {other}"),
-    })
-}
-
 fn f32_bits(h: &str) -> Result<Vec<u32>> {
     Ok(hex::decode(h)?
         .chunks_exact(4)
@@ -51,11 +36,7 @@ fn f32_bits(h: &str) -> Result<Vec<u32>> {
 
 #[test]
 fn dequantization_matches_the_gguf_package_and_ggml() -> Result<()> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/kernels/dequant.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let fixture: Fixture = serde_json::from_str(&text)?;
+    let fixture: Fixture = serde_json::from_str(&common::kernel_fixture("dequant.json")?)?;
     ensure!(
         fixture.generator.get("gguf").is_some(),
         "the fixture names the gguf package version it was made with"
@@ -63,7 +44,7 @@ fn dequantization_matches_the_gguf_package_and_ggml() -> Result<()> {
     let mut covered = Vec::new();
     let mut ggml_checked = 0;
     for case in &fixture.cases {
-        let t = dtype(&case.dtype)?;
+        let t = common::ggml_dtype(&case.dtype)?;
         // One row; the row count only changes which kernel a matmul uses.
         let m = QMatrix::from_bytes(t, 1, case.values, hex::decode(&case.blocks_hex)?)?;
         let mut out = vec![0f32; case.values];

@@ -11,12 +11,11 @@
 //! the batch-of-one arithmetic: those outputs must agree to within a few
 //! float rounding steps.
 
-use std::path::PathBuf;
-
-use anyhow::{ensure, Context, Result};
-use candle_core::quantized::GgmlDType;
+use anyhow::{ensure, Result};
 use kiln_engine::kernels::{KernelVariant, QMatrix};
 use serde::Deserialize;
+
+mod common;
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -36,25 +35,9 @@ struct MatmulCase {
 }
 
 fn fixture() -> Result<Fixture> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/kernels/ggml_matmul.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(serde_json::from_str(&text)?)
-}
-
-fn dtype(name: &str) -> Result<GgmlDType> {
-    Ok(match name {
-        "F32" => GgmlDType::F32,
-        "F16" => GgmlDType::F16,
-        "Q4_0" => GgmlDType::Q4_0,
-        "Q4_1" => GgmlDType::Q4_1,
-        "Q5_0" => GgmlDType::Q5_0,
-        "Q8_0" => GgmlDType::Q8_0,
-        "Q4_K" => GgmlDType::Q4K,
-        "Q6_K" => GgmlDType::Q6K,
-        other => anyhow::bail!("unknown type {other}"),
-    })
+    Ok(serde_json::from_str(&common::kernel_fixture(
+        "ggml_matmul.json",
+    )?)?)
 }
 
 fn floats(h: &str) -> Result<Vec<f32>> {
@@ -87,7 +70,7 @@ fn matmul_matches_ggml_cpu_backend() -> Result<()> {
         let mut exact = 0;
         for case in &fixture.matmul {
             let m = QMatrix::from_bytes(
-                dtype(&case.dtype)?,
+                common::ggml_dtype(&case.dtype)?,
                 case.rows,
                 case.cols,
                 hex::decode(&case.weights_hex)?,

@@ -87,7 +87,7 @@ pub mod avx2 {
 
     use half::f16;
 
-    use super::super::avx2::{hsum8, load_f32x8};
+    use super::super::avx2::{fold_f16_accumulators, load_f32x8};
     use crate::model::kv::BLOCK_TOKENS;
 
     #[inline]
@@ -125,9 +125,7 @@ pub mod avx2 {
         }
         let mut sum = 0f64;
         if np > 0 {
-            let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
-            let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-            sum = f64::from(hsum8(_mm256_add_ps(hi, lo)));
+            sum = f64::from(fold_f16_accumulators(&acc));
         }
         for k in np..n {
             sum += f64::from(x[k] * y[k].to_f32());
@@ -269,9 +267,7 @@ pub mod avx2 {
                     }
                 }
             }
-            let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
-            let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-            *o = hsum8(_mm256_add_ps(hi, lo));
+            *o = fold_f16_accumulators(&acc);
         }
     }
 }

@@ -603,12 +603,20 @@ macro_rules! dot_float {
                 *a = _mm256_fmadd_ps(load_f32x8(&xc[8 * h..]), $load(&wc[8 * h * $width..]), *a);
             }
         }
-        // Accumulator j's lanes 0..8 are acc[2j], lanes 8..16 acc[2j + 1].
-        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
-        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-        // `_mm512_reduce_add_ps`: 16 → 8 lanes, then as `hsum_float_8`.
-        (hsum8(_mm256_add_ps(hi, lo)), &$w[np * $width..], &$x[np..])
+        (fold_f16_accumulators(&acc), &$w[np * $width..], &$x[np..])
     }};
+}
+
+/// `lanes::fold_f16_accumulators` on registers: the four 16-lane
+/// accumulators of `ggml_vec_dot_f16`, accumulator j's lanes 0..8 in
+/// `acc[2j]` and lanes 8..16 in `acc[2j + 1]`, folded (0+2) + (1+3), then
+/// `_mm512_reduce_add_ps` (16 → 8 lanes, then as `hsum_float_8`).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn fold_f16_accumulators(acc: &[__m256; 8]) -> f32 {
+    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+    hsum8(_mm256_add_ps(hi, lo))
 }
 
 #[inline]

@@ -76,6 +76,29 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The text of tests/fixtures/kernels/`name` (written by
+/// scripts/make_dequant_fixtures.py).
+pub fn kernel_fixture(name: &str) -> anyhow::Result<String> {
+    let path = repo_root().join("tests/fixtures/kernels").join(name);
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// A ggml type as the kernel fixtures name it.
+pub fn ggml_dtype(name: &str) -> anyhow::Result<candle_core::quantized::GgmlDType> {
+    use candle_core::quantized::GgmlDType;
+    Ok(match name {
+        "F32" => GgmlDType::F32,
+        "F16" => GgmlDType::F16,
+        "Q4_0" => GgmlDType::Q4_0,
+        "Q4_1" => GgmlDType::Q4_1,
+        "Q5_0" => GgmlDType::Q5_0,
+        "Q8_0" => GgmlDType::Q8_0,
+        "Q4_K" => GgmlDType::Q4K,
+        "Q6_K" => GgmlDType::Q6K,
+        other => anyhow::bail!("unknown type {other}"),
+    })
+}
+
 /// `$KILN_TEST_HOME`, default `$HOME/.cache/kiln/home`.
 pub fn test_home() -> PathBuf {
     std::env::var_os("KILN_TEST_HOME")
