@@ -146,10 +146,17 @@ def test_a_key_limited_to_models(kiln_url, database):
 
 
 def test_an_abandoned_stream_is_charged_for_what_was_generated(kiln_url, admin_key, database):
+    """Charged for the tokens generated before the client left, with the
+    prompt's cached prefix still priced as cached."""
     tenant = new_tenant(database)
     c = client_for(kiln_url, new_key(database, tenant))
+    prompt = "Once upon a time, in a harbour town of grey stone and salt, " * 12
+    # A first call fills the tenant's prefix cache.
+    c.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    request_id = f"abandoned-{uuid.uuid4().hex[:8]}"
     stream = c.completions.create(
-        model=MODEL, prompt="Once upon a time", max_tokens=300, temperature=0, stream=True
+        model=MODEL, prompt=prompt, max_tokens=300, temperature=0, stream=True,
+        extra_headers={"X-Request-Id": request_id},
     )
     for i, _ in enumerate(stream):
         if i == 3:
@@ -159,14 +166,16 @@ def test_an_abandoned_stream_is_charged_for_what_was_generated(kiln_url, admin_k
     while True:
         status, ledger = api(kiln_url, admin_key, "GET", "/api/ledger?limit=50")
         assert status == 200
-        rows = [r for r in ledger["data"] if r["outcome"] == "cancelled" and r["model"] == MODEL]
+        rows = [r for r in ledger["data"] if r["request_id"] == request_id]
         if rows:
             break
         assert time.monotonic() < deadline, ledger
         time.sleep(0.2)
     row = rows[0]
+    assert row["outcome"] == "cancelled", row
     assert 4 <= row["completion_tokens"] < 300, row
-    assert row["prompt_tokens"] > 0
+    assert row["prompt_tokens"] > 100, row
+    assert row["cached_tokens"] == (row["prompt_tokens"] - 1) // 16 * 16, row
 
 
 def test_a_cached_prefix_is_reported_and_charged_at_the_cached_price(kiln_url, admin_key, database):

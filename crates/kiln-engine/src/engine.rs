@@ -132,6 +132,10 @@ pub enum GenerateEvent {
         id: u32,
         text: String,
         logprob: Option<TokenLogprob>,
+        /// Prompt tokens whose keys and values came from the prefix cache
+        /// (the same in every token of a request), so a caller that stops
+        /// early can still price them as cached.
+        cached_tokens: usize,
     },
     Finished(Completion),
 }
@@ -785,6 +789,7 @@ impl Scheduler {
             id: picked.id,
             text: released,
             logprob,
+            cached_tokens: seq.cached,
         }));
         let finish = if stopped {
             FinishReason::Stop

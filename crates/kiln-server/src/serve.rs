@@ -40,12 +40,26 @@ pub fn set_threads(threads: Option<usize>) {
     }
 }
 
+/// A write past the process's file-size limit (`ulimit -f`) raises SIGXFSZ,
+/// which would kill the server mid-request. Ignored, the write fails with
+/// `EFBIG` instead, and the ledger answers it like a full disk: the call is
+/// refused with 503 `ledger_unavailable`, and service resumes once there is
+/// room.
+fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler
+    // code; it is done once, at start, before any thread writes files.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
     init_tracing(&cfg.log);
     if validate_only {
         return validate(&cfg);
     }
     set_threads(cfg.threads);
+    ignore_file_size_signal();
     let models = registry::load(&cfg)?;
     let metrics = Metrics::new().context("cannot register metrics")?;
     let db: Arc<dyn Database> = kiln_store::open_database(&cfg.database)

@@ -33,7 +33,13 @@
 //! An upstream that cannot be reached or answers 5xx gives the client 502
 //! (`upstream_error`), one that does not answer in time 504
 //! (`upstream_timeout`); a 4xx is the client's own mistake and passes
-//! through. Failed calls are recorded as errors and charged nothing.
+//! through. Failed calls are recorded as errors and charged nothing, but for
+//! a stream that breaks off after tokens went out: like a stream the client
+//! abandons, it is charged for what the client received (the prompt and the
+//! tokens streamed), and recorded as `upstream_error`.
+//!
+//! Cached prompt tokens the upstream reports
+//! (`usage.prompt_tokens_details.cached_tokens`) are priced as cached.
 //!
 //! An `https://` upstream is reached over TLS 1.2 or 1.3 (rustls): its
 //! certificate must chain to the system's trusted roots, or to `ca_file`'s
@@ -62,6 +68,7 @@ use serde_json::Value;
 
 use crate::api::calls::{CallContext, Used};
 use crate::error::ApiError;
+use kiln_store::money::TokenCounts;
 
 pub const DEFAULT_TIMEOUT_SECONDS: u64 = 300;
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -532,15 +539,17 @@ pub async fn proxy(
     let bytes = read_all(up, answer.into_body()).await?;
     let json: Value = serde_json::from_slice(&bytes)
         .map_err(|e| upstream_error(up, format!("its answer is not JSON: {e}")))?;
-    let (prompt, completion) = match usage_of(&json["usage"]) {
+    let tokens = match usage_of(&json["usage"]) {
         Some(u) => u,
         None => {
             let generated = generated_text(&json);
-            (
-                up.count_tokens(&text).unwrap_or(prompt_bound),
-                up.count_tokens(&generated)
+            TokenCounts {
+                prompt: up.count_tokens(&text).unwrap_or(prompt_bound),
+                cached: 0,
+                completion: up
+                    .count_tokens(&generated)
                     .unwrap_or((generated.len() as u64).div_ceil(4)),
-            )
+            }
         }
     };
     let outcome = match (endpoint, json["choices"][0]["finish_reason"].as_str()) {
@@ -548,8 +557,7 @@ pub async fn proxy(
         (_, Some("length")) => Outcome::Length,
         _ => Outcome::Stop,
     };
-    call.settle_tokens(prompt, completion, outcome, None)
-        .await?;
+    call.settle_tokens(tokens, outcome, None).await?;
     Ok(passthrough(StatusCode::OK, bytes))
 }
 
@@ -571,12 +579,17 @@ async fn read_all(up: &Upstream, body: hyper::body::Incoming) -> Result<Bytes, A
     }
 }
 
-/// `(prompt_tokens, completion_tokens)` of a usage object.
-fn usage_of(u: &Value) -> Option<(u64, u64)> {
-    Some((
-        u["prompt_tokens"].as_u64()?,
-        u["completion_tokens"].as_u64().unwrap_or(0),
-    ))
+/// The tokens a usage object reports, with the prompt's cached part
+/// (`prompt_tokens_details.cached_tokens`, as OpenAI, vLLM and SGLang
+/// report it) when it is given.
+fn usage_of(u: &Value) -> Option<TokenCounts> {
+    Some(TokenCounts {
+        prompt: u["prompt_tokens"].as_u64()?,
+        cached: u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+        completion: u["completion_tokens"].as_u64().unwrap_or(0),
+    })
 }
 
 /// The text a (non-streamed) answer generated.
@@ -607,7 +620,7 @@ struct Relay {
     client_wants_usage: bool,
     prompt_text: String,
     prompt_bound: u64,
-    usage: Option<(u64, u64)>,
+    usage: Option<TokenCounts>,
     text: String,
     chunks: u64,
     length: bool,
@@ -616,15 +629,42 @@ struct Relay {
 }
 
 impl Relay {
-    fn used(&self) -> Used {
-        Used {
-            prompt_done: self.chunks > 0,
-            completion_tokens: self.completion_estimate() as usize,
+    /// The tokens of the whole call: the upstream's report when it gave
+    /// one, else counted.
+    fn tokens(&self) -> TokenCounts {
+        self.usage.unwrap_or_else(|| TokenCounts {
+            prompt: self
+                .up
+                .count_tokens(&self.prompt_text)
+                .unwrap_or(self.prompt_bound),
+            cached: 0,
+            completion: self.completion_estimate(),
+        })
+    }
+
+    /// The tokens of a stream that stopped early: those the client
+    /// received, and the prompt once a first token showed it was processed.
+    fn spent(&self) -> TokenCounts {
+        if self.usage.is_none() && self.chunks == 0 {
+            return TokenCounts::default();
         }
+        self.tokens()
     }
 
     fn completion_estimate(&self) -> u64 {
         self.up.count_tokens(&self.text).unwrap_or(self.chunks)
+    }
+
+    /// The stream broke off with `e`: the call is recorded as failed,
+    /// charged for what the client had received, and the client told.
+    fn broke(&mut self, e: ApiError) {
+        self.call.ended_early(
+            Outcome::Error(e.code.as_str().into()),
+            self.spent(),
+            self.first_token,
+        );
+        self.error_event(&e);
+        self.ended = true;
     }
 
     fn error_event(&mut self, e: &ApiError) {
@@ -647,20 +687,12 @@ impl Relay {
             return;
         }
         if data == "[DONE]" {
-            let (prompt, completion) = self.usage.unwrap_or_else(|| {
-                (
-                    self.up
-                        .count_tokens(&self.prompt_text)
-                        .unwrap_or(self.prompt_bound),
-                    self.completion_estimate(),
-                )
-            });
+            let tokens = self.tokens();
             // The end goes out only once the call is in the ledger.
             match self
                 .call
                 .settle_tokens(
-                    prompt,
-                    completion,
+                    tokens,
                     if self.length {
                         Outcome::Length
                     } else {
@@ -711,7 +743,8 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         if !self.ended {
-            self.call.cancelled(self.used(), self.first_token);
+            self.call
+                .ended_early(Outcome::Cancelled, self.spent(), self.first_token);
         }
     }
 }
@@ -776,25 +809,12 @@ fn stream_response(
                         r.buf.extend_from_slice(&data);
                     }
                 }
-                Ok(None) => {
-                    // Ended without [DONE]: the upstream broke off.
-                    let e = upstream_error(&r.up, "its stream ended early".into());
-                    r.call.failed(e.code.as_str(), Used::default());
-                    r.error_event(&e);
-                    r.ended = true;
-                }
+                // Ended without [DONE]: the upstream broke off.
+                Ok(None) => r.broke(upstream_error(&r.up, "its stream ended early".into())),
                 Ok(Some(Err(err))) => {
-                    let e = upstream_error(&r.up, format!("its stream broke: {err}"));
-                    r.call.failed(e.code.as_str(), Used::default());
-                    r.error_event(&e);
-                    r.ended = true;
+                    r.broke(upstream_error(&r.up, format!("its stream broke: {err}")))
                 }
-                Err(_) => {
-                    let e = upstream_timeout(&r.up);
-                    r.call.failed(e.code.as_str(), Used::default());
-                    r.error_event(&e);
-                    r.ended = true;
-                }
+                Err(_) => r.broke(upstream_timeout(&r.up)),
             }
         }
     });

@@ -643,3 +643,101 @@ fn a_locked_ledger_refuses_instead_of_serving_unmetered() {
     drop(server);
     c.finish();
 }
+
+/// Sets the soft file-size limit (`ulimit -f`) of a running process.
+fn set_file_size_limit(pid: u32, bytes: u64) -> Result<()> {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads the limit into `old`, a valid rlimit.
+    if unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            std::ptr::null(),
+            &mut old,
+        )
+    } != 0
+    {
+        bail!("prlimit: {}", std::io::Error::last_os_error());
+    }
+    let new = libc::rlimit {
+        rlim_cur: bytes.min(old.rlim_max),
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: `new` is a valid rlimit; the old value is not asked for.
+    if unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    } != 0
+    {
+        bail!("prlimit: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A ledger that cannot take another write (a full disk; here the server's
+/// file-size limit, which fails SQLite's writes the same way) or whose file
+/// was deleted: nothing is served unmetered, the client gets a clear 503,
+/// and once there is room again service resumes, metered.
+#[test]
+fn a_full_or_deleted_ledger_refuses_instead_of_serving_unmetered() {
+    let server = Server::start(&["--model", CHAT_MODEL]).expect("server starts");
+    let s = &server;
+    let key = s.admin_key.clone().unwrap_or_default();
+    let mut c = Checks::new();
+    let body = completion_body(4, false);
+    let generated = || s.metric("kiln_completion_tokens_total").unwrap_or(0.0);
+    c.run("served and metered while there is room", || {
+        let r = post_as(s.port, &key, "room-1", &body)?;
+        ensure(r.status == 200, || r.text())
+    });
+    c.run("refused while no write fits, served once one does", || {
+        let before = generated();
+        set_file_size_limit(s.pid(), 1)?;
+        let refused = post_as(s.port, &key, "full-1", &body);
+        set_file_size_limit(s.pid(), libc::RLIM_INFINITY)?;
+        let message = refused?.expect_error(503, "ledger_unavailable")?;
+        ensure(message.contains("ledger"), || message.clone())?;
+        ensure(generated() == before, || {
+            format!("{} tokens were generated unmetered", generated() - before)
+        })?;
+        let r = post_as(s.port, &key, "full-2", &body)?;
+        ensure(r.status == 200, || r.text())?;
+        let db = kiln_store::Store::open(&s.db_path())?;
+        let rows = db.recent_calls(None, 20)?;
+        ensure(
+            rows.iter()
+                .any(|r| r.record.request_id == "full-2" && r.record.completion_tokens > 0),
+            || format!("{rows:?}"),
+        )
+    });
+    c.run(
+        "a deleted database file: refused, the log saying why",
+        || {
+            let before = generated();
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", s.db_path().display()));
+            }
+            for id in ["gone-1", "gone-2"] {
+                let r = post_as(s.port, &key, id, &body)?;
+                let message = r.expect_error(503, "ledger_unavailable")?;
+                ensure(message.contains("ledger"), || message.clone())?;
+            }
+            ensure(generated() == before, || {
+                format!("{} tokens were generated unmetered", generated() - before)
+            })?;
+            // The client is told the ledger is unavailable; the operator's
+            // log names the file and what happened to it.
+            let log = s.log.lock().map(|l| l.clone()).unwrap_or_default();
+            ensure(log.contains("was deleted or replaced"), || log.clone())
+        },
+    );
+    drop(server);
+    c.finish();
+}

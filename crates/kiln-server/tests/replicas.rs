@@ -598,3 +598,134 @@ fn a_knowledge_base_is_reached_through_either_replica() {
     );
     c.finish();
 }
+
+/// A TCP relay in front of PostgreSQL that the test can cut: while it is
+/// down, open connections are shut and new ones closed at once, as when the
+/// database server goes away.
+struct Relay {
+    port: u16,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    open: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start(target: std::net::SocketAddr) -> Result<Relay> {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (d, o) = (down.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                    let mut list = o.lock().unwrap();
+                    list.push(c2);
+                    list.push(s2);
+                }
+                if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                    pipe(c2, s2);
+                }
+                pipe(server, client);
+            }
+        });
+        Ok(Relay { port, down, open })
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            for s in self.open.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// PostgreSQL going away under a running server: calls are refused with a
+/// clear 503 and nothing is served unmetered; once it is back, service
+/// resumes without a restart and every call served is in the ledger.
+#[test]
+fn a_database_that_goes_away_refuses_then_recovers() {
+    let Some(schema) = Schema::new() else {
+        return;
+    };
+    let config: postgres::Config = schema.admin_url.parse().expect("url");
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => panic!("KILN_TEST_PG_URL must name a TCP host"),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let target = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .expect("address")
+        .next()
+        .expect("address");
+    let relay = Relay::start(target).expect("relay");
+    let url = schema
+        .url()
+        .replacen(&format!(":{port}/"), &format!(":{}/", relay.port), 1);
+    assert!(url.contains(&format!(":{}/", relay.port)), "{url}");
+    let data = Arc::new(tempfile::tempdir().unwrap());
+    let args = ["--model", CHAT_MODEL, "--database", url.as_str()];
+    let s = Server::start_with(data, &args, &[]).expect("server starts");
+    let key = s.admin_key.clone().expect("admin key");
+    let db = PgStore::connect(&schema.url(), 1).expect("store");
+    let body = completion_body(4, false);
+    let generated = || s.metric("kiln_completion_tokens_total").unwrap_or(0.0);
+    let mut c = Checks::new();
+
+    c.run("served while the database is there", || {
+        let r = call(s.port, &key, "POST", "/v1/completions", &body, "pg-up-1")?;
+        ensure(r.status == 200, || r.text())
+    });
+    c.run("refused while it is gone, nothing served unmetered", || {
+        let before = generated();
+        relay.set_down(true);
+        for id in ["pg-down-1", "pg-down-2", "pg-down-3"] {
+            let r = call(s.port, &key, "POST", "/v1/completions", &body, id)?;
+            let message = r.expect_error(503, "ledger_unavailable")?;
+            ensure(
+                r.header("retry-after").is_some() && message.contains("ledger"),
+                || message.clone(),
+            )?;
+        }
+        ensure(generated() == before, || {
+            format!("{} tokens were generated unmetered", generated() - before)
+        })
+    });
+    c.run("served and metered again once it is back", || {
+        relay.set_down(false);
+        let r = call(s.port, &key, "POST", "/v1/completions", &body, "pg-up-2")?;
+        ensure(r.status == 200, || r.text())?;
+        let rows = db.recent_calls(None, 50)?;
+        for id in ["pg-up-1", "pg-up-2"] {
+            ensure(
+                rows.iter()
+                    .any(|r| r.record.request_id == id && r.record.completion_tokens > 0),
+                || format!("{id} is not in the ledger: {rows:?}"),
+            )?;
+        }
+        ensure(
+            !rows.iter().any(|r| {
+                r.record.request_id.starts_with("pg-down") && r.record.completion_tokens > 0
+            }),
+            || format!("{rows:?}"),
+        )
+    });
+    drop(s);
+    c.finish();
+}

@@ -19,8 +19,13 @@ use serde_json::{json, Value};
 
 const WORDS: [&str; 5] = ["The", " sky", " is", " blue", "."];
 
-fn usage() -> Value {
-    json!({"prompt_tokens": 12, "completion_tokens": WORDS.len(), "total_tokens": 12 + WORDS.len()})
+fn usage(model: &str) -> Value {
+    let mut u = json!({"prompt_tokens": 12, "completion_tokens": WORDS.len(), "total_tokens": 12 + WORDS.len()});
+    if model == "mock-cached" {
+        // As vLLM and SGLang report a prefix-cache hit.
+        u["prompt_tokens_details"] = json!({"cached_tokens": 8});
+    }
+    u
 }
 
 fn chunk(delta: &str, finish: Option<&str>) -> String {
@@ -49,13 +54,14 @@ async fn chat(Json(body): Json<Value>) -> Response {
         let mut out = json!({"id": "chatcmpl-up", "object": "chat.completion", "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": WORDS.concat()}, "finish_reason": "stop"}]});
         if with_usage {
-            out["usage"] = usage();
+            out["usage"] = usage(&model);
         }
         return Json(out).into_response();
     }
     let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
     let abort = model == "mock-abort";
     let slow = model == "mock-slow";
+    let usage = usage(&model);
     let events = async_stream(move |tx| async move {
         for (i, w) in WORDS.iter().enumerate() {
             let _ = tx.send(chunk(w, None)).await;
@@ -68,7 +74,7 @@ async fn chat(Json(body): Json<Value>) -> Response {
         }
         let _ = tx.send(chunk("", Some("stop"))).await;
         if include_usage && with_usage {
-            let u = json!({"object": "chat.completion.chunk", "choices": [], "usage": usage()});
+            let u = json!({"object": "chat.completion.chunk", "choices": [], "usage": usage});
             let _ = tx.send(format!("data: {u}\n\n")).await;
         }
         let _ = tx.send("data: [DONE]\n\n".to_string()).await;
@@ -160,7 +166,7 @@ fn upstream_backends_are_proxied_and_metered() {
         &config,
         format!(
             "[[upstreams]]\nname = \"mock\"\nbase_url = \"http://127.0.0.1:{mock}/v1\"\n\
-             models = [\"mock-ok\", \"mock-500\", \"mock-400\", \"mock-hang\", \"mock-abort\", \"mock-slow\"]\n\
+             models = [\"mock-ok\", \"mock-cached\", \"mock-500\", \"mock-400\", \"mock-hang\", \"mock-abort\", \"mock-slow\"]\n\
              timeout_seconds = 1\n\n\
              [[upstreams]]\nname = \"counted\"\nbase_url = \"http://127.0.0.1:{mock}/v1\"\n\
              models = [\"mock-nousage\"]\ntokenizer = \"{}\"\n",
@@ -173,12 +179,18 @@ fn upstream_backends_are_proxied_and_metered() {
     let mut c = Checks::new();
 
     c.run("prices", || {
-        for m in ["mock-ok", "mock-nousage"] {
+        for m in [
+            "mock-ok",
+            "mock-cached",
+            "mock-nousage",
+            "mock-abort",
+            "mock-slow",
+        ] {
             let r = s.call_as(
                 s.admin_key.as_deref(),
                 "PUT",
                 &format!("/api/prices/{m}"),
-                Some(&json!({"input": "1", "output": "2"})),
+                Some(&json!({"input": "1", "cached_input": "0.25", "output": "2"})),
             )?;
             ensure(r.status == 200, || r.text())?;
         }
@@ -213,6 +225,24 @@ fn upstream_backends_are_proxied_and_metered() {
             || format!("{row:?}"),
         )
     });
+    c.run(
+        "cached prompt tokens the upstream reports are priced as cached",
+        || {
+            for (id, stream) in [("up-cached", false), ("up-cached-stream", true)] {
+                let r = post_chat(s, id, &chat_body("mock-cached", stream, false))?;
+                ensure(r.status == 200, || r.text())?;
+                let row = ledger_row(s, id)?.record;
+                ensure(
+                    row.prompt_tokens == 12
+                        && row.cached_tokens == 8
+                        && row.completion_tokens == 5
+                        && row.cost.nanos() == 4 * 1000 + 8 * 250 + 5 * 2000,
+                    || format!("{id}: {row:?}"),
+                )?;
+            }
+            Ok(())
+        },
+    );
     c.run(
         "a stream passes through, its usage chunk only when asked for",
         || {
@@ -310,9 +340,43 @@ fn upstream_backends_are_proxied_and_metered() {
                     && data.last().map(String::as_str) == Some("[DONE]"),
                 || r.text(),
             )?;
+            // Charged for what the client received: the prompt (at its
+            // byte bound, as this upstream reports no usage and has no
+            // tokenizer) and the two chunks streamed before the break.
+            let prompt_bound = "userWhat colour is the sky?".len() as u64 + 64;
             let row = ledger_row(s, "up-abort")?.record;
             ensure(
-                matches!(row.outcome, Outcome::Error(_)) && row.cost.nanos() == 0,
+                row.outcome == Outcome::Error("upstream_error".into())
+                    && row.prompt_tokens == prompt_bound
+                    && row.completion_tokens == 2
+                    && row.cost.nanos() == (prompt_bound * 1000 + 2 * 2000) as i64,
+                || format!("{row:?}"),
+            )
+        },
+    );
+    c.run(
+        "a stream the client abandons is charged for what it received",
+        || {
+            let key = s.admin_key.clone().unwrap_or_default();
+            // The mock sends one chunk, then waits 700 ms: leave in between.
+            let stream = common::open_stream_as(
+                s.port,
+                "/v1/chat/completions",
+                &chat_body("mock-slow", true, false),
+                Some(&key),
+                Some("up-abandoned"),
+            )?;
+            drop(stream);
+            let row = ledger_row(s, "up-abandoned")?.record;
+            let prompt_bound = "userWhat colour is the sky?".len() as u64 + 64;
+            // At least the chunk it read; more if the relay had forwarded
+            // others before it saw the connection close.
+            ensure(
+                row.outcome == Outcome::Cancelled
+                    && row.prompt_tokens == prompt_bound
+                    && (1..WORDS.len() as u64).contains(&row.completion_tokens)
+                    && row.cost.nanos()
+                        == (prompt_bound * 1000 + row.completion_tokens * 2000) as i64,
                 || format!("{row:?}"),
             )
         },

@@ -177,11 +177,7 @@ impl Drop for AdmissionSlot {
         let s = Settlement {
             reservation_id: a.reservation_id.clone(),
             outcome: Outcome::Cancelled,
-            tokens: TokenCounts {
-                prompt: if used.prompt_done { a.prompt_tokens } else { 0 },
-                cached: 0,
-                completion: used.completion_tokens as u64,
-            },
+            tokens: used.tokens(a.prompt_tokens),
             latency_ms: millis(self.received.elapsed()),
             ttft_ms: None,
         };
@@ -225,12 +221,36 @@ pub struct CallContext {
     charged: Arc<AtomicI64>,
 }
 
+/// What a call that ended early is charged for.
+enum Spent {
+    /// Tokens used so far, the prompt as admission counted it.
+    SoFar(Used),
+    /// Tokens counted by the backend.
+    Counted(TokenCounts),
+}
+
 /// Tokens a call used so far.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Used {
     /// Whether the prompt was processed (a first token came out).
     pub prompt_done: bool,
+    /// Of the prompt, tokens served from the prefix cache (known once the
+    /// prompt is processed).
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
+}
+
+impl Used {
+    /// What to charge for a call of `prompt_tokens` that stopped here: the
+    /// prompt only once it was processed, with its cached part priced as such.
+    fn tokens(&self, prompt_tokens: u64) -> TokenCounts {
+        let prompt = if self.prompt_done { prompt_tokens } else { 0 };
+        TokenCounts {
+            prompt,
+            cached: (self.cached_tokens as u64).min(prompt),
+            completion: self.completion_tokens as u64,
+        }
+    }
 }
 
 impl CallContext {
@@ -436,11 +456,7 @@ impl CallContext {
         Settlement {
             reservation_id: a.reservation_id.clone(),
             outcome,
-            tokens: TokenCounts {
-                prompt: if used.prompt_done { a.prompt_tokens } else { 0 },
-                cached: 0,
-                completion: used.completion_tokens as u64,
-            },
+            tokens: used.tokens(a.prompt_tokens),
             latency_ms: millis(self.received.elapsed()),
             ttft_ms: ttft.map(millis),
         }
@@ -502,17 +518,12 @@ impl CallContext {
             tracing::error!(request_id = %self.request_id, "a call finished without being admitted");
             return Err(ApiError::internal());
         };
-        let mut s = self.settlement(
-            &a,
-            outcome,
-            Used {
-                prompt_done: true,
-                completion_tokens: c.completion_tokens,
-            },
-            first_token,
-        );
-        s.tokens.prompt = c.prompt_tokens as u64;
-        s.tokens.cached = c.cached_tokens as u64;
+        let mut s = self.settlement(&a, outcome, Used::default(), first_token);
+        s.tokens = TokenCounts {
+            prompt: c.prompt_tokens as u64,
+            cached: c.cached_tokens as u64,
+            completion: c.completion_tokens as u64,
+        };
         self.settle(a, s).await
     }
 
@@ -520,8 +531,7 @@ impl CallContext {
     /// were counted); must be awaited before its last bytes go out.
     pub async fn settle_tokens(
         &self,
-        prompt_tokens: u64,
-        completion_tokens: u64,
+        tokens: TokenCounts,
         outcome: Outcome,
         first_token: Option<Duration>,
     ) -> Result<(), ApiError> {
@@ -529,8 +539,10 @@ impl CallContext {
             return Err(ApiError::internal());
         };
         let mut s = self.settlement(&a, outcome, Used::default(), first_token);
-        s.tokens.prompt = prompt_tokens;
-        s.tokens.completion = completion_tokens;
+        s.tokens = TokenCounts {
+            cached: tokens.cached.min(tokens.prompt),
+            ..tokens
+        };
         self.settle(a, s).await
     }
 
@@ -547,15 +559,26 @@ impl CallContext {
     /// The call failed with `code` after using `used`.
     pub fn failed(&self, code: &str, used: Used) {
         let outcome = Outcome::Error(code.to_string());
-        self.end_in_background(outcome, used, None);
+        self.end_in_background(outcome, Spent::SoFar(used), None);
     }
 
     /// The client went away after `used`.
     pub fn cancelled(&self, used: Used, first_token: Option<Duration>) {
-        self.end_in_background(Outcome::Cancelled, used, first_token);
+        self.end_in_background(Outcome::Cancelled, Spent::SoFar(used), first_token);
     }
 
-    fn end_in_background(&self, outcome: Outcome, used: Used, first_token: Option<Duration>) {
+    /// The call ended early with `outcome` (an error, or `cancelled`) after
+    /// using `tokens`, counted by the caller (an upstream's report).
+    pub fn ended_early(
+        &self,
+        outcome: Outcome,
+        tokens: TokenCounts,
+        first_token: Option<Duration>,
+    ) {
+        self.end_in_background(outcome, Spent::Counted(tokens), first_token);
+    }
+
+    fn end_in_background(&self, outcome: Outcome, spent: Spent, first_token: Option<Duration>) {
         if self.ended.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -564,7 +587,11 @@ impl CallContext {
         };
         match self.take_admission() {
             Some(a) => {
-                let s = self.settlement(&a, outcome, used, first_token);
+                let mut s = self.settlement(&a, outcome, Used::default(), first_token);
+                s.tokens = match spent {
+                    Spent::SoFar(used) => used.tokens(a.prompt_tokens),
+                    Spent::Counted(t) => t,
+                };
                 let call = self.clone();
                 runtime.spawn(async move {
                     let _ = call.settle(a, s).await;

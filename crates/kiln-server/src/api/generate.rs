@@ -204,6 +204,7 @@ pub async fn collect(
             Ok(GenerateEvent::Token {
                 text: piece,
                 logprob,
+                cached_tokens,
                 ..
             }) => {
                 if first_token.is_none() {
@@ -212,6 +213,7 @@ pub async fn collect(
                     first_token = Some(after);
                 }
                 used.prompt_done = true;
+                used.cached_tokens = cached_tokens;
                 used.completion_tokens += 1;
                 call.progress(used);
                 text.push_str(&piece);
@@ -292,7 +294,12 @@ fn events<W: ChunkWriter>(sse: SseState<W>) -> impl Stream<Item = Result<Event, 
                 return None;
             }
             match s.stream.next().await {
-                Some(Ok(GenerateEvent::Token { text, logprob, .. })) => {
+                Some(Ok(GenerateEvent::Token {
+                    text,
+                    logprob,
+                    cached_tokens,
+                    ..
+                })) => {
                     if s.first_token.is_none() {
                         let after = s.call.received.elapsed();
                         s.call
@@ -302,6 +309,7 @@ fn events<W: ChunkWriter>(sse: SseState<W>) -> impl Stream<Item = Result<Event, 
                         s.first_token = Some(after);
                     }
                     s.used.prompt_done = true;
+                    s.used.cached_tokens = cached_tokens;
                     s.used.completion_tokens += 1;
                     s.pending.extend(s.writer.token(text, logprob));
                 }

@@ -346,12 +346,26 @@ pub fn request(
 /// headers and the first `data:` event have arrived.
 /// `key` goes in `Authorization: Bearer`.
 pub fn open_stream(port: u16, path: &str, body: &Value, key: Option<&str>) -> Result<TcpStream> {
+    open_stream_as(port, path, body, key, None)
+}
+
+/// [`open_stream`] with an `X-Request-Id`, to find the call in the ledger.
+pub fn open_stream_as(
+    port: u16,
+    path: &str,
+    body: &Value,
+    key: Option<&str>,
+    request_id: Option<&str>,
+) -> Result<TcpStream> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let auth = key.map(|k| format!("Bearer {k}"));
     let mut headers = vec![("Content-Type", "application/json")];
     if let Some(a) = &auth {
         headers.push(("Authorization", a));
+    }
+    if let Some(id) = request_id {
+        headers.push(("X-Request-Id", id));
     }
     write_request(
         &mut stream,
