@@ -280,6 +280,36 @@ def raw_upload(url, key, kb, name, headers, parts):
         conn.close()
 
 
+def pdf_bytes(text, encrypt=False):
+    """A one-page PDF showing `text`; with `encrypt`, protected by a
+    password (standard security handler, RC4) that is not the empty one."""
+    content = f"BT /F1 24 Tf 72 700 Td ({text}) Tj ET"
+    objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        "/Resources << /Font << /F1 5 0 R >> >> >>",
+        f"<< /Length {len(content)} >>\nstream\n{content}\nendstream",
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    trailer = f"/Size {len(objects) + 1} /Root 1 0 R"
+    if encrypt:
+        objects.append(f"<< /Filter /Standard /V 1 /R 2 /Length 40 /O <{'0' * 64}> /U <{'1' * 64}> /P -44 >>")
+        file_id = "<00112233445566778899AABBCCDDEEFF>"
+        trailer = f"/Size {len(objects) + 1} /Root 1 0 R /Encrypt {len(objects)} 0 R /ID [{file_id} {file_id}]"
+    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for i, body in enumerate(objects):
+        offsets.append(len(out))
+        out += f"{i + 1} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    for off in offsets:
+        out += f"{off:010} 00000 n \n".encode()
+    out += f"trailer\n<< {trailer} >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
 def test_bad_uploads_get_clear_outcomes(kiln_url, admin_key, org, handbook):
     kb, docs = handbook
     admin = org["admin"]
@@ -309,6 +339,18 @@ def test_bad_uploads_get_clear_outcomes(kiln_url, admin_key, org, handbook):
     assert status == 202, body
     d = wait_final(kiln_url, admin, kb, body["id"])
     assert d["status"] == "failed" and d["error_code"] == "corrupt", d
+    # A password-protected PDF fails as such, and so does nothing else: the
+    # same PDF without the password is read.
+    status, body = upload(kiln_url, admin, kb, "locked.pdf", pdf_bytes("Quarterly figures", encrypt=True))
+    assert status == 202, body
+    d = wait_final(kiln_url, admin, kb, body["id"])
+    assert d["status"] == "failed" and d["error_code"] == "encrypted", d
+    assert "password" in d["error"].lower() or "encrypted" in d["error"].lower(), d
+    status, body = upload(kiln_url, admin, kb, "open.pdf", pdf_bytes("Quarterly figures"))
+    assert status == 202, body
+    d = wait_final(kiln_url, admin, kb, body["id"])
+    assert d["status"] == "ready", d
+    assert api(kiln_url, admin, "DELETE", f"/api/kbs/{kb}/documents/{body['id']}")[0] == 200
     # A zip bomb disguised as a Word document.
     bomb = io.BytesIO()
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
