@@ -91,6 +91,8 @@ pub struct Limits {
     pub max_uncompressed_bytes: u64,
     /// Most pages a PDF may have.
     pub max_pdf_pages: usize,
+    /// Longest a PDF's text may take to read (see [`pdf`]).
+    pub max_pdf_time: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -100,6 +102,7 @@ impl Default for Limits {
             max_text_bytes: 32 * 1024 * 1024,
             max_uncompressed_bytes: 256 * 1024 * 1024,
             max_pdf_pages: 2000,
+            max_pdf_time: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -127,6 +130,12 @@ pub enum ExtractError {
     /// A container whose shape suggests a decompression bomb.
     #[error("the {} file was refused: {reason}", format.label())]
     Refused { format: Format, reason: String },
+    #[error("reading the {} file's text took longer than {} s, so it was given up; \
+             it may use features that make it very slow to read", format.label(), seconds)]
+    TooSlow { format: Format, seconds: u64 },
+    #[error("the {} reader is still busy with earlier files that took too long; \
+             upload this one again later", format.label())]
+    ReaderBusy { format: Format },
     #[error(
         "unsupported file type: {what}. Supported types are plain text, Markdown, HTML, PDF and Word (.docx)"
     )]
@@ -150,6 +159,8 @@ impl ExtractError {
             ExtractError::Unsupported { .. } => "unsupported_type",
             ExtractError::Corrupt { .. } => "corrupt",
             ExtractError::Encrypted { .. } => "encrypted",
+            ExtractError::TooSlow { .. } => "too_slow",
+            ExtractError::ReaderBusy { .. } => "reader_busy",
             ExtractError::NoText { .. } => "no_text",
         }
     }

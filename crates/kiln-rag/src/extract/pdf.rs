@@ -2,8 +2,28 @@
 //! refuse encrypted files, too many pages and page content that inflates
 //! past the limit; only then is pdf-extract given it, one page a paragraph.
 //! Both run under `catch_unwind`. Scanned PDFs have no text: there is no OCR.
+//!
+//! pdf-extract runs on a thread of its own with a deadline
+//! ([`Limits::max_pdf_time`]): a file that takes longer fails as `too_slow`.
+//! A reader past its deadline cannot be stopped safely, so it is left to
+//! finish in the background (its work is bounded by the page and inflation
+//! limits above); while [`MAX_OVERDUE_READERS`] of them still run, further
+//! PDFs fail at once as `reader_busy` instead of piling up more.
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use super::{find, guarded, text_too_large, ExtractError, Format, Limits};
+
+/// Readers still running past their deadline.
+static OVERDUE_READERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Overdue readers left running before new PDFs are turned away.
+pub const MAX_OVERDUE_READERS: usize = 2;
+
+const RUNNING: u8 = 0;
+const DONE: u8 = 1;
+const ABANDONED: u8 = 2;
 
 fn pdf_corrupt(reason: impl Into<String>) -> ExtractError {
     ExtractError::Corrupt {
@@ -23,7 +43,7 @@ pub(super) fn pdf_to_text(
             return Err(pdf_corrupt("its structure could not be parsed"));
         }
     };
-    let pages = match guarded(|| pdf_extract::extract_text_from_mem_by_pages(bytes)) {
+    let pages = match read_pages(bytes, limits)? {
         Some(Ok(pages)) => pages,
         // It opened with the empty password for lopdf but not for pdf-extract.
         Some(Err(_)) if preflight.was_encrypted => {
@@ -50,6 +70,76 @@ pub(super) fn pdf_to_text(
         }
     }
     Ok((text, preflight.title))
+}
+
+type Pages = Result<Vec<String>, pdf_extract::OutputError>;
+
+/// pdf-extract's pages (`None` if it panicked), read on a thread of its own
+/// within `limits.max_pdf_time` (see the module docs).
+fn read_pages(bytes: &[u8], limits: &Limits) -> Result<Option<Pages>, ExtractError> {
+    let bytes = bytes.to_vec();
+    read_within(&OVERDUE_READERS, limits.max_pdf_time, move || {
+        pdf_extract::extract_text_from_mem_by_pages(&bytes)
+    })
+}
+
+/// Runs `read` on its own thread, waiting up to `limit`; `overdue` counts
+/// the readers of its kind left running past their deadline.
+fn read_within<T: Send + 'static>(
+    overdue: &'static AtomicUsize,
+    limit: std::time::Duration,
+    read: impl FnOnce() -> T + Send + 'static,
+) -> Result<Option<T>, ExtractError> {
+    let busy = ExtractError::ReaderBusy {
+        format: Format::Pdf,
+    };
+    if overdue.load(Ordering::Acquire) >= MAX_OVERDUE_READERS {
+        return Err(busy);
+    }
+    let state = Arc::new(AtomicU8::new(RUNNING));
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let reader_state = state.clone();
+    let spawned = std::thread::Builder::new()
+        .name("kiln-pdf-reader".into())
+        .spawn(move || {
+            let result = guarded(read);
+            let finished =
+                reader_state.compare_exchange(RUNNING, DONE, Ordering::AcqRel, Ordering::Acquire);
+            if finished.is_ok() {
+                let _ = tx.send(result);
+            } else {
+                // Given up on while it ran: no longer overdue.
+                overdue.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+    if spawned.is_err() {
+        return Err(busy);
+    }
+    match rx.recv_timeout(limit) {
+        Ok(result) => Ok(result),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            // Counted before it is marked, so the reader's decrement (once
+            // it sees the mark) always comes after this increment.
+            overdue.fetch_add(1, Ordering::AcqRel);
+            let gave_up =
+                state.compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire);
+            if gave_up.is_ok() {
+                tracing::warn!(
+                    seconds = limit.as_secs(),
+                    "a PDF took too long to read; its reader is left to finish in the background"
+                );
+                return Err(ExtractError::TooSlow {
+                    format: Format::Pdf,
+                    seconds: limit.as_secs(),
+                });
+            }
+            // It finished just as time ran out: its result is on its way.
+            overdue.fetch_sub(1, Ordering::AcqRel);
+            Ok(rx.recv().ok().flatten())
+        }
+        // The thread ended without a word: it can only have panicked.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Ok(None),
+    }
 }
 
 struct PdfPreflight {
@@ -133,6 +223,46 @@ fn inflate_refused() -> ExtractError {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use crate::extract::extract;
+
+    #[test]
+    fn a_reader_past_its_deadline_is_given_up_and_bounded() {
+        use super::{read_within, MAX_OVERDUE_READERS};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::time::Duration;
+        static OVERDUE: AtomicUsize = AtomicUsize::new(0);
+        let quick = read_within(&OVERDUE, Duration::from_secs(5), || 7).unwrap();
+        assert_eq!(quick, Some(7));
+        let slow = || {
+            std::thread::sleep(Duration::from_millis(400));
+            7
+        };
+        for _ in 0..MAX_OVERDUE_READERS {
+            let err = read_within(&OVERDUE, Duration::from_millis(20), slow).unwrap_err();
+            assert_eq!(err.code(), "too_slow", "{err}");
+        }
+        assert_eq!(OVERDUE.load(Ordering::Acquire), MAX_OVERDUE_READERS);
+        // While they still run, the next file is turned away at once.
+        let err = read_within(&OVERDUE, Duration::from_secs(5), || 7).unwrap_err();
+        assert_eq!(err.code(), "reader_busy", "{err}");
+        // Once they finish, files are read again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while OVERDUE.load(Ordering::Acquire) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slow readers never ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            read_within(&OVERDUE, Duration::from_secs(5), || 7).unwrap(),
+            Some(7)
+        );
+        // A reader that panics is reported as such, not as a timeout.
+        let panicked = read_within(&OVERDUE, Duration::from_secs(5), || -> u8 {
+            panic!("a reader bug")
+        });
+        assert_eq!(panicked.unwrap(), None);
+    }
     use crate::extract::fixtures::{pdf, run};
 
     use super::*;
