@@ -294,6 +294,13 @@ pub trait Billing: Send + Sync {
         None
     }
 
+    /// Whether a call can run [`crate::without_waiting`]: the embedded
+    /// store's are a local transaction of well under a millisecond when
+    /// nothing else holds the database; a networked store's are round trips.
+    fn answers_without_waiting(&self) -> bool {
+        false
+    }
+
     /// The platform currency every price and balance is in.
     fn currency(&self) -> Result<String>;
     fn set_price(&self, model: &str, prices: &Prices) -> Result<()>;

@@ -72,6 +72,9 @@ pub enum StoreError {
     },
     #[error("PostgreSQL query failed: {}", pg_reason(.0))]
     Postgres(postgres::Error),
+    /// A call made [`crate::without_waiting`] found the database in use.
+    #[error("the database is in use; the call would have to wait")]
+    WouldWait,
     /// The database file was deleted or replaced while in use.
     #[error(
         "the database file {path} was deleted or replaced while Kiln was using it; \
@@ -121,4 +124,20 @@ pub(crate) fn pg_reason(error: &postgres::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+impl StoreError {
+    /// Whether a call made [`crate::without_waiting`] gave up because it
+    /// would have had to wait (for this process's connection or for another
+    /// process's write lock): nothing was done, and it may be run again.
+    pub fn would_wait(&self) -> bool {
+        match self {
+            StoreError::WouldWait => true,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            _ => false,
+        }
+    }
 }

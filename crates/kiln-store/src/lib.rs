@@ -41,6 +41,32 @@ pub use postgres::{is_postgres_url, PgStore, PG_SCHEMA_VERSION};
 pub use runs::Runs;
 pub use sqlite::{default_db_path, Store, SCHEMA_VERSION};
 
+thread_local! {
+    static NO_WAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's store calls refusing to wait: a call that
+/// finds the embedded store's connection in use for more than a moment, or
+/// another process holding the database's write lock, fails at once, having
+/// done nothing, with an error whose [`StoreError::would_wait`] is true.
+/// The server runs its short metering calls this way on its async threads
+/// and hands only those that would wait to a thread that may block.
+pub fn without_waiting<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            NO_WAIT.with(|w| w.set(self.0));
+        }
+    }
+    let _reset = Reset(NO_WAIT.with(|w| w.replace(true)));
+    f()
+}
+
+/// Whether this thread is inside [`without_waiting`].
+pub(crate) fn waiting_refused() -> bool {
+    NO_WAIT.with(std::cell::Cell::get)
+}
+
 /// Connections each server keeps to PostgreSQL.
 pub const PG_POOL_SIZE: usize = 16;
 

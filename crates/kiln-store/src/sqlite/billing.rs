@@ -143,6 +143,10 @@ fn close(tx: &Transaction<'_>, res: &Reservation, record: &CallRecord) -> Result
 }
 
 impl Billing for Store {
+    fn answers_without_waiting(&self) -> bool {
+        true
+    }
+
     fn currency(&self) -> Result<String> {
         Ok(self
             .lock()?

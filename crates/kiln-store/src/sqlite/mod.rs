@@ -159,6 +159,10 @@ impl Drop for Checkpointer {
     }
 }
 
+/// How long a call made [`crate::without_waiting`] tries for the
+/// connection before giving up.
+const NO_WAIT_SPIN: Duration = Duration::from_micros(200);
+
 /// How often the checkpointer runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
@@ -283,11 +287,38 @@ impl Store {
         if let Some(f) = &self.file {
             f.check()?;
         }
-        let conn = self.conn_unchecked();
+        let no_wait = crate::waiting_refused();
+        let conn = if no_wait {
+            self.conn_within(NO_WAIT_SPIN)?
+        } else {
+            self.conn_unchecked()
+        };
+        // SQLite's own wait for another process's write lock.
+        conn.busy_timeout(if no_wait {
+            Duration::ZERO
+        } else {
+            BUSY_TIMEOUT
+        })?;
         if self.catch_up.swap(false, Ordering::AcqRel) {
             passive_checkpoint(&conn);
         }
         Ok(conn)
+    }
+
+    /// The connection if it is free within `spin` (other threads hold it for
+    /// a transaction of well under a millisecond; a long report longer).
+    fn conn_within(&self, spin: Duration) -> Result<MutexGuard<'_, Connection>> {
+        let started = std::time::Instant::now();
+        loop {
+            match self.conn.try_lock() {
+                Ok(conn) => return Ok(conn),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if started.elapsed() < spin => {
+                    std::thread::yield_now();
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return Err(StoreError::WouldWait),
+            }
+        }
     }
 
     fn conn_unchecked(&self) -> MutexGuard<'_, Connection> {
@@ -597,6 +628,44 @@ mod tests {
         assert_eq!(mode, "wal");
         let timeout = count(&store, "PRAGMA busy_timeout")?;
         assert_eq!(timeout, BUSY_TIMEOUT.as_millis() as i64);
+        Ok(())
+    }
+
+    #[test]
+    fn a_call_made_without_waiting_gives_up_at_once_and_does_nothing() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("kiln.db");
+        let store = Arc::new(Store::open(&path)?);
+        let quick = std::time::Instant::now();
+        crate::without_waiting(|| store.record_call(&call("m", Outcome::Stop, 1, 1)))?;
+        // Another process holds the write lock: refused at once, not after
+        // the 10 s busy timeout; once it lets go, the same call goes in.
+        let other = Connection::open(&path)?;
+        other.execute_batch("BEGIN EXCLUSIVE")?;
+        let started = std::time::Instant::now();
+        let err = crate::without_waiting(|| store.record_call(&call("m", Outcome::Stop, 2, 2)))
+            .err()
+            .ok_or("a locked database was written")?;
+        assert!(err.would_wait(), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        other.execute_batch("ROLLBACK")?;
+        // This process's connection held by a long call: refused too.
+        let held = store.conn_unchecked();
+        let s2 = store.clone();
+        let refused = std::thread::spawn(move || {
+            crate::without_waiting(|| s2.record_call(&call("m", Outcome::Stop, 3, 3)))
+                .err()
+                .is_some_and(|e| e.would_wait())
+        })
+        .join()
+        .map_err(|_| "panicked")?;
+        drop(held);
+        assert!(refused);
+        // Outside, calls wait as before; nothing refused went in.
+        store.record_call(&call("m", Outcome::Stop, 4, 4))?;
+        let totals = store.usage_totals()?;
+        assert_eq!(totals[0].calls, 2);
+        assert!(quick.elapsed() < Duration::from_secs(5));
         Ok(())
     }
 
