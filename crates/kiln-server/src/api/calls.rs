@@ -590,7 +590,10 @@ impl CallContext {
                 let mut s = self.settlement(&a, outcome, Used::default(), first_token);
                 s.tokens = match spent {
                     Spent::SoFar(used) => used.tokens(a.prompt_tokens),
-                    Spent::Counted(t) => t,
+                    Spent::Counted(t) => TokenCounts {
+                        cached: t.cached.min(t.prompt),
+                        ..t
+                    },
                 };
                 let call = self.clone();
                 runtime.spawn(async move {
