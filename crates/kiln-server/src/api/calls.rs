@@ -446,17 +446,22 @@ impl CallContext {
             .unwrap_or_else(PoisonError::into_inner) = used;
     }
 
+    /// The settlement of `a` for `tokens` (the cached part kept within the
+    /// prompt, whoever counted it).
     fn settlement(
         &self,
         a: &Admission,
         outcome: Outcome,
-        used: Used,
+        tokens: TokenCounts,
         ttft: Option<Duration>,
     ) -> Settlement {
         Settlement {
             reservation_id: a.reservation_id.clone(),
             outcome,
-            tokens: used.tokens(a.prompt_tokens),
+            tokens: TokenCounts {
+                cached: tokens.cached.min(tokens.prompt),
+                ..tokens
+            },
             latency_ms: millis(self.received.elapsed()),
             ttft_ms: ttft.map(millis),
         }
@@ -518,12 +523,12 @@ impl CallContext {
             tracing::error!(request_id = %self.request_id, "a call finished without being admitted");
             return Err(ApiError::internal());
         };
-        let mut s = self.settlement(&a, outcome, Used::default(), first_token);
-        s.tokens = TokenCounts {
+        let tokens = TokenCounts {
             prompt: c.prompt_tokens as u64,
             cached: c.cached_tokens as u64,
             completion: c.completion_tokens as u64,
         };
+        let s = self.settlement(&a, outcome, tokens, first_token);
         self.settle(a, s).await
     }
 
@@ -538,11 +543,7 @@ impl CallContext {
         let Some(a) = self.take_admission() else {
             return Err(ApiError::internal());
         };
-        let mut s = self.settlement(&a, outcome, Used::default(), first_token);
-        s.tokens = TokenCounts {
-            cached: tokens.cached.min(tokens.prompt),
-            ..tokens
-        };
+        let s = self.settlement(&a, outcome, tokens, first_token);
         self.settle(a, s).await
     }
 
@@ -551,8 +552,11 @@ impl CallContext {
         let Some(a) = self.take_admission() else {
             return Err(ApiError::internal());
         };
-        let mut s = self.settlement(&a, Outcome::Ok, Used::default(), None);
-        s.tokens.prompt = prompt_tokens as u64;
+        let tokens = TokenCounts {
+            prompt: prompt_tokens as u64,
+            ..TokenCounts::default()
+        };
+        let s = self.settlement(&a, Outcome::Ok, tokens, None);
         self.settle(a, s).await
     }
 
@@ -587,14 +591,11 @@ impl CallContext {
         };
         match self.take_admission() {
             Some(a) => {
-                let mut s = self.settlement(&a, outcome, Used::default(), first_token);
-                s.tokens = match spent {
+                let tokens = match spent {
                     Spent::SoFar(used) => used.tokens(a.prompt_tokens),
-                    Spent::Counted(t) => TokenCounts {
-                        cached: t.cached.min(t.prompt),
-                        ..t
-                    },
+                    Spent::Counted(t) => t,
                 };
+                let s = self.settlement(&a, outcome, tokens, first_token);
                 let call = self.clone();
                 runtime.spawn(async move {
                     let _ = call.settle(a, s).await;

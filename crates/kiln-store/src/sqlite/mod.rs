@@ -144,10 +144,10 @@ impl FileIdentity {
 /// never starts it over and the WAL file grows without end (hundreds of
 /// megabytes a minute under gateway load, each new frame also paying for
 /// the file system to allocate and zero its block). So when a passive pass
-/// leaves more than [`WAL_CATCH_UP_FRAMES`] behind, the store's next user
-/// runs a second pass on the store's own connection before its work, when
-/// no write of this process can land: it copies only what came in during
-/// the first pass, and the next write starts the log over. The file then
+/// finds more than [`WAL_CATCH_UP_FRAMES`] in the log, the store's next user
+/// runs one more pass on the store's own connection before its work, when
+/// no write of this process can land: it copies only what came in since
+/// the checkpointer's passes, and the next write starts the log over. The file then
 /// keeps the size of the largest round; it no longer grows.
 struct Checkpointer {
     stop: Arc<AtomicBool>,
