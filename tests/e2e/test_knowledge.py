@@ -661,3 +661,81 @@ def test_an_upstream_reranker_orders_results_and_is_metered(tmp_path):
     finally:
         mock.terminate()
         mock.wait()
+
+
+def test_a_knowledge_base_on_an_upstream_embedding_model(kiln_url, admin_key, database, org, handbook, tmp_path, monkeypatch):
+    """A gateway with no embedding model of its own builds a knowledge base
+    on the session server's all-MiniLM-L6-v2 as an upstream: the same chunks
+    and the same similarities as the session server's own knowledge base,
+    every embedding metered on both sides, and an upstream that stops
+    accepting the gateway's key fails the next document with its reason."""
+    up_tenant = new_tenant(database)
+    up_key = new_key(database, up_tenant)
+    status, up_me = api(kiln_url, up_key, "GET", "/api/me")
+    config = tmp_path / "kiln.toml"
+    config.write_text(
+        "[[upstreams]]\n"
+        'name = "kiln-a"\n'
+        f'base_url = "{kiln_url}/v1"\n'
+        'models = ["all-minilm-l6-v2", "smollm2-135m"]\n'
+        'api_key_env = "KILN_A_KEY"\n'
+        'tokenizer = "all-minilm-l6-v2"\n'
+    )
+    monkeypatch.setenv("KILN_A_KEY", up_key)
+    gw = start_kiln("--config", str(config), "--database", str(tmp_path / "gw.db"), "--kb-dir", str(tmp_path / "kb"))
+    try:
+        admin = gw.admin_key
+        status, e = api(gw.url, admin, "POST", "/api/kbs", {"name": "x"})
+        assert status == 400 and e["error"]["param"] == "embedding_model", e
+        status, e = api(gw.url, admin, "POST", "/api/kbs", {"name": "x", "embedding_model": "nope"})
+        assert status == 400 and "not served here" in e["error"]["message"], e
+        # A chat model the upstream serves does not embed: refused, with the upstream's reason.
+        status, e = api(gw.url, admin, "POST", "/api/kbs", {"name": "x", "embedding_model": "smollm2-135m"})
+        assert status == 400 and "kiln-a" in e["error"]["message"] and "smollm2-135m" in e["error"]["message"], e
+
+        status, kb = api(gw.url, admin, "POST", "/api/kbs", {"name": "remote", "embedding_model": "all-minilm-l6-v2"})
+        assert status == 201, kb
+        assert kb["embedding_model"] == "all-minilm-l6-v2" and kb["dimensions"] == 384, kb
+        kb = kb["id"]
+        status, d = upload(gw.url, admin, kb, "handbook.md", VACATION.encode())
+        assert status == 202, d
+        d = wait_final(gw.url, admin, kb, d["id"])
+        assert d["status"] == "ready", d
+
+        # The same text, chunked with the same tokenizer and embedded by the same model.
+        local_kb, docs = handbook
+        local_doc = api(kiln_url, org["admin"], "GET", f"/api/kbs/{local_kb}/documents/{docs['handbook.md']}")[1]
+        assert d["chunks"] == local_doc["chunks"], (d, local_doc)
+        query = "can staff work from home"
+        status, remote_hits = search(gw.url, admin, kb, query, "vector", k=10)
+        assert status == 200, remote_hits
+        status, local_hits = search(kiln_url, org["admin"], local_kb, query, "vector", k=10)
+        local = {h["text"]: h["score"] for h in local_hits["data"] if h["document_name"] == "handbook.md"}
+        assert "three days per week" in remote_hits["data"][0]["text"], remote_hits
+        for h in remote_hits["data"]:
+            assert abs(h["score"] - local[h["text"]]) < 1e-4, (h, local)
+
+        # Metered here to the gateway's key, at the tokens the upstream reported,
+        # and at the upstream to the key the gateway uses there.
+        status, me = api(gw.url, admin, "GET", "/api/me")
+        rows = ledger(gw.url, admin, me["key"]["id"])
+        ok = [r for r in rows if r["outcome"] == "ok"]
+        assert {r["endpoint"] for r in ok} == {"/api/kbs", "/api/kbs/ingest", "/api/kbs/search"}, rows
+        assert all(r["model"] == "all-minilm-l6-v2" and r["backend"] == "kiln-a" and r["prompt_tokens"] > 0 for r in ok), ok
+        upstream_rows = [r for r in ledger(kiln_url, admin_key, up_me["key"]["id"]) if r["outcome"] == "ok"]
+        assert all(r["endpoint"] == "/v1/embeddings" for r in upstream_rows), upstream_rows
+        assert len(upstream_rows) == len(ok)
+        assert sum(r["prompt_tokens"] for r in upstream_rows) == sum(r["prompt_tokens"] for r in ok)
+
+        # The upstream stops accepting the gateway's key: the next document fails, saying why.
+        kiln_cli(database, "keys", "revoke", up_me["key"]["id"])
+        time.sleep(1.5)
+        status, d2 = upload(gw.url, admin, kb, "later.md", b"# Later\n\nThe canteen serves soup on Fridays.\n")
+        assert status == 202, d2
+        d2 = wait_final(gw.url, admin, kb, d2["id"])
+        assert d2["status"] == "failed" and d2["error_code"] == "embedding_failed", d2
+        assert "kiln-a" in d2["error"] and "401" in d2["error"], d2
+        status, listed = api(gw.url, admin, "GET", f"/api/kbs/{kb}")
+        assert listed["documents"] == 2 and listed["chunks"] == d["chunks"], listed
+    finally:
+        gw.stop()

@@ -19,9 +19,9 @@
 //! resumed ingestion is charged to the same key), with the same admission,
 //! reservation and ledger as `/v1/embeddings`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use kiln_rag::kb::{EmbedError, Embedder, KnowledgeBase, Settings};
@@ -29,14 +29,18 @@ use kiln_store::{Database, KbEntry};
 use kiln_types::error::ErrorCode;
 use tokio::sync::mpsc;
 
-use crate::api::calls::CallContext;
+use crate::api::calls::{CallContext, EMBEDDED_BACKEND};
 use crate::api::SharedState;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::forward::Forwarder;
+use crate::upstream::Upstream;
 
 /// The ledger endpoint of embeddings made while ingesting a document.
 pub const INGEST_ENDPOINT: &str = "/api/kbs/ingest";
+/// The ledger endpoint of the one embedding that learns the vector length
+/// of an upstream's model when a knowledge base is created on it.
+pub const CREATE_ENDPOINT: &str = "/api/kbs";
 /// The ledger endpoint of a knowledge-base search's query embedding.
 pub const SEARCH_ENDPOINT: &str = "/api/kbs/search";
 /// How long an ingestion waits out one rate-limit refusal, and how many
@@ -62,9 +66,29 @@ pub struct Knowledge {
     /// Where other replicas reach this one; set once the server listens.
     advertise_url: OnceLock<Option<String>>,
     forwarder: Forwarder,
+    /// The vector length of each embedding model a knowledge base was
+    /// created with here: an upstream's model is probed once.
+    dimensions: Mutex<HashMap<String, usize>>,
 }
 
 impl Knowledge {
+    /// The vector length of `model`, if a knowledge base was created with
+    /// it since the server started.
+    pub fn known_dimensions(&self, model: &str) -> Option<usize> {
+        self.dimensions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(model)
+            .copied()
+    }
+
+    pub fn learned_dimensions(&self, model: &str, dimensions: usize) {
+        self.dimensions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(model.to_string(), dimensions);
+    }
+
     /// Opens every knowledge base under `root`; returns the service and the
     /// receiving end of its job queue, already holding the unfinished
     /// ingestions of a previous run.
@@ -116,6 +140,7 @@ impl Knowledge {
                 db,
                 advertise_url: OnceLock::new(),
                 forwarder: Forwarder::new(),
+                dimensions: Mutex::new(HashMap::new()),
             },
             rx,
         ))
@@ -398,12 +423,11 @@ fn run_group(state: &SharedState, kb_id: &str, charge_to: &str, group: &[Job]) {
         Ok(p) => p,
         Err(why) => return abandon("payer_unavailable", &why),
     };
-    let Some(embedder) = MeteredEmbedder::new(state.clone(), principal, INGEST_ENDPOINT) else {
-        return abandon(
-            "model_unavailable",
-            "the server has no embedding model loaded",
-        );
-    };
+    let embedder =
+        match MeteredEmbedder::of(state.clone(), principal, INGEST_ENDPOINT, kb.settings()) {
+            Ok(e) => e,
+            Err(why) => return abandon("model_unavailable", &why),
+        };
     let jobs: Vec<(String, i64)> = group.iter().map(|j| (j.doc.clone(), j.version)).collect();
     match kb.ingest_many(&jobs, &embedder) {
         Ok(statuses) => {
@@ -448,8 +472,9 @@ fn payer(state: &SharedState, key_id: &str) -> Result<Arc<Principal>, String> {
     }))
 }
 
-/// The server's embedding model, each call admitted, reserved and settled
-/// against `principal` like a `/v1/embeddings` request. Used from blocking
+/// A knowledge base's embedding model, each call admitted, reserved and
+/// settled against `principal` like a `/v1/embeddings` request: the
+/// server's own model, or one an upstream serves. Used from blocking
 /// threads only (it waits on the runtime for admission and settlement).
 pub struct MeteredEmbedder {
     state: SharedState,
@@ -459,32 +484,76 @@ pub struct MeteredEmbedder {
     /// Rate-limit refusals are waited out (ingestion), or returned at once
     /// (a search the caller is waiting for).
     wait_for_rate: bool,
+    model: String,
+    backend: Backend,
+    /// What the knowledge base was built with; `None` while a new one's
+    /// upstream model is probed.
+    dimensions: Option<usize>,
+}
+
+enum Backend {
+    /// The server's own embedding model.
+    Local,
+    Upstream(Arc<Upstream>),
 }
 
 impl MeteredEmbedder {
-    /// `None` when the server has no embedding model or no runtime.
+    /// The embedder of `model` with vectors of `dimensions`, or why there
+    /// is none: the model is not served here, or no runtime runs.
     pub fn new(
         state: SharedState,
         principal: Arc<Principal>,
         endpoint: &'static str,
-    ) -> Option<MeteredEmbedder> {
-        state.models.embedding.as_ref()?;
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        Some(MeteredEmbedder {
+        model: &str,
+        dimensions: Option<usize>,
+    ) -> Result<MeteredEmbedder, String> {
+        let backend = match (&state.models.embedding, state.models.upstream.get(model)) {
+            (Some(local), _) if local.name == model => Backend::Local,
+            (_, Some(up)) => Backend::Upstream(up.clone()),
+            _ => return Err(format!("the embedding model `{model}` is not served here")),
+        };
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| "no async runtime is running".to_string())?;
+        Ok(MeteredEmbedder {
             state,
             principal,
             endpoint,
             runtime,
             wait_for_rate: endpoint == INGEST_ENDPOINT,
+            model: model.to_string(),
+            backend,
+            dimensions,
         })
     }
 
-    fn model(&self) -> Option<&crate::registry::EmbeddingModel> {
+    /// The embedder of the knowledge base with `settings`.
+    pub fn of(
+        state: SharedState,
+        principal: Arc<Principal>,
+        endpoint: &'static str,
+        settings: &Settings,
+    ) -> Result<MeteredEmbedder, String> {
+        Self::new(
+            state,
+            principal,
+            endpoint,
+            &settings.embedding_model,
+            Some(settings.dimensions),
+        )
+    }
+
+    fn local(&self) -> Option<&crate::registry::EmbeddingModel> {
         self.state.models.embedding.as_ref()
     }
 
-    fn embed_once(&self, batch: &[Vec<u32>], tokens: usize) -> Result<Vec<Vec<f32>>, ApiError> {
-        let model = self.model().ok_or_else(ApiError::internal)?;
+    /// One metered call of `tokens` (its worst case) to `backend`; `run`
+    /// embeds and returns the vectors and the tokens to charge.
+    fn metered(
+        &self,
+        tokens: usize,
+        backend: &str,
+        run: impl FnOnce(&CallContext) -> Result<(Vec<Vec<f32>>, usize), ApiError>,
+    ) -> Result<Vec<Vec<f32>>, ApiError> {
         // A long ingestion looks at its payer again before every batch: a
         // key revoked (or a tenant disabled) meanwhile stops it.
         if let (true, Some(key)) = (self.wait_for_rate, &self.principal.key) {
@@ -492,32 +561,24 @@ impl MeteredEmbedder {
                 return Err(ApiError::new(ErrorCode::PermissionDenied, why));
             }
         }
-        self.principal.check_model(&model.name)?;
+        self.principal.check_model(&self.model)?;
         let call = CallContext::new(
             self.state.clone(),
             format!("kb-{}", uuid::Uuid::new_v4().simple()),
             self.endpoint,
-            model.name.clone(),
+            self.model.clone(),
             self.principal.clone(),
         );
-        self.runtime.block_on(call.admit(tokens, 0))?;
-        let permit = self
-            .runtime
-            .block_on(model.permits.clone().acquire_owned())
-            .map_err(|_| ApiError::internal());
-        let vectors = match permit {
-            Ok(_permit) => model.embedder.embed(batch).map_err(ApiError::from),
-            Err(e) => Err(e),
-        };
-        match vectors {
-            Ok(v) => {
+        self.runtime.block_on(call.admit_to(tokens, 0, backend))?;
+        match run(&call) {
+            Ok((vectors, tokens)) => {
                 self.runtime.block_on(call.embedded(tokens))?;
                 self.state
                     .metrics
                     .prompt_tokens
-                    .with_label_values(&[&model.name])
+                    .with_label_values(&[&self.model])
                     .inc_by(tokens as u64);
-                Ok(v)
+                Ok(vectors)
             }
             Err(e) => {
                 call.failed(e.code.as_str(), crate::api::calls::Used::default());
@@ -525,32 +586,10 @@ impl MeteredEmbedder {
             }
         }
     }
-}
 
-impl Embedder for MeteredEmbedder {
-    fn model(&self) -> &str {
-        self.model().map_or("", |m| m.name.as_str())
-    }
-
-    fn dimensions(&self) -> usize {
-        self.model().map_or(0, |m| m.embedder.dimensions())
-    }
-
-    fn max_tokens(&self) -> usize {
-        // The model's limit counts `[CLS]` and `[SEP]`.
-        self.model()
-            .map_or(0, |m| m.embedder.max_tokens().saturating_sub(2))
-    }
-
-    fn count_tokens(&self, text: &str) -> usize {
-        self.model()
-            .map_or(0, |m| m.embedder.tokenize(text).len().saturating_sub(2))
-    }
-
-    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let Some(model) = self.model() else {
-            return Err(EmbedError::Failed("no embedding model is loaded".into()));
-        };
+    /// Embeds with the server's own model: admitted for the exact tokens.
+    fn embed_locally(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ApiError> {
+        let model = self.local().ok_or_else(ApiError::internal)?;
         let max = model.embedder.max_tokens();
         let mut batch = Vec::with_capacity(texts.len());
         for t in texts {
@@ -565,9 +604,102 @@ impl Embedder for MeteredEmbedder {
             batch.push(ids);
         }
         let tokens: usize = batch.iter().map(Vec::len).sum();
+        self.metered(tokens, EMBEDDED_BACKEND, |_| {
+            let _permit = self
+                .runtime
+                .block_on(model.permits.clone().acquire_owned())
+                .map_err(|_| ApiError::internal())?;
+            let vectors = model.embedder.embed(&batch).map_err(ApiError::from)?;
+            Ok((vectors, tokens))
+        })
+    }
+
+    /// Embeds at the upstream: admitted for the tokenizer's count (or the
+    /// bytes), charged what the upstream reports.
+    fn embed_upstream(&self, up: &Upstream, texts: &[String]) -> Result<Vec<Vec<f32>>, ApiError> {
+        let bound = crate::upstream::embedding_bound(up, texts) as usize;
+        self.metered(bound, &up.name, |call| {
+            let (vectors, reported) = self
+                .runtime
+                .block_on(crate::upstream::embed(call, up, &self.model, texts))?;
+            let want = self.dimensions.or(vectors.first().map(Vec::len)).unwrap_or(0);
+            if let Some(v) = vectors
+                .iter()
+                .find(|v| v.len() != want || v.iter().any(|x| !x.is_finite()))
+            {
+                return Err(crate::upstream::upstream_error(
+                    up,
+                    format!(
+                        "`{}` answered a vector of {} dimensions (or not finite) where {want} were expected",
+                        self.model,
+                        v.len()
+                    ),
+                ));
+            }
+            Ok((vectors, reported.map_or(bound, |t| t as usize)))
+        })
+    }
+
+    /// The length of `model`'s vectors, from one metered call: what a new
+    /// knowledge base on an upstream model is built with.
+    pub fn probe_dimensions(&self) -> Result<usize, ApiError> {
+        match &self.backend {
+            Backend::Local => Ok(self.local().map_or(0, |m| m.embedder.dimensions())),
+            Backend::Upstream(up) => {
+                let vectors = self.embed_upstream(up, &["dimensions".to_string()])?;
+                let dims = vectors.first().map_or(0, Vec::len);
+                if dims == 0 {
+                    return Err(crate::upstream::upstream_error(
+                        up,
+                        format!("`{}` answered an empty embedding", self.model),
+                    ));
+                }
+                Ok(dims)
+            }
+        }
+    }
+}
+
+impl Embedder for MeteredEmbedder {
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn dimensions(&self) -> usize {
+        match (&self.backend, self.dimensions) {
+            (_, Some(d)) => d,
+            (Backend::Local, None) => self.local().map_or(0, |m| m.embedder.dimensions()),
+            (Backend::Upstream(_), None) => 0,
+        }
+    }
+
+    fn max_tokens(&self) -> usize {
+        match &self.backend {
+            // The model's limit counts `[CLS]` and `[SEP]`.
+            Backend::Local => self
+                .local()
+                .map_or(0, |m| m.embedder.max_tokens().saturating_sub(2)),
+            Backend::Upstream(up) => up.max_chunk_tokens() as usize,
+        }
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        match &self.backend {
+            Backend::Local => self
+                .local()
+                .map_or(0, |m| m.embedder.tokenize(text).len().saturating_sub(2)),
+            Backend::Upstream(up) => up.chunk_tokens(text) as usize,
+        }
+    }
+
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let mut tries = 0;
         loop {
-            match self.embed_once(&batch, tokens) {
+            let result = match &self.backend {
+                Backend::Local => self.embed_locally(texts),
+                Backend::Upstream(up) => self.embed_upstream(up, texts),
+            };
+            match result {
                 Ok(v) => return Ok(v),
                 Err(e) if e.code == ErrorCode::RateLimitExceeded && self.wait_for_rate => {
                     tries += 1;

@@ -17,7 +17,7 @@ use kiln_engine::model::TextModel;
 use tokio::sync::Semaphore;
 
 use crate::config::ServeConfig;
-use crate::upstream::Upstream;
+use crate::upstream::{TokenizerFile, Upstream};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelKind {
@@ -90,6 +90,19 @@ pub fn resolve_text_model(home: &Path, spec: &str) -> anyhow::Result<(String, Pa
             bail!("`{spec}` is an embedding model; serve it with --embedding-model")
         }
     }
+}
+
+/// Resolves an upstream's `tokenizer`: a text model (its GGUF) or an
+/// embedding model (its sentence-transformers directory), by catalogue
+/// name, installed name or path; `ALIAS=PATH` names a GGUF file.
+fn resolve_tokenizer(home: &Path, spec: &str) -> anyhow::Result<TokenizerFile> {
+    if spec.contains('=') {
+        return Ok(TokenizerFile::Gguf(resolve_text_model(home, spec)?.1));
+    }
+    Ok(match catalog::resolve(home, spec)? {
+        ModelLocation::Gguf { path, .. } => TokenizerFile::Gguf(path),
+        ModelLocation::SentenceEmbedding { dir, .. } => TokenizerFile::SentenceTransformers(dir),
+    })
 }
 
 /// `<dir>/model.gguf` is named after its directory, any other file after its stem.
@@ -213,7 +226,10 @@ pub fn load(cfg: &ServeConfig) -> anyhow::Result<ServedModels> {
     for u in &cfg.upstreams {
         let tokenizer = match &u.tokenizer {
             None => None,
-            Some(spec) => Some(resolve_text_model(&cfg.home, spec)?.1),
+            Some(spec) => Some(
+                resolve_tokenizer(&cfg.home, spec)
+                    .with_context(|| format!("upstream `{}`: tokenizer `{spec}`", u.name))?,
+            ),
         };
         let up = Arc::new(Upstream::new(u, tokenizer)?);
         for m in &u.models {

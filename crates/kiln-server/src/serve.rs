@@ -91,7 +91,8 @@ pub fn run(cfg: ServeConfig, validate_only: bool) -> anyhow::Result<()> {
         crate::runs::toolbox(cfg.http_tool.as_ref()).map_err(|e| anyhow::anyhow!(e))?,
     ));
     let mut jobs = None;
-    if state.models.embedding.is_some() {
+    // Knowledge bases embed with the server's model or an upstream's.
+    if state.models.embedding.is_some() || !state.models.upstream.is_empty() {
         let (knowledge, rx) =
             crate::knowledge::Knowledge::open(&cfg.kb_dir, cfg.kb_max_upload_bytes, db.clone())
                 .context("cannot open the knowledge bases")?;

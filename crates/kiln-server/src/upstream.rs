@@ -9,8 +9,10 @@
 //! api_key_env = "VLLM_A_KEY"      # optional: the upstream's key, read from this variable
 //! timeout_seconds = 300            # optional: connect + each read (default 300)
 //! default_max_tokens = 4096        # optional: set when a request gives none
-//! tokenizer = "smollm2-135m"       # optional: GGUF whose tokenizer counts tokens
-//!                                  # when the upstream reports no usage
+//! tokenizer = "smollm2-135m"       # optional: the model whose tokenizer counts tokens
+//!                                  # when the upstream reports no usage: a GGUF text
+//!                                  # model, or an installed embedding model
+//! max_input_tokens = 512           # optional: longest input its embedding models take
 //! ca_file = "/etc/kiln/ca.pem"     # optional, https: trust these CAs instead of the system's
 //! client_cert_file = "kiln.pem"    # optional, https: a client certificate (mutual TLS)
 //! client_key_file = "kiln.key"     #   and its private key (PEM)
@@ -41,6 +43,10 @@
 //! Cached prompt tokens the upstream reports
 //! (`usage.prompt_tokens_details.cached_tokens`) are priced as cached.
 //!
+//! An upstream's embedding models can also build knowledge bases
+//! ([`embed`]): chunks are sized with `tokenizer` (by bytes without one, a
+//! bound no tokenizer exceeds) and kept within `max_input_tokens`.
+//!
 //! An `https://` upstream is reached over TLS 1.2 or 1.3 (rustls): its
 //! certificate must chain to the system's trusted roots, or to `ca_file`'s
 //! when one is given, and name the URL's host; a certificate that does not
@@ -60,6 +66,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use kiln_engine::bert::wordpiece::WordPieceTokenizer;
 use kiln_engine::tokenizer::Tokenizer;
 use kiln_store::Outcome;
 use kiln_types::error::{ErrorBody, ErrorCode};
@@ -76,6 +83,9 @@ pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 const PROMPT_MARGIN_TOKENS: u64 = 64;
 /// Largest upstream response body read whole (non-streamed).
 const MAX_RESPONSE_BYTES: usize = 64 << 20;
+/// The longest embedding input assumed when neither `max_input_tokens` nor
+/// an embedding model's tokenizer says (BERT-family models take 512).
+pub const DEFAULT_MAX_INPUT_TOKENS: u64 = 512;
 
 /// One `[[upstreams]]` entry of the configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -93,6 +103,10 @@ pub struct UpstreamConfig {
     pub default_max_tokens: Option<u64>,
     #[serde(default)]
     pub tokenizer: Option<String>,
+    /// The longest input, in tokens (special tokens included), its
+    /// embedding models take.
+    #[serde(default)]
+    pub max_input_tokens: Option<u64>,
     /// PEM file of the CA certificates an `https` upstream's certificate
     /// must chain to (instead of the system's roots).
     #[serde(default)]
@@ -143,6 +157,14 @@ impl UpstreamConfig {
                 ));
             }
         }
+        if let Some(m) = self.max_input_tokens {
+            if !(8..=1_000_000).contains(&m) {
+                return Err(format!(
+                    "upstream `{}`: max_input_tokens {m} must be between 8 and 1000000",
+                    self.name
+                ));
+            }
+        }
         if let Some(m) = self.default_max_tokens {
             if !(1..=1_000_000).contains(&m) {
                 return Err(format!(
@@ -163,7 +185,59 @@ pub struct Upstream {
     client: HttpClient,
     timeout: Duration,
     pub default_max_tokens: u64,
-    tokenizer: Option<Arc<Tokenizer>>,
+    tokenizer: Option<TokenCounter>,
+    /// The longest embedding input, special tokens included.
+    pub max_input_tokens: u64,
+}
+
+/// Where an upstream's tokenizer comes from (`tokenizer` in its config).
+#[derive(Debug, Clone)]
+pub enum TokenizerFile {
+    /// A GGUF text model's file.
+    Gguf(PathBuf),
+    /// A sentence-transformers model's directory.
+    SentenceTransformers(PathBuf),
+}
+
+/// Counts tokens as an upstream's model does.
+enum TokenCounter {
+    Gguf(Box<Tokenizer>),
+    /// Its counts include `[CLS]` and `[SEP]`, as the model's input does.
+    WordPiece(WordPieceTokenizer),
+}
+
+impl TokenCounter {
+    fn load(file: &TokenizerFile) -> Result<(TokenCounter, Option<u64>), String> {
+        match file {
+            TokenizerFile::Gguf(path) => {
+                let gguf = kiln_engine::gguf::GgufFile::open(path)
+                    .map_err(|e| format!("tokenizer {}: {e}", path.display()))?;
+                let t = Tokenizer::from_gguf(gguf.content())
+                    .map_err(|e| format!("tokenizer {}: {e}", path.display()))?;
+                Ok((TokenCounter::Gguf(Box::new(t)), None))
+            }
+            TokenizerFile::SentenceTransformers(dir) => {
+                let (t, max) = kiln_engine::bert::BertEmbedder::load_tokenizer(dir)
+                    .map_err(|e| format!("tokenizer {}: {e}", dir.display()))?;
+                Ok((TokenCounter::WordPiece(t), Some(max as u64)))
+            }
+        }
+    }
+
+    fn count(&self, text: &str) -> u64 {
+        match self {
+            TokenCounter::Gguf(t) => t.encode(text, false).len() as u64,
+            TokenCounter::WordPiece(t) => t.encode(text).len() as u64,
+        }
+    }
+
+    /// Tokens the model adds around every input.
+    fn special_tokens(&self) -> u64 {
+        match self {
+            TokenCounter::Gguf(_) => 0,
+            TokenCounter::WordPiece(t) => t.encode("").len() as u64,
+        }
+    }
 }
 
 impl std::fmt::Debug for Upstream {
@@ -176,8 +250,8 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// `tokenizer_path` is the GGUF named by `tokenizer`, already resolved.
-    pub fn new(cfg: &UpstreamConfig, tokenizer_path: Option<PathBuf>) -> anyhow::Result<Upstream> {
+    /// `tokenizer` is the model named by `tokenizer`, already resolved.
+    pub fn new(cfg: &UpstreamConfig, tokenizer: Option<TokenizerFile>) -> anyhow::Result<Upstream> {
         cfg.validate().map_err(anyhow::Error::msg)?;
         let api_key = match &cfg.api_key_env {
             None => None,
@@ -196,22 +270,10 @@ impl Upstream {
             timeout.min(Duration::from_secs(10)),
         )
         .map_err(|e| anyhow::anyhow!("upstream `{}`: {e}", cfg.name))?;
-        let tokenizer = match tokenizer_path {
-            None => None,
-            Some(path) => {
-                let gguf = kiln_engine::gguf::GgufFile::open(&path).map_err(|e| {
-                    anyhow::anyhow!("upstream `{}`: tokenizer {}: {e}", cfg.name, path.display())
-                })?;
-                Some(Arc::new(Tokenizer::from_gguf(gguf.content()).map_err(
-                    |e| {
-                        anyhow::anyhow!(
-                            "upstream `{}`: tokenizer {}: {e}",
-                            cfg.name,
-                            path.display()
-                        )
-                    },
-                )?))
-            }
+        let (tokenizer, model_max) = match tokenizer.as_ref().map(TokenCounter::load) {
+            None => (None, None),
+            Some(Ok((t, max))) => (Some(t), max),
+            Some(Err(e)) => anyhow::bail!("upstream `{}`: {e}", cfg.name),
         };
         Ok(Upstream {
             name: cfg.name.clone(),
@@ -221,13 +283,34 @@ impl Upstream {
             timeout,
             default_max_tokens: cfg.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
             tokenizer,
+            max_input_tokens: cfg
+                .max_input_tokens
+                .or(model_max)
+                .unwrap_or(DEFAULT_MAX_INPUT_TOKENS),
         })
     }
 
     fn count_tokens(&self, text: &str) -> Option<u64> {
-        self.tokenizer
+        self.tokenizer.as_ref().map(|t| t.count(text))
+    }
+
+    /// Tokens of `text` as a chunk of a knowledge base, special tokens
+    /// excluded: the tokenizer's count, else the text's bytes (no tokenizer
+    /// makes more tokens than bytes).
+    pub fn chunk_tokens(&self, text: &str) -> u64 {
+        match &self.tokenizer {
+            Some(t) => t.count(text).saturating_sub(t.special_tokens()),
+            None => text.len() as u64,
+        }
+    }
+
+    /// The most tokens a chunk may have, special tokens excluded.
+    pub fn max_chunk_tokens(&self) -> u64 {
+        let special = self
+            .tokenizer
             .as_ref()
-            .map(|t| t.encode(text, false).len() as u64)
+            .map_or(2, TokenCounter::special_tokens);
+        self.max_input_tokens.saturating_sub(special)
     }
 }
 
@@ -480,35 +563,7 @@ pub async fn proxy(
     call.admit_to(prompt_bound as usize, max_tokens as usize, &up.name)
         .await?;
     let payload = serde_json::to_vec(&body).map_err(|_| ApiError::internal())?;
-    let uri = format!("{}/{}", up.base_url, endpoint.path());
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(&uri)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header("x-request-id", &call.request_id);
-    if let Some(k) = &up.api_key {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
-    }
-    let req = req
-        .body(Full::new(Bytes::from(payload)))
-        .map_err(|e| upstream_error(up, format!("building the request to {uri}: {e}")))?;
-    let started = std::time::Instant::now();
-    let answer = tokio::time::timeout(up.timeout, up.client.request(req)).await;
-    call.state
-        .metrics
-        .phase
-        .with_label_values(&["upstream"])
-        .observe(started.elapsed().as_secs_f64());
-    let answer = match answer {
-        Err(_) => return Err(upstream_timeout(up)),
-        Ok(Err(e)) => {
-            return Err(upstream_error(
-                up,
-                format!("cannot reach {uri}: {}", causes(&e)),
-            ))
-        }
-        Ok(Ok(r)) => r,
-    };
+    let answer = post(call, up, endpoint, payload).await?;
     let status = answer.status();
     if !status.is_success() {
         let bytes = read_all(up, answer.into_body()).await?;
@@ -559,6 +614,135 @@ pub async fn proxy(
     };
     call.settle_tokens(tokens, outcome, None).await?;
     Ok(passthrough(StatusCode::OK, bytes))
+}
+
+/// Posts `payload` to `up`'s `endpoint` and waits for the answer's head
+/// (the `upstream` phase): a 502 when it cannot be reached, a 504 past its
+/// timeout.
+async fn post(
+    call: &CallContext,
+    up: &Upstream,
+    endpoint: Endpoint,
+    payload: Vec<u8>,
+) -> Result<hyper::Response<hyper::body::Incoming>, ApiError> {
+    let uri = format!("{}/{}", up.base_url, endpoint.path());
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(&uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-request-id", &call.request_id);
+    if let Some(k) = &up.api_key {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    let req = req
+        .body(Full::new(Bytes::from(payload)))
+        .map_err(|e| upstream_error(up, format!("building the request to {uri}: {e}")))?;
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(up.timeout, up.client.request(req)).await;
+    call.state
+        .metrics
+        .phase
+        .with_label_values(&["upstream"])
+        .observe(started.elapsed().as_secs_f64());
+    match answer {
+        Err(_) => Err(upstream_timeout(up)),
+        Ok(Err(e)) => Err(upstream_error(
+            up,
+            format!("cannot reach {uri}: {}", causes(&e)),
+        )),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+/// The vectors `model` at `up` gives `inputs`, in input order, and the
+/// prompt tokens the upstream reported (if it did). Admission and
+/// settlement are the caller's. A 400, 404 or 422 (an unknown model, or
+/// one that does not embed) is `invalid_request_error` with the upstream's
+/// message; any other failure is 502 or 504.
+pub async fn embed(
+    call: &CallContext,
+    up: &Upstream,
+    model: &str,
+    inputs: &[String],
+) -> Result<(Vec<Vec<f32>>, Option<u64>), ApiError> {
+    let body = serde_json::json!({"model": model, "input": inputs, "encoding_format": "float"});
+    let payload = serde_json::to_vec(&body).map_err(|_| ApiError::internal())?;
+    let answer = post(call, up, Endpoint::Embeddings, payload).await?;
+    let status = answer.status();
+    let bytes = read_all(up, answer.into_body()).await?;
+    if !status.is_success() {
+        let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let said = json["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned()
+            });
+        let what = format!("it answered {status} to embedding with `{model}`: {said}");
+        return Err(match status.as_u16() {
+            400 | 404 | 422 => ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("the upstream backend `{}` refused: {what}", up.name),
+            ),
+            _ => upstream_error(up, what),
+        });
+    }
+    #[derive(Deserialize)]
+    struct Item {
+        index: usize,
+        embedding: Vec<f32>,
+    }
+    #[derive(Deserialize)]
+    struct List {
+        data: Vec<Item>,
+        #[serde(default)]
+        usage: Value,
+    }
+    let list: List = serde_json::from_slice(&bytes).map_err(|e| {
+        upstream_error(
+            up,
+            format!("its embeddings answer is not the expected JSON: {e}"),
+        )
+    })?;
+    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
+    for item in list.data {
+        let slot = vectors.get_mut(item.index).ok_or_else(|| {
+            upstream_error(
+                up,
+                format!(
+                    "it answered an embedding for input {} of {}",
+                    item.index,
+                    inputs.len()
+                ),
+            )
+        })?;
+        *slot = Some(item.embedding);
+    }
+    let vectors = vectors
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            upstream_error(
+                up,
+                format!(
+                    "it answered fewer embeddings than the {} inputs",
+                    inputs.len()
+                ),
+            )
+        })?;
+    Ok((vectors, list.usage["prompt_tokens"].as_u64()))
+}
+
+/// The worst-case token count of embedding `inputs` at `up`: the
+/// tokenizer's count, else each input's bytes plus a margin.
+pub fn embedding_bound(up: &Upstream, inputs: &[String]) -> u64 {
+    inputs
+        .iter()
+        .map(|t| {
+            up.count_tokens(t)
+                .unwrap_or(t.len() as u64 + PROMPT_MARGIN_TOKENS)
+        })
+        .sum()
 }
 
 fn passthrough(status: StatusCode, bytes: Bytes) -> Response {
@@ -843,6 +1027,7 @@ mod tests {
             timeout_seconds: None,
             default_max_tokens: Some(100),
             tokenizer: None,
+            max_input_tokens: None,
             ca_file: None,
             client_cert_file: None,
             client_key_file: None,
@@ -871,6 +1056,30 @@ mod tests {
         let mut c = cfg();
         c.timeout_seconds = Some(0);
         assert!(c.validate().is_err());
+        let mut c = cfg();
+        c.max_input_tokens = Some(4);
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn without_a_tokenizer_embedding_inputs_are_sized_by_bytes() -> anyhow::Result<()> {
+        let up = Upstream::new(&cfg(), None)?;
+        assert_eq!(up.max_input_tokens, DEFAULT_MAX_INPUT_TOKENS);
+        assert_eq!(up.max_chunk_tokens(), DEFAULT_MAX_INPUT_TOKENS - 2);
+        assert_eq!(
+            up.chunk_tokens("héllo 世界"),
+            13,
+            "bytes, a bound no tokenizer exceeds"
+        );
+        let inputs = ["ab".to_string(), "世".to_string()];
+        assert_eq!(
+            embedding_bound(&up, &inputs),
+            2 + 3 + 2 * PROMPT_MARGIN_TOKENS
+        );
+        let mut c = cfg();
+        c.max_input_tokens = Some(8192);
+        assert_eq!(Upstream::new(&c, None)?.max_chunk_tokens(), 8190);
+        Ok(())
     }
 
     #[test]

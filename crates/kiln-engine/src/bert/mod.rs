@@ -99,10 +99,18 @@ impl BertEmbedder {
         Self::load_with(dir, isa)
     }
 
-    fn load_with(dir: &Path, isa: Isa) -> Result<Self> {
+    /// The tokenizer of a sentence-transformers model directory and the
+    /// longest input the model takes (special tokens included), without
+    /// loading its weights: what counting tokens for a copy of the model
+    /// served elsewhere needs.
+    pub fn load_tokenizer(dir: &Path) -> Result<(WordPieceTokenizer, usize)> {
         let config = BertConfig::load(&dir.join("config.json"))?;
-        let max_tokens = config::load_max_tokens(&dir.join("sentence_bert_config.json"), &config)?;
-        let pooling = config::load_pooling(&dir.join("1_Pooling").join("config.json"), &config)?;
+        let (tokenizer, max_tokens) = Self::tokenizer_of(dir, &config)?;
+        Ok((tokenizer, max_tokens))
+    }
+
+    fn tokenizer_of(dir: &Path, config: &BertConfig) -> Result<(WordPieceTokenizer, usize)> {
+        let max_tokens = config::load_max_tokens(&dir.join("sentence_bert_config.json"), config)?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = WordPieceTokenizer::from_file(&tokenizer_path)?;
         if tokenizer.max_id() as usize >= config.vocab_size {
@@ -115,6 +123,13 @@ impl BertEmbedder {
                 ),
             ));
         }
+        Ok((tokenizer, max_tokens))
+    }
+
+    fn load_with(dir: &Path, isa: Isa) -> Result<Self> {
+        let config = BertConfig::load(&dir.join("config.json"))?;
+        let (tokenizer, max_tokens) = Self::tokenizer_of(dir, &config)?;
+        let pooling = config::load_pooling(&dir.join("1_Pooling").join("config.json"), &config)?;
         let encoder = BertEncoder::load(&dir.join("model.safetensors"), &config, pooling, isa)?;
         Ok(BertEmbedder {
             tokenizer,

@@ -36,8 +36,8 @@ use axum::{Extension, Json, Router};
 use kiln_rag::chunk::ChunkOptions;
 use kiln_rag::fulltext::Filter;
 use kiln_rag::kb::{
-    Document, DocumentQuery, KbError, KnowledgeBase, Query as KbQuery, Settings, Status, Upload,
-    VisibleCounts,
+    Document, DocumentQuery, Embedder as _, KbError, KnowledgeBase, Query as KbQuery, Settings,
+    Status, Upload, VisibleCounts,
 };
 use kiln_rag::retrieve::{Fusion, Mode};
 use kiln_store::accounts::Role;
@@ -50,7 +50,7 @@ use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::forward::FORWARDED_BY;
-use crate::knowledge::{Job, Knowledge, MeteredEmbedder, SEARCH_ENDPOINT};
+use crate::knowledge::{Job, Knowledge, MeteredEmbedder, CREATE_ENDPOINT, SEARCH_ENDPOINT};
 
 /// Most results one search returns.
 const MAX_K: usize = 100;
@@ -112,7 +112,7 @@ fn knowledge(state: &SharedState) -> Result<&Arc<Knowledge>, ApiError> {
     state.knowledge.as_ref().ok_or_else(|| {
         ApiError::new(
             ErrorCode::ServiceUnavailable,
-            "knowledge bases need an embedding model: start the server with --embedding-model",
+            "knowledge bases need an embedding model: start the server with --embedding-model, or configure an upstream that serves one",
         )
     })
 }
@@ -265,6 +265,9 @@ struct CreateKb {
     #[serde(default)]
     description: String,
     chunking: Option<ChunkOptions>,
+    /// The embedding model it is built with: the server's own (the
+    /// default), or one an upstream serves.
+    embedding_model: Option<String>,
     /// The platform admin may create one for another tenant.
     tenant_id: Option<String>,
 }
@@ -276,11 +279,16 @@ async fn create(
 ) -> Result<Response, ApiError> {
     require_admin(&p, "create knowledge bases")?;
     let k = knowledge(&state)?;
-    let model = state
-        .models
-        .embedding
-        .as_ref()
-        .ok_or_else(ApiError::internal)?;
+    let model = match (body.embedding_model, &state.models.embedding) {
+        (Some(m), _) => m,
+        (None, Some(local)) => local.name.clone(),
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "embedding_model",
+                "this server has no embedding model of its own: name one an upstream serves in `embedding_model`",
+            ))
+        }
+    };
     let name = body.name.trim().to_string();
     if name.is_empty()
         || name.chars().count() > 128
@@ -311,18 +319,27 @@ async fn create(
         }
         _ => p.tenant.id.clone(),
     };
+    let embedder = MeteredEmbedder::new(state.clone(), p.clone(), CREATE_ENDPOINT, &model, None)
+        .map_err(|why| ApiError::invalid("embedding_model", why))?;
     let chunking = body.chunking.unwrap_or_default();
-    let model_max = model.embedder.max_tokens().saturating_sub(2);
     chunking
-        .validate(model_max)
+        .validate(embedder.max_tokens())
         .map_err(|m| ApiError::invalid("chunking", m))?;
+    let dimensions = match k.known_dimensions(&model) {
+        Some(d) => d,
+        None => {
+            let d = blocking(move || embedder.probe_dimensions()).await?;
+            k.learned_dimensions(&model, d);
+            d
+        }
+    };
     let settings = Settings {
         id: format!("kb_{}", uuid::Uuid::new_v4().simple()),
         tenant,
         name,
         description: body.description,
-        embedding_model: model.name.clone(),
-        dimensions: model.embedder.dimensions(),
+        embedding_model: model,
+        dimensions,
         chunking,
         created_ms: kiln_store::now_ms(),
     };
@@ -846,7 +863,8 @@ pub(super) async fn metered_search(
     kb: Arc<KnowledgeBase>,
     q: KbQuery,
 ) -> Result<Vec<kiln_rag::kb::Hit>, ApiError> {
-    let embedder = MeteredEmbedder::new(state.clone(), p.clone(), SEARCH_ENDPOINT);
+    let embedder =
+        MeteredEmbedder::of(state.clone(), p.clone(), SEARCH_ENDPOINT, kb.settings()).ok();
     let reranker = crate::knowledge::UpstreamReranker::new(state.clone(), p.clone());
     blocking(move || {
         kb.search_reranked(

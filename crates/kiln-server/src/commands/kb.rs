@@ -46,6 +46,10 @@ pub enum KbCommand {
         /// Tokens a chunk repeats from the one before.
         #[arg(long)]
         overlap_tokens: Option<usize>,
+        /// The embedding model to build it with: the server's own (the
+        /// default), or one an upstream serves.
+        #[arg(long)]
+        embedding_model: Option<String>,
     },
     /// Upload documents and wait for their ingestion.
     Add {
@@ -106,8 +110,12 @@ async fn run_async(args: &KbArgs) -> anyhow::Result<()> {
             description,
             max_tokens,
             overlap_tokens,
+            embedding_model,
         } => {
             let mut body = json!({"name": name, "description": description});
+            if let Some(m) = embedding_model {
+                body["embedding_model"] = json!(m);
+            }
             if max_tokens.is_some() || overlap_tokens.is_some() {
                 let d = kiln_rag::chunk::ChunkOptions::default();
                 body["chunking"] = json!({
