@@ -63,6 +63,25 @@ def partners(ids: list[str]) -> dict[str, str]:
     return {q: ids[(i + 1) % len(ids)] for i, q in enumerate(ids)}
 
 
+def nearest_partners(api, kb: str, items: dict, ids: list[str], owners: dict[str, set]) -> dict[str, str]:
+    """Each id's nearest other question in the list: the one owning the
+    passage the knowledge base's vector search ranks first for the question
+    among the others' passages. This is what retrieval hands the model when
+    the knowledge base lacks the answer, so it is the hard case for the
+    relevance gate. Falls back to the next id when no other's passage is in
+    the top 100."""
+    wanted, out = set(ids), partners(ids)
+    for q in ids:
+        _, hits = api.call("POST", f"/api/kbs/{kb}/search",
+                           {"query": items[q]["QUESTION"].strip(), "mode": "vector", "k": 100})
+        for h in hits["data"]:
+            others = sorted((owners.get(h["document_id"], set()) & wanted) - {q})
+            if others and q not in owners.get(h["document_id"], set()):
+                out[q] = others[0]
+                break
+    return out
+
+
 def label_of(answer: str) -> tuple[str, str]:
     """yes / no / maybe read from an answer, and the rule that gave it: the
     first word; else a "yes" or "no" in the first sentence followed directly
@@ -256,24 +275,27 @@ def ingest(api: Api, server: KilnServer, state: dict, passages: list[tuple[str, 
 
 # ---------------------------------------------------------------- asking
 
-def ask(api: Api, kb: str, question: str, qid: str, sources: int, max_tokens: int) -> tuple[dict, float]:
+def ask(api: Api, kb: str, question: str, qid: str, sources: int, max_tokens: int,
+        cosine: float | None) -> tuple[dict, float]:
     t0 = time.monotonic()
     body = {"question": question, "metadata": {"q": qid}, "sources": sources, "max_tokens": max_tokens}
+    if cosine is not None:
+        body["grounding"] = {"cosine": cosine}
     _, answer = api.call("POST", f"/api/kbs/{kb}/ask", body)
     return answer, time.monotonic() - t0
 
 
 def run_asks(api: Api, server: KilnServer, kb: str, items: dict, ids: list[str], suffix: str,
-             tag: str, args) -> list[dict]:
+             tag: str, args, owners: dict[str, set]) -> list[dict]:
     """Asks every question twice: with its own passages (answerable) and with
     its partner's (unanswerable). One record per ask."""
-    other = partners(ids)
+    other = nearest_partners(api, kb, items, ids, owners) if args.partner == "nearest" else partners(ids)
     records = []
     for n, qid in enumerate(ids, 1):
         question = items[qid]["QUESTION"].strip() + suffix
         for kind, passages_of in (("answerable", qid), ("unanswerable", other[qid])):
             try:
-                a, secs = ask(api, kb, question, passages_of, args.sources, args.max_tokens)
+                a, secs = ask(api, kb, question, passages_of, args.sources, args.max_tokens, args.cosine)
             except ApiError as e:
                 print(f"  [{tag}] {n}/{len(ids)} {qid} {kind}: {e}", flush=True)
                 records.append({"id": qid, "kind": kind, "passages_of": passages_of, "error": str(e),
@@ -444,6 +466,11 @@ def main() -> None:
                          "passages it lacks (default: a temporary directory, removed)")
     ap.add_argument("--ingest-timeout", type=float, default=3600, help="seconds")
     ap.add_argument("--out", type=Path, default=Path("/tmp/rag_answers.json"))
+    ap.add_argument("--partner", choices=("next", "nearest"), default="next",
+                    help="whose passages an unanswerable ask gets: the next question's, or those of "
+                         "the question whose passage vector search ranks first (the hard case)")
+    ap.add_argument("--cosine", type=float,
+                    help="the relevance gate's cosine threshold for every ask (default: the knowledge base's)")
     args = ap.parse_args()
     if not args.kiln_bin.exists():
         raise SystemExit(f"{args.kiln_bin} not found: build kiln-server or pass --kiln-bin")
@@ -521,7 +548,8 @@ def main() -> None:
         if args.suffix is None:
             for suffix in SUFFIXES:
                 print(f"tuning: {len(tuning)} questions, suffix {suffix_label(suffix)}", flush=True)
-                recs = run_asks(api, server, kb, items, tuning, suffix, f"tune {SUFFIXES.index(suffix)}", args)
+                recs = run_asks(api, server, kb, items, tuning, suffix, f"tune {SUFFIXES.index(suffix)}", args,
+                                owners)
                 tuning_results[suffix] = {"summary": summarize(recs, owners, texts), "records": recs}
             # Objective: harmonic mean of accuracy over all answerable asks and
             # correct abstention; either trivial policy scores 0.
@@ -533,7 +561,7 @@ def main() -> None:
             chosen = args.suffix
         print(f"scoring: {len(scoring)} questions, suffix {suffix_label(chosen)}", flush=True)
         load["scoring_start"] = os.getloadavg()[0]
-        scored = run_asks(api, server, kb, items, scoring, chosen, "score", args)
+        scored = run_asks(api, server, kb, items, scoring, chosen, "score", args, owners)
         load["end"] = os.getloadavg()[0]
     finally:
         server.stop()
@@ -586,14 +614,15 @@ def main() -> None:
         "kiln_bin_mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(args.kiln_bin.stat().st_mtime)),
         "data": str(args.data),
         "settings": {"sources": args.sources, "max_tokens": args.max_tokens, "threads": args.threads,
-                     "model": "smollm2-135m", "embedding_model": "all-minilm-l6-v2"},
+                     "model": "smollm2-135m", "embedding_model": "all-minilm-l6-v2",
+                     "partner": args.partner, "cosine": args.cosine},
         "questions": {"scoring": scoring, "tuning": tuning, "partner": "the next id in the same list, "
                       "the last paired with the first"},
         "majority_class": {"label": majority, "tuning_split_labels": dict(tuning_labels)},
         "ingestion": ingestion,
         "tuning": {"objective": "harmonic mean of accuracy over all answerable asks and correct abstention",
-                   "note": "the relevance gate's thresholds (coverage 0.3, cosine 0.45) and the support "
-                           "threshold are server constants, so only the prompt suffix is tuned",
+                   "note": "only the prompt suffix is tuned; the gate's thresholds are the knowledge "
+                           "base's (or --cosine)",
                    "chosen_suffix": chosen,
                    "results": {s: r["summary"] for s, r in tuning_results.items()},
                    "records": {s: r["records"] for s, r in tuning_results.items()}},

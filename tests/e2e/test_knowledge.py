@@ -739,3 +739,27 @@ def test_a_knowledge_base_on_an_upstream_embedding_model(kiln_url, admin_key, da
         assert listed["documents"] == 2 and listed["chunks"] == d["chunks"], listed
     finally:
         gw.stop()
+
+
+def test_the_relevance_gate_is_set_per_knowledge_base_and_per_ask(kiln_url, org):
+    """A knowledge base keeps the gate's thresholds it was created with (a
+    cosine belongs to its embedding model); one ask may use others."""
+    admin = org["admin"]
+    status, e = api(kiln_url, admin, "POST", "/api/kbs", {"name": "strict", "grounding": {"cosine": 1.5}})
+    assert status == 400 and e["error"]["param"] == "grounding", e
+    status, e = api(kiln_url, admin, "POST", "/api/kbs", {"name": "strict", "grounding": {"cosin": 0.5}})
+    assert status == 400, e
+    status, kb = api(kiln_url, admin, "POST", "/api/kbs",
+                     {"name": f"strict-{uuid.uuid4().hex[:6]}", "grounding": {"coverage": 1.0, "cosine": 1.0}})
+    assert status == 201, kb
+    assert kb["grounding"] == {"coverage": 1.0, "cosine": 1.0, "support": 0.15}, kb
+    status, d = upload(kiln_url, admin, kb["id"], "handbook.md", VACATION.encode())
+    assert wait_final(kiln_url, admin, kb["id"], d["id"])["status"] == "ready"
+    question = "How many days of paid vacation do full-time employees receive?"
+    path = f"/api/kbs/{kb['id']}/ask"
+    status, a = api(kiln_url, admin, "POST", path, {"question": question})
+    assert status == 200 and a["found"] is False and a["usage"]["total_tokens"] == 0, a
+    status, a = api(kiln_url, admin, "POST", path, {"question": question, "grounding": {"coverage": 0.3, "cosine": 0.45}})
+    assert status == 200 and a["found"] is True and "25" in a["answer"], a
+    status, e = api(kiln_url, admin, "POST", path, {"question": question, "grounding": {"support": -1}})
+    assert status == 400 and e["error"]["param"] == "grounding", e

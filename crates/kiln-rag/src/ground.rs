@@ -37,11 +37,35 @@ pub const NOT_FOUND: &str =
 #[serde(default, deny_unknown_fields)]
 pub struct Thresholds {
     /// A chunk is relevant when it holds this share of the question's terms.
+    #[serde(serialize_with = "shortest")]
     pub coverage: f32,
     /// ... or when its cosine similarity to the question reaches this.
+    #[serde(serialize_with = "shortest")]
     pub cosine: f32,
     /// A sentence is supported when its best source scores this much.
+    #[serde(serialize_with = "shortest")]
     pub support: f32,
+}
+
+/// An `f32` written as the shortest decimal that reads back as it (`0.15`,
+/// not the `0.15000000596046448` of its exact value as an `f64`).
+fn shortest<S: serde::Serializer>(x: &f32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(x.to_string().parse().unwrap_or(f64::from(*x)))
+}
+
+impl Thresholds {
+    /// Checks each threshold is in its range: shares in `0..=1`, the
+    /// cosine in `-1..=1`.
+    pub fn validate(&self) -> Result<(), String> {
+        let share = 0.0..=1.0;
+        if !share.contains(&self.coverage) || !share.contains(&self.support) {
+            return Err("`coverage` and `support` must be between 0 and 1".into());
+        }
+        if !(-1.0..=1.0).contains(&self.cosine) {
+            return Err("`cosine` must be between -1 and 1".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for Thresholds {
@@ -318,6 +342,34 @@ pub fn says_not_found(answer: &str) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thresholds_are_checked_and_written_as_given() {
+        assert!(Thresholds::default().validate().is_ok());
+        for bad in [
+            Thresholds {
+                cosine: 1.5,
+                ..Default::default()
+            },
+            Thresholds {
+                coverage: -0.1,
+                ..Default::default()
+            },
+            Thresholds {
+                support: 2.0,
+                ..Default::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let t: Thresholds = serde_json::from_str(r#"{"cosine": 0.63}"#).unwrap();
+        assert_eq!(t.coverage, Thresholds::default().coverage);
+        assert_eq!(
+            serde_json::to_string(&t).unwrap(),
+            r#"{"coverage":0.3,"cosine":0.63,"support":0.15}"#
+        );
+        assert!(serde_json::from_str::<Thresholds>(r#"{"cosin": 0.6}"#).is_err());
+    }
 
     fn hit(text: &str, start: usize) -> Hit {
         Hit {

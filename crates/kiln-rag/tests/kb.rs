@@ -28,6 +28,7 @@ fn settings(id: &str) -> Settings {
             max_tokens: 40,
             overlap_tokens: 8,
         },
+        grounding: Default::default(),
         created_ms: 0,
     }
 }

@@ -32,6 +32,7 @@ fn settings() -> Settings {
             max_tokens: 40,
             overlap_tokens: 8,
         },
+        grounding: Default::default(),
         created_ms: 0,
     }
 }

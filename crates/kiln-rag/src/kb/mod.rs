@@ -118,6 +118,11 @@ pub struct Settings {
     pub embedding_model: String,
     pub dimensions: usize,
     pub chunking: ChunkOptions,
+    /// The grounded answer's relevance gate and sentence check. A cosine
+    /// threshold belongs to its embedding model: the default's is
+    /// all-MiniLM-L6-v2's.
+    #[serde(default)]
+    pub grounding: crate::ground::Thresholds,
     pub created_ms: i64,
 }
 

@@ -50,6 +50,8 @@ pub struct Question {
     pub sources: Option<usize>,
     pub max_tokens: Option<usize>,
     pub metadata: Vec<(String, String)>,
+    /// This ask's thresholds instead of the knowledge base's.
+    pub grounding: Option<Thresholds>,
 }
 
 #[derive(Debug, Serialize)]
@@ -110,7 +112,14 @@ pub async fn answer(
     let (model, engine) = answer_model(state, q.model.as_deref())?;
     principal.check_model(&model)?;
     let engine = engine.clone();
-    let thresholds = Thresholds::default();
+    let thresholds = match q.grounding {
+        Some(t) => {
+            t.validate()
+                .map_err(|m| ApiError::invalid("grounding", m))?;
+            t
+        }
+        None => kb.settings().grounding,
+    };
     let query = Query {
         text: q.text.clone(),
         k,
@@ -287,6 +296,7 @@ pub async fn chat(
             sources: None,
             max_tokens,
             metadata: Vec::new(),
+            grounding: None,
         },
     )
     .await?;

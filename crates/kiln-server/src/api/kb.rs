@@ -35,6 +35,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use kiln_rag::chunk::ChunkOptions;
 use kiln_rag::fulltext::Filter;
+use kiln_rag::ground::Thresholds;
 use kiln_rag::kb::{
     Document, DocumentQuery, Embedder as _, KbError, KnowledgeBase, Query as KbQuery, Settings,
     Status, Upload, VisibleCounts,
@@ -219,6 +220,7 @@ fn kb_json(kb: &KnowledgeBase, visible: VisibleCounts) -> serde_json::Value {
         "embedding_model": s.embedding_model,
         "dimensions": s.dimensions,
         "chunking": s.chunking,
+        "grounding": s.grounding,
         "created_at": s.created_ms / 1000,
         "documents": visible.documents,
         "chunks": visible.chunks,
@@ -268,6 +270,8 @@ struct CreateKb {
     /// The embedding model it is built with: the server's own (the
     /// default), or one an upstream serves.
     embedding_model: Option<String>,
+    /// The answers' relevance gate and sentence check.
+    grounding: Option<Thresholds>,
     /// The platform admin may create one for another tenant.
     tenant_id: Option<String>,
 }
@@ -325,6 +329,10 @@ async fn create(
     chunking
         .validate(embedder.max_tokens())
         .map_err(|m| ApiError::invalid("chunking", m))?;
+    let grounding = body.grounding.unwrap_or_default();
+    grounding
+        .validate()
+        .map_err(|m| ApiError::invalid("grounding", m))?;
     let dimensions = match k.known_dimensions(&model) {
         Some(d) => d,
         None => {
@@ -341,6 +349,7 @@ async fn create(
         embedding_model: model,
         dimensions,
         chunking,
+        grounding,
         created_ms: kiln_store::now_ms(),
     };
     let k = k.clone();
@@ -889,6 +898,8 @@ struct AskRequest {
     max_tokens: Option<usize>,
     #[serde(default)]
     metadata: HashMap<String, String>,
+    /// Thresholds for this ask instead of the knowledge base's.
+    grounding: Option<Thresholds>,
 }
 
 async fn ask(
@@ -912,6 +923,7 @@ async fn ask(
             sources: body.sources,
             max_tokens: body.max_tokens,
             metadata,
+            grounding: body.grounding,
         },
     )
     .await?;
