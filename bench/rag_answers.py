@@ -572,8 +572,9 @@ def main() -> None:
 
     print()
     print(f"PubMedQA PQA-L, {summary['questions']} test questions (the first {len(scoring)} test ids), "
-          f"each asked with its own passages and with the next question's; "
-          f"suffix {suffix_label(chosen)}, sources {args.sources}, max_tokens {args.max_tokens}")
+          f"each asked with its own passages and with the {args.partner} question's; "
+          f"suffix {suffix_label(chosen)}, sources {args.sources}, max_tokens {args.max_tokens}, "
+          f"cosine {args.cosine if args.cosine is not None else 'of the knowledge base'}")
     print_table(rows)
     print("answer = answer rate on answerable asks; abstain = correct abstention on unanswerable asks;\n"
           "mean/hmean of those two; acc/ans, acc/all = yes/no/maybe accuracy on answered / all answerable\n"

@@ -531,7 +531,7 @@ def test_a_knowledge_base_through_the_openai_chat_api(kiln_url, org, handbook):
     status, info = api(kiln_url, org["member"], "GET", f"/api/kbs/{kb}")
     r = client.chat.completions.create(
         model="kb:" + info["name"],
-        messages=[{"role": "user", "content": "How many days per week may staff work from home?"}],
+        messages=[{"role": "user", "content": "How many days of paid vacation do full-time employees receive?"}],
     )
     assert r.choices[0].message.content
     extra = r.model_extra["knowledge_base"]
