@@ -715,12 +715,21 @@ def test_a_knowledge_base_on_an_upstream_embedding_model(kiln_url, admin_key, da
         for h in remote_hits["data"]:
             assert abs(h["score"] - local[h["text"]]) < 1e-4, (h, local)
 
+        # The command line names the model too; its vector length is known by now.
+        import subprocess
+        done = subprocess.run([str(kiln_binary()), "kb", "create", "cli-remote", "--embedding-model", "all-minilm-l6-v2"],
+                              env=dict(os.environ, KILN_URL=gw.url, KILN_API_KEY=admin), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        status, cli_kb = api(gw.url, admin, "GET", "/api/kbs/cli-remote")
+        assert cli_kb["embedding_model"] == "all-minilm-l6-v2" and cli_kb["dimensions"] == 384, cli_kb
+
         # Metered here to the gateway's key, at the tokens the upstream reported,
         # and at the upstream to the key the gateway uses there.
         status, me = api(gw.url, admin, "GET", "/api/me")
         rows = ledger(gw.url, admin, me["key"]["id"])
         ok = [r for r in rows if r["outcome"] == "ok"]
         assert {r["endpoint"] for r in ok} == {"/api/kbs", "/api/kbs/ingest", "/api/kbs/search"}, rows
+        assert sum(r["endpoint"] == "/api/kbs" for r in ok) == 1, "the model's vector length is learnt once"
         assert all(r["model"] == "all-minilm-l6-v2" and r["backend"] == "kiln-a" and r["prompt_tokens"] > 0 for r in ok), ok
         upstream_rows = [r for r in ledger(kiln_url, admin_key, up_me["key"]["id"]) if r["outcome"] == "ok"]
         assert all(r["endpoint"] == "/v1/embeddings" for r in upstream_rows), upstream_rows
