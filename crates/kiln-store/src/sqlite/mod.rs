@@ -159,6 +159,11 @@ impl Drop for Checkpointer {
     }
 }
 
+/// Prepared statements kept per connection: every statement of a request's
+/// path (authentication, admission, settlement) stays parsed, with the
+/// runs', reports' and knowledge bases' beside them.
+const STATEMENT_CACHE: usize = 128;
+
 /// How long a call made [`crate::without_waiting`] tries for the
 /// connection before giving up.
 const NO_WAIT_SPIN: Duration = Duration::from_micros(200);
@@ -240,6 +245,7 @@ impl Store {
         };
         let conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // Setting journal_mode answers with the mode now in force.
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
