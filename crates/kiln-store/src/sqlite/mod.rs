@@ -77,6 +77,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "cluster_secret",
         sql: include_str!("../../migrations/sqlite/0009_cluster_secret.sql"),
     },
+    Migration {
+        version: 10,
+        name: "compact_billing_tables",
+        sql: include_str!("../../migrations/sqlite/0010_compact_billing_tables.sql"),
+    },
 ];
 
 /// The newest schema version this build understands.
@@ -501,6 +506,57 @@ mod tests {
         assert_eq!(calls[0].record.ttft_ms, None);
         store.record_call(&call("m", Outcome::Ok, 1, 0))?;
         assert_eq!(store.usage_totals()?[0].calls, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn compacting_the_billing_tables_keeps_their_rows() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("kiln.db");
+        // A database at migration 9 with a call in flight and a month's spend.
+        {
+            let mut conn = Connection::open(&path)?;
+            conn.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,
+                     name TEXT NOT NULL, applied_at INTEGER NOT NULL);",
+            )?;
+            let tx = conn.transaction()?;
+            for m in &MIGRATIONS[..9] {
+                tx.execute_batch(m.sql)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations VALUES (?1, ?2, 0)",
+                    params![m.version, m.name],
+                )?;
+            }
+            tx.execute_batch(
+                "INSERT INTO tenants (id, name, created_at) VALUES ('ten-1', 'acme', 0);
+                 INSERT INTO reservations (id, replica_id, created_at, tenant_id, request_id,
+                     endpoint, model, backend, prompt_tokens, max_completion_tokens, amount_nanos)
+                 VALUES ('use-1', 'rep-1', 5, 'ten-1', 'r1', '/v1/completions', 'm', 'embedded',
+                     10, 20, 300);
+                 INSERT INTO monthly_spend VALUES ('ten-1', '2026-11', 42);",
+            )?;
+            tx.commit()?;
+        }
+        let store = Store::open(&path)?;
+        assert_eq!(store.schema_version()?, SCHEMA_VERSION);
+        let open = crate::Billing::open_reservations(&store)?;
+        assert_eq!(open.len(), 1);
+        assert_eq!((open[0].id.as_str(), open[0].amount), ("use-1", Money(300)));
+        assert_eq!(
+            count(
+                &store,
+                "SELECT spent_nanos FROM monthly_spend WHERE account = 'ten-1'"
+            )?,
+            42
+        );
+        let plain: i64 = store.conn_unchecked().query_row(
+            "SELECT count(*) FROM sqlite_schema
+             WHERE name IN ('reservations', 'monthly_spend') AND sql LIKE '%WITHOUT ROWID%'",
+            [],
+            |r| r.get(0),
+        )?;
+        assert_eq!(plain, 2);
         Ok(())
     }
 
