@@ -617,7 +617,7 @@ impl MeteredEmbedder {
     /// Embeds at the upstream: admitted for the tokenizer's count (or the
     /// bytes), charged what the upstream reports.
     fn embed_upstream(&self, up: &Upstream, texts: &[String]) -> Result<Vec<Vec<f32>>, ApiError> {
-        let bound = crate::upstream::embedding_bound(up, texts) as usize;
+        let bound = up.embedding_bound(texts) as usize;
         self.metered(bound, &up.name, |call| {
             let (vectors, reported) = self
                 .runtime

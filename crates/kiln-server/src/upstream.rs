@@ -186,6 +186,9 @@ pub struct Upstream {
     timeout: Duration,
     pub default_max_tokens: u64,
     tokenizer: Option<TokenCounter>,
+    /// Tokens the model adds around every input: the tokenizer's, else 2
+    /// assumed (`[CLS]` and `[SEP]`, or BOS and EOS).
+    special_tokens: u64,
     /// The longest embedding input, special tokens included.
     pub max_input_tokens: u64,
 }
@@ -231,7 +234,7 @@ impl TokenCounter {
         }
     }
 
-    /// Tokens the model adds around every input.
+    /// Tokens the model adds around every input (`[CLS]` and `[SEP]`).
     fn special_tokens(&self) -> u64 {
         match self {
             TokenCounter::Gguf(_) => 0,
@@ -282,6 +285,7 @@ impl Upstream {
             client,
             timeout,
             default_max_tokens: cfg.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            special_tokens: tokenizer.as_ref().map_or(2, TokenCounter::special_tokens),
             tokenizer,
             max_input_tokens: cfg
                 .max_input_tokens
@@ -299,18 +303,26 @@ impl Upstream {
     /// makes more tokens than bytes).
     pub fn chunk_tokens(&self, text: &str) -> u64 {
         match &self.tokenizer {
-            Some(t) => t.count(text).saturating_sub(t.special_tokens()),
+            Some(t) => t.count(text).saturating_sub(self.special_tokens),
             None => text.len() as u64,
         }
     }
 
     /// The most tokens a chunk may have, special tokens excluded.
     pub fn max_chunk_tokens(&self) -> u64 {
-        let special = self
-            .tokenizer
-            .as_ref()
-            .map_or(2, TokenCounter::special_tokens);
-        self.max_input_tokens.saturating_sub(special)
+        self.max_input_tokens.saturating_sub(self.special_tokens)
+    }
+
+    /// The worst-case token count of embedding `inputs`: the tokenizer's
+    /// count, else each input's bytes plus a margin.
+    pub fn embedding_bound(&self, inputs: &[String]) -> u64 {
+        inputs
+            .iter()
+            .map(|t| {
+                self.count_tokens(t)
+                    .unwrap_or(t.len() as u64 + PROMPT_MARGIN_TOKENS)
+            })
+            .sum()
     }
 }
 
@@ -733,18 +745,6 @@ pub async fn embed(
     Ok((vectors, list.usage["prompt_tokens"].as_u64()))
 }
 
-/// The worst-case token count of embedding `inputs` at `up`: the
-/// tokenizer's count, else each input's bytes plus a margin.
-pub fn embedding_bound(up: &Upstream, inputs: &[String]) -> u64 {
-    inputs
-        .iter()
-        .map(|t| {
-            up.count_tokens(t)
-                .unwrap_or(t.len() as u64 + PROMPT_MARGIN_TOKENS)
-        })
-        .sum()
-}
-
 fn passthrough(status: StatusCode, bytes: Bytes) -> Response {
     let mut r = (status, bytes).into_response();
     r.headers_mut().insert(
@@ -1073,7 +1073,7 @@ mod tests {
         );
         let inputs = ["ab".to_string(), "世".to_string()];
         assert_eq!(
-            embedding_bound(&up, &inputs),
+            up.embedding_bound(&inputs),
             2 + 3 + 2 * PROMPT_MARGIN_TOKENS
         );
         let mut c = cfg();

@@ -105,8 +105,7 @@ impl BertEmbedder {
     /// served elsewhere needs.
     pub fn load_tokenizer(dir: &Path) -> Result<(WordPieceTokenizer, usize)> {
         let config = BertConfig::load(&dir.join("config.json"))?;
-        let (tokenizer, max_tokens) = Self::tokenizer_of(dir, &config)?;
-        Ok((tokenizer, max_tokens))
+        Self::tokenizer_of(dir, &config)
     }
 
     fn tokenizer_of(dir: &Path, config: &BertConfig) -> Result<(WordPieceTokenizer, usize)> {

@@ -184,9 +184,8 @@ const CHECKPOINT_BUSY_EVERY: Duration = Duration::from_millis(100);
 /// frame past the file's end costs the file system a newly zeroed block,
 /// which under gateway load cost more than the writes themselves. A long
 /// bound makes the catch-up rare: its pass (and the database file's sync)
-/// runs in front of one request's store call. At 1,000 frames it ran twice
-/// a second at 100 requests/s; at this bound, gateway p99 fell from 4.6–7.6
-/// to 2.7–4.3 ms and the closed-loop rate rose 15% (bench/README.md).
+/// runs in front of one request's store call, and at 1,000 frames it ran
+/// twice a second at 100 requests/s (bench/README.md).
 const WAL_CATCH_UP_FRAMES: i64 = 16384;
 
 /// One passive checkpoint: `(frames in the log, frames now in the
