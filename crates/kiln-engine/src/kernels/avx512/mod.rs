@@ -29,6 +29,7 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::tiles::Q0;
 use super::avx2::{self, load_u8x16, load_u8x32};
 use super::quantize::{Activations, Q8Row, QK, QK_K};
 use super::DotKind;
@@ -66,54 +67,7 @@ const SINGLE_ROW_BELOW: usize = 2;
 /// Inputs per tile (at most; a batch's last tile takes what is left).
 const INPUTS: usize = 4;
 
-/// A 32-value block format, with what this kernel needs to know of it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Q0 {
-    Q4_0 = 0,
-    Q4_1 = 1,
-    Q5_0 = 2,
-    Q8_0 = 3,
-}
-
 impl Q0 {
-    fn of(kind: DotKind) -> Option<Q0> {
-        match kind {
-            DotKind::Q4_0 => Some(Q0::Q4_0),
-            DotKind::Q4_1 => Some(Q0::Q4_1),
-            DotKind::Q5_0 => Some(Q0::Q5_0),
-            DotKind::Q8_0 => Some(Q0::Q8_0),
-            _ => None,
-        }
-    }
-
-    /// The format a `const F: u8` parameter stands for (its discriminant).
-    const fn from_const(f: u8) -> Q0 {
-        match f {
-            0 => Q0::Q4_0,
-            1 => Q0::Q4_1,
-            2 => Q0::Q5_0,
-            _ => Q0::Q8_0,
-        }
-    }
-
-    fn kind(self) -> DotKind {
-        match self {
-            Q0::Q4_0 => DotKind::Q4_0,
-            Q0::Q4_1 => DotKind::Q4_1,
-            Q0::Q5_0 => DotKind::Q5_0,
-            Q0::Q8_0 => DotKind::Q8_0,
-        }
-    }
-
-    fn block_bytes(self) -> usize {
-        match self {
-            Q0::Q4_0 => 18,
-            Q0::Q4_1 => 20,
-            Q0::Q5_0 => 22,
-            Q0::Q8_0 => 34,
-        }
-    }
-
     /// What is added to a signed value to make it the unsigned byte the
     /// kernel multiplies (Q4_1's values are unsigned already).
     fn bias(self) -> u8 {

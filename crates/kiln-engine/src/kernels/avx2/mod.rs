@@ -17,6 +17,8 @@ use super::quantize::{Activations, Q8KRow, Q8Row, QK, QK_K};
 use super::scalar::{self, add_q4k_mins, q4k_scales};
 use super::DotKind;
 
+pub(super) mod tiles;
+
 /// Runs `$body` (an output value for weight row `$row`, input `$i`) over
 /// every row and input; a macro rather than a closure so the body is
 /// compiled with this module's target features.
@@ -51,6 +53,9 @@ pub(super) fn compute_rows(
     acts: &Activations,
     outs: &mut [&mut [f32]],
 ) {
+    if outs.len() > 1 && tiles::compute_rows(kind, w, row_bytes, acts, outs).is_some() {
+        return;
+    }
     match kind {
         DotKind::F32 => each_row!(w, row_bytes, outs, |row, i| dot_f32(row, acts.float_row(i))),
         DotKind::F16 => each_row!(w, row_bytes, outs, |row, i| dot_f16(row, acts.float_row(i))),
@@ -231,27 +236,50 @@ macro_rules! dot_q0 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q8_0(w: &[u8], y: Q8Row<'_>) -> f32 {
-    dot_q0!(w, y, 34, |b| load_u8x32(&b[2..34]))
+    dot_q0!(w, y, 34, |b| q8_0_values(b))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q4_0(w: &[u8], y: Q8Row<'_>) -> f32 {
-    dot_q0!(w, y, 18, |b| _mm256_sub_epi8(
-        nibbles(&b[2..18]),
-        _mm256_set1_epi8(8)
-    ))
+    dot_q0!(w, y, 18, |b| q4_0_values(b))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q5_0(w: &[u8], y: Q8Row<'_>) -> f32 {
-    dot_q0!(w, y, 22, |b| {
-        let high = bits_to_bytes(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
-        // (q | bit·16) − 16 = q − 16 where the bit is clear: OR in 0xF0 there.
-        _mm256_or_si256(
-            nibbles(&b[6..22]),
-            _mm256_andnot_si256(high, _mm256_set1_epi8(0xF0u8 as i8)),
-        )
-    })
+    dot_q0!(w, y, 22, |b| q5_0_values(b))
+}
+
+/// A Q8_0 block's 32 signed values.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q8_0_values(b: &[u8]) -> __m256i {
+    load_u8x32(&b[2..34])
+}
+
+/// A Q4_0 block's 32 values, `q − 8`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q4_0_values(b: &[u8]) -> __m256i {
+    _mm256_sub_epi8(nibbles(&b[2..18]), _mm256_set1_epi8(8))
+}
+
+/// A Q5_0 block's 32 values, `(q | bit·16) − 16`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q5_0_values(b: &[u8]) -> __m256i {
+    let high = bits_to_bytes(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
+    // (q | bit·16) − 16 = q − 16 where the bit is clear: OR in 0xF0 there.
+    _mm256_or_si256(
+        nibbles(&b[6..22]),
+        _mm256_andnot_si256(high, _mm256_set1_epi8(0xF0u8 as i8)),
+    )
+}
+
+/// A Q4_1 block's 32 unsigned values (the nibbles as stored).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q4_1_values(b: &[u8]) -> __m256i {
+    nibbles(&b[4..20])
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -265,7 +293,7 @@ fn dot_q4_1(w: &[u8], y: Q8Row<'_>) -> f32 {
         .zip(y.s)
     {
         summs = f16_at(b, 2).mul_add(sy, summs);
-        let sums = dot_u8_i8(nibbles(&b[4..20]), load_i8x32(q));
+        let sums = dot_u8_i8(q4_1_values(b), load_i8x32(q));
         acc = _mm256_fmadd_ps(
             _mm256_set1_ps(f16_at(b, 0) * dy),
             _mm256_cvtepi32_ps(sums),
