@@ -438,51 +438,18 @@ fn dot8_q4_k_repacked(rows: &[u8], row_bytes: usize, y: Q8KRow<'_>) -> [f32; 8] 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q6_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let m4 = _mm256_set1_epi8(0xF);
-    let m2 = _mm256_set1_epi8(3);
     for (i, b) in w.chunks_exact(210).enumerate() {
         let q8 = &y.qs[i * QK_K..(i + 1) * QK_K];
-        let scales = load_u8x16(&b[192..208]);
-        let scales16 = _mm256_cvtepi8_epi16(scales);
-        // 32 · (bsum_2l·sc_2l + bsum_2l+1·sc_2l+1) in lane l.
-        let offset =
-            _mm256_slli_epi32::<5>(_mm256_madd_epi16(load_i16x16(&y.bsums[i * 16..]), scales16));
         let mut sumi = _mm256_setzero_si256();
         for half in 0..2 {
-            let ql1 = load_u8x32(&b[64 * half..]);
-            let ql2 = load_u8x32(&b[64 * half + 32..]);
-            let qh = load_u8x32(&b[128 + 32 * half..]);
-            let q = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql1, m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql2, m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql2), m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2)),
-                ),
-            ];
+            let q = q6k_values(b, half);
             for (k, &qk) in q.iter().enumerate() {
                 let chunk = 4 * half + k;
                 let p = _mm256_maddubs_epi16(qk, load_i8x32(&q8[32 * chunk..]));
-                // Lanes 0..4 take the first 16 values' scale, 4..8 the next.
-                let lo = i16::from(b[192 + 2 * chunk] as i8);
-                let hi = i16::from(b[193 + 2 * chunk] as i8);
-                let sc = _mm256_setr_epi16(
-                    lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi,
-                );
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc, p));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(q6k_scale(b, chunk), p));
             }
         }
-        let sumi = _mm256_sub_epi32(sumi, offset);
+        let sumi = _mm256_sub_epi32(sumi, q6k_offset(b, &y.bsums[i * 16..]));
         acc = _mm256_fmadd_ps(
             _mm256_set1_ps(y.d[i] * f16_at(b, 208)),
             _mm256_cvtepi32_ps(sumi),
@@ -490,6 +457,58 @@ fn dot_q6_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
         );
     }
     hsum8(acc)
+}
+
+/// The 6-bit values of half `half` (128 values) of a Q6_K block, unsigned
+/// (the `−32` is taken off apart, [`q6k_offset`]), as four 32-value chunks.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6k_values(b: &[u8], half: usize) -> [__m256i; 4] {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m2 = _mm256_set1_epi8(3);
+    let ql1 = load_u8x32(&b[64 * half..]);
+    let ql2 = load_u8x32(&b[64 * half + 32..]);
+    let qh = load_u8x32(&b[128 + 32 * half..]);
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(ql1, m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(ql2, m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql2), m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2)),
+        ),
+    ]
+}
+
+/// The scales of 32-value chunk `chunk` of a Q6_K block as 16 i16 lanes:
+/// lanes 0..8 take the first 16 values' scale, 8..16 the next.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6k_scale(b: &[u8], chunk: usize) -> __m256i {
+    let lo = i16::from(b[192 + 2 * chunk] as i8);
+    let hi = i16::from(b[193 + 2 * chunk] as i8);
+    _mm256_setr_epi16(
+        lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi,
+    )
+}
+
+/// `32 · (bsum_2l·sc_2l + bsum_2l+1·sc_2l+1)` in lane `l`: what the block's
+/// `−32` offset takes off each lane (`bsums`: the input's 16 sums of this
+/// block).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6k_offset(b: &[u8], bsums: &[i16]) -> __m256i {
+    let scales16 = _mm256_cvtepi8_epi16(load_u8x16(&b[192..208]));
+    _mm256_slli_epi32::<5>(_mm256_madd_epi16(load_i16x16(bsums), scales16))
 }
 
 // ---- activations -----------------------------------------------------------

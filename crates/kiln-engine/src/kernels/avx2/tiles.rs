@@ -1,5 +1,6 @@
 //! AVX2 register tiles for the 32-value block formats (Q4_0, Q4_1, Q5_0,
-//! Q8_0) when a product has more than one input (prefill, batched decode).
+//! Q8_0) and Q6_K when a product has more than one input (prefill, batched
+//! decode).
 //!
 //! The per-row kernels in the parent module decode a weight block for every
 //! input it meets and reload an activation block for every row. A tile of
@@ -7,7 +8,9 @@
 //! block once for all its inputs and loads each activation block once for
 //! all its rows, which leaves, per row, input and block, the integer dot
 //! product (`vpsignb`, `vpmaddubsw`, `vpmaddwd`), its conversion, the scale
-//! product and one fused multiply-add.
+//! product and one fused multiply-add. A Q6_K tile is one row (its decoded
+//! values and chunk scales fill the registers) times up to [`INPUTS`]
+//! inputs.
 //!
 //! It is the same arithmetic as the per-row kernels and so as
 //! [`super::super::scalar`]: every accumulator is one row's and one input's
@@ -23,10 +26,11 @@
 
 use std::arch::x86_64::*;
 
-use super::super::quantize::{Activations, Q8Row, QK};
+use super::super::quantize::{Activations, Q8KRow, Q8Row, QK, QK_K};
 use super::super::DotKind;
 use super::{
-    dot_u8_i8, f16_at, hsum8, load_i8x32, q4_0_values, q4_1_values, q5_0_values, q8_0_values,
+    dot_u8_i8, f16_at, hsum8, load_i8x32, q4_0_values, q4_1_values, q5_0_values, q6k_offset,
+    q6k_scale, q6k_values, q8_0_values,
 };
 
 /// Weight rows per tile: each needs two registers (its values and their
@@ -91,10 +95,28 @@ impl Q0 {
 }
 
 /// `outs[i][r]` = weight row `r` of `w` (whole rows of `row_bytes`) times
-/// input `i`, for a 32-value block format; `None` for the other formats,
-/// which the caller multiplies row by row.
+/// input `i`, for a 32-value block format or Q6_K; `None` for the other
+/// formats, which the caller multiplies row by row. (Repacked Q4_K already
+/// takes eight rows per input in the parent module; a tile over inputs,
+/// measured, was slower.)
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn compute_rows(
+    kind: DotKind,
+    w: &[u8],
+    row_bytes: usize,
+    acts: &Activations,
+    outs: &mut [&mut [f32]],
+) -> Option<()> {
+    match kind {
+        DotKind::Q6K => q6k_tiles(w, row_bytes, acts, outs),
+        _ => q0_tiles(kind, w, row_bytes, acts, outs)?,
+    }
+    Some(())
+}
+
+/// The 32-value block formats' products; `None` for any other format.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q0_tiles(
     kind: DotKind,
     w: &[u8],
     row_bytes: usize,
@@ -210,5 +232,66 @@ fn tile<const F: u8, const R: usize, const C: usize>(
             let v = hsum8(acc[r][c]);
             out[r] = if signed { v } else { v + mins[r][c] };
         }
+    }
+}
+
+/// The Q6_K product: one weight row at a time times up to [`INPUTS`]
+/// inputs, each block's values and chunk scales decoded once for all of
+/// them ([`q6k_tile`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6k_tiles(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f32]]) {
+    let n = outs.len();
+    let ys: Vec<Q8KRow<'_>> = (0..n).map(|i| acts.q8k_row(i)).collect();
+    for first in (0..n).step_by(CHUNK) {
+        let last = (first + CHUNK).min(n);
+        for (r, row) in w.chunks_exact(row_bytes).enumerate() {
+            for c0 in (first..last).step_by(INPUTS) {
+                let ys = &ys[c0..last.min(c0 + INPUTS)];
+                match ys.len() {
+                    4 => q6k_tile::<4>(row, ys, outs, r, c0),
+                    3 => q6k_tile::<3>(row, ys, outs, r, c0),
+                    2 => q6k_tile::<2>(row, ys, outs, r, c0),
+                    _ => q6k_tile::<1>(row, ys, outs, r, c0),
+                }
+            }
+        }
+    }
+}
+
+/// Weight row `r` (`row`) times the `C` inputs `ys`, into `outs[c0 + c][r]`:
+/// per input, `dot_q6_k`'s lane sums, offset, scale and fused add.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6k_tile<const C: usize>(
+    row: &[u8],
+    ys: &[Q8KRow<'_>],
+    outs: &mut [&mut [f32]],
+    r: usize,
+    c0: usize,
+) {
+    let ys: [Q8KRow<'_>; C] = std::array::from_fn(|c| ys[c]);
+    let mut acc = [_mm256_setzero_ps(); C];
+    for (i, b) in row.chunks_exact(210).enumerate() {
+        let mut sumi = [_mm256_setzero_si256(); C];
+        for half in 0..2 {
+            let q = q6k_values(b, half);
+            for (k, &qk) in q.iter().enumerate() {
+                let chunk = 4 * half + k;
+                let sc = q6k_scale(b, chunk);
+                for (s, y) in sumi.iter_mut().zip(&ys) {
+                    let x = load_i8x32(&y.qs[i * QK_K + 32 * chunk..]);
+                    let p = _mm256_maddubs_epi16(qk, x);
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(sc, p));
+                }
+            }
+        }
+        let dw = f16_at(b, 208);
+        for ((a, s), y) in acc.iter_mut().zip(sumi).zip(&ys) {
+            let s = _mm256_sub_epi32(s, q6k_offset(b, &y.bsums[i * 16..]));
+            *a = _mm256_fmadd_ps(_mm256_set1_ps(y.d[i] * dw), _mm256_cvtepi32_ps(s), *a);
+        }
+    }
+    for (c, a) in acc.iter().enumerate() {
+        outs[c0 + c][r] = hsum8(*a);
     }
 }
