@@ -43,6 +43,36 @@ pub fn dot_f16(x: &[f32], y: &[f16]) -> f32 {
     sum as f32
 }
 
+/// `out[j]` = [`dot_f16`] of `x` with the cached key row of cell `first +
+/// j`: `keys[b]` is block `b` of the cache (`BLOCK_TOKENS` rows of
+/// `kv_dim`), the row's head at `kv_offset`.
+#[inline]
+pub fn key_dots(
+    x: &[f32],
+    keys: &[&[f16]],
+    kv_dim: usize,
+    kv_offset: usize,
+    first: usize,
+    out: &mut [f32],
+) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_f16(x, key_row(keys, kv_dim, kv_offset, x.len(), first + j));
+    }
+}
+
+/// Cell `p`'s key row of one head (`hd` values at `kv_offset`).
+#[inline]
+fn key_row<'k>(
+    keys: &[&'k [f16]],
+    kv_dim: usize,
+    kv_offset: usize,
+    hd: usize,
+    p: usize,
+) -> &'k [f16] {
+    let at = (p % BLOCK_TOKENS) * kv_dim + kv_offset;
+    &keys[p / BLOCK_TOKENS][at..at + hd]
+}
+
 /// `v[i] = expf(v[i] − max)` ([`lanes::expf`], ggml's `ggml_v_expf`).
 #[inline]
 pub fn exp_shifted(v: &mut [f32], max: f32) {
@@ -87,7 +117,7 @@ pub mod avx2 {
 
     use half::f16;
 
-    use super::super::avx2::{fold_f16_accumulators, load_f32x8};
+    use super::super::avx2::{fold_f16_accumulators, fold_to_8, hsum8_x8, load_f32x8};
     use crate::model::kv::BLOCK_TOKENS;
 
     #[inline]
@@ -131,6 +161,62 @@ pub mod avx2 {
             sum += f64::from(x[k] * y[k].to_f32());
         }
         sum as f32
+    }
+
+    /// [`super::key_dots`]: for a head width that is a multiple of 64 (no
+    /// f64 tail), eight keys at a time, their accumulators folded to eight
+    /// lanes each and the eight horizontal sums done together
+    /// ([`hsum8_x8`]); the same sums as [`dot_f16`] key by key.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn key_dots(
+        x: &[f32],
+        keys: &[&[f16]],
+        kv_dim: usize,
+        kv_offset: usize,
+        first: usize,
+        out: &mut [f32],
+    ) {
+        let hd = x.len();
+        // (Loops, not closures, so everything inlines with this function's
+        // target features.)
+        if hd == 0 || !hd.is_multiple_of(64) {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = dot_f16(x, super::key_row(keys, kv_dim, kv_offset, hd, first + j));
+            }
+            return;
+        }
+        let mut groups = out.chunks_exact_mut(8);
+        let mut p = first;
+        for group in &mut groups {
+            let mut v = [_mm256_setzero_ps(); 8];
+            for lanes in &mut v {
+                *lanes = key_lanes(x, super::key_row(keys, kv_dim, kv_offset, hd, p));
+                p += 1;
+            }
+            store_f32x8(group, hsum8_x8(&v));
+        }
+        for o in groups.into_remainder() {
+            *o = dot_f16(x, super::key_row(keys, kv_dim, kv_offset, hd, p));
+            p += 1;
+        }
+    }
+
+    /// [`dot_f16`]'s accumulators for `x · y` (`x.len()` a multiple of 64,
+    /// `y` as long), folded to eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn key_lanes(x: &[f32], y: &[f16]) -> __m256 {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (xs, ys) in x.chunks_exact(64).zip(y.chunks_exact(64)) {
+            for (h, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(load_f32x8(&xs[8 * h..]), load_f16x8(&ys[8 * h..]), *a);
+            }
+        }
+        fold_to_8(&acc)
     }
 
     /// [`super::exp_shifted`], eight lanes at a time: the same fused
@@ -210,8 +296,13 @@ pub mod avx2 {
     }
 
     /// [`super::weighted_values`]: per output dimension, the 64 lanes as
-    /// eight 8-lane accumulators, a block of 16 cells per step; cells
-    /// outside `first..first + w.len()` leave their lanes as they are.
+    /// eight 8-lane accumulators (kept in memory, `acc[8·d + k]`), walked
+    /// 64 cells (four blocks) at a time so each block's cells meet fixed
+    /// accumulators and the chunk's weights stay in registers over all
+    /// dimensions. Each accumulator still takes its cells in cell order, so
+    /// the sums are the portable code's. Cells outside `first..first +
+    /// w.len()` leave their lanes as they are (a blend, in the first and
+    /// last chunks only).
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
@@ -224,50 +315,57 @@ pub mod avx2 {
         w: &[f32],
         out: &mut [f32],
     ) {
+        const CHUNK: usize = 4 * BLOCK_TOKENS;
         let Some(last) = (first + w.len()).checked_sub(1) else {
             return super::weighted_values(values, offset, first, w, out);
         };
-        // Per block: the 16 weights of its cells (zero where no cell is
-        // taken) and whether each lane is taken.
-        let blocks = first / BLOCK_TOKENS..=last / BLOCK_TOKENS;
-        let mut weights = vec![0f32; BLOCK_TOKENS * blocks.clone().count()];
+        let hd = out.len();
+        let (c0, c1) = (first / CHUNK, last / CHUNK);
+        // The weights of every cell of the chunks (zero where no cell is
+        // taken) and whether each is taken.
+        let mut weights = vec![0f32; CHUNK * (c1 - c0 + 1)];
         let mut taken = vec![0f32; weights.len()];
         for (j, &wj) in w.iter().enumerate() {
-            let at = first + j - blocks.start() * BLOCK_TOKENS;
+            let at = first + j - c0 * CHUNK;
             weights[at] = wj;
             taken[at] = f32::from_bits(u32::MAX);
         }
-        let partial: Vec<bool> = blocks
-            .clone()
-            .map(|b| b * BLOCK_TOKENS < first || b * BLOCK_TOKENS + BLOCK_TOKENS - 1 > last)
-            .collect();
-        let (b0, b1) = (*blocks.start(), *blocks.end());
-        for (d, o) in out.iter_mut().enumerate() {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            // 64 cells (four blocks) per step, so each block's lanes are
-            // fixed registers.
-            for chunk in b0 / 4..=b1 / 4 {
-                for q in 0..4 {
-                    let b = 4 * chunk + q;
-                    if b < b0 || b > b1 {
-                        continue;
-                    }
-                    let i = b - b0;
-                    let col = &values[b][(offset + d) * BLOCK_TOKENS..];
+        let mut acc = vec![_mm256_setzero_ps(); 8 * hd];
+        for chunk in c0..=c1 {
+            let base = (chunk - c0) * CHUNK;
+            let mut wv = [_mm256_setzero_ps(); 8];
+            let mut mask = [_mm256_setzero_ps(); 8];
+            for k in 0..8 {
+                wv[k] = load_f32x8(&weights[base + 8 * k..]);
+                mask[k] = load_f32x8(&taken[base + 8 * k..]);
+            }
+            let partial = chunk * CHUNK < first || chunk * CHUNK + CHUNK - 1 > last;
+            for q in 0..4 {
+                let b = chunk * 4 + q;
+                if (b + 1) * BLOCK_TOKENS <= first || b * BLOCK_TOKENS > last {
+                    continue;
+                }
+                let column = &values[b][offset * BLOCK_TOKENS..(offset + hd) * BLOCK_TOKENS];
+                for (cells, a) in column
+                    .chunks_exact(BLOCK_TOKENS)
+                    .zip(acc.chunks_exact_mut(8))
+                {
                     for h in 0..2 {
-                        let wv = load_f32x8(&weights[BLOCK_TOKENS * i + 8 * h..]);
-                        let a = acc[2 * q + h];
-                        let sum = _mm256_fmadd_ps(load_f16x8(&col[8 * h..]), wv, a);
-                        acc[2 * q + h] = if partial[i] {
-                            let mask = load_f32x8(&taken[BLOCK_TOKENS * i + 8 * h..]);
-                            _mm256_blendv_ps(a, sum, mask)
+                        let k = 2 * q + h;
+                        let sum = _mm256_fmadd_ps(load_f16x8(&cells[8 * h..]), wv[k], a[k]);
+                        a[k] = if partial {
+                            _mm256_blendv_ps(a[k], sum, mask[k])
                         } else {
                             sum
                         };
                     }
                 }
             }
-            *o = fold_f16_accumulators(&acc);
+        }
+        for (o, a) in out.iter_mut().zip(acc.chunks_exact(8)) {
+            let mut lanes = [_mm256_setzero_ps(); 8];
+            lanes.copy_from_slice(a);
+            *o = fold_f16_accumulators(&lanes);
         }
     }
 }
@@ -328,7 +426,7 @@ mod tests {
                 assert_eq!(fast.to_bits(), dot_f16(&x, &y).to_bits(), "dot, hd {hd}");
                 // Value blocks of 16 cells for 3 KV heads of width hd.
                 let kv_dim = 3 * hd;
-                let blocks: Vec<Vec<f16>> = (0..5)
+                let blocks: Vec<Vec<f16>> = (0..13)
                     .map(|_| {
                         (0..kv_dim * BLOCK_TOKENS)
                             .map(|_| f16::from_f32(next()))
@@ -343,7 +441,23 @@ mod tests {
                     (0, 63),
                     (17, 18),
                     (5, 70),
+                    (5, 200),
+                    (64, 191),
                 ] {
+                    // The query with every key of the cells, eight at a
+                    // time or one by one, gives dot_f16's bits.
+                    let q: Vec<f32> = (0..hd).map(|_| f16::from_f32(next()).to_f32()).collect();
+                    let mut d1 = vec![0f32; last + 1 - first];
+                    let mut d2 = d1.clone();
+                    key_dots(&q, &views, kv_dim, hd, first, &mut d1);
+                    // SAFETY: as above.
+                    unsafe { avx2::key_dots(&q, &views, kv_dim, hd, first, &mut d2) };
+                    for (j, (a, b)) in d1.iter().zip(&d2).enumerate() {
+                        let at = ((first + j) % BLOCK_TOKENS) * kv_dim + hd;
+                        let one = dot_f16(&q, &views[(first + j) / BLOCK_TOKENS][at..at + hd]);
+                        assert_eq!(a.to_bits(), one.to_bits(), "key {j}, hd {hd}");
+                        assert_eq!(b.to_bits(), one.to_bits(), "avx2 key {j}, hd {hd}");
+                    }
                     let w: Vec<f32> = (first..=last).map(|_| next()).collect();
                     let (mut o1, mut o2) = (vec![0f32; hd], vec![0f32; hd]);
                     weighted_values(&views, hd, first, &w, &mut o1);

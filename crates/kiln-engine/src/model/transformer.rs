@@ -645,22 +645,17 @@ impl<'a> HeadAttention<'a> {
     /// caller checked the CPU).
     #[inline(always)]
     fn run(&self, out: &mut [f32], simd: bool) {
-        let hd = self.q.len();
-        let row = |cache: &[&'a [f16]], p: usize| -> &'a [f16] {
-            let at = (p % BLOCK_TOKENS) * self.kv_dim + self.kv_offset;
-            &cache[p / BLOCK_TOKENS][at..at + hd]
-        };
         let qh: Vec<f32> = self
             .q
             .iter()
             .map(|&s| f16::from_f32(s * self.pre).to_f32())
             .collect();
-        let mut scores = Vec::with_capacity(self.pos + 1 - self.first);
+        let mut scores = vec![0f32; self.pos + 1 - self.first];
+        head_ops::key_dots(simd, &qh, self, &mut scores);
         let mut max = f32::NEG_INFINITY;
-        for p in self.first..=self.pos {
-            let s = head_ops::dot(simd, &qh, row(self.keys, p)) * self.post;
-            max = max.max(s);
-            scores.push(s);
+        for s in &mut scores {
+            *s *= self.post;
+            max = max.max(*s);
         }
         // ggml_vec_soft_max_f32: exp in 16-wide chunks of cache cells (cell =
         // position here), each chunk folded in f32 and added in f64; masked
@@ -694,18 +689,22 @@ impl<'a> HeadAttention<'a> {
 mod head_ops {
     use half::f16;
 
+    use super::HeadAttention;
     use crate::kernels::attention;
 
+    /// `out[j]`: the query `x` with the head's cached key of cell
+    /// `head.first + j`.
     #[inline(always)]
-    pub(super) fn dot(simd: bool, x: &[f32], y: &[f16]) -> f32 {
+    pub(super) fn key_dots(simd: bool, x: &[f32], head: &HeadAttention<'_>, out: &mut [f32]) {
+        let (keys, kv_dim, kv_offset, first) = (head.keys, head.kv_dim, head.kv_offset, head.first);
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: `simd` is set only under `run_fma`, whose caller
             // checked that the CPU has AVX2, FMA and F16C.
-            return unsafe { attention::avx2::dot_f16(x, y) };
+            return unsafe { attention::avx2::key_dots(x, keys, kv_dim, kv_offset, first, out) };
         }
         let _ = simd;
-        attention::dot_f16(x, y)
+        attention::key_dots(x, keys, kv_dim, kv_offset, first, out)
     }
 
     #[inline(always)]

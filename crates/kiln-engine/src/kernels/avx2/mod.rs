@@ -661,9 +661,48 @@ macro_rules! dot_float {
 #[inline]
 #[target_feature(enable = "avx2")]
 pub(super) fn fold_f16_accumulators(acc: &[__m256; 8]) -> f32 {
+    hsum8(fold_to_8(acc))
+}
+
+/// The first stage of [`fold_f16_accumulators`]: the 16 lanes (0+2) + (1+3),
+/// then 16 → 8.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn fold_to_8(acc: &[__m256; 8]) -> __m256 {
     let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
     let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-    hsum8(_mm256_add_ps(hi, lo))
+    _mm256_add_ps(hi, lo)
+}
+
+/// [`hsum8`] of eight vectors at once, `[hsum8(v[0]), …, hsum8(v[7])]`: the
+/// same additions of the same lanes (each of its three steps pairs the
+/// lanes `hsum8` pairs), done across registers instead of within one.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn hsum8_x8(v: &[__m256; 8]) -> __m256 {
+    // Halves added: [r(a) | r(b)], r = hi + lo of each.
+    let halves = |a: __m256, b: __m256| {
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x31>(a, b),
+            _mm256_permute2f128_ps::<0x20>(a, b),
+        )
+    };
+    let (t01, t23) = (halves(v[0], v[1]), halves(v[2], v[3]));
+    let (t45, t67) = (halves(v[4], v[5]), halves(v[6], v[7]));
+    // r0 + r2 and r1 + r3 of each.
+    let pairs = |a: __m256, b: __m256| {
+        _mm256_add_ps(
+            _mm256_shuffle_ps::<0x44>(a, b),
+            _mm256_shuffle_ps::<0xEE>(a, b),
+        )
+    };
+    let (u0123, u4567) = (pairs(t01, t23), pairs(t45, t67));
+    // Their sum: lanes hold vectors 0, 2, 4, 6 | 1, 3, 5, 7.
+    let s = _mm256_add_ps(
+        _mm256_shuffle_ps::<0x88>(u0123, u4567),
+        _mm256_shuffle_ps::<0xDD>(u0123, u4567),
+    );
+    _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
 #[inline]
