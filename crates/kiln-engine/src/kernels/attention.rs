@@ -333,13 +333,15 @@ pub mod avx2 {
         let mut acc = vec![_mm256_setzero_ps(); 8 * hd];
         for chunk in c0..=c1 {
             let base = (chunk - c0) * CHUNK;
+            let partial = chunk * CHUNK < first || chunk * CHUNK + CHUNK - 1 > last;
             let mut wv = [_mm256_setzero_ps(); 8];
             let mut mask = [_mm256_setzero_ps(); 8];
             for k in 0..8 {
                 wv[k] = load_f32x8(&weights[base + 8 * k..]);
-                mask[k] = load_f32x8(&taken[base + 8 * k..]);
+                if partial {
+                    mask[k] = load_f32x8(&taken[base + 8 * k..]);
+                }
             }
-            let partial = chunk * CHUNK < first || chunk * CHUNK + CHUNK - 1 > last;
             for q in 0..4 {
                 let b = chunk * 4 + q;
                 if (b + 1) * BLOCK_TOKENS <= first || b * BLOCK_TOKENS > last {

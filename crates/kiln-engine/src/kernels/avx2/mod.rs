@@ -449,7 +449,7 @@ fn dot_q6_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(q6k_scale(b, chunk), p));
             }
         }
-        let sumi = _mm256_sub_epi32(sumi, q6k_offset(b, &y.bsums[i * 16..]));
+        let sumi = _mm256_sub_epi32(sumi, q6k_offset(q6k_scales16(b), &y.bsums[i * 16..]));
         acc = _mm256_fmadd_ps(
             _mm256_set1_ps(y.d[i] * f16_at(b, 208)),
             _mm256_cvtepi32_ps(sumi),
@@ -501,13 +501,19 @@ fn q6k_scale(b: &[u8], chunk: usize) -> __m256i {
     )
 }
 
-/// `32 · (bsum_2l·sc_2l + bsum_2l+1·sc_2l+1)` in lane `l`: what the block's
-/// `−32` offset takes off each lane (`bsums`: the input's 16 sums of this
-/// block).
+/// A Q6_K block's 16 scales as i16 lanes (for [`q6k_offset`]).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn q6k_offset(b: &[u8], bsums: &[i16]) -> __m256i {
-    let scales16 = _mm256_cvtepi8_epi16(load_u8x16(&b[192..208]));
+fn q6k_scales16(b: &[u8]) -> __m256i {
+    _mm256_cvtepi8_epi16(load_u8x16(&b[192..208]))
+}
+
+/// `32 · (bsum_2l·sc_2l + bsum_2l+1·sc_2l+1)` in lane `l`: what the block's
+/// `−32` offset takes off each lane (`scales16`: [`q6k_scales16`] of the
+/// block; `bsums`: the input's 16 sums of this block).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6k_offset(scales16: __m256i, bsums: &[i16]) -> __m256i {
     _mm256_slli_epi32::<5>(_mm256_madd_epi16(load_i16x16(bsums), scales16))
 }
 

@@ -30,7 +30,7 @@ use super::super::quantize::{Activations, Q8KRow, Q8Row, QK, QK_K};
 use super::super::DotKind;
 use super::{
     dot_u8_i8, f16_at, hsum8, load_i8x32, q4_0_values, q4_1_values, q5_0_values, q6k_offset,
-    q6k_scale, q6k_values, q8_0_values,
+    q6k_scale, q6k_scales16, q6k_values, q8_0_values,
 };
 
 /// Weight rows per tile: each needs two registers (its values and their
@@ -286,8 +286,9 @@ fn q6k_tile<const C: usize>(
             }
         }
         let dw = f16_at(b, 208);
+        let scales16 = q6k_scales16(b);
         for ((a, s), y) in acc.iter_mut().zip(sumi).zip(&ys) {
-            let s = _mm256_sub_epi32(s, q6k_offset(b, &y.bsums[i * 16..]));
+            let s = _mm256_sub_epi32(s, q6k_offset(scales16, &y.bsums[i * 16..]));
             *a = _mm256_fmadd_ps(_mm256_set1_ps(y.d[i] * dw), _mm256_cvtepi32_ps(s), *a);
         }
     }
