@@ -124,6 +124,14 @@ pub(super) fn load_f32x8(s: &[f32]) -> __m256 {
     unsafe { _mm256_loadu_ps(s.as_ptr()) }
 }
 
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn store_f32x8(s: &mut [f32], v: __m256) {
+    let s = &mut s[..8];
+    // SAFETY: `s` is 8 writable f32s; the store has no alignment requirement.
+    unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
+}
+
 /// Eight little-endian f16 values (16 bytes) as f32.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]

@@ -28,17 +28,20 @@ use std::arch::x86_64::*;
 
 use super::super::quantize::{Activations, Q8KRow, Q8Row, QK, QK_K};
 use super::super::DotKind;
+use super::super::scalar::q4k_scales;
 use super::{
-    dot_u8_i8, f16_at, hsum8, load_i8x32, q4_0_values, q4_1_values, q5_0_values, q6k_offset,
-    q6k_scale, q6k_scales16, q6k_values, q8_0_values,
+    dot_u8_i8, f16_at, hsum8, load_f32x8, load_i8x32, load_u8x32, q4_0_values, q4_1_values,
+    q5_0_values, q6k_offset, q6k_scale, q6k_scales16, q6k_values, q8_0_values, store_f32x8,
+    transpose_sum,
 };
 
-/// Weight rows per tile: each needs two registers (its values and their
-/// magnitudes), and with [`INPUTS`] inputs the eight accumulators, the
-/// activation block and the temporaries fill the sixteen.
-const ROWS: usize = 2;
-/// Inputs per tile (at most; a chunk's last tile takes what is left).
-const INPUTS: usize = 4;
+/// Inputs per 32-value-format tile (at most; the last group takes what is
+/// left): one accumulator each, and with the row's values and magnitudes,
+/// the activation block and the temporaries they fit the sixteen registers.
+const INPUTS: usize = 8;
+/// Inputs per Q6_K tile: the row's decoded values and chunk scales take
+/// most of the registers.
+const Q6K_INPUTS: usize = 4;
 /// Inputs whose activations every row of the share meets before the next
 /// ones: 64 rows of Q8 activations of a 2,048-wide matrix are 136 KiB, well
 /// inside a core's second-level cache.
@@ -95,10 +98,8 @@ impl Q0 {
 }
 
 /// `outs[i][r]` = weight row `r` of `w` (whole rows of `row_bytes`) times
-/// input `i`, for a 32-value block format or Q6_K; `None` for the other
-/// formats, which the caller multiplies row by row. (Repacked Q4_K already
-/// takes eight rows per input in the parent module; a tile over inputs,
-/// measured, was slower.)
+/// input `i`, for a 32-value block format, repacked Q4_K or Q6_K; `None`
+/// for the other formats, which the caller multiplies row by row.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn compute_rows(
     kind: DotKind,
@@ -109,6 +110,7 @@ pub(super) fn compute_rows(
 ) -> Option<()> {
     match kind {
         DotKind::Q6K => q6k_tiles(w, row_bytes, acts, outs),
+        DotKind::Q4KRepacked => q4k_tiles(w, row_bytes, acts, outs),
         _ => q0_tiles(kind, w, row_bytes, acts, outs)?,
     }
     Some(())
@@ -132,25 +134,57 @@ fn q0_tiles(
     Some(())
 }
 
+/// Up to [`INPUTS`] inputs as a tile reads them: their activation rows,
+/// and per block their scales side by side (Q4_1: their sums too, zero for
+/// the other formats), so one multiply forms a weight block's scale product
+/// with every input of the group.
+struct Group<'a> {
+    /// Index of the group's first input.
+    first: usize,
+    ys: Vec<Q8Row<'a>>,
+    d: Vec<[f32; INPUTS]>,
+    s: Vec<[f32; INPUTS]>,
+}
+
+impl<'a> Group<'a> {
+    fn new(acts: &'a Activations, first: usize, len: usize, blocks: usize, sums: bool) -> Self {
+        let ys: Vec<Q8Row<'a>> = (first..first + len).map(|i| acts.q8_row(i)).collect();
+        let side_by_side = |field: fn(&Q8Row<'a>) -> &'a [f32]| -> Vec<[f32; INPUTS]> {
+            (0..blocks)
+                .map(|blk| std::array::from_fn(|c| ys.get(c).map_or(0.0, |y| field(y)[blk])))
+                .collect()
+        };
+        let d = side_by_side(|y| y.d);
+        let s = if sums {
+            side_by_side(|y| y.s)
+        } else {
+            vec![[0.0; INPUTS]; blocks]
+        };
+        Group { first, ys, d, s }
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 fn tiles<const F: u8>(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f32]]) {
+    let fmt = Q0::from_const(F);
+    let blocks = row_bytes / fmt.block_bytes();
     let n = outs.len();
-    let ys: Vec<Q8Row<'_>> = (0..n).map(|i| acts.q8_row(i)).collect();
-    for first in (0..n).step_by(CHUNK) {
-        let last = (first + CHUNK).min(n);
-        for (t, tile_w) in w.chunks(ROWS * row_bytes).enumerate() {
-            let r0 = t * ROWS;
-            for c0 in (first..last).step_by(INPUTS) {
-                let ys = &ys[c0..last.min(c0 + INPUTS)];
-                match (tile_w.len() / row_bytes, ys.len()) {
-                    (2, 4) => tile::<F, 2, 4>(tile_w, row_bytes, ys, outs, r0, c0),
-                    (2, 3) => tile::<F, 2, 3>(tile_w, row_bytes, ys, outs, r0, c0),
-                    (2, 2) => tile::<F, 2, 2>(tile_w, row_bytes, ys, outs, r0, c0),
-                    (2, _) => tile::<F, 2, 1>(tile_w, row_bytes, ys, outs, r0, c0),
-                    (_, 4) => tile::<F, 1, 4>(tile_w, row_bytes, ys, outs, r0, c0),
-                    (_, 3) => tile::<F, 1, 3>(tile_w, row_bytes, ys, outs, r0, c0),
-                    (_, 2) => tile::<F, 1, 2>(tile_w, row_bytes, ys, outs, r0, c0),
-                    _ => tile::<F, 1, 1>(tile_w, row_bytes, ys, outs, r0, c0),
+    let groups: Vec<Group<'_>> = (0..n)
+        .step_by(INPUTS)
+        .map(|first| Group::new(acts, first, INPUTS.min(n - first), blocks, fmt == Q0::Q4_1))
+        .collect();
+    for chunk in groups.chunks(CHUNK / INPUTS) {
+        for (r, row) in w.chunks_exact(row_bytes).enumerate() {
+            for g in chunk {
+                match g.ys.len() {
+                    8 => tile::<F, 8>(row, g, outs, r),
+                    7 => tile::<F, 7>(row, g, outs, r),
+                    6 => tile::<F, 6>(row, g, outs, r),
+                    5 => tile::<F, 5>(row, g, outs, r),
+                    4 => tile::<F, 4>(row, g, outs, r),
+                    3 => tile::<F, 3>(row, g, outs, r),
+                    2 => tile::<F, 2>(row, g, outs, r),
+                    _ => tile::<F, 1>(row, g, outs, r),
                 }
             }
         }
@@ -169,73 +203,67 @@ fn values<const F: u8>(b: &[u8]) -> __m256i {
     }
 }
 
-/// `R` weight rows (`rows`, whole rows) times the `C` inputs `ys`, into
-/// `outs[c0 + c][r0 + r]`.
+/// One weight row (`row`, `row_bytes` long) times the group's `C` inputs,
+/// into `outs[g.first + c][r]`.
+///
+/// The quants' lengths are checked once on entry and read through pointers
+/// in the block loop: bounds checks there cost as many instructions as the
+/// arithmetic and spill the tile's registers.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn tile<const F: u8, const R: usize, const C: usize>(
-    rows: &[u8],
-    row_bytes: usize,
-    ys: &[Q8Row<'_>],
+fn tile<const F: u8, const C: usize>(
+    row: &[u8],
+    g: &Group<'_>,
     outs: &mut [&mut [f32]],
-    r0: usize,
-    c0: usize,
+    r: usize,
 ) {
     let fmt = Q0::from_const(F);
     let signed = fmt != Q0::Q4_1;
     let bb = fmt.block_bytes();
-    let ys: [Q8Row<'_>; C] = std::array::from_fn(|c| ys[c]);
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    // Q4_1's `m · s` chains.
-    let mut mins = [[0f32; C]; R];
-    for blk in 0..row_bytes / bb {
-        let at = blk * bb;
-        let mut wv = [_mm256_setzero_si256(); R];
-        let mut magnitude = [_mm256_setzero_si256(); R];
-        let mut dw = [_mm256_setzero_ps(); R];
-        let mut mw = [0f32; R];
-        for r in 0..R {
-            let b = &rows[r * row_bytes + at..r * row_bytes + at + bb];
-            dw[r] = _mm256_set1_ps(f16_at(b, 0));
-            wv[r] = values::<F>(b);
-            if signed {
-                magnitude[r] = _mm256_sign_epi8(wv[r], wv[r]);
-            } else {
-                mw[r] = f16_at(b, 2);
-            }
+    let blocks = row.len() / bb;
+    let ys = &g.ys[..C];
+    assert!(ys.iter().all(|y| y.qs.len() >= blocks * QK));
+    let qs: [*const i8; C] = std::array::from_fn(|c| ys[c].qs.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); C];
+    // Q4_1's `m · s` chains, one lane per input.
+    let mut mins = _mm256_setzero_ps();
+    for (blk, ((b, d), s)) in row.chunks_exact(bb).zip(&g.d).zip(&g.s).enumerate() {
+        let wv = values::<F>(b);
+        let magnitude = if signed {
+            _mm256_sign_epi8(wv, wv)
+        } else {
+            wv
+        };
+        let dw = _mm256_set1_ps(f16_at(b, 0));
+        if !signed {
+            mins = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 2)), load_f32x8(s), mins);
         }
-        for (c, y) in ys.iter().enumerate() {
-            let x = load_i8x32(&y.qs[blk * QK..]);
-            let dy = _mm256_set1_ps(y.d[blk]);
-            for r in 0..R {
-                // Signed weights: |w| times x with w's sign, as `dot_i8_i8`.
-                let sums = if signed {
-                    dot_u8_i8(magnitude[r], _mm256_sign_epi8(x, wv[r]))
-                } else {
-                    dot_u8_i8(wv[r], x)
-                };
-                // `d_w · d_y` in every lane: the scalar code's product.
-                acc[r][c] = _mm256_fmadd_ps(
-                    _mm256_mul_ps(dw[r], dy),
-                    _mm256_cvtepi32_ps(sums),
-                    acc[r][c],
-                );
-                if !signed {
-                    mins[r][c] = mw[r].mul_add(y.s[blk], mins[r][c]);
-                }
-            }
+        for c in 0..C {
+            // SAFETY: input `c` has at least `blocks · QK` quants (checked
+            // on entry) and `blk < blocks`.
+            let x = unsafe { _mm256_loadu_si256(qs[c].add(blk * QK).cast()) };
+            // Signed weights: |w| times x with w's sign, as `dot_i8_i8`.
+            let sums = if signed {
+                dot_u8_i8(magnitude, _mm256_sign_epi8(x, wv))
+            } else {
+                dot_u8_i8(wv, x)
+            };
+            // `d_w · d_y`: the scalar code's product. The input's scale is
+            // broadcast from memory, which costs a load rather than a
+            // shuffle.
+            let scale = _mm256_mul_ps(dw, _mm256_broadcast_ss(&d[c]));
+            acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[c]);
         }
     }
+    let mut m = [0f32; INPUTS];
+    store_f32x8(&mut m, mins);
     for c in 0..C {
-        let out = &mut outs[c0 + c][r0..r0 + R];
-        for r in 0..R {
-            let v = hsum8(acc[r][c]);
-            out[r] = if signed { v } else { v + mins[r][c] };
-        }
+        let v = hsum8(acc[c]);
+        outs[g.first + c][r] = if signed { v } else { v + m[c] };
     }
 }
 
-/// The Q6_K product: one weight row at a time times up to [`INPUTS`]
+/// The Q6_K product: one weight row at a time times up to [`Q6K_INPUTS`]
 /// inputs, each block's values and chunk scales decoded once for all of
 /// them ([`q6k_tile`]).
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -245,8 +273,8 @@ fn q6k_tiles(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f
     for first in (0..n).step_by(CHUNK) {
         let last = (first + CHUNK).min(n);
         for (r, row) in w.chunks_exact(row_bytes).enumerate() {
-            for c0 in (first..last).step_by(INPUTS) {
-                let ys = &ys[c0..last.min(c0 + INPUTS)];
+            for c0 in (first..last).step_by(Q6K_INPUTS) {
+                let ys = &ys[c0..last.min(c0 + Q6K_INPUTS)];
                 match ys.len() {
                     4 => q6k_tile::<4>(row, ys, outs, r, c0),
                     3 => q6k_tile::<3>(row, ys, outs, r, c0),
@@ -294,5 +322,131 @@ fn q6k_tile<const C: usize>(
     }
     for (c, a) in acc.iter().enumerate() {
         outs[c0 + c][r] = hsum8(*a);
+    }
+}
+
+/// Up to [`INPUTS`] Q8_K inputs as a Q4_K tile reads them: their activation
+/// rows and, per block, their scales side by side and the sums of each of
+/// the eight 32-quant sub-blocks side by side (as f32: exact, |Σ| ≤ 4,064).
+struct KGroup<'a> {
+    /// Index of the group's first input.
+    first: usize,
+    ys: Vec<Q8KRow<'a>>,
+    d: Vec<[f32; INPUTS]>,
+    sub_sums: Vec<[[f32; INPUTS]; 8]>,
+}
+
+impl<'a> KGroup<'a> {
+    fn new(acts: &'a Activations, first: usize, len: usize, blocks: usize) -> Self {
+        let ys: Vec<Q8KRow<'a>> = (first..first + len).map(|i| acts.q8k_row(i)).collect();
+        let d = (0..blocks)
+            .map(|blk| std::array::from_fn(|c| ys.get(c).map_or(0.0, |y| y.d[blk])))
+            .collect();
+        let sub_sums = (0..blocks)
+            .map(|blk| {
+                std::array::from_fn(|j| {
+                    std::array::from_fn(|c| {
+                        ys.get(c).map_or(0.0, |y| {
+                            let bs = &y.bsums[blk * 16 + 2 * j..];
+                            f32::from(bs[0]) + f32::from(bs[1])
+                        })
+                    })
+                })
+            })
+            .collect();
+        KGroup { first, ys, d, sub_sums }
+    }
+}
+
+/// The repacked Q4_K product (`scalar::dot_q4_k_repacked`): one weight row
+/// at a time times up to [`INPUTS`] inputs, each block's scales and nibbles
+/// decoded once for all of them ([`q4k_tile`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4k_tiles(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f32]]) {
+    let blocks = row_bytes / 144;
+    let n = outs.len();
+    let groups: Vec<KGroup<'_>> = (0..n)
+        .step_by(INPUTS)
+        .map(|first| KGroup::new(acts, first, INPUTS.min(n - first), blocks))
+        .collect();
+    for chunk in groups.chunks(CHUNK / INPUTS) {
+        for (r, row) in w.chunks_exact(row_bytes).enumerate() {
+            for g in chunk {
+                match g.ys.len() {
+                    8 => q4k_tile::<8>(row, g, outs, r),
+                    7 => q4k_tile::<7>(row, g, outs, r),
+                    6 => q4k_tile::<6>(row, g, outs, r),
+                    5 => q4k_tile::<5>(row, g, outs, r),
+                    4 => q4k_tile::<4>(row, g, outs, r),
+                    3 => q4k_tile::<3>(row, g, outs, r),
+                    2 => q4k_tile::<2>(row, g, outs, r),
+                    _ => q4k_tile::<1>(row, g, outs, r),
+                }
+            }
+        }
+    }
+}
+
+/// One Q4_K weight row times the group's `C` inputs, into
+/// `outs[g.first + c][r]`: per input, the block's exact integer sum
+/// `Σ sc · Σ q4 · q8` and mins `Σ m · Σ q8` (one lane per input, as the
+/// eight-row kernel has one lane per row), each fused with its scale
+/// product block by block, then `acc − acc_min`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4k_tile<const C: usize>(row: &[u8], g: &KGroup<'_>, outs: &mut [&mut [f32]], r: usize) {
+    let blocks = row.len() / 144;
+    let ys = &g.ys[..C];
+    assert!(ys.iter().all(|y| y.qs.len() >= blocks * QK_K));
+    let qs: [*const i8; C] = std::array::from_fn(|c| ys[c].qs.as_ptr());
+    let nibble = _mm256_set1_epi8(0xF);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_min = _mm256_setzero_ps();
+    for (blk, ((b, d), sub_sums)) in row
+        .chunks_exact(144)
+        .zip(&g.d)
+        .zip(&g.sub_sums)
+        .enumerate()
+    {
+        let (sc, m) = q4k_scales(&b[4..16]);
+        let mut sums = [_mm256_setzero_si256(); INPUTS];
+        for k in 0..4 {
+            let bits = load_u8x32(&b[16 + 32 * k..]);
+            let lo = _mm256_and_si256(bits, nibble);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), nibble);
+            let sc_lo = _mm256_set1_epi16(i16::from(sc[2 * k]));
+            let sc_hi = _mm256_set1_epi16(i16::from(sc[2 * k + 1]));
+            for (c, sum) in sums.iter_mut().take(C).enumerate() {
+                // SAFETY: input `c` has at least `blocks · QK_K` quants
+                // (checked on entry), `blk < blocks` and `64 · k + 64 ≤ QK_K`.
+                let (x_lo, x_hi) = unsafe {
+                    let x = qs[c].add(blk * QK_K + 64 * k);
+                    (
+                        _mm256_loadu_si256(x.cast()),
+                        _mm256_loadu_si256(x.add(32).cast()),
+                    )
+                };
+                let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x_lo), sc_lo);
+                let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x_hi), sc_hi);
+                *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(p_lo, p_hi));
+            }
+        }
+        // Σ m_j · (sub-block sum j): integers below 2^24, so exact in f32.
+        let mut mins = _mm256_setzero_ps();
+        for (&mj, s) in m.iter().zip(sub_sums) {
+            mins = _mm256_fmadd_ps(_mm256_set1_ps(f32::from(mj)), load_f32x8(s), mins);
+        }
+        let dy = load_f32x8(d);
+        acc = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(transpose_sum(&sums)),
+            _mm256_mul_ps(_mm256_set1_ps(f16_at(b, 0)), dy),
+            acc,
+        );
+        acc_min = _mm256_fmadd_ps(mins, _mm256_mul_ps(_mm256_set1_ps(f16_at(b, 2)), dy), acc_min);
+    }
+    let mut out = [0f32; INPUTS];
+    store_f32x8(&mut out, _mm256_sub_ps(acc, acc_min));
+    for (c, v) in out.iter().take(C).enumerate() {
+        outs[g.first + c][r] = *v;
     }
 }
