@@ -27,21 +27,17 @@
 use std::arch::x86_64::*;
 
 use super::super::quantize::{Activations, Q8KRow, Q8Row, QK, QK_K};
-use super::super::DotKind;
 use super::super::scalar::q4k_scales;
+use super::super::DotKind;
 use super::{
-    dot_u8_i8, f16_at, hsum8, load_f32x8, load_i8x32, load_u8x32, q4_0_values, q4_1_values,
-    q5_0_values, q6k_offset, q6k_scale, q6k_scales16, q6k_values, q8_0_values, store_f32x8,
-    transpose_sum,
+    dot_u8_i8, f16_at, hsum8, load_f32x8, load_u8x32, q4_0_values, q4_1_values, q5_0_values,
+    q6k_offset, q6k_scale, q6k_scales16, q6k_values, q8_0_values, store_f32x8, transpose_sum,
 };
 
 /// Inputs per 32-value-format tile (at most; the last group takes what is
 /// left): one accumulator each, and with the row's values and magnitudes,
 /// the activation block and the temporaries they fit the sixteen registers.
 const INPUTS: usize = 8;
-/// Inputs per Q6_K tile: the row's decoded values and chunk scales take
-/// most of the registers.
-const Q6K_INPUTS: usize = 4;
 /// Inputs whose activations every row of the share meets before the next
 /// ones: 64 rows of Q8 activations of a 2,048-wide matrix are 136 KiB, well
 /// inside a core's second-level cache.
@@ -211,12 +207,7 @@ fn values<const F: u8>(b: &[u8]) -> __m256i {
 /// arithmetic and spill the tile's registers.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn tile<const F: u8, const C: usize>(
-    row: &[u8],
-    g: &Group<'_>,
-    outs: &mut [&mut [f32]],
-    r: usize,
-) {
+fn tile<const F: u8, const C: usize>(row: &[u8], g: &Group<'_>, outs: &mut [&mut [f32]], r: usize) {
     let fmt = Q0::from_const(F);
     let signed = fmt != Q0::Q4_1;
     let bb = fmt.block_bytes();
@@ -229,11 +220,7 @@ fn tile<const F: u8, const C: usize>(
     let mut mins = _mm256_setzero_ps();
     for (blk, ((b, d), s)) in row.chunks_exact(bb).zip(&g.d).zip(&g.s).enumerate() {
         let wv = values::<F>(b);
-        let magnitude = if signed {
-            _mm256_sign_epi8(wv, wv)
-        } else {
-            wv
-        };
+        let magnitude = if signed { _mm256_sign_epi8(wv, wv) } else { wv };
         let dw = _mm256_set1_ps(f16_at(b, 0));
         if !signed {
             mins = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 2)), load_f32x8(s), mins);
@@ -263,7 +250,7 @@ fn tile<const F: u8, const C: usize>(
     }
 }
 
-/// The Q6_K product: one weight row at a time times up to [`Q6K_INPUTS`]
+/// The Q6_K product: one weight row at a time times up to [`INPUTS`]
 /// inputs, each block's values and chunk scales decoded once for all of
 /// them ([`q6k_tile`]).
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -273,9 +260,13 @@ fn q6k_tiles(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f
     for first in (0..n).step_by(CHUNK) {
         let last = (first + CHUNK).min(n);
         for (r, row) in w.chunks_exact(row_bytes).enumerate() {
-            for c0 in (first..last).step_by(Q6K_INPUTS) {
-                let ys = &ys[c0..last.min(c0 + Q6K_INPUTS)];
+            for c0 in (first..last).step_by(INPUTS) {
+                let ys = &ys[c0..last.min(c0 + INPUTS)];
                 match ys.len() {
+                    8 => q6k_tile::<8>(row, ys, outs, r, c0),
+                    7 => q6k_tile::<7>(row, ys, outs, r, c0),
+                    6 => q6k_tile::<6>(row, ys, outs, r, c0),
+                    5 => q6k_tile::<5>(row, ys, outs, r, c0),
                     4 => q6k_tile::<4>(row, ys, outs, r, c0),
                     3 => q6k_tile::<3>(row, ys, outs, r, c0),
                     2 => q6k_tile::<2>(row, ys, outs, r, c0),
@@ -287,7 +278,8 @@ fn q6k_tiles(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f
 }
 
 /// Weight row `r` (`row`) times the `C` inputs `ys`, into `outs[c0 + c][r]`:
-/// per input, `dot_q6_k`'s lane sums, offset, scale and fused add.
+/// per input, `dot_q6_k`'s lane sums, offset, scale and fused add. The
+/// quants are read through pointers, their lengths checked once on entry.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q6k_tile<const C: usize>(
@@ -297,7 +289,10 @@ fn q6k_tile<const C: usize>(
     r: usize,
     c0: usize,
 ) {
+    let blocks = row.len() / 210;
     let ys: [Q8KRow<'_>; C] = std::array::from_fn(|c| ys[c]);
+    assert!(ys.iter().all(|y| y.qs.len() >= blocks * QK_K));
+    let qs: [*const i8; C] = std::array::from_fn(|c| ys[c].qs.as_ptr());
     let mut acc = [_mm256_setzero_ps(); C];
     for (i, b) in row.chunks_exact(210).enumerate() {
         let mut sumi = [_mm256_setzero_si256(); C];
@@ -306,8 +301,10 @@ fn q6k_tile<const C: usize>(
             for (k, &qk) in q.iter().enumerate() {
                 let chunk = 4 * half + k;
                 let sc = q6k_scale(b, chunk);
-                for (s, y) in sumi.iter_mut().zip(&ys) {
-                    let x = load_i8x32(&y.qs[i * QK_K + 32 * chunk..]);
+                for (s, x) in sumi.iter_mut().zip(qs) {
+                    // SAFETY: every input has at least `blocks · QK_K` quants
+                    // (checked on entry), `i < blocks` and `32 · chunk + 32 ≤ QK_K`.
+                    let x = unsafe { _mm256_loadu_si256(x.add(i * QK_K + 32 * chunk).cast()) };
                     let p = _mm256_maddubs_epi16(qk, x);
                     *s = _mm256_add_epi32(*s, _mm256_madd_epi16(sc, p));
                 }
@@ -354,7 +351,12 @@ impl<'a> KGroup<'a> {
                 })
             })
             .collect();
-        KGroup { first, ys, d, sub_sums }
+        KGroup {
+            first,
+            ys,
+            d,
+            sub_sums,
+        }
     }
 }
 
@@ -402,12 +404,7 @@ fn q4k_tile<const C: usize>(row: &[u8], g: &KGroup<'_>, outs: &mut [&mut [f32]],
     let nibble = _mm256_set1_epi8(0xF);
     let mut acc = _mm256_setzero_ps();
     let mut acc_min = _mm256_setzero_ps();
-    for (blk, ((b, d), sub_sums)) in row
-        .chunks_exact(144)
-        .zip(&g.d)
-        .zip(&g.sub_sums)
-        .enumerate()
-    {
+    for (blk, ((b, d), sub_sums)) in row.chunks_exact(144).zip(&g.d).zip(&g.sub_sums).enumerate() {
         let (sc, m) = q4k_scales(&b[4..16]);
         let mut sums = [_mm256_setzero_si256(); INPUTS];
         for k in 0..4 {
@@ -442,7 +439,11 @@ fn q4k_tile<const C: usize>(row: &[u8], g: &KGroup<'_>, outs: &mut [&mut [f32]],
             _mm256_mul_ps(_mm256_set1_ps(f16_at(b, 0)), dy),
             acc,
         );
-        acc_min = _mm256_fmadd_ps(mins, _mm256_mul_ps(_mm256_set1_ps(f16_at(b, 2)), dy), acc_min);
+        acc_min = _mm256_fmadd_ps(
+            mins,
+            _mm256_mul_ps(_mm256_set1_ps(f16_at(b, 2)), dy),
+            acc_min,
+        );
     }
     let mut out = [0f32; INPUTS];
     store_f32x8(&mut out, _mm256_sub_ps(acc, acc_min));
