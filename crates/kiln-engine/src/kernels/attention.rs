@@ -301,8 +301,8 @@ pub mod avx2 {
     /// accumulators and the chunk's weights stay in registers over all
     /// dimensions. Each accumulator still takes its cells in cell order, so
     /// the sums are the portable code's. Cells outside `first..first +
-    /// w.len()` leave their lanes as they are (a blend, in the first and
-    /// last chunks only).
+    /// w.len()` leave their lanes as they are (masked to +0 with +0 weights,
+    /// in the first and last chunks only).
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
@@ -354,12 +354,19 @@ pub mod avx2 {
                 {
                     for h in 0..2 {
                         let k = 2 * q + h;
-                        let sum = _mm256_fmadd_ps(load_f16x8(&cells[8 * h..]), wv[k], a[k]);
-                        a[k] = if partial {
-                            _mm256_blendv_ps(a[k], sum, mask[k])
+                        let v = load_f16x8(&cells[8 * h..]);
+                        // A cell not taken meets +0 · +0: its lane keeps
+                        // its value (an accumulator that starts at +0 never
+                        // becomes −0, so adding +0 changes no bit), whatever
+                        // the cache holds there, infinities and NaN included.
+                        // (A blend here compiles to a masked store, which
+                        // is microcoded and slow on AMD cores.)
+                        let v = if partial {
+                            _mm256_and_ps(v, mask[k])
                         } else {
-                            sum
+                            v
                         };
+                        a[k] = _mm256_fmadd_ps(v, wv[k], a[k]);
                     }
                 }
             }
@@ -471,6 +478,21 @@ mod tests {
                         bits(&o2),
                         "values, hd {hd}, cells {first}..={last}"
                     );
+                    // Whatever the cache holds outside the cells (stale
+                    // slots, infinities, NaN) changes nothing.
+                    let mut poisoned = blocks.clone();
+                    for (b, block) in poisoned.iter_mut().enumerate() {
+                        for (i, v) in block.iter_mut().enumerate() {
+                            let p = b * BLOCK_TOKENS + i % BLOCK_TOKENS;
+                            if p < first || p > last {
+                                *v = [f16::NAN, f16::INFINITY, f16::NEG_INFINITY][i % 3];
+                            }
+                        }
+                    }
+                    let views: Vec<&[f16]> = poisoned.iter().map(|b| &b[..]).collect();
+                    // SAFETY: as above.
+                    unsafe { avx2::weighted_values(&views, hd, first, &w, &mut o2) };
+                    assert_eq!(bits(&o1), bits(&o2), "poisoned, hd {hd}, {first}..={last}");
                 }
             }
         }
