@@ -1,28 +1,34 @@
 //! AVX2 register tiles for the 32-value block formats (Q4_0, Q4_1, Q5_0,
-//! Q8_0) and Q6_K when a product has more than one input (prefill, batched
-//! decode).
+//! Q8_0), repacked Q4_K and Q6_K when a product has more than one input
+//! (prefill, batched decode).
 //!
 //! The per-row kernels in the parent module decode a weight block for every
-//! input it meets and reload an activation block for every row. A tile of
-//! [`ROWS`] weight rows times up to [`INPUTS`] inputs decodes each weight
-//! block once for all its inputs and loads each activation block once for
-//! all its rows, which leaves, per row, input and block, the integer dot
-//! product (`vpsignb`, `vpmaddubsw`, `vpmaddwd`), its conversion, the scale
-//! product and one fused multiply-add. A Q6_K tile is one row (its decoded
-//! values and chunk scales fill the registers) times up to [`INPUTS`]
-//! inputs.
+//! input it meets. A tile is one weight row times up to [`INPUTS`] inputs:
+//! each weight block is decoded once for all of them, which leaves, per
+//! input and block, the integer dot product and its scaling. For the
+//! 32-value formats that is `vpsignb`, `vpmaddubsw`, `vpmaddwd`, the
+//! conversion, the scale product and one fused multiply-add per 32 values;
+//! the K-quants keep a whole 256-value block in integers and scale it once.
 //!
 //! It is the same arithmetic as the per-row kernels and so as
-//! [`super::super::scalar`]: every accumulator is one row's and one input's
-//! 8-lane sum, fed block by block in the same order with the same exact
-//! integer lane sums and the same `d_w · d_y` scale, folded by the same
-//! `hsum_float_8`; Q4_1's `m · s` chain is the same scalar fused multiply-add
-//! per block. No value depends on which tile or batch its row and input
-//! landed in.
+//! [`super::super::scalar`], and no value depends on which tile or batch
+//! its row and input landed in:
+//! - 32-value formats and Q6_K: every accumulator is one row's and one
+//!   input's 8-lane sum, fed block by block in the same order with the same
+//!   exact integer lane sums and the same `d_w · d_y` scale, folded by the
+//!   same `hsum_float_8`; Q4_1's `m · s` chain is the same fused
+//!   multiply-add per block (one lane per input).
+//! - Repacked Q4_K: as the eight-row kernel keeps one lane per row, the tile
+//!   keeps one lane per input: the block's exact integer sum and mins, each
+//!   fused with its scale product block by block.
+//!
+//! Lengths are checked once per tile and the block loops read the inputs'
+//! quants through pointers: bounds checks there cost as many instructions as
+//! the arithmetic and spilled the registers.
 //!
 //! Inputs are taken [`CHUNK`] at a time, and every row of the share passes
 //! over one chunk before the next: the chunk's activations stay in the
-//! core's first caches while the weights stream past them.
+//! core's caches while the weights stream past them.
 
 use std::arch::x86_64::*;
 
