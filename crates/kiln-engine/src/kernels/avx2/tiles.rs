@@ -175,18 +175,20 @@ fn tiles<const F: u8>(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut
         .step_by(INPUTS)
         .map(|first| Group::new(acts, first, INPUTS.min(n - first), blocks, fmt == Q0::Q4_1))
         .collect();
+    let mut scales = vec![[0f32; INPUTS]; blocks];
     for chunk in groups.chunks(CHUNK / INPUTS) {
         for (r, row) in w.chunks_exact(row_bytes).enumerate() {
             for g in chunk {
+                let s = &mut scales;
                 match g.ys.len() {
-                    8 => tile::<F, 8>(row, g, outs, r),
-                    7 => tile::<F, 7>(row, g, outs, r),
-                    6 => tile::<F, 6>(row, g, outs, r),
-                    5 => tile::<F, 5>(row, g, outs, r),
-                    4 => tile::<F, 4>(row, g, outs, r),
-                    3 => tile::<F, 3>(row, g, outs, r),
-                    2 => tile::<F, 2>(row, g, outs, r),
-                    _ => tile::<F, 1>(row, g, outs, r),
+                    8 => tile::<F, 8>(row, g, s, outs, r),
+                    7 => tile::<F, 7>(row, g, s, outs, r),
+                    6 => tile::<F, 6>(row, g, s, outs, r),
+                    5 => tile::<F, 5>(row, g, s, outs, r),
+                    4 => tile::<F, 4>(row, g, s, outs, r),
+                    3 => tile::<F, 3>(row, g, s, outs, r),
+                    2 => tile::<F, 2>(row, g, s, outs, r),
+                    _ => tile::<F, 1>(row, g, s, outs, r),
                 }
             }
         }
@@ -213,7 +215,13 @@ fn values<const F: u8>(b: &[u8]) -> __m256i {
 /// arithmetic and spill the tile's registers.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn tile<const F: u8, const C: usize>(row: &[u8], g: &Group<'_>, outs: &mut [&mut [f32]], r: usize) {
+fn tile<const F: u8, const C: usize>(
+    row: &[u8],
+    g: &Group<'_>,
+    scales: &mut [[f32; INPUTS]],
+    outs: &mut [&mut [f32]],
+    r: usize,
+) {
     let fmt = Q0::from_const(F);
     let signed = fmt != Q0::Q4_1;
     let bb = fmt.block_bytes();
@@ -221,13 +229,26 @@ fn tile<const F: u8, const C: usize>(row: &[u8], g: &Group<'_>, outs: &mut [&mut
     let ys = &g.ys[..C];
     assert!(ys.iter().all(|y| y.qs.len() >= blocks * QK));
     let qs: [*const i8; C] = std::array::from_fn(|c| ys[c].qs.as_ptr());
+    // `d_w · d_y` of every block and input, the scalar code's products,
+    // formed ahead so the block loop broadcasts each from memory (a load)
+    // rather than from a register (a shuffle and a broadcast).
+    for ((sc, b), d) in scales.iter_mut().zip(row.chunks_exact(bb)).zip(&g.d) {
+        store_f32x8(
+            sc,
+            _mm256_mul_ps(_mm256_set1_ps(f16_at(b, 0)), load_f32x8(d)),
+        );
+    }
     let mut acc = [_mm256_setzero_ps(); C];
     // Q4_1's `m · s` chains, one lane per input.
     let mut mins = _mm256_setzero_ps();
-    for (blk, ((b, d), s)) in row.chunks_exact(bb).zip(&g.d).zip(&g.s).enumerate() {
+    for (blk, ((b, sc), s)) in row
+        .chunks_exact(bb)
+        .zip(scales.iter())
+        .zip(&g.s)
+        .enumerate()
+    {
         let wv = values::<F>(b);
         let magnitude = if signed { _mm256_sign_epi8(wv, wv) } else { wv };
-        let dw = _mm256_set1_ps(f16_at(b, 0));
         if !signed {
             mins = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 2)), load_f32x8(s), mins);
         }
@@ -241,10 +262,7 @@ fn tile<const F: u8, const C: usize>(row: &[u8], g: &Group<'_>, outs: &mut [&mut
             } else {
                 dot_u8_i8(wv, x)
             };
-            // `d_w · d_y`: the scalar code's product. The input's scale is
-            // broadcast from memory, which costs a load rather than a
-            // shuffle.
-            let scale = _mm256_mul_ps(dw, _mm256_broadcast_ss(&d[c]));
+            let scale = _mm256_broadcast_ss(&sc[c]);
             acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[c]);
         }
     }
