@@ -117,7 +117,7 @@ pub mod avx2 {
 
     use half::f16;
 
-    use super::super::avx2::{fold_f16_accumulators, fold_to_8, hsum8_x8, load_f32x8};
+    use super::super::avx2::{fold_f16_accumulators, fold_to_8, hsum8_x8, load_f32x8, store_f32x8};
     use crate::model::kv::BLOCK_TOKENS;
 
     #[inline]
@@ -126,14 +126,6 @@ pub mod avx2 {
         let s = &s[..8];
         // SAFETY: `s` is 8 readable f16s (16 bytes); unaligned load.
         _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.as_ptr().cast()) })
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn store_f32x8(s: &mut [f32], v: __m256) {
-        let s = &mut s[..8];
-        // SAFETY: `s` is 8 writable f32s; unaligned store.
-        unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
     }
 
     /// [`super::dot_f16`].
