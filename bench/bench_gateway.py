@@ -15,9 +15,16 @@ Targets, each measured `--runs` times:
 - kiln:    wrk -> kiln serve -> mock, with a member key that has a price, a
            prepaid balance and rate limits, so every request is authenticated,
            rate-limited, reserved and settled in the SQLite ledger;
+- nginx:   wrk -> nginx (Debian's package) -> mock, a plain reverse proxy with
+           upstream keep-alive and nothing else: what one proxy hop costs on
+           this machine, the floor under any gateway's added latency;
 - litellm: wrk -> litellm proxy -> mock, in master-key mode: LiteLLM's per-key
            budgets and spend tracking need a database engine it downloads from
            outside the package registries, which this machine cannot reach.
+
+mock, nginx and kiln run side by side and take turns, run by run, so a
+change in the machine's load falls on all three alike; litellm runs after
+them, alone.
 """
 
 import argparse
@@ -122,6 +129,41 @@ def start_kiln(binary: Path, mock_url: str, workdir: Path) -> tuple[Proc, str, s
     return p, f"http://127.0.0.1:{port}", key, db
 
 
+def start_nginx(binary: str, mock_url: str, workdir: Path) -> tuple[Proc, str]:
+    """nginx as a bare reverse proxy to the mock: two worker processes (one
+    per core, as `worker_processes auto` gives here), HTTP/1.1 keep-alive
+    to the upstream, no logging, no buffering of answers."""
+    root = workdir / "nginx"
+    root.mkdir(exist_ok=True)
+    port = free_port()
+    upstream = mock_url.removeprefix("http://")
+    conf = root / "nginx.conf"
+    conf.write_text(
+        "daemon off;\n"
+        "worker_processes 2;\n"
+        f"pid {root}/nginx.pid;\n"
+        f"error_log {root}/error.log warn;\n"
+        "events { worker_connections 4096; }\n"
+        "http {\n"
+        "  access_log off;\n"
+        + "".join(f"  {kind}_temp_path {root}/{kind};\n"
+                  for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + f"  upstream mock {{ server {upstream}; keepalive 128; }}\n"
+        f"  server {{\n"
+        f"    listen 127.0.0.1:{port};\n"
+        "    location / {\n"
+        "      proxy_pass http://mock;\n"
+        "      proxy_http_version 1.1;\n"
+        '      proxy_set_header Connection "";\n'
+        "      proxy_buffering off;\n"
+        "    }\n"
+        "  }\n"
+        "}\n")
+    p = Proc("nginx", [binary, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")])
+    wait_http(f"http://127.0.0.1:{port}/v1/models", 30)
+    return p, f"http://127.0.0.1:{port}"
+
+
 def start_litellm(binary: str, mock_url: str, workdir: Path) -> tuple[Proc, str, str]:
     master = "sk-bench-master-key"
     config = workdir / "litellm.yaml"
@@ -219,6 +261,22 @@ def pacing(rate: int) -> tuple[int, int]:
     return connections, delay
 
 
+def measure(side: dict, rates: list[int], args, workdir: Path) -> dict:
+    """Each target's warm-up, then `args.runs` rounds in which every target
+    has its closed-loop run and its paced runs in turn."""
+    out = {name: {"max": [], "rates": {str(rate): [] for rate in rates}} for name in side}
+    for name, (url, key) in side.items():
+        out[name]["warmup"] = run_wrk(url, key, 8, 2, 0, workdir)
+    for _ in range(args.runs):
+        for name, (url, key) in side.items():
+            out[name]["max"].append(run_wrk(url, key, args.max_connections, args.duration, 0, workdir))
+        for rate in rates:
+            c, d = pacing(rate)
+            for name, (url, key) in side.items():
+                out[name]["rates"][str(rate)].append(run_wrk(url, key, c, args.duration, d, workdir))
+    return out
+
+
 def mmm(values: list[float]) -> str:
     vals = [v for v in values if v == v]
     if not vals:
@@ -235,7 +293,9 @@ def main() -> int:
     ap.add_argument("--kiln-bin", type=Path, default=REPO / "target" / "release" / "kiln")
     ap.add_argument("--mock-bin", type=Path, default=REPO / "target" / "release" / "kiln-mock-upstream")
     ap.add_argument("--litellm", default=shutil.which("litellm"), help="litellm executable (skipped if none)")
-    ap.add_argument("--targets", default="mock,kiln,litellm")
+    ap.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx",
+                    help="nginx executable (apt-get install nginx; skipped if none)")
+    ap.add_argument("--targets", default="mock,nginx,kiln,litellm")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -248,34 +308,43 @@ def main() -> int:
     if "litellm" in targets and not args.litellm:
         print("litellm not found (pip install 'litellm[proxy]==1.74.15'): skipping it", file=sys.stderr)
         targets.remove("litellm")
+    if "nginx" in targets and not Path(args.nginx).exists():
+        print("nginx not found (apt-get install nginx): skipping it", file=sys.stderr)
+        targets.remove("nginx")
+    unknown = set(targets) - {"mock", "nginx", "kiln", "litellm"}
+    if unknown:
+        sys.exit(f"unknown targets: {', '.join(sorted(unknown))}")
     print(f"load average at start: {os.getloadavg()}", file=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     mock, mock_url = start_mock(args.mock_bin)
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "targets": {}}
     kiln_db = None
+    procs: list[Proc] = []
     try:
-        for target in targets:
+        # The light targets side by side, taking turns run by run.
+        side = {}
+        for target in [t for t in targets if t != "litellm"]:
             if target == "mock":
-                proc, url, key = None, mock_url, "unused"
-            elif target == "kiln":
-                proc, url, key, kiln_db = start_kiln(args.kiln_bin, mock_url, workdir)
-            elif target == "litellm":
-                proc, url, key = start_litellm(args.litellm, mock_url, workdir)
+                side[target] = (mock_url, "unused")
+            elif target == "nginx":
+                proc, url = start_nginx(args.nginx, mock_url, workdir)
+                procs.append(proc)
+                side[target] = (url, "unused")
             else:
-                sys.exit(f"unknown target {target}")
-            try:
-                r = {"max": [], "rates": {str(rate): [] for rate in rates}}
-                r["warmup"] = run_wrk(url, key, 8, 2, 0, workdir)
-                for _ in range(args.runs):
-                    r["max"].append(run_wrk(url, key, args.max_connections, args.duration, 0, workdir))
-                    for rate in rates:
-                        c, d = pacing(rate)
-                        r["rates"][str(rate)].append(run_wrk(url, key, c, args.duration, d, workdir))
-                results["targets"][target] = r
-            finally:
-                if proc:
-                    proc.stop()
+                proc, url, key, kiln_db = start_kiln(args.kiln_bin, mock_url, workdir)
+                procs.append(proc)
+                side[target] = (url, key)
+        results["targets"].update(measure(side, rates, args, workdir))
+        for proc in procs:
+            proc.stop()
+        procs.clear()
+        if "litellm" in targets:
+            proc, url, key = start_litellm(args.litellm, mock_url, workdir)
+            procs.append(proc)
+            results["targets"].update(measure({"litellm": (url, key)}, rates, args, workdir))
     finally:
+        for proc in procs:
+            proc.stop()
         mock.stop()
     print(f"load average at end: {os.getloadavg()}", file=sys.stderr)
 
