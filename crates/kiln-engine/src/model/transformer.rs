@@ -530,10 +530,10 @@ impl Transformer {
         for (r, row) in rows.iter().enumerate() {
             let rope = ropes[row.item].get(local);
             for head in q[r * q_dim..(r + 1) * q_dim].chunks_exact_mut(hd) {
-                rope.apply(head, row.index);
+                rope.rotate(head, row.index);
             }
             for head in k[r * kv_dim..(r + 1) * kv_dim].chunks_exact_mut(hd) {
-                rope.apply(head, row.index);
+                rope.rotate(head, row.index);
             }
             let at = r * kv_dim..(r + 1) * kv_dim;
             pool.write(tables[row.item], li, row.pos, &k[at.clone()], &v[at]);
@@ -645,11 +645,8 @@ impl<'a> HeadAttention<'a> {
     /// caller checked the CPU).
     #[inline(always)]
     fn run(&self, out: &mut [f32], simd: bool) {
-        let qh: Vec<f32> = self
-            .q
-            .iter()
-            .map(|&s| f16::from_f32(s * self.pre).to_f32())
-            .collect();
+        let mut qh: Vec<f32> = self.q.iter().map(|&s| s * self.pre).collect();
+        round_to_f16(&mut qh);
         let mut scores = vec![0f32; self.pos + 1 - self.first];
         head_ops::key_dots(simd, &qh, self, &mut scores);
         let mut max = f32::NEG_INFINITY;
@@ -682,6 +679,16 @@ impl<'a> HeadAttention<'a> {
         head_ops::weights(simd, &mut scores, inv);
         head_ops::values(simd, self.values, self.kv_offset, self.first, &scores, out);
     }
+}
+
+/// Rounds each value to the nearest `f16` (kept as `f32`): `half`'s slice
+/// conversions, one CPU check for the run (F16C where there is one, as value
+/// by value), the same bits.
+fn round_to_f16(v: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let mut h = vec![f16::ZERO; v.len()];
+    h.convert_from_f32_slice(v);
+    h.convert_to_f32_slice(v);
 }
 
 /// The attention loops of [`HeadAttention::run`], AVX2 or portable (the
@@ -779,6 +786,25 @@ impl RopeTable {
         }
     }
 
+    /// Rotates one head of row `row`: [`Self::apply`], compiled with FMA
+    /// instructions where the CPU has them (the portable build calls libm's
+    /// `fmaf` for each fused multiply-add); the same bits either way.
+    fn rotate(&self, head: &mut [f32], row: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if lanes::fma_available() {
+            // SAFETY: fma_available() checked the CPU features.
+            return unsafe { self.apply_fma(head, row) };
+        }
+        self.apply(head, row)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn apply_fma(&self, head: &mut [f32], row: usize) {
+        self.apply(head, row)
+    }
+
+    #[inline(always)]
     fn apply(&self, head: &mut [f32], row: usize) {
         let half = self.dims / 2;
         let cos = &self.cos[row * half..(row + 1) * half];
@@ -808,15 +834,31 @@ fn matmul(w: &QMatrix, x: &[f32], rows: usize, _cols: usize) -> Result<Vec<f32>>
     w.matmul(x, rows)
 }
 
-/// RMS-normalises each `w.len()`-wide row of `x` and scales it by `w`.
+/// RMS-normalises each `w.len()`-wide row of `x` and scales it by `w`; a
+/// prompt's rows in parallel (each row's arithmetic is its own, so the bits
+/// do not depend on how they are shared out).
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    /// Fewer rows than this (decode steps) are not worth a parallel job.
+    const PARALLEL_ROWS: usize = 64;
     let d = w.len();
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(d) {
+    if d == 0 {
+        return Vec::new();
+    }
+    let mut out = vec![0f32; x.len() / d * d];
+    let norm = |(out, row): (&mut [f32], &[f32])| {
         // Squares in f32, summed in f64, as ggml does.
         let ss: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
         let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
-        out.extend(row.iter().zip(w).map(|(&v, &g)| v * scale * g));
+        for ((o, &v), &g) in out.iter_mut().zip(row).zip(w) {
+            *o = v * scale * g;
+        }
+    };
+    if out.len() / d >= PARALLEL_ROWS {
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks_exact(d))
+            .for_each(norm);
+    } else {
+        out.chunks_mut(d).zip(x.chunks_exact(d)).for_each(norm);
     }
     out
 }
@@ -842,11 +884,31 @@ fn gated_activation(activation: Activation, gate: &mut [f32], up: &[f32]) {
                 swiglu(g, u)
             }
             Activation::Silu => swiglu(g, u),
-            Activation::GeluTanh => g
-                .iter_mut()
-                .zip(u)
-                .for_each(|(g, u)| *g = gelu_tanh(*g) * u),
+            Activation::GeluTanh => geglu(g, u),
         });
+}
+
+/// `gate ← gelu_tanh(gate) · up`, the GELU table read for a run of
+/// values at a time: `half`'s slice conversions round and widen the whole
+/// run with one CPU check (F16C where there is one, as the value-by-value
+/// conversion does), so the bits are those of one value at a time.
+fn geglu(gate: &mut [f32], up: &[f32]) {
+    use half::slice::HalfFloatSliceExt;
+    const RUN: usize = 256;
+    let table = gelu_table();
+    let mut h = [f16::ZERO; RUN];
+    let mut y = [0f32; RUN];
+    for (g, u) in gate.chunks_mut(RUN).zip(up.chunks(RUN)) {
+        let (h, y) = (&mut h[..g.len()], &mut y[..g.len()]);
+        h.convert_from_f32_slice(g);
+        for x in h.iter_mut() {
+            *x = table[usize::from(x.to_bits())];
+        }
+        h.convert_to_f32_slice(y);
+        for ((g, &y), &u) in g.iter_mut().zip(y.iter()).zip(u) {
+            *g = gelu_clamped(*g, y) * u;
+        }
+    }
 }
 
 #[inline(always)]
@@ -880,21 +942,37 @@ fn gelu_tanh_exact(x: f32) -> f32 {
 /// holding `f16` results — llama.cpp's CPU definition, which our logits track.
 /// The fused multiply-add in [`gelu_tanh_exact`] matters: without it one
 /// entry (x = -1.999) comes out one `f16` step away from llama.cpp's, enough
-/// to move a Gemma logit by 0.07 when a prompt hits it.
+/// to move a Gemma logit by 0.07 when a prompt hits it. One value at a time;
+/// the forward pass runs [`geglu`], whose bits the tests hold to this.
+#[cfg(test)]
 fn gelu_tanh(x: f32) -> f32 {
-    static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
+    gelu_clamped(
+        x,
+        gelu_table()[usize::from(f16::from_f32(x).to_bits())].to_f32(),
+    )
+}
+
+/// GELU of `x` given the table's entry for it: the table covers
+/// `-10 < x < 10`; below, 0; above, `x` itself.
+#[inline(always)]
+fn gelu_clamped(x: f32, from_table: f32) -> f32 {
     if x <= -10.0 {
-        return 0.0;
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        from_table
     }
-    if x >= 10.0 {
-        return x;
-    }
-    let table = TABLE.get_or_init(|| {
+}
+
+/// [`gelu_tanh_exact`] of every `f16`, rounded to `f16`, indexed by its bits.
+fn gelu_table() -> &'static [f16] {
+    static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
         (0..=u16::MAX)
             .map(|bits| f16::from_f32(gelu_tanh_exact(f16::from_bits(bits).to_f32())))
             .collect()
-    });
-    table[f16::from_f32(x).to_bits() as usize].to_f32()
+    })
 }
 
 #[cfg(test)]
@@ -906,6 +984,36 @@ mod tests {
         let out = rms_norm_rows(&[2.0, 2.0, 2.0, 2.0], &[1.0, 2.0, 3.0, 4.0], 0.0);
         for (o, e) in out.iter().zip([1.0, 2.0, 3.0, 4.0]) {
             assert!((o - e).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn geglu_gives_the_bits_of_one_value_at_a_time() {
+        let mut x: Vec<f32> = (0..3000).map(|i| (i as f32 - 1500.0) * 0.0083).collect();
+        x.extend([
+            -10.0,
+            10.0,
+            -10.001,
+            9.999,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            1e-40,
+            65504.0,
+            70000.0,
+        ]);
+        let up: Vec<f32> = (0..x.len())
+            .map(|i| ((i % 7) as f32 - 3.0) * 0.37)
+            .collect();
+        let mut g = x.clone();
+        geglu(&mut g, &up);
+        for ((x, u), g) in x.iter().zip(&up).zip(&g) {
+            let one = gelu_tanh(*x) * u;
+            assert!(
+                one.to_bits() == g.to_bits() || (one.is_nan() && g.is_nan()),
+                "x {x}: {one} against {g}"
+            );
         }
     }
 
