@@ -322,8 +322,13 @@ pub mod avx2 {
             weights[at] = wj;
             taken[at] = f32::from_bits(u32::MAX);
         }
-        let mut acc = vec![_mm256_setzero_ps(); 8 * hd];
+        // This thread's accumulators from its last call, stale: the first
+        // chunk writes every one of them (a product added to +0, or +0 for
+        // a block it does not reach), as zeroed accumulators would hold.
+        let mut acc = VALUE_ACCUMULATORS.take();
+        acc.resize(8 * hd, _mm256_setzero_ps());
         for chunk in c0..=c1 {
+            let opening = chunk == c0;
             let base = (chunk - c0) * CHUNK;
             let partial = chunk * CHUNK < first || chunk * CHUNK + CHUNK - 1 > last;
             let mut wv = [_mm256_setzero_ps(); 8];
@@ -337,6 +342,12 @@ pub mod avx2 {
             for q in 0..4 {
                 let b = chunk * 4 + q;
                 if (b + 1) * BLOCK_TOKENS <= first || b * BLOCK_TOKENS > last {
+                    if opening {
+                        for a in acc.chunks_exact_mut(8) {
+                            a[2 * q] = _mm256_setzero_ps();
+                            a[2 * q + 1] = _mm256_setzero_ps();
+                        }
+                    }
                     continue;
                 }
                 let column = &values[b][offset * BLOCK_TOKENS..(offset + hd) * BLOCK_TOKENS];
@@ -358,7 +369,8 @@ pub mod avx2 {
                         } else {
                             v
                         };
-                        a[k] = _mm256_fmadd_ps(v, wv[k], a[k]);
+                        let sum = if opening { _mm256_setzero_ps() } else { a[k] };
+                        a[k] = _mm256_fmadd_ps(v, wv[k], sum);
                     }
                 }
             }
@@ -368,6 +380,15 @@ pub mod avx2 {
             lanes.copy_from_slice(a);
             *o = fold_f16_accumulators(&lanes);
         }
+        VALUE_ACCUMULATORS.set(acc);
+    }
+
+    thread_local! {
+        /// [`weighted_values`]' accumulators, kept per thread from call to
+        /// call: 64 lanes per output dimension (64 KiB for a 256-wide head)
+        /// would otherwise be allocated and cleared for every row and head.
+        static VALUE_ACCUMULATORS: std::cell::RefCell<Vec<__m256>> =
+            const { std::cell::RefCell::new(Vec::new()) };
     }
 }
 
