@@ -765,8 +765,10 @@ mod tests {
         // many frames a round holds depends on how fast the disk syncs
         // (writes land while the passes sync), so the test counts the
         // restarts, not the file's bytes: on a slow disk a round is larger,
-        // not endless.
-        while restarts < 2 && started.elapsed() < Duration::from_secs(15) {
+        // not endless. A slow disk gets a minute; a log that never starts
+        // over stops the test at 2 GiB (about 15 s here).
+        let mut wal_len = 0;
+        while restarts < 2 && started.elapsed() < Duration::from_secs(60) && wal_len < 2 << 30 {
             for _ in 0..50 {
                 let mut r = call("m", Outcome::Stop, 1, 1);
                 r.request_id = format!("{written}-{}", "x".repeat(100));
@@ -775,12 +777,13 @@ mod tests {
             }
             let seq = wal_restarts(&wal)?;
             restarts = seq.wrapping_sub(*first.get_or_insert(seq));
+            wal_len = std::fs::metadata(&wal)?.len();
         }
         assert!(
             restarts >= 2,
             "the log started over {restarts} times in {:?} ({written} writes, {} MiB of WAL)",
             started.elapsed(),
-            std::fs::metadata(&wal)?.len() >> 20
+            wal_len >> 20
         );
         Ok(())
     }
