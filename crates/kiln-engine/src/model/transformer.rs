@@ -645,8 +645,9 @@ impl<'a> HeadAttention<'a> {
     /// caller checked the CPU).
     #[inline(always)]
     fn run(&self, out: &mut [f32], simd: bool) {
-        let mut qh: Vec<f32> = self.q.iter().map(|&s| s * self.pre).collect();
-        round_to_f16(&mut qh);
+        // The query scaled and rounded to f16 as the softmax weights are.
+        let mut qh = self.q.to_vec();
+        head_ops::weights(simd, &mut qh, self.pre);
         let mut scores = vec![0f32; self.pos + 1 - self.first];
         head_ops::key_dots(simd, &qh, self, &mut scores);
         let mut max = f32::NEG_INFINITY;
@@ -679,16 +680,6 @@ impl<'a> HeadAttention<'a> {
         head_ops::weights(simd, &mut scores, inv);
         head_ops::values(simd, self.values, self.kv_offset, self.first, &scores, out);
     }
-}
-
-/// Rounds each value to the nearest `f16` (kept as `f32`): `half`'s slice
-/// conversions, one CPU check for the run (F16C where there is one, as value
-/// by value), the same bits.
-fn round_to_f16(v: &mut [f32]) {
-    use half::slice::HalfFloatSliceExt;
-    let mut h = vec![f16::ZERO; v.len()];
-    h.convert_from_f32_slice(v);
-    h.convert_to_f32_slice(v);
 }
 
 /// The attention loops of [`HeadAttention::run`], AVX2 or portable (the
