@@ -109,6 +109,50 @@ pub fn weighted_values(values: &[&[f16]], offset: usize, first: usize, w: &[f32]
     }
 }
 
+/// [`key_dots`] for the query heads that share one KV head: `xs` holds
+/// them one after another (`hd` values each), `out` their scores in the same
+/// order (`out.len() / heads` cells each).
+#[inline]
+pub fn group_key_dots(
+    xs: &[f32],
+    hd: usize,
+    keys: &[&[f16]],
+    kv_dim: usize,
+    kv_offset: usize,
+    first: usize,
+    out: &mut [f32],
+) {
+    let heads = xs.len().checked_div(hd).unwrap_or(0);
+    if heads == 0 || out.is_empty() {
+        return;
+    }
+    let cells = out.len() / heads;
+    for (x, o) in xs.chunks_exact(hd).zip(out.chunks_exact_mut(cells)) {
+        key_dots(x, keys, kv_dim, kv_offset, first, o);
+    }
+}
+
+/// [`weighted_values`] for `heads` query heads that share one KV head: `w`
+/// holds their weights one after another (`w.len() / heads` cells each),
+/// `out` their outputs (`out.len() / heads` dimensions each).
+#[inline]
+pub fn group_weighted_values(
+    values: &[&[f16]],
+    offset: usize,
+    first: usize,
+    heads: usize,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    if heads == 0 || w.is_empty() || out.is_empty() {
+        return;
+    }
+    let (cells, hd) = (w.len() / heads, out.len() / heads);
+    for (w, o) in w.chunks_exact(cells).zip(out.chunks_exact_mut(hd)) {
+        weighted_values(values, offset, first, w, o);
+    }
+}
+
 /// The same loops with AVX2, FMA and F16C; callers check the CPU has
 /// them ([`super::KernelVariant::Avx2`]'s features).
 #[cfg(target_arch = "x86_64")]
@@ -117,7 +161,7 @@ pub mod avx2 {
 
     use half::f16;
 
-    use super::super::avx2::{fold_f16_accumulators, fold_to_8, hsum8_x8, load_f32x8, store_f32x8};
+    use super::super::avx2::{fold_f16_accumulators, hsum8_x8, load_f32x8, store_f32x8};
     use crate::model::kv::BLOCK_TOKENS;
 
     #[inline]
@@ -155,60 +199,164 @@ pub mod avx2 {
         sum as f32
     }
 
-    /// [`super::key_dots`]: for a head width that is a multiple of 64 (no
-    /// f64 tail), eight keys at a time, their accumulators folded to eight
-    /// lanes each and the eight horizontal sums done together
-    /// ([`hsum8_x8`]); the same sums as [`dot_f16`] key by key.
+    /// [`super::group_key_dots`]. For a head width that is a multiple of 64
+    /// (no f64 tail) the heads go in tiles of up to four ([`key_tile`]);
+    /// otherwise each dot is [`dot_f16`]. The same sums as [`dot_f16`] key
+    /// by key either way.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn key_dots(
-        x: &[f32],
+    pub fn group_key_dots(
+        xs: &[f32],
+        hd: usize,
         keys: &[&[f16]],
         kv_dim: usize,
         kv_offset: usize,
         first: usize,
         out: &mut [f32],
     ) {
-        let hd = x.len();
-        // (Loops, not closures, so everything inlines with this function's
-        // target features.)
-        if hd == 0 || !hd.is_multiple_of(64) {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = dot_f16(x, super::key_row(keys, kv_dim, kv_offset, hd, first + j));
+        let heads = xs.len().checked_div(hd).unwrap_or(0);
+        if heads == 0 || out.is_empty() {
+            return;
+        }
+        let cells = out.len() / heads;
+        if !hd.is_multiple_of(64) {
+            for (x, o) in xs.chunks_exact(hd).zip(out.chunks_exact_mut(cells)) {
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = dot_f16(x, super::key_row(keys, kv_dim, kv_offset, hd, first + j));
+                }
             }
             return;
         }
-        let mut groups = out.chunks_exact_mut(8);
-        let mut p = first;
-        for group in &mut groups {
-            let mut v = [_mm256_setzero_ps(); 8];
-            for lanes in &mut v {
-                *lanes = key_lanes(x, super::key_row(keys, kv_dim, kv_offset, hd, p));
-                p += 1;
+        let mut done = 0;
+        while done < heads {
+            let t = (heads - done).min(4);
+            let x = &xs[done * hd..(done + t) * hd];
+            let o = &mut out[done * cells..(done + t) * cells];
+            // (Calls, not a closure, so each inlines with these features.)
+            match t {
+                4 => key_tile::<4>(x, hd, keys, kv_dim, kv_offset, first, o),
+                3 => key_tile::<3>(x, hd, keys, kv_dim, kv_offset, first, o),
+                2 => key_tile::<2>(x, hd, keys, kv_dim, kv_offset, first, o),
+                _ => key_tile::<1>(x, hd, keys, kv_dim, kv_offset, first, o),
             }
-            store_f32x8(group, hsum8_x8(&v));
-        }
-        for o in groups.into_remainder() {
-            *o = dot_f16(x, super::key_row(keys, kv_dim, kv_offset, hd, p));
-            p += 1;
+            done += t;
         }
     }
 
-    /// [`dot_f16`]'s accumulators for `x · y` (`x.len()` a multiple of 64,
-    /// `y` as long), folded to eight lanes.
+    /// The scores of `T` queries (`hd` a multiple of 64) over the cells,
+    /// keys two at a time: each key and query load serves several products.
+    /// A product's 64 lanes are built eight at a time (lanes `8h..8h + 8` of
+    /// every 64-value step, in step order, as [`dot_f16`]'s accumulator `h`
+    /// takes them), folded ([`fold_to_8`]), and the horizontal sums of eight
+    /// keys done together ([`hsum8_x8`]); the cells past the last eight are
+    /// summed one by one.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn key_lanes(x: &[f32], y: &[f16]) -> __m256 {
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for (xs, ys) in x.chunks_exact(64).zip(y.chunks_exact(64)) {
-            for (h, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(load_f32x8(&xs[8 * h..]), load_f16x8(&ys[8 * h..]), *a);
+    #[allow(clippy::too_many_arguments)]
+    fn key_tile<const T: usize>(
+        x: &[f32],
+        hd: usize,
+        keys: &[&[f16]],
+        kv_dim: usize,
+        kv_offset: usize,
+        first: usize,
+        out: &mut [f32],
+    ) {
+        let cells = out.len() / T;
+        let x = &x[..T * hd];
+        let mut j = 0;
+        while j + 8 <= cells {
+            let mut folded = [[_mm256_setzero_ps(); 8]; T];
+            for pair in 0..4 {
+                let p = first + j + 2 * pair;
+                let k0 = super::key_row(keys, kv_dim, kv_offset, hd, p);
+                let k1 = super::key_row(keys, kv_dim, kv_offset, hd, p + 1);
+                // fold_to_8's sums, ((l1 + l5) + (l3 + l7)) + ((l0 + l4) +
+                // (l2 + l6)), without holding all eight lane groups.
+                let lo = add_tiles(
+                    add_tiles(
+                        key_lanes::<T>(x, hd, k0, k1, 0),
+                        key_lanes::<T>(x, hd, k0, k1, 4),
+                    ),
+                    add_tiles(
+                        key_lanes::<T>(x, hd, k0, k1, 2),
+                        key_lanes::<T>(x, hd, k0, k1, 6),
+                    ),
+                );
+                let hi = add_tiles(
+                    add_tiles(
+                        key_lanes::<T>(x, hd, k0, k1, 1),
+                        key_lanes::<T>(x, hd, k0, k1, 5),
+                    ),
+                    add_tiles(
+                        key_lanes::<T>(x, hd, k0, k1, 3),
+                        key_lanes::<T>(x, hd, k0, k1, 7),
+                    ),
+                );
+                for (f, s) in folded.iter_mut().zip(add_tiles(hi, lo)) {
+                    f[2 * pair] = s[0];
+                    f[2 * pair + 1] = s[1];
+                }
+            }
+            for (t, f) in folded.iter().enumerate() {
+                store_f32x8(&mut out[t * cells + j..], hsum8_x8(f));
+            }
+            j += 8;
+        }
+        for j in j..cells {
+            let y = super::key_row(keys, kv_dim, kv_offset, hd, first + j);
+            for t in 0..T {
+                out[t * cells + j] = dot_f16(&x[t * hd..(t + 1) * hd], y);
             }
         }
-        fold_to_8(&acc)
+    }
+
+    /// Lanes `8h..8h + 8` of the 64-lane accumulators of `T` queries (`x`)
+    /// with two keys, over every 64-value step in order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn key_lanes<const T: usize>(
+        x: &[f32],
+        hd: usize,
+        k0: &[f16],
+        k1: &[f16],
+        h: usize,
+    ) -> [[__m256; 2]; T] {
+        let (x, k0, k1) = (&x[..T * hd], &k0[..hd], &k1[..hd]);
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        for e in (8 * h..hd).step_by(64) {
+            // SAFETY: callers pass `h < 8` and `hd` a multiple of 64, so
+            // `e + 8 <= hd`: the eight values at `e` of `k0`, `k1` (`hd`
+            // long) and of each query in `x` (`T · hd`) are in bounds.
+            unsafe {
+                let y0 = _mm256_cvtph_ps(_mm_loadu_si128(k0.as_ptr().add(e).cast()));
+                let y1 = _mm256_cvtph_ps(_mm_loadu_si128(k1.as_ptr().add(e).cast()));
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let q = _mm256_loadu_ps(x.as_ptr().add(t * hd + e));
+                    a[0] = _mm256_fmadd_ps(q, y0, a[0]);
+                    a[1] = _mm256_fmadd_ps(q, y1, a[1]);
+                }
+            }
+        }
+        acc
+    }
+
+    /// Lane by lane sums of two tiles of accumulators.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    fn add_tiles<const T: usize, const D: usize>(
+        mut a: [[__m256; D]; T],
+        b: [[__m256; D]; T],
+    ) -> [[__m256; D]; T] {
+        for (a, b) in a.iter_mut().zip(&b) {
+            for (a, b) in a.iter_mut().zip(b) {
+                *a = _mm256_add_ps(*a, *b);
+            }
+        }
+        a
     }
 
     /// [`super::exp_shifted`], eight lanes at a time: the same fused
@@ -287,20 +435,59 @@ pub mod avx2 {
         super::round_weights(&mut v[whole..], scale);
     }
 
-    /// [`super::weighted_values`]: per output dimension, the 64 lanes as
-    /// eight 8-lane accumulators (kept in memory, `acc[8·d + k]`), walked
-    /// 64 cells (four blocks) at a time so each block's cells meet fixed
-    /// accumulators and the chunk's weights stay in registers over all
-    /// dimensions. Each accumulator still takes its cells in cell order, so
-    /// the sums are the portable code's. Cells outside `first..first +
-    /// w.len()` leave their lanes as they are (masked to +0 with +0 weights,
-    /// in the first and last chunks only).
+    /// [`super::group_weighted_values`]: the heads in tiles of up to four
+    /// ([`value_tile`]).
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn weighted_values(
+    pub fn group_weighted_values(
+        values: &[&[f16]],
+        offset: usize,
+        first: usize,
+        heads: usize,
+        w: &[f32],
+        out: &mut [f32],
+    ) {
+        if heads == 0 || w.is_empty() || out.is_empty() {
+            return;
+        }
+        let (cells, hd) = (w.len() / heads, out.len() / heads);
+        let mut done = 0;
+        while done < heads {
+            let t = (heads - done).min(4);
+            let w = &w[done * cells..(done + t) * cells];
+            let o = &mut out[done * hd..(done + t) * hd];
+            match t {
+                4 => value_tile::<4>(values, offset, first, w, o),
+                3 => value_tile::<3>(values, offset, first, w, o),
+                2 => value_tile::<2>(values, offset, first, w, o),
+                _ => value_tile::<1>(values, offset, first, w, o),
+            }
+            done += t;
+        }
+    }
+
+    /// [`super::weighted_values`] for `T` heads over the same cells. The
+    /// cells go in chunks of 64 (four blocks), cell `p` at lane `p % 64`:
+    /// accumulator `k` of a dimension (lanes `8k..8k + 8`) takes block
+    /// `4c + k / 2` of each chunk `c`, eight cells of it, in cell order. A
+    /// pass takes `64 / T` dimensions of every head: their accumulators (16
+    /// KiB, kept per thread) stay in the first-level cache while the pass
+    /// walks the chunks and, in each block, the dimensions' cells in memory
+    /// order; each value load serves `T` products. The chunk's weights stay
+    /// in registers over all dimensions. The sums are the portable code's:
+    /// the opening chunk writes every accumulator (a product added to +0,
+    /// or +0 for a block it does not reach), and in the first and last
+    /// blocks the cells outside `first..first + w.len()` are masked to +0
+    /// and meet +0 weights, so their lanes keep their values (an
+    /// accumulator that starts at +0 never becomes −0), whatever the cache
+    /// holds there, infinities and NaN included. (A blend here would compile
+    /// to a masked store, which is microcoded and slow on AMD cores.)
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn value_tile<const T: usize>(
         values: &[&[f16]],
         offset: usize,
         first: usize,
@@ -308,85 +495,89 @@ pub mod avx2 {
         out: &mut [f32],
     ) {
         const CHUNK: usize = 4 * BLOCK_TOKENS;
-        let Some(last) = (first + w.len()).checked_sub(1) else {
-            return super::weighted_values(values, offset, first, w, out);
+        let (cells, hd) = (w.len() / T, out.len() / T);
+        let Some(last) = (first + cells).checked_sub(1) else {
+            return;
         };
-        let hd = out.len();
         let (c0, c1) = (first / CHUNK, last / CHUNK);
-        // The weights of every cell of the chunks (zero where no cell is
-        // taken) and whether each is taken.
-        let mut weights = vec![0f32; CHUNK * (c1 - c0 + 1)];
-        let mut taken = vec![0f32; weights.len()];
-        for (j, &wj) in w.iter().enumerate() {
-            let at = first + j - c0 * CHUNK;
-            weights[at] = wj;
-            taken[at] = f32::from_bits(u32::MAX);
+        let (b0, b1) = (first / BLOCK_TOKENS, last / BLOCK_TOKENS);
+        // Each head's weights over whole chunks (+0 where no cell is taken),
+        // and the mask of the cells taken.
+        let span = CHUNK * (c1 - c0 + 1);
+        let mut weights = vec![0f32; T * span];
+        let mut taken = vec![0f32; span];
+        let start = first - c0 * CHUNK;
+        for (wt, w) in weights.chunks_exact_mut(span).zip(w.chunks_exact(cells)) {
+            wt[start..start + cells].copy_from_slice(w);
         }
-        // This thread's accumulators from its last call, stale: the first
-        // chunk writes every one of them (a product added to +0, or +0 for
-        // a block it does not reach), as zeroed accumulators would hold.
+        taken[start..start + cells].fill(f32::from_bits(u32::MAX));
+        // Accumulator k of dimension dg + i of head t: acc[8 · (T·i + t) + k].
+        let dims = 64 / T;
         let mut acc = VALUE_ACCUMULATORS.take();
-        acc.resize(8 * hd, _mm256_setzero_ps());
-        for chunk in c0..=c1 {
-            let opening = chunk == c0;
-            let base = (chunk - c0) * CHUNK;
-            let partial = chunk * CHUNK < first || chunk * CHUNK + CHUNK - 1 > last;
-            let mut wv = [_mm256_setzero_ps(); 8];
-            let mut mask = [_mm256_setzero_ps(); 8];
-            for k in 0..8 {
-                wv[k] = load_f32x8(&weights[base + 8 * k..]);
-                if partial {
-                    mask[k] = load_f32x8(&taken[base + 8 * k..]);
-                }
-            }
-            for q in 0..4 {
-                let b = chunk * 4 + q;
-                if (b + 1) * BLOCK_TOKENS <= first || b * BLOCK_TOKENS > last {
-                    if opening {
-                        for a in acc.chunks_exact_mut(8) {
-                            a[2 * q] = _mm256_setzero_ps();
-                            a[2 * q + 1] = _mm256_setzero_ps();
+        acc.resize(8 * T * dims, _mm256_setzero_ps());
+        for dg in (0..hd).step_by(dims) {
+            let dn = dims.min(hd - dg);
+            for c in c0..=c1 {
+                let opening = c == c0;
+                let base = (c - c0) * CHUNK;
+                for q in 0..4 {
+                    let b = 4 * c + q;
+                    if b < b0 || b > b1 {
+                        if opening {
+                            for a in acc.chunks_exact_mut(8) {
+                                a[2 * q] = _mm256_setzero_ps();
+                                a[2 * q + 1] = _mm256_setzero_ps();
+                            }
+                        }
+                        continue;
+                    }
+                    let at = base + 16 * q;
+                    let mut wv = [[_mm256_setzero_ps(); 2]; T];
+                    for (t, wv) in wv.iter_mut().enumerate() {
+                        wv[0] = load_f32x8(&weights[t * span + at..]);
+                        wv[1] = load_f32x8(&weights[t * span + at + 8..]);
+                    }
+                    let partial = b == b0 || b == b1;
+                    let mask = [load_f32x8(&taken[at..]), load_f32x8(&taken[at + 8..])];
+                    let column = &values[b][(offset + dg) * BLOCK_TOKENS..][..dn * BLOCK_TOKENS];
+                    for (cells, a) in column
+                        .chunks_exact(BLOCK_TOKENS)
+                        .zip(acc.chunks_exact_mut(8 * T))
+                    {
+                        for h in 0..2 {
+                            let v = load_f16x8(&cells[8 * h..]);
+                            let v = if partial {
+                                _mm256_and_ps(v, mask[h])
+                            } else {
+                                v
+                            };
+                            for (a, wv) in a.chunks_exact_mut(8).zip(&wv) {
+                                let sum = if opening {
+                                    _mm256_setzero_ps()
+                                } else {
+                                    a[2 * q + h]
+                                };
+                                a[2 * q + h] = _mm256_fmadd_ps(v, wv[h], sum);
+                            }
                         }
                     }
-                    continue;
-                }
-                let column = &values[b][offset * BLOCK_TOKENS..(offset + hd) * BLOCK_TOKENS];
-                for (cells, a) in column
-                    .chunks_exact(BLOCK_TOKENS)
-                    .zip(acc.chunks_exact_mut(8))
-                {
-                    for h in 0..2 {
-                        let k = 2 * q + h;
-                        let v = load_f16x8(&cells[8 * h..]);
-                        // A cell not taken meets +0 · +0: its lane keeps
-                        // its value (an accumulator that starts at +0 never
-                        // becomes −0, so adding +0 changes no bit), whatever
-                        // the cache holds there, infinities and NaN included.
-                        // (A blend here compiles to a masked store, which
-                        // is microcoded and slow on AMD cores.)
-                        let v = if partial {
-                            _mm256_and_ps(v, mask[k])
-                        } else {
-                            v
-                        };
-                        let sum = if opening { _mm256_setzero_ps() } else { a[k] };
-                        a[k] = _mm256_fmadd_ps(v, wv[k], sum);
-                    }
                 }
             }
-        }
-        for (o, a) in out.iter_mut().zip(acc.chunks_exact(8)) {
-            let mut lanes = [_mm256_setzero_ps(); 8];
-            lanes.copy_from_slice(a);
-            *o = fold_f16_accumulators(&lanes);
+            for (i, a) in acc.chunks_exact(8 * T).take(dn).enumerate() {
+                for (t, a) in a.chunks_exact(8).enumerate() {
+                    let mut lanes = [_mm256_setzero_ps(); 8];
+                    lanes.copy_from_slice(a);
+                    out[t * hd + dg + i] = fold_f16_accumulators(&lanes);
+                }
+            }
         }
         VALUE_ACCUMULATORS.set(acc);
     }
 
     thread_local! {
-        /// [`weighted_values`]' accumulators, kept per thread from call to
-        /// call: 64 lanes per output dimension (64 KiB for a 256-wide head)
-        /// would otherwise be allocated and cleared for every row and head.
+        /// [`value_tile`]'s accumulators, kept per thread from call to
+        /// call: 16 KiB that would otherwise be allocated for every row and
+        /// head.
         static VALUE_ACCUMULATORS: std::cell::RefCell<Vec<__m256>> =
             const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -466,31 +657,9 @@ mod tests {
                     (5, 200),
                     (64, 191),
                 ] {
-                    // The query with every key of the cells, eight at a
-                    // time or one by one, gives dot_f16's bits.
-                    let q: Vec<f32> = (0..hd).map(|_| f16::from_f32(next()).to_f32()).collect();
-                    let mut d1 = vec![0f32; last + 1 - first];
-                    let mut d2 = d1.clone();
-                    key_dots(&q, &views, kv_dim, hd, first, &mut d1);
-                    // SAFETY: as above.
-                    unsafe { avx2::key_dots(&q, &views, kv_dim, hd, first, &mut d2) };
-                    for (j, (a, b)) in d1.iter().zip(&d2).enumerate() {
-                        let at = ((first + j) % BLOCK_TOKENS) * kv_dim + hd;
-                        let one = dot_f16(&q, &views[(first + j) / BLOCK_TOKENS][at..at + hd]);
-                        assert_eq!(a.to_bits(), one.to_bits(), "key {j}, hd {hd}");
-                        assert_eq!(b.to_bits(), one.to_bits(), "avx2 key {j}, hd {hd}");
+                    for heads in [1usize, 3, 4, 5] {
+                        grouped_loops_match(&views, hd, heads, first, last, &mut next);
                     }
-                    let w: Vec<f32> = (first..=last).map(|_| next()).collect();
-                    let (mut o1, mut o2) = (vec![0f32; hd], vec![0f32; hd]);
-                    weighted_values(&views, hd, first, &w, &mut o1);
-                    // SAFETY: as above.
-                    unsafe { avx2::weighted_values(&views, hd, first, &w, &mut o2) };
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(
-                        bits(&o1),
-                        bits(&o2),
-                        "values, hd {hd}, cells {first}..={last}"
-                    );
                     // Whatever the cache holds outside the cells (stale
                     // slots, infinities, NaN) changes nothing.
                     let mut poisoned = blocks.clone();
@@ -502,12 +671,72 @@ mod tests {
                             }
                         }
                     }
-                    let views: Vec<&[f16]> = poisoned.iter().map(|b| &b[..]).collect();
+                    let poisoned: Vec<&[f16]> = poisoned.iter().map(|b| &b[..]).collect();
+                    let w: Vec<f32> = (0..4 * (last + 1 - first)).map(|_| next()).collect();
+                    let (mut o1, mut o2) = (vec![0f32; 4 * hd], vec![0f32; 4 * hd]);
+                    group_weighted_values(&views, hd, first, 4, &w, &mut o1);
                     // SAFETY: as above.
-                    unsafe { avx2::weighted_values(&views, hd, first, &w, &mut o2) };
+                    unsafe { avx2::group_weighted_values(&poisoned, hd, first, 4, &w, &mut o2) };
                     assert_eq!(bits(&o1), bits(&o2), "poisoned, hd {hd}, {first}..={last}");
                 }
             }
         }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// `heads` queries sharing the KV head at `hd` of `views` over cells
+    /// `first..=last`: the grouped loops, portable and AVX2, give each
+    /// head's single-query results.
+    #[cfg(target_arch = "x86_64")]
+    fn grouped_loops_match(
+        views: &[&[f16]],
+        hd: usize,
+        heads: usize,
+        first: usize,
+        last: usize,
+        next: &mut impl FnMut() -> f32,
+    ) {
+        let kv_dim = 3 * hd;
+        let cells = last + 1 - first;
+        let q: Vec<f32> = (0..heads * hd)
+            .map(|_| f16::from_f32(next()).to_f32())
+            .collect();
+        let mut d1 = vec![0f32; heads * cells];
+        let mut d2 = d1.clone();
+        group_key_dots(&q, hd, views, kv_dim, hd, first, &mut d1);
+        // SAFETY: the caller checked AVX2, FMA and F16C.
+        unsafe { avx2::group_key_dots(&q, hd, views, kv_dim, hd, first, &mut d2) };
+        for h in 0..heads {
+            let x = &q[h * hd..(h + 1) * hd];
+            for j in 0..cells {
+                let at = ((first + j) % BLOCK_TOKENS) * kv_dim + hd;
+                let one = dot_f16(x, &views[(first + j) / BLOCK_TOKENS][at..at + hd]);
+                let i = h * cells + j;
+                assert_eq!(d1[i].to_bits(), one.to_bits(), "key {j}, head {h}, hd {hd}");
+                assert_eq!(
+                    d2[i].to_bits(),
+                    one.to_bits(),
+                    "avx2 key {j}, head {h}, hd {hd}"
+                );
+            }
+        }
+        let w: Vec<f32> = (0..heads * cells).map(|_| next()).collect();
+        let (mut o1, mut o2) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
+        group_weighted_values(views, hd, first, heads, &w, &mut o1);
+        // SAFETY: as above.
+        unsafe { avx2::group_weighted_values(views, hd, first, heads, &w, &mut o2) };
+        for h in 0..heads {
+            let mut one = vec![0f32; hd];
+            weighted_values(views, hd, first, &w[h * cells..(h + 1) * cells], &mut one);
+            assert_eq!(bits(&o1[h * hd..(h + 1) * hd]), bits(&one), "head {h}");
+        }
+        assert_eq!(
+            bits(&o1),
+            bits(&o2),
+            "values, hd {hd}, {heads} heads, cells {first}..={last}"
+        );
     }
 }

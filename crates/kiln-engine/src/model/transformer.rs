@@ -555,35 +555,49 @@ impl Transformer {
             (1.0, c.attn_scale)
         };
         let fast = lanes::fma_available();
+        // A task takes one row's query heads of one KV head (they read the
+        // same keys and values, so the loops share each load among them),
+        // unless that leaves too few tasks to share out (a decode step of a
+        // few sequences): then one head each.
+        let per_task = if n * c.kv_heads >= 4 * rayon::current_num_threads() {
+            group
+        } else {
+            1
+        };
+        let tasks_per_row = c.heads / per_task;
         let mut out = vec![0f32; n * q_dim];
-        // One task per (row, head): rows of `out` are disjoint.
-        out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
-            let (r, head) = (task / c.heads, task % c.heads);
-            let row = &rows[r];
-            let (keys, values) = &views[row.item];
-            let head_attn = HeadAttention {
-                q: &q[r * q_dim + head * hd..r * q_dim + (head + 1) * hd],
-                keys,
-                values,
-                kv_dim,
-                kv_offset: (head / group) * hd,
-                first: window.map_or(0, |w| (row.pos + 1).saturating_sub(w)),
-                pos: row.pos,
-                pre,
-                post,
-            };
-            if fast {
-                // SAFETY: fma_available() checked the CPU features.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    head_attn.run_fma(o)
+        // Rows of `out` are disjoint.
+        out.par_chunks_mut(per_task * hd)
+            .enumerate()
+            .for_each(|(task, o)| {
+                let (r, head) = (task / tasks_per_row, (task % tasks_per_row) * per_task);
+                let row = &rows[r];
+                let (keys, values) = &views[row.item];
+                let at = r * q_dim + head * hd;
+                let heads = HeadAttention {
+                    q: &q[at..at + per_task * hd],
+                    hd,
+                    keys,
+                    values,
+                    kv_dim,
+                    kv_offset: (head / group) * hd,
+                    first: window.map_or(0, |w| (row.pos + 1).saturating_sub(w)),
+                    pos: row.pos,
+                    pre,
+                    post,
+                };
+                if fast {
+                    // SAFETY: fma_available() checked the CPU features.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        heads.run_fma(o)
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    heads.run(o, false)
+                } else {
+                    heads.run(o, false)
                 }
-                #[cfg(not(target_arch = "x86_64"))]
-                head_attn.run(o, false)
-            } else {
-                head_attn.run(o, false)
-            }
-        });
+            });
         Ok(out)
     }
 }
@@ -612,17 +626,19 @@ impl Ropes {
     }
 }
 
-/// One query row attending over cached positions `first..=pos` of one KV
-/// head, in llama.cpp's float order (attention without flash attention:
-/// f16 K/V cache, f16-rounded query and softmax weights).
+/// The query heads of one row that share a KV head, attending over cached
+/// positions `first..=pos`, in llama.cpp's float order (attention without
+/// flash attention: f16 K/V cache, f16-rounded query and softmax weights).
 struct HeadAttention<'a> {
+    /// The heads' queries one after another, `hd` values each.
     q: &'a [f32],
+    hd: usize,
     /// The sequence's keys and values of this layer, block by block
     /// (layout: [`crate::model::kv::KvPool::layer_view`]).
     keys: &'a [&'a [f16]],
     values: &'a [&'a [f16]],
     kv_dim: usize,
-    /// Offset of this KV head within a cached row.
+    /// Offset of the KV head within a cached row.
     kv_offset: usize,
     first: usize,
     pos: usize,
@@ -641,17 +657,35 @@ impl<'a> HeadAttention<'a> {
         self.run(out, true)
     }
 
-    /// `simd`: use the AVX2 loops (only [`Self::run_fma`] sets it, after its
-    /// caller checked the CPU).
+    /// `out`: each head's output, `hd` values, one after another. `simd`:
+    /// use the AVX2 loops (only [`Self::run_fma`] sets it, after its caller
+    /// checked the CPU).
     #[inline(always)]
     fn run(&self, out: &mut [f32], simd: bool) {
-        // The query scaled and rounded to f16 as the softmax weights are.
+        let heads = self.q.len() / self.hd.max(1);
+        let cells = self.pos + 1 - self.first;
+        // The queries scaled and rounded to f16 as the softmax weights are.
         let mut qh = self.q.to_vec();
         head_ops::weights(simd, &mut qh, self.pre);
-        let mut scores = vec![0f32; self.pos + 1 - self.first];
+        let mut scores = vec![0f32; heads * cells];
         head_ops::key_dots(simd, &qh, self, &mut scores);
+        for s in scores.chunks_exact_mut(cells) {
+            self.softmax(s, simd);
+        }
+        // V·P as ggml_vec_dot_f16 over the cache cells (cell = position
+        // here) with the weights rounded to f16: for each output dimension,
+        // four 16-lane accumulators taking 64 cells per step, so cell p adds
+        // into lane p % 64; the cache keeps values transposed, so a
+        // dimension's cells are contiguous.
+        head_ops::values(simd, self, heads, &scores, out);
+    }
+
+    /// One head's scores over the cells, turned into its softmax weights
+    /// rounded to f16.
+    #[inline(always)]
+    fn softmax(&self, scores: &mut [f32], simd: bool) {
         let mut max = f32::NEG_INFINITY;
-        for s in &mut scores {
+        for s in scores.iter_mut() {
             *s *= self.post;
             max = max.max(*s);
         }
@@ -661,7 +695,7 @@ impl<'a> HeadAttention<'a> {
         let mut sum = 0f64;
         let mut chunk = [0f32; 16];
         let mut current = self.first / 16;
-        head_ops::exp(simd, &mut scores, max);
+        head_ops::exp(simd, scores, max);
         for (j, p) in (self.first..=self.pos).enumerate() {
             if p / 16 != current {
                 sum += f64::from(lanes::hsum16(&chunk));
@@ -672,44 +706,38 @@ impl<'a> HeadAttention<'a> {
         }
         sum += f64::from(lanes::hsum16(&chunk));
         let inv = (1.0 / sum) as f32;
-        // V·P as ggml_vec_dot_f16 over the cache cells (cell = position
-        // here) with the weights rounded to f16: for each output dimension,
-        // four 16-lane accumulators taking 64 cells per step, so cell p adds
-        // into lane p % 64; the cache keeps values transposed, so a
-        // dimension's cells are contiguous.
-        head_ops::weights(simd, &mut scores, inv);
-        head_ops::values(simd, self.values, self.kv_offset, self.first, &scores, out);
+        head_ops::weights(simd, scores, inv);
     }
 }
 
 /// The attention loops of [`HeadAttention::run`], AVX2 or portable (the
 /// same bits either way).
 mod head_ops {
-    use half::f16;
-
     use super::HeadAttention;
     use crate::kernels::attention;
 
-    /// `out[j]`: the query `x` with the head's cached key of cell
-    /// `head.first + j`.
+    /// Each query head's scores (`out`, one head after another) with the
+    /// cached keys of cells `head.first..`.
     #[inline(always)]
-    pub(super) fn key_dots(simd: bool, x: &[f32], head: &HeadAttention<'_>, out: &mut [f32]) {
+    pub(super) fn key_dots(simd: bool, xs: &[f32], head: &HeadAttention<'_>, out: &mut [f32]) {
         let (keys, kv_dim, kv_offset, first) = (head.keys, head.kv_dim, head.kv_offset, head.first);
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: `simd` is set only under `run_fma`, whose caller
             // checked that the CPU has AVX2, FMA and F16C.
-            return unsafe { attention::avx2::key_dots(x, keys, kv_dim, kv_offset, first, out) };
+            return unsafe {
+                attention::avx2::group_key_dots(xs, head.hd, keys, kv_dim, kv_offset, first, out)
+            };
         }
         let _ = simd;
-        attention::key_dots(x, keys, kv_dim, kv_offset, first, out)
+        attention::group_key_dots(xs, head.hd, keys, kv_dim, kv_offset, first, out)
     }
 
     #[inline(always)]
     pub(super) fn exp(simd: bool, v: &mut [f32], max: f32) {
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: as in `dot`.
+            // SAFETY: as in `key_dots`.
             return unsafe { attention::avx2::exp_shifted(v, max) };
         }
         let _ = simd;
@@ -720,29 +748,33 @@ mod head_ops {
     pub(super) fn weights(simd: bool, v: &mut [f32], scale: f32) {
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: as in `dot`.
+            // SAFETY: as in `key_dots`.
             return unsafe { attention::avx2::round_weights(v, scale) };
         }
         let _ = simd;
         attention::round_weights(v, scale)
     }
 
+    /// Each query head's output (`out`, one head after another) from its
+    /// weights `w` over the cached values of cells `head.first..`.
     #[inline(always)]
     pub(super) fn values(
         simd: bool,
-        values: &[&[f16]],
-        offset: usize,
-        first: usize,
+        head: &HeadAttention<'_>,
+        heads: usize,
         w: &[f32],
         out: &mut [f32],
     ) {
+        let (values, offset, first) = (head.values, head.kv_offset, head.first);
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: as in `dot`.
-            return unsafe { attention::avx2::weighted_values(values, offset, first, w, out) };
+            // SAFETY: as in `key_dots`.
+            return unsafe {
+                attention::avx2::group_weighted_values(values, offset, first, heads, w, out)
+            };
         }
         let _ = simd;
-        attention::weighted_values(values, offset, first, w, out)
+        attention::group_weighted_values(values, offset, first, heads, w, out)
     }
 }
 
