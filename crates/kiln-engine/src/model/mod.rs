@@ -16,7 +16,8 @@ use crate::template::{ChatMessage, ChatTemplate, RenderedPiece, TemplateOrigin};
 use crate::tokenizer::{Segment, Tokenizer};
 use crate::tools::{fold_tools, ToolSpec};
 use kv::KvPool;
-use transformer::{BatchItem, SequenceCache, Transformer};
+pub use transformer::BatchItem;
+use transformer::{SequenceCache, Transformer};
 
 /// What a loaded model is.
 #[derive(Debug, Clone, PartialEq, Eq)]
