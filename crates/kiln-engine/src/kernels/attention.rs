@@ -161,7 +161,7 @@ pub mod avx2 {
 
     use half::f16;
 
-    use super::super::avx2::{fold_f16_accumulators, hsum8_x8, load_f32x8, store_f32x8};
+    use super::super::avx2::{fold_f16_accumulators, fold_to_8, hsum8_x8, load_f32x8, store_f32x8};
     use crate::model::kv::BLOCK_TOKENS;
 
     #[inline]
@@ -199,10 +199,66 @@ pub mod avx2 {
         sum as f32
     }
 
+    /// [`super::key_dots`]: for a head width that is a multiple of 64 (no
+    /// f64 tail), eight keys at a time, their accumulators folded to eight
+    /// lanes each and the eight horizontal sums done together
+    /// ([`hsum8_x8`]); the same sums as [`dot_f16`] key by key.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn key_dots(
+        x: &[f32],
+        keys: &[&[f16]],
+        kv_dim: usize,
+        kv_offset: usize,
+        first: usize,
+        out: &mut [f32],
+    ) {
+        let hd = x.len();
+        // (Loops, not closures, so everything inlines with this function's
+        // target features.)
+        if hd == 0 || !hd.is_multiple_of(64) {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = dot_f16(x, super::key_row(keys, kv_dim, kv_offset, hd, first + j));
+            }
+            return;
+        }
+        let mut groups = out.chunks_exact_mut(8);
+        let mut p = first;
+        for group in &mut groups {
+            let mut v = [_mm256_setzero_ps(); 8];
+            for lanes in &mut v {
+                *lanes = key_lanes(x, super::key_row(keys, kv_dim, kv_offset, hd, p));
+                p += 1;
+            }
+            store_f32x8(group, hsum8_x8(&v));
+        }
+        for o in groups.into_remainder() {
+            *o = dot_f16(x, super::key_row(keys, kv_dim, kv_offset, hd, p));
+            p += 1;
+        }
+    }
+
+    /// [`dot_f16`]'s accumulators for `x · y` (`x.len()` a multiple of 64,
+    /// `y` as long), folded to eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn key_lanes(x: &[f32], y: &[f16]) -> __m256 {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (xs, ys) in x.chunks_exact(64).zip(y.chunks_exact(64)) {
+            for (h, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(load_f32x8(&xs[8 * h..]), load_f16x8(&ys[8 * h..]), *a);
+            }
+        }
+        fold_to_8(&acc)
+    }
+
     /// [`super::group_key_dots`]. For a head width that is a multiple of 64
-    /// (no f64 tail) the heads go in tiles of up to four ([`key_tile`]);
-    /// otherwise each dot is [`dot_f16`]. The same sums as [`dot_f16`] key
-    /// by key either way.
+    /// (no f64 tail) the heads go in tiles of two to four ([`key_tile`]), a
+    /// head left alone through [`key_dots`], whose loop suits one query
+    /// better; the same sums as [`dot_f16`] key by key either way.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
@@ -224,9 +280,7 @@ pub mod avx2 {
         let cells = out.len() / heads;
         if !hd.is_multiple_of(64) {
             for (x, o) in xs.chunks_exact(hd).zip(out.chunks_exact_mut(cells)) {
-                for (j, o) in o.iter_mut().enumerate() {
-                    *o = dot_f16(x, super::key_row(keys, kv_dim, kv_offset, hd, first + j));
-                }
+                key_dots(x, keys, kv_dim, kv_offset, first, o);
             }
             return;
         }
@@ -240,7 +294,7 @@ pub mod avx2 {
                 4 => key_tile::<4>(x, hd, keys, kv_dim, kv_offset, first, o),
                 3 => key_tile::<3>(x, hd, keys, kv_dim, kv_offset, first, o),
                 2 => key_tile::<2>(x, hd, keys, kv_dim, kv_offset, first, o),
-                _ => key_tile::<1>(x, hd, keys, kv_dim, kv_offset, first, o),
+                _ => key_dots(x, keys, kv_dim, kv_offset, first, o),
             }
             done += t;
         }
@@ -278,22 +332,22 @@ pub mod avx2 {
                 // (l2 + l6)), without holding all eight lane groups.
                 let lo = add_tiles(
                     add_tiles(
-                        key_lanes::<T>(x, hd, k0, k1, 0),
-                        key_lanes::<T>(x, hd, k0, k1, 4),
+                        pair_lanes::<T>(x, hd, k0, k1, 0),
+                        pair_lanes::<T>(x, hd, k0, k1, 4),
                     ),
                     add_tiles(
-                        key_lanes::<T>(x, hd, k0, k1, 2),
-                        key_lanes::<T>(x, hd, k0, k1, 6),
+                        pair_lanes::<T>(x, hd, k0, k1, 2),
+                        pair_lanes::<T>(x, hd, k0, k1, 6),
                     ),
                 );
                 let hi = add_tiles(
                     add_tiles(
-                        key_lanes::<T>(x, hd, k0, k1, 1),
-                        key_lanes::<T>(x, hd, k0, k1, 5),
+                        pair_lanes::<T>(x, hd, k0, k1, 1),
+                        pair_lanes::<T>(x, hd, k0, k1, 5),
                     ),
                     add_tiles(
-                        key_lanes::<T>(x, hd, k0, k1, 3),
-                        key_lanes::<T>(x, hd, k0, k1, 7),
+                        pair_lanes::<T>(x, hd, k0, k1, 3),
+                        pair_lanes::<T>(x, hd, k0, k1, 7),
                     ),
                 );
                 for (f, s) in folded.iter_mut().zip(add_tiles(hi, lo)) {
@@ -318,7 +372,7 @@ pub mod avx2 {
     /// with two keys, over every 64-value step in order.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn key_lanes<const T: usize>(
+    fn pair_lanes<const T: usize>(
         x: &[f32],
         hd: usize,
         k0: &[f16],
@@ -435,8 +489,99 @@ pub mod avx2 {
         super::round_weights(&mut v[whole..], scale);
     }
 
-    /// [`super::group_weighted_values`]: the heads in tiles of up to four
-    /// ([`value_tile`]).
+    /// [`super::weighted_values`]: per output dimension, the 64 lanes as
+    /// eight 8-lane accumulators (kept in memory, `acc[8·d + k]`), walked
+    /// 64 cells (four blocks) at a time so each block's cells meet fixed
+    /// accumulators and the chunk's weights stay in registers over all
+    /// dimensions. Each accumulator still takes its cells in cell order, so
+    /// the sums are the portable code's. Cells outside `first..first +
+    /// w.len()` leave their lanes as they are (masked to +0 with +0 weights,
+    /// in the first and last chunks only).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn weighted_values(values: &[&[f16]], offset: usize, first: usize, w: &[f32], out: &mut [f32]) {
+        const CHUNK: usize = 4 * BLOCK_TOKENS;
+        let Some(last) = (first + w.len()).checked_sub(1) else {
+            return super::weighted_values(values, offset, first, w, out);
+        };
+        let hd = out.len();
+        let (c0, c1) = (first / CHUNK, last / CHUNK);
+        // The weights of every cell of the chunks (zero where no cell is
+        // taken) and whether each is taken.
+        let mut weights = vec![0f32; CHUNK * (c1 - c0 + 1)];
+        let mut taken = vec![0f32; weights.len()];
+        for (j, &wj) in w.iter().enumerate() {
+            let at = first + j - c0 * CHUNK;
+            weights[at] = wj;
+            taken[at] = f32::from_bits(u32::MAX);
+        }
+        // This thread's accumulators from its last call, stale: the first
+        // chunk writes every one of them (a product added to +0, or +0 for
+        // a block it does not reach), as zeroed accumulators would hold.
+        let mut acc = VALUE_ACCUMULATORS.take();
+        acc.resize(8 * hd, _mm256_setzero_ps());
+        for chunk in c0..=c1 {
+            let opening = chunk == c0;
+            let base = (chunk - c0) * CHUNK;
+            let partial = chunk * CHUNK < first || chunk * CHUNK + CHUNK - 1 > last;
+            let mut wv = [_mm256_setzero_ps(); 8];
+            let mut mask = [_mm256_setzero_ps(); 8];
+            for k in 0..8 {
+                wv[k] = load_f32x8(&weights[base + 8 * k..]);
+                if partial {
+                    mask[k] = load_f32x8(&taken[base + 8 * k..]);
+                }
+            }
+            for q in 0..4 {
+                let b = chunk * 4 + q;
+                if (b + 1) * BLOCK_TOKENS <= first || b * BLOCK_TOKENS > last {
+                    if opening {
+                        for a in acc.chunks_exact_mut(8) {
+                            a[2 * q] = _mm256_setzero_ps();
+                            a[2 * q + 1] = _mm256_setzero_ps();
+                        }
+                    }
+                    continue;
+                }
+                let column = &values[b][offset * BLOCK_TOKENS..(offset + hd) * BLOCK_TOKENS];
+                for (cells, a) in column
+                    .chunks_exact(BLOCK_TOKENS)
+                    .zip(acc.chunks_exact_mut(8))
+                {
+                    for h in 0..2 {
+                        let k = 2 * q + h;
+                        let v = load_f16x8(&cells[8 * h..]);
+                        // A cell not taken meets +0 · +0: its lane keeps
+                        // its value (an accumulator that starts at +0 never
+                        // becomes −0, so adding +0 changes no bit), whatever
+                        // the cache holds there, infinities and NaN included.
+                        // (A blend here compiles to a masked store, which
+                        // is microcoded and slow on AMD cores.)
+                        let v = if partial {
+                            _mm256_and_ps(v, mask[k])
+                        } else {
+                            v
+                        };
+                        let sum = if opening { _mm256_setzero_ps() } else { a[k] };
+                        a[k] = _mm256_fmadd_ps(v, wv[k], sum);
+                    }
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc.chunks_exact(8)) {
+            let mut lanes = [_mm256_setzero_ps(); 8];
+            lanes.copy_from_slice(a);
+            *o = fold_f16_accumulators(&lanes);
+        }
+        VALUE_ACCUMULATORS.set(acc);
+    }
+
+    /// [`super::group_weighted_values`]: the heads in tiles of two to four
+    /// ([`value_tile`]), a head left alone through [`weighted_values`],
+    /// whose loop suits one head better.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
@@ -463,7 +608,7 @@ pub mod avx2 {
                 4 => value_tile::<4>(values, offset, first, w, o),
                 3 => value_tile::<3>(values, offset, first, w, o),
                 2 => value_tile::<2>(values, offset, first, w, o),
-                _ => value_tile::<1>(values, offset, first, w, o),
+                _ => weighted_values(values, offset, first, w, o),
             }
             done += t;
         }
@@ -575,9 +720,11 @@ pub mod avx2 {
     }
 
     thread_local! {
-        /// [`value_tile`]'s accumulators, kept per thread from call to
-        /// call: 16 KiB that would otherwise be allocated for every row and
-        /// head.
+        /// The accumulators of [`weighted_values`] (64 lanes per output
+        /// dimension, 64 KiB for a 256-wide head) and of [`value_tile`] (16
+        /// KiB), kept per thread from call to call: they would otherwise be
+        /// allocated and cleared for every row and head. Each call writes
+        /// every accumulator it reads before reading it.
         static VALUE_ACCUMULATORS: std::cell::RefCell<Vec<__m256>> =
             const { std::cell::RefCell::new(Vec::new()) };
     }
