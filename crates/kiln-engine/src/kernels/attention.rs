@@ -123,10 +123,10 @@ pub fn group_key_dots(
     out: &mut [f32],
 ) {
     let heads = xs.len().checked_div(hd).unwrap_or(0);
-    if heads == 0 || out.is_empty() {
+    let cells = out.len().checked_div(heads).unwrap_or(0);
+    if cells == 0 {
         return;
     }
-    let cells = out.len() / heads;
     for (x, o) in xs.chunks_exact(hd).zip(out.chunks_exact_mut(cells)) {
         key_dots(x, keys, kv_dim, kv_offset, first, o);
     }
@@ -144,10 +144,11 @@ pub fn group_weighted_values(
     w: &[f32],
     out: &mut [f32],
 ) {
-    if heads == 0 || w.is_empty() || out.is_empty() {
+    let cells = w.len().checked_div(heads).unwrap_or(0);
+    let hd = out.len().checked_div(heads).unwrap_or(0);
+    if cells == 0 || hd == 0 {
         return;
     }
-    let (cells, hd) = (w.len() / heads, out.len() / heads);
     for (w, o) in w.chunks_exact(cells).zip(out.chunks_exact_mut(hd)) {
         weighted_values(values, offset, first, w, o);
     }
@@ -274,10 +275,10 @@ pub mod avx2 {
         out: &mut [f32],
     ) {
         let heads = xs.len().checked_div(hd).unwrap_or(0);
-        if heads == 0 || out.is_empty() {
+        let cells = out.len().checked_div(heads).unwrap_or(0);
+        if cells == 0 {
             return;
         }
-        let cells = out.len() / heads;
         if !hd.is_multiple_of(64) {
             for (x, o) in xs.chunks_exact(hd).zip(out.chunks_exact_mut(cells)) {
                 key_dots(x, keys, kv_dim, kv_offset, first, o);
@@ -595,10 +596,11 @@ pub mod avx2 {
         w: &[f32],
         out: &mut [f32],
     ) {
-        if heads == 0 || w.is_empty() || out.is_empty() {
+        let cells = w.len().checked_div(heads).unwrap_or(0);
+        let hd = out.len().checked_div(heads).unwrap_or(0);
+        if cells == 0 || hd == 0 {
             return;
         }
-        let (cells, hd) = (w.len() / heads, out.len() / heads);
         let mut done = 0;
         while done < heads {
             let t = (heads - done).min(4);
@@ -828,6 +830,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn grouped_loops_leave_shapes_without_a_cell_alone() {
+        let block = vec![f16::from_f32(1.0); 64 * BLOCK_TOKENS];
+        let views: Vec<&[f16]> = vec![&block[..]];
+        // Three heads of 64 but room for two scores; no head width; no weights.
+        let q = vec![0.5f32; 3 * 64];
+        let mut out = vec![7f32; 2];
+        group_key_dots(&q, 64, &views, 64, 0, 0, &mut out);
+        group_key_dots(&q, 0, &views, 64, 0, 0, &mut out);
+        group_weighted_values(&views, 0, 0, 3, &[0.25; 2], &mut out);
+        group_weighted_values(&views, 0, 0, 0, &[0.25; 2], &mut out);
+        #[cfg(target_arch = "x86_64")]
+        if super::super::KernelVariant::Avx2.is_available() {
+            // SAFETY: AVX2, FMA and F16C checked just above.
+            unsafe {
+                avx2::group_key_dots(&q, 64, &views, 64, 0, 0, &mut out);
+                avx2::group_key_dots(&q, 0, &views, 64, 0, 0, &mut out);
+                avx2::group_weighted_values(&views, 0, 0, 3, &[0.25; 2], &mut out);
+                avx2::group_weighted_values(&views, 0, 0, 0, &[0.25; 2], &mut out);
+            }
+        }
+        assert_eq!(out, [7.0, 7.0]);
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
