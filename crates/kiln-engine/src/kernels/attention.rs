@@ -109,6 +109,14 @@ pub fn weighted_values(values: &[&[f16]], offset: usize, first: usize, w: &[f32]
     }
 }
 
+/// The lengths per head when `heads` heads share each of `lens` one after
+/// another; `None` when there is no head or a head would get nothing.
+#[inline]
+fn per_head<const N: usize>(heads: usize, lens: [usize; N]) -> Option<[usize; N]> {
+    let each = lens.map(|len| len.checked_div(heads).unwrap_or(0));
+    each.iter().all(|&n| n > 0).then_some(each)
+}
+
 /// [`key_dots`] for the query heads that share one KV head: `xs` holds
 /// them one after another (`hd` values each), `out` their scores in the same
 /// order (`out.len() / heads` cells each).
@@ -123,10 +131,9 @@ pub fn group_key_dots(
     out: &mut [f32],
 ) {
     let heads = xs.len().checked_div(hd).unwrap_or(0);
-    let cells = out.len().checked_div(heads).unwrap_or(0);
-    if cells == 0 {
+    let Some([cells]) = per_head(heads, [out.len()]) else {
         return;
-    }
+    };
     for (x, o) in xs.chunks_exact(hd).zip(out.chunks_exact_mut(cells)) {
         key_dots(x, keys, kv_dim, kv_offset, first, o);
     }
@@ -144,11 +151,9 @@ pub fn group_weighted_values(
     w: &[f32],
     out: &mut [f32],
 ) {
-    let cells = w.len().checked_div(heads).unwrap_or(0);
-    let hd = out.len().checked_div(heads).unwrap_or(0);
-    if cells == 0 || hd == 0 {
+    let Some([cells, hd]) = per_head(heads, [w.len(), out.len()]) else {
         return;
-    }
+    };
     for (w, o) in w.chunks_exact(cells).zip(out.chunks_exact_mut(hd)) {
         weighted_values(values, offset, first, w, o);
     }
@@ -259,7 +264,8 @@ pub mod avx2 {
     /// [`super::group_key_dots`]. For a head width that is a multiple of 64
     /// (no f64 tail) the heads go in tiles of two to four ([`key_tile`]), a
     /// head left alone through [`key_dots`], whose loop suits one query
-    /// better; the same sums as [`dot_f16`] key by key either way.
+    /// better; for other widths every head goes through [`key_dots`]. The
+    /// same sums as [`dot_f16`] key by key either way.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
@@ -275,19 +281,14 @@ pub mod avx2 {
         out: &mut [f32],
     ) {
         let heads = xs.len().checked_div(hd).unwrap_or(0);
-        let cells = out.len().checked_div(heads).unwrap_or(0);
-        if cells == 0 {
+        let Some([cells]) = super::per_head(heads, [out.len()]) else {
             return;
-        }
-        if !hd.is_multiple_of(64) {
-            for (x, o) in xs.chunks_exact(hd).zip(out.chunks_exact_mut(cells)) {
-                key_dots(x, keys, kv_dim, kv_offset, first, o);
-            }
-            return;
-        }
+        };
+        // The tiles need whole 64-value steps (no f64 tail).
+        let most = if hd.is_multiple_of(64) { 4 } else { 1 };
         let mut done = 0;
         while done < heads {
-            let t = (heads - done).min(4);
+            let t = (heads - done).min(most);
             let x = &xs[done * hd..(done + t) * hd];
             let o = &mut out[done * cells..(done + t) * cells];
             // (Calls, not a closure, so each inlines with these features.)
@@ -596,11 +597,9 @@ pub mod avx2 {
         w: &[f32],
         out: &mut [f32],
     ) {
-        let cells = w.len().checked_div(heads).unwrap_or(0);
-        let hd = out.len().checked_div(heads).unwrap_or(0);
-        if cells == 0 || hd == 0 {
+        let Some([cells, hd]) = super::per_head(heads, [w.len(), out.len()]) else {
             return;
-        }
+        };
         let mut done = 0;
         while done < heads {
             let t = (heads - done).min(4);
@@ -773,7 +772,6 @@ mod tests {
                 exp_shifted(&mut a, max);
                 // SAFETY: as below.
                 unsafe { avx2::exp_shifted(&mut b, max) };
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&a), bits(&b), "exp, max {max}");
                 round_weights(&mut a, 0.013);
                 // SAFETY: as below.
@@ -821,11 +819,12 @@ mod tests {
                         }
                     }
                     let poisoned: Vec<&[f16]> = poisoned.iter().map(|b| &b[..]).collect();
-                    let w: Vec<f32> = (0..4 * (last + 1 - first)).map(|_| next()).collect();
-                    let (mut o1, mut o2) = (vec![0f32; 4 * hd], vec![0f32; 4 * hd]);
-                    group_weighted_values(&views, hd, first, 4, &w, &mut o1);
+                    // Five heads: a tile of four and one alone.
+                    let w: Vec<f32> = (0..5 * (last + 1 - first)).map(|_| next()).collect();
+                    let (mut o1, mut o2) = (vec![0f32; 5 * hd], vec![0f32; 5 * hd]);
+                    group_weighted_values(&views, hd, first, 5, &w, &mut o1);
                     // SAFETY: as above.
-                    unsafe { avx2::group_weighted_values(&poisoned, hd, first, 4, &w, &mut o2) };
+                    unsafe { avx2::group_weighted_values(&poisoned, hd, first, 5, &w, &mut o2) };
                     assert_eq!(bits(&o1), bits(&o2), "poisoned, hd {hd}, {first}..={last}");
                 }
             }
