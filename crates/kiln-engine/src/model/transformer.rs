@@ -402,6 +402,22 @@ impl Transformer {
         pool: &mut KvPool,
         items: &mut [BatchItem<'_>],
     ) -> Result<Vec<Option<Vec<f32>>>> {
+        if rayon::current_thread_index().is_some() {
+            return self.run_batch(pool, items);
+        }
+        // Run on a pool thread, so that each matrix product and attention
+        // step forks from inside the pool. Called from outside, every one of
+        // them would be injected into the pool with the caller asleep until
+        // it is done: a wake-up and a sleep per step, dozens per token.
+        rayon::scope(|_| self.run_batch(pool, items))
+    }
+
+    /// [`Self::forward_batch`], on the calling thread.
+    fn run_batch(
+        &self,
+        pool: &mut KvPool,
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
         for item in items.iter_mut() {
             self.prepare(pool, item)?;
