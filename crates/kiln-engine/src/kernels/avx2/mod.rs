@@ -8,6 +8,11 @@
 //! repacked Q4_0 / Q4_K) are done eight rows at a time, each row's integer
 //! block sum landing in its own lane of one accumulator, as in ggml.
 //!
+//! With one input (a decode step of one sequence), the 32-value formats go
+//! four rows at a time: each row keeps its own accumulator and operations,
+//! so its bits are the one-row kernel's, but four chains of fused
+//! multiply-adds overlap where one row alone waits out each add's latency.
+//!
 //! Only [`compute_rows`] is called from outside; every function here needs
 //! AVX2, FMA and F16C, which the caller checks at run time.
 
@@ -44,6 +49,23 @@ macro_rules! each_8_rows {
     };
 }
 
+/// For the one input of `$acts` (Q8 activations): `$quad` (four rows at
+/// once, `[f32; 4]`) over the rows four at a time, `$one` over the rest.
+macro_rules! each_4_rows {
+    ($w:expr, $row_bytes:expr, $acts:expr, $out:expr, $quad:ident, $one:ident) => {{
+        let y = $acts.q8_row(0);
+        let quads = $w.chunks_exact(4 * $row_bytes);
+        let rest = quads.remainder();
+        let done = 4 * quads.len();
+        for (rows, out) in quads.zip($out.chunks_exact_mut(4)) {
+            out.copy_from_slice(&$quad(rows, $row_bytes, y));
+        }
+        for (row, out) in rest.chunks_exact($row_bytes).zip(&mut $out[done..]) {
+            *out = $one(row, y);
+        }
+    }};
+}
+
 /// The AVX2 version of `super::compute_rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn compute_rows(
@@ -55,6 +77,16 @@ pub(super) fn compute_rows(
 ) {
     if outs.len() > 1 && tiles::compute_rows(kind, w, row_bytes, acts, outs).is_some() {
         return;
+    }
+    if let [out] = outs {
+        // One input: the 32-value formats go four rows at a time.
+        match kind {
+            DotKind::Q4_0 => return each_4_rows!(w, row_bytes, acts, out, dot4_q4_0, dot_q4_0),
+            DotKind::Q4_1 => return each_4_rows!(w, row_bytes, acts, out, dot4_q4_1, dot_q4_1),
+            DotKind::Q5_0 => return each_4_rows!(w, row_bytes, acts, out, dot4_q5_0, dot_q5_0),
+            DotKind::Q8_0 => return each_4_rows!(w, row_bytes, acts, out, dot4_q8_0, dot_q8_0),
+            _ => {}
+        }
     }
     match kind {
         DotKind::F32 => each_row!(w, row_bytes, outs, |row, i| dot_f32(row, acts.float_row(i))),
@@ -257,6 +289,75 @@ fn dot_q5_0(w: &[u8], y: Q8Row<'_>) -> f32 {
     dot_q0!(w, y, 22, |b| q5_0_values(b))
 }
 
+/// [`dot_q0!`] for four weight rows (`$rows`, one after another, `$row_bytes`
+/// each) with the same input: every row's blocks go through the same
+/// operations in the same order, so each result has the one-row kernel's
+/// bits. The four rows' chains of fused multiply-adds run side by side
+/// (one row's chain alone waits out each add's latency) and each activation
+/// block is loaded once for the four.
+macro_rules! dot4_q0 {
+    ($rows:expr, $row_bytes:expr, $y:expr, $block_bytes:expr, |$b:ident| $values:expr) => {{
+        let (r0, rest) = $rows.split_at($row_bytes);
+        let (r1, rest) = rest.split_at($row_bytes);
+        let (r2, r3) = rest.split_at($row_bytes);
+        let next = $rows.as_ptr().wrapping_add(4 * $row_bytes);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (k, (((((b0, b1), b2), b3), q), &dy)) in r0
+            .chunks_exact($block_bytes)
+            .zip(r1.chunks_exact($block_bytes))
+            .zip(r2.chunks_exact($block_bytes))
+            .zip(r3.chunks_exact($block_bytes))
+            .zip($y.qs.chunks_exact(QK))
+            .zip($y.d)
+            .enumerate()
+        {
+            let qy = load_i8x32(q);
+            prefetch_next_quad(next, k, $block_bytes);
+            for (a, $b) in acc.iter_mut().zip([b0, b1, b2, b3]) {
+                let sums = dot_i8_i8($values, qy);
+                *a = _mm256_fmadd_ps(
+                    _mm256_set1_ps(f16_at($b, 0) * dy),
+                    _mm256_cvtepi32_ps(sums),
+                    *a,
+                );
+            }
+        }
+        [hsum8(acc[0]), hsum8(acc[1]), hsum8(acc[2]), hsum8(acc[3])]
+    }};
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_q8_0(rows: &[u8], row_bytes: usize, y: Q8Row<'_>) -> [f32; 4] {
+    dot4_q0!(rows, row_bytes, y, 34, |b| q8_0_values(b))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_q4_0(rows: &[u8], row_bytes: usize, y: Q8Row<'_>) -> [f32; 4] {
+    dot4_q0!(rows, row_bytes, y, 18, |b| q4_0_values(b))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_q5_0(rows: &[u8], row_bytes: usize, y: Q8Row<'_>) -> [f32; 4] {
+    dot4_q0!(rows, row_bytes, y, 22, |b| q5_0_values(b))
+}
+
+/// While a four-row kernel is at block `k` of its rows, asks for block `k`'s
+/// share of the next four rows (`next`: where they start): the `4 ·
+/// block_bytes` bytes at `4k · block_bytes`, so over a pass the next rows
+/// come in in memory order. The hardware's stream detection does not follow
+/// four rows read side by side as it follows one row after another.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn prefetch_next_quad(next: *const u8, k: usize, block_bytes: usize) {
+    let share = 4 * block_bytes;
+    let mut line = k * share;
+    while line < (k + 1) * share {
+        // A prefetch never faults: an address past the matrix is harmless.
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line).cast());
+        line += 64;
+    }
+}
+
 /// A Q8_0 block's 32 signed values.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -309,6 +410,47 @@ fn dot_q4_1(w: &[u8], y: Q8Row<'_>) -> f32 {
         );
     }
     hsum8(acc) + summs
+}
+
+/// [`dot_q4_1`] for four weight rows with the same input, as [`dot4_q0!`]
+/// does for the other 32-value formats: each row's two chains (the scaled
+/// block sums and the `m · s` products) are the one-row kernel's.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_q4_1(rows: &[u8], row_bytes: usize, y: Q8Row<'_>) -> [f32; 4] {
+    let (r0, rest) = rows.split_at(row_bytes);
+    let (r1, rest) = rest.split_at(row_bytes);
+    let (r2, r3) = rest.split_at(row_bytes);
+    let next = rows.as_ptr().wrapping_add(4 * row_bytes);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [0f32; 4];
+    for (k, ((((((b0, b1), b2), b3), q), &dy), &sy)) in r0
+        .chunks_exact(20)
+        .zip(r1.chunks_exact(20))
+        .zip(r2.chunks_exact(20))
+        .zip(r3.chunks_exact(20))
+        .zip(y.qs.chunks_exact(QK))
+        .zip(y.d)
+        .zip(y.s)
+        .enumerate()
+    {
+        let qy = load_i8x32(q);
+        prefetch_next_quad(next, k, 20);
+        for ((a, m), b) in acc.iter_mut().zip(&mut summs).zip([b0, b1, b2, b3]) {
+            *m = f16_at(b, 2).mul_add(sy, *m);
+            let sums = dot_u8_i8(q4_1_values(b), qy);
+            *a = _mm256_fmadd_ps(
+                _mm256_set1_ps(f16_at(b, 0) * dy),
+                _mm256_cvtepi32_ps(sums),
+                *a,
+            );
+        }
+    }
+    [
+        hsum8(acc[0]) + summs[0],
+        hsum8(acc[1]) + summs[1],
+        hsum8(acc[2]) + summs[2],
+        hsum8(acc[3]) + summs[3],
+    ]
 }
 
 /// Eight rows of repacked Q4_0 (`scalar::dot_q4_0_repacked`), row `k`'s
