@@ -289,6 +289,34 @@ fn dot_q5_0(w: &[u8], y: Q8Row<'_>) -> f32 {
     dot_q0!(w, y, 22, |b| q5_0_values(b))
 }
 
+/// The scale products `d_w · d_y` of four blocks (`[b0, b1, b2, b3]`, each
+/// starting with its f16 `d_w`) with `d_y`, each broadcast to eight lanes:
+/// the same conversions and products as `f16_at(b, 0) * dy`, four at once.
+/// A macro so that it is always inlined: as a function it was called, and
+/// the call spilled the four-row kernels' accumulators every block.
+macro_rules! quad_scales {
+    ($blocks:expr, $dy:expr) => {{
+        let [a, b, c, d]: [&[u8]; 4] = $blocks;
+        let bits = _mm_setr_epi16(
+            i16::from_le_bytes([a[0], a[1]]),
+            i16::from_le_bytes([b[0], b[1]]),
+            i16::from_le_bytes([c[0], c[1]]),
+            i16::from_le_bytes([d[0], d[1]]),
+            0,
+            0,
+            0,
+            0,
+        );
+        let s = _mm_mul_ps(_mm_cvtph_ps(bits), _mm_set1_ps($dy));
+        [
+            _mm256_broadcastss_ps(s),
+            _mm256_broadcastss_ps(_mm_permute_ps::<1>(s)),
+            _mm256_broadcastss_ps(_mm_permute_ps::<2>(s)),
+            _mm256_broadcastss_ps(_mm_permute_ps::<3>(s)),
+        ]
+    }};
+}
+
 /// [`dot_q0!`] for four weight rows (`$rows`, one after another, `$row_bytes`
 /// each) with the same input: every row's blocks go through the same
 /// operations in the same order, so each result has the one-row kernel's
@@ -313,7 +341,7 @@ macro_rules! dot4_q0 {
         {
             let qy = load_i8x32(q);
             prefetch_next_quad(next, k, $block_bytes);
-            let scales = quad_scales([b0, b1, b2, b3], dy);
+            let scales = quad_scales!([b0, b1, b2, b3], dy);
             for ((a, $b), s) in acc.iter_mut().zip([b0, b1, b2, b3]).zip(scales) {
                 let sums = dot_i8_i8($values, qy);
                 *a = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums), *a);
@@ -351,32 +379,6 @@ fn prefetch_next_quad(next: *const u8, k: usize, block_bytes: usize) {
         // A prefetch never faults: an address past the matrix is harmless.
         _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(k * share + 64 * line).cast());
     }
-}
-
-/// The scale products `d_w · d_y` of four blocks (each starting with its
-/// f16 `d_w`) with `d_y`, each broadcast to eight lanes: the same
-/// conversions and products as `f16_at(b, 0) * dy`, four at once.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-fn quad_scales(blocks: [&[u8]; 4], dy: f32) -> [__m256; 4] {
-    let [a, b, c, d] = blocks;
-    let bits = _mm_setr_epi16(
-        i16::from_le_bytes([a[0], a[1]]),
-        i16::from_le_bytes([b[0], b[1]]),
-        i16::from_le_bytes([c[0], c[1]]),
-        i16::from_le_bytes([d[0], d[1]]),
-        0,
-        0,
-        0,
-        0,
-    );
-    let s = _mm_mul_ps(_mm_cvtph_ps(bits), _mm_set1_ps(dy));
-    [
-        _mm256_broadcastss_ps(s),
-        _mm256_broadcastss_ps(_mm_permute_ps::<1>(s)),
-        _mm256_broadcastss_ps(_mm_permute_ps::<2>(s)),
-        _mm256_broadcastss_ps(_mm_permute_ps::<3>(s)),
-    ]
 }
 
 /// A Q8_0 block's 32 signed values.
@@ -456,7 +458,7 @@ fn dot4_q4_1(rows: &[u8], row_bytes: usize, y: Q8Row<'_>) -> [f32; 4] {
     {
         let qy = load_i8x32(q);
         prefetch_next_quad(next, k, 20);
-        let scales = quad_scales([b0, b1, b2, b3], dy);
+        let scales = quad_scales!([b0, b1, b2, b3], dy);
         for (((a, m), b), s) in acc
             .iter_mut()
             .zip(&mut summs)
