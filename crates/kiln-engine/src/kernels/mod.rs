@@ -25,6 +25,16 @@
 //!
 //! The variant is chosen once at run time from the CPU's features
 //! ([`KernelVariant::selected`], `KILN_KERNELS=scalar|avx2|avx512`).
+//!
+//! Q5_0 matrices are widened when they are built ([`Q5_0Layout`]): each
+//! block's 32 five-bit values are stored as Q8_0's signed bytes, with the
+//! same scale. Unpacking five-bit values costs more instructions than the
+//! product itself, and with two threads those kernels are bound by the
+//! instructions, not by the memory they read; Q8_0's are bound by the
+//! memory. The block's integer sum is the same exact integer either way
+//! and ggml's Q5_0 and Q8_0 kernels scale and add it alike, so the results
+//! keep their bits. `KILN_Q5_0=keep` keeps the file's blocks (a third less
+//! memory for those matrices).
 
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
@@ -124,10 +134,55 @@ impl DotKind {
     }
 }
 
+/// How a Q5_0 matrix is kept in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Q5_0Layout {
+    /// The file's blocks: 22 bytes per 32 values.
+    Kept,
+    /// Each block as a Q8_0 block of the same values and scale: 34 bytes
+    /// per 32 values, multiplied by the Q8_0 kernels. The default.
+    Widened,
+}
+
+/// The environment variable that chooses the [`Q5_0Layout`]: `keep` or `widen`.
+pub const Q5_0_ENV: &str = "KILN_Q5_0";
+
+impl Q5_0Layout {
+    pub fn parse(s: &str) -> Option<Q5_0Layout> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "keep" => Some(Q5_0Layout::Kept),
+            "widen" => Some(Q5_0Layout::Widened),
+            _ => None,
+        }
+    }
+
+    /// The layout [`QMatrix::from_bytes`] uses: `KILN_Q5_0` if set to a
+    /// layout, otherwise widened. Read once.
+    pub fn selected() -> Q5_0Layout {
+        static SELECTED: std::sync::OnceLock<Q5_0Layout> = std::sync::OnceLock::new();
+        *SELECTED.get_or_init(|| {
+            let raw = std::env::var(Q5_0_ENV).unwrap_or_default();
+            if raw.trim().is_empty() {
+                return Q5_0Layout::Widened;
+            }
+            Q5_0Layout::parse(&raw).unwrap_or_else(|| {
+                tracing::warn!(
+                    requested = raw,
+                    "{Q5_0_ENV} must be keep or widen; widening"
+                );
+                Q5_0Layout::Widened
+            })
+        })
+    }
+}
+
 /// A `rows × cols` weight matrix in a GGUF block format. Immutable once
 /// built, so it is shared freely between threads.
 pub struct QMatrix {
+    /// The file's type.
     dtype: GgmlDType,
+    /// The layout of `data` and the kernel that multiplies it: the file's,
+    /// except for a widened Q5_0 matrix (Q8_0).
     kind: DotKind,
     rows: usize,
     cols: usize,
@@ -154,12 +209,24 @@ impl QMatrix {
         QMatrix::from_bytes(dtype, rows, cols, t.data()?.into_owned())
     }
 
-    /// From raw GGUF blocks, `rows` rows of `cols` values each.
+    /// From raw GGUF blocks, `rows` rows of `cols` values each; a Q5_0
+    /// matrix laid out as [`Q5_0Layout::selected`] says.
     pub fn from_bytes(
         dtype: GgmlDType,
         rows: usize,
         cols: usize,
         data: Vec<u8>,
+    ) -> Result<QMatrix> {
+        QMatrix::from_bytes_with(dtype, rows, cols, data, Q5_0Layout::selected())
+    }
+
+    /// [`QMatrix::from_bytes`] with a given Q5_0 layout.
+    pub fn from_bytes_with(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+        q5_0: Q5_0Layout,
     ) -> Result<QMatrix> {
         let kind = DotKind::new(dtype, rows).ok_or_else(|| unsupported(dtype))?;
         let (block_bytes, block_len) = kind.block();
@@ -175,6 +242,16 @@ impl QMatrix {
                 rows.saturating_mul(row_bytes),
                 data.len()
             )));
+        }
+        if kind == DotKind::Q5_0 && q5_0 == Q5_0Layout::Widened {
+            return Ok(QMatrix {
+                dtype,
+                kind: DotKind::Q8_0,
+                rows,
+                cols,
+                row_bytes: cols / block_len * DotKind::Q8_0.block().0,
+                data: scalar::widen_q5_0(&data),
+            });
         }
         Ok(QMatrix {
             dtype,
@@ -484,6 +561,16 @@ mod tests {
         rows: usize,
         cols: usize,
     ) -> Result<QMatrix> {
+        let data = random_blocks(rng, dtype, rows, cols)?;
+        QMatrix::from_bytes(dtype, rows, cols, data)
+    }
+
+    fn random_blocks(
+        rng: &mut rand::rngs::StdRng,
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<u8>> {
         use rand::Rng;
         let kind = DotKind::new(dtype, rows).ok_or_else(|| unsupported(dtype))?;
         let (block_bytes, block_len) = kind.block();
@@ -505,13 +592,14 @@ mod tests {
                 _ => f16_at(b, 0, rng),
             }
         }
-        QMatrix::from_bytes(dtype, rows, cols, data)
+        Ok(data)
     }
 
     /// Every variant this CPU runs gives the portable kernels' bits, for
     /// every type, at row counts around the SIMD tiles (8 rows) and batch
     /// sizes around the input tiles (and past a chunk of the AVX2 tiles), on
-    /// one and two threads.
+    /// one and two threads; a widened Q5_0 matrix gives the bits of the
+    /// portable Q5_0 kernel on the file's blocks.
     #[test]
     fn every_variant_matches_the_scalar_kernels() -> Result<()> {
         use rand::{Rng, SeedableRng};
@@ -523,13 +611,21 @@ mod tests {
                 .1;
             for rows in [1, 7, 8, 13, 24] {
                 let cols = block_len.max(32) * 3;
-                let m = random_matrix(&mut rng, dtype, rows, cols)?;
+                let data = random_blocks(&mut rng, dtype, rows, cols)?;
+                let build =
+                    |layout| QMatrix::from_bytes_with(dtype, rows, cols, data.clone(), layout);
+                let kept = build(Q5_0Layout::Kept)?;
+                let widened = build(Q5_0Layout::Widened)?;
+                assert_eq!(kept.kind == widened.kind, dtype != GgmlDType::Q5_0);
                 for n in [1, 2, 3, 4, 5, 6, 7, 9, 17, 67] {
                     let x: Vec<f32> = (0..n * cols)
                         .map(|_| rng.random_range(-2f32..2.0))
                         .collect();
-                    let want = m.matmul_with(&x, n, 1, KernelVariant::Scalar)?;
-                    for variant in KernelVariant::available() {
+                    let want = kept.matmul_with(&x, n, 1, KernelVariant::Scalar)?;
+                    for (m, variant) in [&kept, &widened]
+                        .into_iter()
+                        .flat_map(|m| KernelVariant::available().into_iter().map(move |v| (m, v)))
+                    {
                         for threads in [1, 2] {
                             let got = m.matmul_with(&x, n, threads, variant)?;
                             let bits =
@@ -537,7 +633,8 @@ mod tests {
                             assert_eq!(
                                 bits(&got),
                                 bits(&want),
-                                "{dtype:?} {rows}x{cols} n={n} {} threads={threads}",
+                                "{dtype:?} as {:?} {rows}x{cols} n={n} {} threads={threads}",
+                                m.kind,
                                 variant.name()
                             );
                         }
@@ -545,6 +642,54 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A widened Q5_0 matrix holds the file's values: its rows dequantize
+    /// (embedding lookups) to the same bits, and it takes 34 bytes a block.
+    #[test]
+    fn widened_q5_0_keeps_the_values() -> Result<()> {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (rows, cols) = (9, 128);
+        let data = random_blocks(&mut rng, GgmlDType::Q5_0, rows, cols)?;
+        let kept =
+            QMatrix::from_bytes_with(GgmlDType::Q5_0, rows, cols, data.clone(), Q5_0Layout::Kept)?;
+        let widened =
+            QMatrix::from_bytes_with(GgmlDType::Q5_0, rows, cols, data, Q5_0Layout::Widened)?;
+        assert_eq!(
+            (widened.kind, widened.dtype()),
+            (DotKind::Q8_0, GgmlDType::Q5_0)
+        );
+        assert_eq!(widened.data.len(), rows * cols / 32 * 34);
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        for r in 0..rows {
+            kept.dequantize_row(r, &mut a)?;
+            widened.dequantize_row(r, &mut b)?;
+            assert_eq!(
+                a.iter().map(|f| f.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|f| f.to_bits()).collect::<Vec<_>>(),
+                "row {r}"
+            );
+        }
+        // Every five-bit value, both ends included, survives the widening.
+        let mut block = [0u8; 22];
+        block[1] = 0x3c; // d = 1.0
+        block[2..6].copy_from_slice(&0xffff_0000u32.to_le_bytes());
+        for (j, b) in block[6..].iter_mut().enumerate() {
+            *b = (j as u8) | (15 - j as u8) << 4;
+        }
+        let m =
+            QMatrix::from_bytes_with(GgmlDType::Q5_0, 1, 32, block.to_vec(), Q5_0Layout::Widened)?;
+        m.dequantize_row(0, &mut a[..32])?;
+        let want: Vec<f32> = (0..16)
+            .map(|j| j as f32 - 16.0)
+            .chain((0..16).map(|j| 15.0 - j as f32))
+            .collect();
+        assert_eq!(&a[..32], &want[..]);
+        assert_eq!(Q5_0Layout::parse(" Keep "), Some(Q5_0Layout::Kept));
+        assert_eq!(Q5_0Layout::parse("widen"), Some(Q5_0Layout::Widened));
+        assert_eq!(Q5_0Layout::parse("wide"), None);
         Ok(())
     }
 

@@ -113,6 +113,20 @@ fn q5_0_values(b: &[u8], v: &mut [i32; 32]) {
     }
 }
 
+/// Q5_0 blocks (22 bytes each) as Q8_0 blocks (34 bytes each) of the same
+/// scale and values.
+pub(crate) fn widen_q5_0(blocks: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(blocks.len() / 22 * 34);
+    let mut v = [0i32; 32];
+    for b in blocks.chunks_exact(22) {
+        q5_0_values(b, &mut v);
+        out.extend_from_slice(&b[..2]);
+        // Each value is in -16..=15, so it fits its byte.
+        out.extend(v.iter().map(|&x| x as i8 as u8));
+    }
+    out
+}
+
 #[inline]
 fn q8_0_values(b: &[u8], v: &mut [i32; 32]) {
     for (o, &x) in v.iter_mut().zip(&b[2..34]) {
