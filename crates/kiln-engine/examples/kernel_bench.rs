@@ -6,6 +6,9 @@
 //!         [--model FILE.gguf] [--layer 0] [--batches 1,16,512] [--threads 2] [--rounds 5] \
 //!         [--variants scalar,avx2,avx512]
 //!
+//! Q5_0 matrices are timed widened, as the engine runs them, unless
+//! `KILN_Q5_0=keep`; the type column names the file's type either way.
+//!
 //! `--model` defaults to SmolLM2-135M under `$KILN_TEST_HOME`. For each
 //! tensor and batch size it prints the median time of `--rounds` runs and the
 //! multiply-adds per second it comes to (rows × cols × batch / time), at the
