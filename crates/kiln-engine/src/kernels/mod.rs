@@ -1,7 +1,7 @@
 //! Kiln's CPU kernels for matrix products with GGUF-quantized weights.
 //!
 //! A [`QMatrix`] keeps a weight matrix in its file format (blocks of
-//! quantized values with f16 scales) and multiplies it with f32 activations
+//! quantized values with f16 scales; Q5_0 widened, below) and multiplies it with f32 activations
 //! the way llama.cpp's CPU backend (ggml, x86, as built here with AVX-512)
 //! does for a batch of one: the activations are first quantized to the weight
 //! type's 8-bit partner format ([`quantize`]: Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1
