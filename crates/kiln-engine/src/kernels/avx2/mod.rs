@@ -142,6 +142,22 @@ fn load_i16x16(s: &[i16]) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2")]
+fn load_i16x8(s: &[i16]) -> __m128i {
+    let s = &s[..8];
+    // SAFETY: as in `load_u8x32` (8 × 2 bytes).
+    unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_u32x8(s: &[u32]) -> __m256i {
+    let s = &s[..8];
+    // SAFETY: as in `load_u8x32` (8 × 4 bytes).
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
 pub(super) fn load_u8x16(s: &[u8]) -> __m128i {
     let s = &s[..16];
     // SAFETY: as in `load_u8x32` (16 bytes).
@@ -541,14 +557,6 @@ fn q4k_block_lanes(b: &[u8], sc: &[u8; 8], q8: &[i8]) -> __m256i {
     sumi
 }
 
-/// `Σ_j m_j · (bsum_2j + bsum_2j+1)`.
-#[inline]
-fn q4k_mins(m: &[u8; 8], bs: &[i16]) -> i32 {
-    (0..8)
-        .map(|j| i32::from(m[j]) * (i32::from(bs[2 * j]) + i32::from(bs[2 * j + 1])))
-        .sum()
-}
-
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q4_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
     let mut acc = _mm256_setzero_ps();
@@ -570,31 +578,65 @@ fn dot_q4_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
     hsum8(acc) + m
 }
 
-/// Eight rows of repacked Q4_K (`scalar::dot_q4_k_repacked`).
+/// A Q4_K block's eight 6-bit scales and eight 6-bit mins (its bytes
+/// `4..16`) as `(scales, mins)`, one byte each, little-endian: what
+/// [`q4k_scales`] unpacks byte by byte, here a 32-bit word at a time.
+#[inline]
+fn q4k_scales_packed(s: &[u8]) -> (u64, u64) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    // Scales and mins 0..4: the low six bits of bytes 0..4 and 4..8.
+    // Scales 4..8: the low nibbles of bytes 8..12 under the top two bits of
+    // bytes 0..4; mins 4..8: the high nibbles of bytes 8..12 under the top
+    // two bits of bytes 4..8. (Each byte's bits stay in their byte.)
+    let sc_hi = (c & LOW4) | (((a >> 6) & LOW2) << 4);
+    let m_hi = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
+    (
+        u64::from(a & LOW6) | (u64::from(sc_hi) << 32),
+        u64::from(b & LOW6) | (u64::from(m_hi) << 32),
+    )
+}
+
+/// Eight rows of repacked Q4_K (`scalar::dot_q4_k_repacked`). Per block,
+/// the mins' sums are one `madd` a row against the input's pairs of block
+/// sums, folded by `hadd`s (exact integers either way), and the rows' `d`
+/// and `dmin` are converted eight at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot8_q4_k_repacked(rows: &[u8], row_bytes: usize, y: Q8KRow<'_>) -> [f32; 8] {
     let mut acc = _mm256_setzero_ps();
     let mut acc_min = _mm256_setzero_ps();
     for (blk, (q8, &dy)) in y.qs.chunks_exact(QK_K).zip(y.d).enumerate() {
         let bs = &y.bsums[blk * 16..(blk + 1) * 16];
+        // bsum_2j + bsum_2j+1 in lane j: each sum is of 16 values of at
+        // most 128 in magnitude, so a pair fits an i16.
+        let pairs = _mm_hadd_epi16(load_i16x8(&bs[..8]), load_i16x8(&bs[8..]));
         let mut sums = [_mm256_setzero_si256(); 8];
-        let mut mins = [0i32; 8];
-        let mut d = [0f32; 8];
-        let mut dmin = [0f32; 8];
+        let mut mins = [_mm_setzero_si128(); 8];
+        let mut scales = [0u32; 8];
         for k in 0..8 {
             let b = &rows[k * row_bytes + blk * 144..k * row_bytes + blk * 144 + 144];
-            let (sc, m) = q4k_scales(&b[4..16]);
-            sums[k] = q4k_block_lanes(b, &sc, q8);
-            mins[k] = q4k_mins(&m, bs);
-            d[k] = f16_at(b, 0);
-            dmin[k] = f16_at(b, 2);
+            let (sc, m) = q4k_scales_packed(&b[4..16]);
+            sums[k] = q4k_block_lanes(b, &sc.to_le_bytes(), q8);
+            mins[k] = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(m as i64)), pairs);
+            // d (bytes 0..2) and dmin (bytes 2..4).
+            scales[k] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }
+        let fold4 =
+            |m: &[__m128i]| _mm_hadd_epi32(_mm_hadd_epi32(m[0], m[1]), _mm_hadd_epi32(m[2], m[3]));
+        let mins = _mm256_set_m128i(fold4(&mins[4..]), fold4(&mins[..4]));
+        let scales = load_u32x8(&scales);
+        let halves = |v: __m256i| {
+            _mm256_cvtph_ps(_mm_packus_epi32(
+                _mm256_castsi256_si128(v),
+                _mm256_extracti128_si256::<1>(v),
+            ))
+        };
+        let dw = halves(_mm256_and_si256(scales, _mm256_set1_epi32(0xFFFF)));
+        let dminw = halves(_mm256_srli_epi32::<16>(scales));
         let dyv = _mm256_set1_ps(dy);
-        let dw = load_f32x8(&d);
-        let dminw = load_f32x8(&dmin);
-        let mins = _mm256_setr_epi32(
-            mins[0], mins[1], mins[2], mins[3], mins[4], mins[5], mins[6], mins[7],
-        );
         acc = _mm256_fmadd_ps(
             _mm256_cvtepi32_ps(transpose_sum(&sums)),
             _mm256_mul_ps(dw, dyv),
@@ -603,8 +645,7 @@ fn dot8_q4_k_repacked(rows: &[u8], row_bytes: usize, y: Q8KRow<'_>) -> [f32; 8] 
         acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_mul_ps(dminw, dyv), acc_min);
     }
     let mut out = [0f32; 8];
-    // SAFETY: `out` is 8 writable f32s; the store has no alignment requirement.
-    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc, acc_min)) };
+    store_f32x8(&mut out, _mm256_sub_ps(acc, acc_min));
     out
 }
 
@@ -615,16 +656,18 @@ fn dot_q6_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (i, b) in w.chunks_exact(210).enumerate() {
         let q8 = &y.qs[i * QK_K..(i + 1) * QK_K];
+        let scales16 = q6k_scales16(b);
+        let halves = q6k_scale_halves(scales16);
         let mut sumi = _mm256_setzero_si256();
         for half in 0..2 {
             let q = q6k_values(b, half);
             for (k, &qk) in q.iter().enumerate() {
                 let chunk = 4 * half + k;
                 let p = _mm256_maddubs_epi16(qk, load_i8x32(&q8[32 * chunk..]));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(q6k_scale(b, chunk), p));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(q6k_scale(&halves, chunk), p));
             }
         }
-        let sumi = _mm256_sub_epi32(sumi, q6k_offset(q6k_scales16(b), &y.bsums[i * 16..]));
+        let sumi = _mm256_sub_epi32(sumi, q6k_offset(scales16, &y.bsums[i * 16..]));
         acc = _mm256_fmadd_ps(
             _mm256_set1_ps(y.d[i] * f16_at(b, 208)),
             _mm256_cvtepi32_ps(sumi),
@@ -664,16 +707,43 @@ fn q6k_values(b: &[u8], half: usize) -> [__m256i; 4] {
     ]
 }
 
-/// The scales of 32-value chunk `chunk` of a Q6_K block as 16 i16 lanes:
-/// lanes 0..8 take the first 16 values' scale, 8..16 the next.
+/// A Q6_K block's scales 0..8 in both 128-bit halves, and scales 8..16 in
+/// both (`scales16`: [`q6k_scales16`] of the block), for [`q6k_scale`].
 #[inline]
 #[target_feature(enable = "avx2")]
-fn q6k_scale(b: &[u8], chunk: usize) -> __m256i {
-    let lo = i16::from(b[192 + 2 * chunk] as i8);
-    let hi = i16::from(b[193 + 2 * chunk] as i8);
-    _mm256_setr_epi16(
-        lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi,
-    )
+pub(super) fn q6k_scale_halves(scales16: __m256i) -> [__m256i; 2] {
+    [
+        _mm256_permute2x128_si256::<0x00>(scales16, scales16),
+        _mm256_permute2x128_si256::<0x11>(scales16, scales16),
+    ]
+}
+
+/// `vpshufb` masks: for chunk `c` of a half, the i16 scale `2c` in every
+/// lane of the low 128 bits and the scale `2c + 1` in the high 128 bits.
+static Q6K_SCALE_MASKS: [[u8; 32]; 4] = {
+    let mut masks = [[0u8; 32]; 4];
+    let mut c = 0;
+    while c < 4 {
+        let mut i = 0;
+        while i < 16 {
+            let byte = (i % 2) as u8;
+            masks[c][i] = 4 * c as u8 + byte;
+            masks[c][16 + i] = 4 * c as u8 + 2 + byte;
+            i += 1;
+        }
+        c += 1;
+    }
+    masks
+};
+
+/// The scales of 32-value chunk `chunk` of a Q6_K block as 16 i16 lanes:
+/// lanes 0..8 take the first 16 values' scale, 8..16 the next (`halves`:
+/// [`q6k_scale_halves`] of the block).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn q6k_scale(halves: &[__m256i; 2], chunk: usize) -> __m256i {
+    let mask = load_u8x32(&Q6K_SCALE_MASKS[chunk % 4]);
+    _mm256_shuffle_epi8(halves[chunk / 4], mask)
 }
 
 /// A Q6_K block's 16 scales as i16 lanes (for [`q6k_offset`]).

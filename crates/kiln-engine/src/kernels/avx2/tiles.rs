@@ -37,7 +37,8 @@ use super::super::scalar::q4k_scales;
 use super::super::DotKind;
 use super::{
     dot_u8_i8, f16_at, hsum8, load_f32x8, load_u8x32, q4_0_values, q4_1_values, q5_0_values,
-    q6k_offset, q6k_scale, q6k_scales16, q6k_values, q8_0_values, store_f32x8, transpose_sum,
+    q6k_offset, q6k_scale, q6k_scale_halves, q6k_scales16, q6k_values, q8_0_values, store_f32x8,
+    transpose_sum,
 };
 
 /// Inputs per 32-value-format tile (at most; the last group takes what is
@@ -320,11 +321,13 @@ fn q6k_tile<const C: usize>(
     let mut acc = [_mm256_setzero_ps(); C];
     for (i, b) in row.chunks_exact(210).enumerate() {
         let mut sumi = [_mm256_setzero_si256(); C];
+        let scales16 = q6k_scales16(b);
+        let halves = q6k_scale_halves(scales16);
         for half in 0..2 {
             let q = q6k_values(b, half);
             for (k, &qk) in q.iter().enumerate() {
                 let chunk = 4 * half + k;
-                let sc = q6k_scale(b, chunk);
+                let sc = q6k_scale(&halves, chunk);
                 for (s, x) in sumi.iter_mut().zip(qs) {
                     // SAFETY: every input has at least `blocks · QK_K` quants
                     // (checked on entry), `i < blocks` and `32 · chunk + 32 ≤ QK_K`.
@@ -335,7 +338,6 @@ fn q6k_tile<const C: usize>(
             }
         }
         let dw = f16_at(b, 208);
-        let scales16 = q6k_scales16(b);
         for ((a, s), y) in acc.iter_mut().zip(sumi).zip(&ys) {
             let s = _mm256_sub_epi32(s, q6k_offset(scales16, &y.bsums[i * 16..]));
             *a = _mm256_fmadd_ps(_mm256_set1_ps(y.d[i] * dw), _mm256_cvtepi32_ps(s), *a);
