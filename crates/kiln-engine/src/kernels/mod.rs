@@ -47,6 +47,9 @@ pub mod lanes;
 mod quantize;
 mod scalar;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::error::{EngineError, Result};
@@ -316,13 +319,27 @@ impl QMatrix {
     }
 
     /// [`QMatrix::matmul_many`] with a given thread count and kernel
-    /// variant: the row groups of all the matrices are split evenly over up
-    /// to `threads` tasks.
+    /// variant: the row groups of all the matrices are cut into chunks
+    /// ([`chunk_count`]) that up to `threads` tasks take in turn.
     pub fn matmul_many_with(
         ws: &[&QMatrix],
         x: &[f32],
         n: usize,
         threads: usize,
+        variant: KernelVariant,
+    ) -> Result<Vec<Vec<f32>>> {
+        let chunks = chunk_count(ws, n, threads);
+        QMatrix::matmul_chunked(ws, x, n, threads, chunks, variant)
+    }
+
+    /// [`QMatrix::matmul_many_with`] cut into `chunks` chunks (at most one
+    /// per row group, at least one).
+    fn matmul_chunked(
+        ws: &[&QMatrix],
+        x: &[f32],
+        n: usize,
+        threads: usize,
+        chunks: usize,
         variant: KernelVariant,
     ) -> Result<Vec<Vec<f32>>> {
         for w in ws {
@@ -352,12 +369,18 @@ impl QMatrix {
             return Ok(ys);
         }
         // Rows go in groups of ROW_GROUP (the SIMD kernels' unit), numbered
-        // across the matrices; task t takes groups total·t/tasks onwards.
+        // across the matrices and cut into chunks: chunk c takes groups
+        // total·c/chunks onwards. The tasks take chunks in turn until none is
+        // left, so a thread the machine holds back (another process on its
+        // core, a late wake-up) costs the others only the chunk it holds, not
+        // a fixed half of the work. Every row's sums are the same whichever
+        // task computes it.
         let groups: Vec<usize> = ws.iter().map(|w| w.rows.div_ceil(ROW_GROUP)).collect();
         let total: usize = groups.iter().sum();
-        let tasks = threads.clamp(1, total.max(1));
-        let start = |t: usize| total * t / tasks;
-        let mut work: Vec<Vec<Piece<'_>>> = (0..tasks).map(|_| Vec::new()).collect();
+        let chunks = chunks.clamp(1, total.max(1));
+        let tasks = threads.clamp(1, chunks);
+        let start = |c: usize| total * c / chunks;
+        let mut work: Vec<Vec<Piece<'_>>> = (0..chunks).map(|_| Vec::new()).collect();
         let mut next_group = 0;
         for ((w, y), &g) in ws.iter().zip(&mut ys).zip(&groups) {
             let offset = next_group;
@@ -368,12 +391,12 @@ impl QMatrix {
             if w.rows == 0 {
                 continue;
             }
-            // This matrix's row ranges per task (empty ones skipped).
-            let ranges: Vec<(usize, usize, usize)> = (0..tasks)
-                .filter_map(|t| {
-                    let lo = start(t).clamp(offset, offset + g) - offset;
-                    let hi = start(t + 1).clamp(offset, offset + g) - offset;
-                    (lo < hi).then(|| (t, lo * ROW_GROUP, (hi * ROW_GROUP).min(w.rows)))
+            // This matrix's row ranges per chunk (empty ones skipped).
+            let ranges: Vec<(usize, usize, usize)> = (0..chunks)
+                .filter_map(|c| {
+                    let lo = start(c).clamp(offset, offset + g) - offset;
+                    let hi = start(c + 1).clamp(offset, offset + g) - offset;
+                    (lo < hi).then(|| (c, lo * ROW_GROUP, (hi * ROW_GROUP).min(w.rows)))
                 })
                 .collect();
             let mut outs: Vec<Vec<&mut [f32]>> =
@@ -386,8 +409,8 @@ impl QMatrix {
                     rest = tail;
                 }
             }
-            for ((t, lo, hi), outs) in ranges.into_iter().zip(outs) {
-                work[t].push(Piece {
+            for ((c, lo, hi), outs) in ranges.into_iter().zip(outs) {
+                work[c].push(Piece {
                     w,
                     rows: lo..hi,
                     acts: a,
@@ -401,19 +424,28 @@ impl QMatrix {
                 compute_rows(variant, p.w.kind, data, p.w.row_bytes, p.acts, &mut p.outs);
             }
         };
-        let mut work = work.into_iter();
-        if let Some(mut first) = work.next() {
-            if tasks == 1 {
-                run(&mut first);
-            } else {
-                rayon::scope(|s| {
-                    for mut pieces in work {
-                        let run = &run;
-                        s.spawn(move |_| run(&mut pieces));
-                    }
-                    run(&mut first);
-                });
+        if tasks == 1 {
+            for pieces in &mut work {
+                run(pieces);
             }
+        } else {
+            let work: Vec<Mutex<Vec<Piece<'_>>>> = work.into_iter().map(Mutex::new).collect();
+            let next = AtomicUsize::new(0);
+            let take_turns = || {
+                while let Some(chunk) = work.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    // Each chunk is taken once, so its lock is never
+                    // contended (and a poisoned one is already unwinding).
+                    if let Ok(mut pieces) = chunk.lock() {
+                        run(&mut pieces);
+                    }
+                }
+            };
+            rayon::scope(|s| {
+                for _ in 1..tasks {
+                    s.spawn(|_| take_turns());
+                }
+                take_turns();
+            });
         }
         Ok(ys)
     }
@@ -448,7 +480,36 @@ fn unsupported(dtype: GgmlDType) -> EngineError {
 /// Rows per unit of work: the SIMD kernels' row tile.
 const ROW_GROUP: usize = 8;
 
-/// One task's share of one matrix: rows `rows` against every input,
+/// The chunks a product is cut into, per thread, at most: enough that a
+/// thread held back by the machine leaves little for the others to wait on.
+const CHUNKS_PER_TASK: usize = 8;
+
+/// Weight bytes (times inputs) below which a product is not cut further: a
+/// chunk's turn costs an atomic add and a lock.
+const MIN_CHUNK_BYTES: usize = 16 << 10;
+
+/// Rows below which a product is not cut further: the tiles of a batched
+/// product stream a chunk's rows past each group of inputs, and a short
+/// chunk would restart that stream too often.
+const MIN_CHUNK_ROWS: usize = 64;
+
+/// The chunks a product of `ws` with `n` inputs is cut into on `threads`
+/// threads: about [`MIN_CHUNK_BYTES`] of work and [`MIN_CHUNK_ROWS`] rows
+/// each at least, [`CHUNKS_PER_TASK`] per thread at most, one per thread at
+/// least when the work is worth sharing, and never more than the row groups.
+fn chunk_count(ws: &[&QMatrix], n: usize, threads: usize) -> usize {
+    let rows: usize = ws.iter().map(|w| w.rows).sum();
+    let groups: usize = ws.iter().map(|w| w.rows.div_ceil(ROW_GROUP)).sum();
+    let work_bytes = ws.iter().map(|w| w.rows * w.row_bytes).sum::<usize>() * n;
+    let by_work = work_bytes / MIN_CHUNK_BYTES;
+    by_work
+        .min(rows / MIN_CHUNK_ROWS)
+        .min(threads * CHUNKS_PER_TASK)
+        .max(by_work.min(threads))
+        .clamp(1, groups.max(1))
+}
+
+/// One chunk's share of one matrix: rows `rows` against every input,
 /// `outs[i]` receiving those rows' results for input `i`.
 struct Piece<'a> {
     w: &'a QMatrix,
@@ -520,7 +581,7 @@ mod tests {
     use super::*;
 
     /// Several matrices in one job give each one's own product, whatever
-    /// the thread count (shares cross matrix boundaries).
+    /// the thread and chunk counts (chunks cross matrix boundaries).
     #[test]
     fn many_matrices_in_one_job_give_their_own_products() -> Result<()> {
         use rand::{Rng, SeedableRng};
@@ -535,12 +596,19 @@ mod tests {
         for n in [1, 3, 6] {
             let x: Vec<f32> = (0..n * 64).map(|_| rng.random_range(-1f32..1.0)).collect();
             for variant in KernelVariant::available() {
-                for threads in [1, 2, 3, 16] {
-                    let ys = QMatrix::matmul_many_with(&refs, &x, n, threads, variant)?;
+                for (threads, chunks) in [1, 2, 3, 16]
+                    .into_iter()
+                    .flat_map(|t| [1, 2, 3, 5, 64].map(|c| (t, c)))
+                {
+                    let ys = QMatrix::matmul_chunked(&refs, &x, n, threads, chunks, variant)?;
                     for (m, y) in ms.iter().zip(&ys) {
                         let alone = m.matmul_with(&x, n, 1, KernelVariant::Scalar)?;
                         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(y), bits(&alone), "{m:?} n={n} threads={threads}");
+                        assert_eq!(
+                            bits(y),
+                            bits(&alone),
+                            "{m:?} n={n} threads={threads} chunks={chunks}"
+                        );
                     }
                 }
             }
@@ -551,6 +619,26 @@ mod tests {
         let empty = QMatrix::from_bytes(GgmlDType::Q8_0, 0, 64, Vec::new())?;
         let ys = QMatrix::matmul_many(&[&empty, &ms[1]], &[0.5; 128], 2)?;
         assert!(ys[0].is_empty() && ys[1].len() == 16);
+        Ok(())
+    }
+
+    /// Small products stay whole, large ones are cut for every thread and
+    /// a few more chunks each, never into chunks of a few rows.
+    #[test]
+    fn products_are_cut_by_their_size() -> Result<()> {
+        let matrix =
+            |rows, cols| QMatrix::from_bytes(GgmlDType::F32, rows, cols, vec![0; rows * cols * 4]);
+        let (tiny, output) = (matrix(8, 64)?, matrix(4096, 640)?);
+        assert_eq!(chunk_count(&[&tiny], 1, 2), 1);
+        assert_eq!(chunk_count(&[&tiny], 512, 2), 1, "8 rows are one chunk");
+        assert_eq!(chunk_count(&[&output], 1, 1), CHUNKS_PER_TASK);
+        assert_eq!(chunk_count(&[&output], 1, 2), 2 * CHUNKS_PER_TASK);
+        assert_eq!(chunk_count(&[&output], 512, 2), 2 * CHUNKS_PER_TASK);
+        // Enough work for two threads but not for more chunks.
+        let small = matrix(64, 64)?;
+        assert_eq!(chunk_count(&[&small], 1, 2), 1);
+        assert_eq!(chunk_count(&[&small], 2, 2), 2);
+        assert_eq!(chunk_count(&[&small, &small], 1, 2), 2);
         Ok(())
     }
 
