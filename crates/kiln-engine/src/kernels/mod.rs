@@ -496,8 +496,12 @@ const MIN_CHUNK_ROWS: usize = 64;
 /// The chunks a product of `ws` with `n` inputs is cut into on `threads`
 /// threads: about [`MIN_CHUNK_BYTES`] of work and [`MIN_CHUNK_ROWS`] rows
 /// each at least, [`CHUNKS_PER_TASK`] per thread at most, one per thread at
-/// least when the work is worth sharing, and never more than the row groups.
+/// least when the work is worth sharing, and never more than the row
+/// groups. One thread takes the product whole.
 fn chunk_count(ws: &[&QMatrix], n: usize, threads: usize) -> usize {
+    if threads <= 1 {
+        return 1;
+    }
     let rows: usize = ws.iter().map(|w| w.rows).sum();
     let groups: usize = ws.iter().map(|w| w.rows.div_ceil(ROW_GROUP)).sum();
     let work_bytes = ws.iter().map(|w| w.rows * w.row_bytes).sum::<usize>() * n;
@@ -631,7 +635,7 @@ mod tests {
         let (tiny, output) = (matrix(8, 64)?, matrix(4096, 640)?);
         assert_eq!(chunk_count(&[&tiny], 1, 2), 1);
         assert_eq!(chunk_count(&[&tiny], 512, 2), 1, "8 rows are one chunk");
-        assert_eq!(chunk_count(&[&output], 1, 1), CHUNKS_PER_TASK);
+        assert_eq!(chunk_count(&[&output], 1, 1), 1);
         assert_eq!(chunk_count(&[&output], 1, 2), 2 * CHUNKS_PER_TASK);
         assert_eq!(chunk_count(&[&output], 512, 2), 2 * CHUNKS_PER_TASK);
         // Enough work for two threads but not for more chunks.
