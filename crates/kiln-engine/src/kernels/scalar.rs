@@ -40,21 +40,23 @@ pub(crate) fn add_q4k_mins(acc_m: &mut [f32; 4], dmin: f32, m: &[u8; 8], bs: &[i
 }
 
 /// The 8 scales and 8 mins of a Q4_K block from its 12 packed bytes
-/// (ggml's `get_scale_min_k4`).
+/// (ggml's `get_scale_min_k4`), a 32-bit word at a time: each byte's bits
+/// stay in their byte.
 #[inline]
 pub(crate) fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let mut sc = [0u8; 8];
-    let mut m = [0u8; 8];
-    for j in 0..8 {
-        if j < 4 {
-            sc[j] = s[j] & 63;
-            m[j] = s[j + 4] & 63;
-        } else {
-            sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-            m[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-        }
-    }
-    (sc, m)
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    // Scales and mins 0..4: the low six bits of bytes 0..4 and 4..8.
+    // Scales 4..8: the low nibbles of bytes 8..12 under the top two bits of
+    // bytes 0..4; mins 4..8: the high nibbles of bytes 8..12 under the top
+    // two bits of bytes 4..8.
+    let sc_hi = (c & LOW4) | (((a >> 6) & LOW2) << 4);
+    let m_hi = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
+    let bytes = |lo: u32, hi: u32| (u64::from(lo) | (u64::from(hi) << 32)).to_le_bytes();
+    (bytes(a & LOW6, sc_hi), bytes(b & LOW6, m_hi))
 }
 
 /// The 256 unsigned 6-bit values (0..64) of a Q6_K block, in order.

@@ -578,28 +578,6 @@ fn dot_q4_k(w: &[u8], y: Q8KRow<'_>) -> f32 {
     hsum8(acc) + m
 }
 
-/// A Q4_K block's eight 6-bit scales and eight 6-bit mins (its bytes
-/// `4..16`) as `(scales, mins)`, one byte each, little-endian: what
-/// [`q4k_scales`] unpacks byte by byte, here a 32-bit word at a time.
-#[inline]
-fn q4k_scales_packed(s: &[u8]) -> (u64, u64) {
-    const LOW6: u32 = 0x3f3f_3f3f;
-    const LOW4: u32 = 0x0f0f_0f0f;
-    const LOW2: u32 = 0x0303_0303;
-    let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
-    let (a, b, c) = (word(0), word(4), word(8));
-    // Scales and mins 0..4: the low six bits of bytes 0..4 and 4..8.
-    // Scales 4..8: the low nibbles of bytes 8..12 under the top two bits of
-    // bytes 0..4; mins 4..8: the high nibbles of bytes 8..12 under the top
-    // two bits of bytes 4..8. (Each byte's bits stay in their byte.)
-    let sc_hi = (c & LOW4) | (((a >> 6) & LOW2) << 4);
-    let m_hi = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
-    (
-        u64::from(a & LOW6) | (u64::from(sc_hi) << 32),
-        u64::from(b & LOW6) | (u64::from(m_hi) << 32),
-    )
-}
-
 /// Eight rows of repacked Q4_K (`scalar::dot_q4_k_repacked`). Per block,
 /// the mins' sums are one `madd` a row against the input's pairs of block
 /// sums, folded by `hadd`s (exact integers either way), and the rows' `d`
@@ -618,9 +596,10 @@ fn dot8_q4_k_repacked(rows: &[u8], row_bytes: usize, y: Q8KRow<'_>) -> [f32; 8] 
         let mut scales = [0u32; 8];
         for k in 0..8 {
             let b = &rows[k * row_bytes + blk * 144..k * row_bytes + blk * 144 + 144];
-            let (sc, m) = q4k_scales_packed(&b[4..16]);
-            sums[k] = q4k_block_lanes(b, &sc.to_le_bytes(), q8);
-            mins[k] = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(m as i64)), pairs);
+            let (sc, m) = q4k_scales(&b[4..16]);
+            sums[k] = q4k_block_lanes(b, &sc, q8);
+            let m = _mm_cvtsi64_si128(i64::from_le_bytes(m));
+            mins[k] = _mm_madd_epi16(_mm_cvtepu8_epi16(m), pairs);
             // d (bytes 0..2) and dmin (bytes 2..4).
             scales[k] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }
